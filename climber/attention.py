@@ -1,0 +1,99 @@
+"""Attention pieces of the Adaptive Transformer Layer (PAPER.md sections 2.3 and 3.1).
+
+* `log_bucket`: T5-style bucketing of relative positions and time gaps.
+* `joint_mask` and `joint_attention`: the paper's literal SUMI formulation, one sequence
+  [history; candidates] with a mask (causal history; each candidate sees the history and
+  itself). This is the plain reference path.
+* `history_attention` and `candidate_attention`: the same computation split in two. History
+  tokens never see candidates, so history is a causal self-attention on its own (its keys and
+  values can be cached, PAPER.md 3.2), and each candidate attends to the history keys plus
+  its own key, an M x L problem instead of (L + M)^2. Tests prove the split equals the joint.
+
+Scores follow the paper: A = softmax((Q K^T + bias) / tau), tau a per-(sample, block, head)
+temperature replacing sqrt(d_head). Shapes: B batch, K blocks, H heads, L history, M candidates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def log_bucket(x: torch.Tensor, n_buckets: int, exact: int, max_value: float) -> torch.Tensor:
+    """Non-negative ints -> buckets: identity below `exact`, log-spaced up to `max_value`."""
+    x = x.clamp(min=0)
+    if exact >= n_buckets:
+        return x.clamp(max=n_buckets - 1)
+    xf = x.float().clamp(min=1)
+    span = math.log(max(max_value, exact + 1) / max(exact, 1))
+    logb = exact + (torch.log(xf / max(exact, 1)) / span * (n_buckets - exact)).long()
+    return torch.where(x < exact, x, logb.clamp(max=n_buckets - 1))
+
+
+def position_buckets(rel: torch.Tensor, n: int) -> torch.Tensor:
+    return log_bucket(rel, n, exact=n // 2, max_value=2048)
+
+
+def time_buckets(dt: torch.Tensor, n: int) -> torch.Tensor:
+    # time in seconds: 0 s, 1 s, then log-spaced up to ~2 years
+    return log_bucket(dt, n, exact=2, max_value=2**26)
+
+
+def joint_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """(B, K, L), (B, M) -> allowed (B, K, S, S), S = L + M.
+
+    Key j is visible to query i if it is a valid history token at or before i, or if j == i
+    (every row keeps its diagonal so padded rows never become all -inf).
+    """
+    B, K, L = hist_mask.shape
+    M = cand_mask.shape[1]
+    S = L + M
+    i = torch.arange(S, device=hist_mask.device)
+    key_valid = torch.cat([hist_mask, cand_mask[:, None, :].expand(B, K, M)], dim=-1)  # (B, K, S)
+    causal_hist = (i[None, :] < L) & (i[None, :] <= i[:, None])  # (S, S)
+    return (key_valid[:, :, None, :] & causal_hist) | torch.eye(S, dtype=torch.bool, device=i.device)
+
+
+def history_mask(hist_mask: torch.Tensor) -> torch.Tensor:
+    """(B, K, L) -> allowed (B, K, L, L): causal over valid history, plus the diagonal."""
+    L = hist_mask.shape[-1]
+    i = torch.arange(L, device=hist_mask.device)
+    causal = i[None, :] <= i[:, None]
+    return (hist_mask[:, :, None, :] & causal) | torch.eye(L, dtype=torch.bool, device=i.device)
+
+
+def _softmax_attend(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(v.dtype) @ v
+
+
+def joint_attention(q, k, v, bias, tau, allowed) -> torch.Tensor:
+    """Reference: q, k, v (B, K, H, S, dh); bias (B, K, H, S, S); tau (B, K, H, 1, 1);
+    allowed (B, K, S, S) -> (B, K, H, S, dh)."""
+    return _softmax_attend((q @ k.transpose(-1, -2) + bias) / tau, allowed[:, :, None], v)
+
+
+def history_attention(q, k, v, bias, tau, allowed, impl: str = "split") -> torch.Tensor:
+    """Causal history self-attention. q, k, v (B, K, H, L, dh); bias (B, K, H, L, L);
+    tau (B, K, H, 1, 1); allowed (B, K, L, L) -> (B, K, H, L, dh)."""
+    if impl == "sdpa":
+        # temperature folded into q (scale=1); bias and mask folded into one additive mask
+        add = (bias / tau).masked_fill(~allowed[:, :, None], float("-inf"))
+        return F.scaled_dot_product_attention(q / tau, k, v, attn_mask=add.to(q.dtype), scale=1.0)
+    return _softmax_attend((q @ k.transpose(-1, -2) + bias) / tau, allowed[:, :, None], v)
+
+
+def candidate_attention(q, k_self, v_self, k_hist, v_hist, bias_hist, bias_self, tau, hist_mask):
+    """Each candidate attends to the history and to itself, never to other candidates.
+
+    q, k_self, v_self (B, K, H, M, dh); k_hist, v_hist (B, K, H, L, dh); bias_hist
+    (B, K, H, 1, L) (identical for every candidate: same position and time); bias_self
+    (B, K, H, 1, 1); tau (B, K, H, 1, 1); hist_mask (B, K, L) -> (B, K, H, M, dh).
+    """
+    s_hist = (q @ k_hist.transpose(-1, -2) + bias_hist) / tau  # (B, K, H, M, L)
+    s_hist = s_hist.masked_fill(~hist_mask[:, :, None, None, :], float("-inf"))
+    s_self = ((q * k_self).sum(-1, keepdim=True) + bias_self) / tau  # (B, K, H, M, 1)
+    p = torch.softmax(torch.cat([s_hist, s_self], dim=-1).float(), dim=-1).to(q.dtype)
+    return p[..., :-1] @ v_hist + p[..., -1:] * v_self

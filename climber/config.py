@@ -1,0 +1,177 @@
+"""Typed configuration: frozen dataclasses validated in `__post_init__`, and named presets.
+
+`ModelConfig` holds everything the model needs (including vocabulary sizes, which come from
+the prepared data), `TrainConfig` everything the training loop needs. Presets are small
+functions: `tiny` for tests, then a size ladder for scaling work. Every DECIDE point of
+PAPER.md is a field here; `docs/design.md` gives the reasons for the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
+ATTENTION_IMPLS = ("joint", "split", "sdpa")
+
+
+def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
+    """Parse an extraction strategy spec into (kind, argument, max length or None).
+
+    'recent' | 'pos:<task>' | 'neg:<task>' | 'scenario:<id>' | 'action:<id>', each optionally
+    followed by '@<n>' to cap that sub-sequence below the block length (e.g. 'recent@10').
+    """
+    body, _, cap = spec.partition("@")
+    kind, _, arg = body.partition(":")
+    if kind not in STRATEGY_KINDS:
+        raise ValueError(f"unknown extraction strategy {spec!r}; kinds are {STRATEGY_KINDS}")
+    if (kind == "recent") != (arg == ""):
+        raise ValueError(f"strategy {spec!r}: 'recent' takes no argument, the others need one")
+    if cap and (not cap.isdigit() or int(cap) < 1):
+        raise ValueError(f"strategy {spec!r}: length after '@' must be a positive integer")
+    return kind, arg or None, int(cap) if cap else None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Climber model shape (PAPER.md section 2).
+
+    strategies: one multi-scale extraction strategy per block (N_b = len(strategies)), each
+    pulling at most `seq_len` history events.  adaptive: dynamic temperature and relative
+    bias tables per (block, scenario) (the ATL); False gives the "MSE only" ablation with a
+    fixed sqrt(d_head) temperature and one shared bias table.  bgf: bit-wise gating fusion;
+    False concatenates the block outputs straight into the head.
+    """
+
+    # vocabulary, filled from the prepared data's meta.json
+    n_items: int = 100
+    n_users: int = 10
+    tasks: tuple[str, ...] = ("click",)
+    n_actions: int = 1
+    n_scenarios: int = 1
+    item_feature_cards: tuple[int, ...] = ()
+    user_feature_cards: tuple[int, ...] = ()
+    # architecture
+    strategies: tuple[str, ...] = ("recent",)
+    seq_len: int = 50
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    pos_buckets: int = 32
+    time_buckets: int = 32
+    adaptive: bool = True
+    bgf: bool = True
+    se_reduction: int = 4
+    head_hidden: tuple[int, ...] = (256, 64)
+    # "joint": the paper's literal masked [history; candidates] sequence (reference path);
+    # "split": history prefill + candidate scoring in plain torch; "sdpa": split with
+    # scaled_dot_product_attention for the history
+    attention: str = "split"
+
+    def __post_init__(self) -> None:
+        for s in self.strategies:
+            parse_strategy(s)
+        if not self.strategies:
+            raise ValueError("need at least one extraction strategy")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} not divisible by n_heads={self.n_heads}")
+        if min(self.seq_len, self.n_layers, self.pos_buckets, self.time_buckets) < 1:
+            raise ValueError("seq_len, n_layers and bucket counts must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, not {self.attention!r}")
+        if not self.tasks:
+            raise ValueError("need at least one task")
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.strategies)
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training loop settings; the model knows nothing of these."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
+    patience: int = 3  # validations without AUC gain before early stopping
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    task_weights: tuple[float, ...] = ()  # empty = equal weights
+    num_workers: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    compile: bool = False
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if self.patience < 1 or self.keep_checkpoints < 1:
+            raise ValueError("patience and keep_checkpoints must be at least 1")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, d: dict):
+    """Build a config dataclass from a dict, turning JSON lists back into tuples."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def save_json(obj: dict, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ---- presets: architecture only; vocabulary comes from data -------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    seq_len: int
+    d_model: int
+    n_heads: int
+    n_layers: int
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(seq_len=8, d_model=16, n_heads=2, n_layers=1, extra={"head_hidden": (16,)}),
+    "small": Preset(seq_len=50, d_model=64, n_heads=2, n_layers=2),
+    "base": Preset(seq_len=200, d_model=128, n_heads=4, n_layers=2),
+    "large": Preset(seq_len=800, d_model=256, n_heads=4, n_layers=12),
+    "paper": Preset(seq_len=200, d_model=512, n_heads=8, n_layers=12),
+}
+
+
+def model_config(preset: str, vocab: dict, strategies: tuple[str, ...], **overrides) -> ModelConfig:
+    """A ModelConfig from a named preset, the data's vocabulary and per-run overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    kw = dict(seq_len=p.seq_len, d_model=p.d_model, n_heads=p.n_heads, n_layers=p.n_layers, **p.extra)
+    kw.update(vocab)
+    kw["strategies"] = tuple(strategies)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return ModelConfig(**kw)

@@ -1,0 +1,622 @@
+"""Readers: turn each public data format into an `EventLog` (see events.py).
+
+Sources: MovieLens-100K (RecBole atomic files), KuaiRand (the shared subset or the official
+`log_standard_*.csv`), S3-Rec sequence text (LastFM, Beauty), the ReChorus Grocery files, and any
+CSV/TSV/Parquet table through a `ColumnMapping`; `read_source` picks one by name.
+
+Policies:
+- Ids stay raw integers (strings in generic tables become integer codes in sorted order); time is
+  integer seconds, or the position in the user's sequence for S3-Rec, which has no timestamps.
+- Rows keep file order and timestamps need not be sorted: `sumi.prepare` later sorts events
+  stably by (user, time), so ties keep file order.
+- Bad input never passes silently. Every problem raises `DataError` naming the file and, where
+  one applies, the 1-based line (text; the header is line 1, blank lines count) or row (Parquet).
+  A missing id, label or timestamp is an error, never a dropped row; a missing side-feature value
+  is code 0. pyarrow parse errors do not always say where, so on one we re-scan the file with the
+  `csv` module to find the first bad line.
+- Side features cover the ids that occur in the log; for per-row features (KuaiRand, generic
+  tables) an id gets its first non-missing value in file order.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from climber.data.events import DataError, EventLog, SideFeatures
+from climber.data.fetch import fetch_movielens
+
+INT, FLOAT, STR, BOOL = pa.int64(), pa.float64(), pa.string(), pa.bool_()
+# pyarrow's default spellings of booleans; a label column accepts exactly these.
+_TRUE, _FALSE = ("1", "True", "TRUE", "true"), ("0", "False", "FALSE", "false")
+_INT_RE = re.compile(r"\s*-?\d+\s*")
+
+
+def _is_float(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return "_" not in v  # Python accepts 1_000, pyarrow does not
+
+
+# Per pyarrow type: does a text field parse, and what it should have been (for the message).
+_PARSES = {
+    str(INT): (lambda v: _INT_RE.fullmatch(v) is not None, "an integer"),
+    str(FLOAT): (_is_float, "a number"),
+    str(BOOL): (lambda v: v in _TRUE + _FALSE, "0/1"),
+}
+
+
+# ---------------------------------------------------------------- locating rows in files
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A delimited text file with its header: reads records and maps a row index to its line."""
+
+    path: Path
+    delimiter: str
+    encoding: str
+    header: tuple[str, ...]
+
+    def records(self) -> Iterator[tuple[int, list[str]]]:
+        """(line number, fields) of each data record, skipping blank lines as pyarrow does."""
+        with open(self.path, newline="", encoding=_py_encoding(self.encoding), errors="replace") as f:
+            reader = csv.reader(f, delimiter=self.delimiter)
+            next(rec for rec in reader if rec)  # the header
+            for rec in reader:
+                if rec:
+                    yield reader.line_num, rec
+
+    def where(self, row: int) -> str:
+        line, _ = next(islice(self.records(), row, None))
+        return f"{self.path}: line {line}"
+
+
+@dataclass(frozen=True)
+class _Parquet:
+    path: Path
+
+    def where(self, row: int) -> str:
+        return f"{self.path}: row {row + 1}"
+
+
+_Src = _Text | _Parquet
+
+
+def _py_encoding(encoding: str) -> str:
+    return "utf-8-sig" if encoding == "utf-8" else encoding  # pyarrow skips a UTF-8 BOM; so must we
+
+
+def _check(src: _Src, bad: np.ndarray, what: str, values: np.ndarray | None = None) -> None:
+    """Raise DataError at the first row where `bad` holds."""
+    if bad.any():
+        row = int(np.argmax(bad))
+        got = "" if values is None else f", got {values[row]}"
+        raise DataError(f"{src.where(row)}: {what}{got}")
+
+
+def _require(path: Path, found: tuple[str, ...] | list[str], needed: list[str]) -> None:
+    missing = [c for c in dict.fromkeys(needed) if c not in found]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; columns found: {list(found)}")
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _open_text(path: Path, encoding: str = "utf-8", delimiter: str | None = None) -> _Text:
+    """Read the header (the first non-blank line); sniff the delimiter from it when not given."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding=_py_encoding(encoding), errors="replace") as f:
+            first = next((line for line in f if line.strip("\r\n")), None)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    if first is None:
+        raise DataError(f"{path}: empty file")
+    if delimiter is None:
+        delimiter = max("\t,;|", key=first.count)
+    return _Text(path, delimiter, encoding, tuple(next(csv.reader([first], delimiter=delimiter))))
+
+
+def _read_text(src: _Text, types: dict[str, pa.DataType]) -> pa.Table:
+    """Parse the columns in `types` (all required); only an empty field is null."""
+    _require(src.path, src.header, list(types))
+    try:
+        table = pacsv.read_csv(
+            src.path,
+            read_options=pacsv.ReadOptions(encoding=src.encoding),
+            parse_options=pacsv.ParseOptions(delimiter=src.delimiter),
+            convert_options=pacsv.ConvertOptions(
+                column_types=types, include_columns=list(types), null_values=[""], strings_can_be_null=True
+            ),
+        )
+    except pa.ArrowInvalid as e:
+        raise DataError(_first_bad_line(src, types) or f"{src.path}: {e}") from e
+    if table.num_rows == 0:
+        raise DataError(f"{src.path}: no data rows after the header")
+    return table
+
+
+def _first_bad_line(src: _Text, types: dict[str, pa.DataType]) -> str | None:
+    """Find where pyarrow failed: the first record with a wrong field count or an unparseable field."""
+    checks = [
+        (i, name, *_PARSES[str(types[name])])
+        for i, name in enumerate(src.header)
+        if name in types and str(types[name]) in _PARSES
+    ]
+    for line, rec in src.records():
+        if len(rec) != len(src.header):
+            return f"{src.path}: line {line}: {len(rec)} fields, the header has {len(src.header)}"
+        for i, name, parses, what in checks:
+            if rec[i] != "" and not parses(rec[i]):
+                return f"{src.path}: line {line}: column {name!r} must be {what}, got {rec[i]!r}"
+    return None
+
+
+# ---------------------------------------------------------------- column conversion
+
+
+def _no_nulls(src: _Src, table: pa.Table, name: str) -> pa.ChunkedArray:
+    col = table[name]
+    if col.null_count:
+        _check(src, col.is_null().to_numpy(zero_copy_only=False), f"column {name!r} is empty")
+    return col
+
+
+def _required(src: _Src, table: pa.Table, name: str) -> np.ndarray:
+    return _no_nulls(src, table, name).to_numpy()
+
+
+def _flags(src: _Src, table: pa.Table, name: str) -> np.ndarray:
+    """A 0/1 column: booleans, or integers that are all 0 or 1."""
+    col = table[name]
+    if not (pa.types.is_boolean(col.type) or pa.types.is_integer(col.type)):
+        raise DataError(f"{src.path}: column {name!r} has type {col.type}; labels must be 0/1 or booleans")
+    v = _required(src, table, name).astype(np.int64)
+    _check(src, (v != 0) & (v != 1), f"column {name!r} must be 0/1", v)
+    return v.astype(np.int8)
+
+
+def _nonneg_time(src: _Src, t: np.ndarray, name: str) -> None:
+    if t.dtype.kind == "f":
+        _check(src, ~np.isfinite(t), f"column {name!r}: timestamp is not a finite number", t)
+    _check(src, t < 0, f"column {name!r}: negative timestamp", t)
+
+
+def _factorize(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Categorical codes 1..K in sorted order of the distinct values; 0 for null."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    uniq = pc.drop_null(pc.unique(col))
+    uniq = uniq.take(pc.sort_indices(uniq))
+    return pc.index_in(col, value_set=uniq).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64) + 1
+
+
+def _int_if_possible(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Integer-valued columns (also integer strings, integral floats) as int64, others unchanged."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    try:
+        return col.cast(INT)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return col
+
+
+def _lookup(keys: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Rows of `codes` for each key by `ids` (unique), zeros where a key has no row."""
+    order = np.argsort(ids)
+    pos = np.clip(np.searchsorted(ids[order], keys), 0, len(ids) - 1)
+    hit = ids[order][pos] == keys
+    return np.where(hit[:, None], codes[order][pos], 0)
+
+
+def _first_per_id(ids: np.ndarray, codes: np.ndarray, names: tuple[str, ...]) -> SideFeatures:
+    """Collapse per-row codes (N, F) to one row per id: its first non-missing value in file order."""
+    uniq = np.unique(ids)
+    out = np.zeros((len(uniq), codes.shape[1]), np.int64)
+    for f in range(codes.shape[1]):
+        order = np.lexsort((codes[:, f] == 0, ids))  # by id, non-missing first; lexsort is stable
+        s = ids[order]
+        first = np.r_[True, s[1:] != s[:-1]]
+        out[:, f] = codes[order[first], f]
+    return SideFeatures(uniq, out, names)
+
+
+def _meta(
+    src: _Src, meta_ids: np.ndarray, codes: np.ndarray, names: tuple[str, ...], log_ids: np.ndarray, what: str
+) -> SideFeatures:
+    """Side features from a per-id metadata file, for the ids in the log."""
+    order = np.argsort(meta_ids, kind="stable")
+    s = meta_ids[order]
+    dup = np.zeros(len(s), bool)
+    dup[order[1:][s[1:] == s[:-1]]] = True
+    _check(src, dup, f"duplicate {what} id", meta_ids)
+    uniq = np.unique(log_ids)
+    return SideFeatures(uniq, _lookup(uniq, meta_ids, codes), names)
+
+
+# ---------------------------------------------------------------- MovieLens-100K
+
+_AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])  # buckets <18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
+
+
+def read_movielens(root: Path | None = None) -> EventLog:
+    """MovieLens-100K from RecBole atomic files ml-100k.{inter,user,item} (fetched when root is None).
+
+    like = rating >= 4; action = the rating 1..5. Item features: first genre, release decade.
+    User features: age bucket, gender, occupation, first zip character (digit 0-9, or 'other').
+    """
+    root = fetch_movielens() if root is None else Path(root)
+    # The original files are latin-1; decoding as latin-1 never fails, and we read only ASCII fields.
+    src = _open_text(root / "ml-100k.inter", "latin-1", "\t")
+    u, i, r, ts = "user_id:token", "item_id:token", "rating:float", "timestamp:float"
+    t = _read_text(src, {u: INT, i: INT, r: FLOAT, ts: FLOAT})
+    user, item, rating, time = (_required(src, t, c) for c in (u, i, r, ts))
+    _check(src, ~np.isin(rating, [1, 2, 3, 4, 5]), f"column {r!r} must be 1..5", rating)
+    _nonneg_time(src, time, ts)
+
+    usrc = _open_text(root / "ml-100k.user", "latin-1", "\t")
+    ut = _read_text(
+        usrc, {u: INT, "age:token": INT, "gender:token": STR, "occupation:token": STR, "zip_code:token": STR}
+    )
+    age = ut["age:token"].to_numpy(zero_copy_only=False)  # float with NaN where missing
+    age_code = np.where(np.isnan(age), 0, np.searchsorted(_AGE_EDGES, np.nan_to_num(age), side="right") + 1)
+    zips = ut["zip_code:token"].to_pylist()
+    zip_code = [0 if not z else int(z[0]) + 1 if z[0] in "0123456789" else 11 for z in zips]
+    ucodes = np.column_stack(
+        [age_code, _factorize(ut["gender:token"]), _factorize(ut["occupation:token"]), zip_code]
+    )
+    user_features = _meta(
+        usrc, _required(usrc, ut, u), ucodes, ("age", "gender", "occupation", "zip1"), user, "user"
+    )
+
+    isrc = _open_text(root / "ml-100k.item", "latin-1", "\t")
+    it = _read_text(isrc, {i: INT, "release_year:token": STR, "class:token_seq": STR})
+    # Years are not all numbers (item 267 says 'unkonwn', item 1412 says 'V'): those are missing.
+    decade = [int(y) // 10 * 10 if y and y.isdigit() else None for y in it["release_year:token"].to_pylist()]
+    genre = [next(iter((g or "").split()), None) for g in it["class:token_seq"].to_pylist()]
+    icodes = np.column_stack([_factorize(pa.array(genre, STR)), _factorize(pa.array(decade, INT))])
+    item_features = _meta(isrc, _required(isrc, it, i), icodes, ("genre", "decade"), item, "item")
+
+    return EventLog(
+        "ml-100k",
+        user,
+        item,
+        time.astype(np.int64),
+        (rating >= 4)[:, None],
+        ("like",),
+        action=rating.astype(np.int64),
+        item_features=item_features,
+        user_features=user_features,
+        notes={"source": str(root)},
+    )
+
+
+# ---------------------------------------------------------------- KuaiRand
+
+# action bit k set when the k-th of these happened: follow=1, comment=2, forward=4, profile_enter=8.
+KUAIRAND_ACTION_BITS = ("is_follow", "is_comment", "is_forward", "is_profile_enter")
+# Duration buckets with log-spaced edges 1 s, 2 s, ..., 512 s: code 1 (<1 s) .. 11 (>=512 s); 0 missing.
+_DURATION_EDGES_MS = 1000.0 * 2.0 ** np.arange(10)
+
+
+def read_kuairand(path: Path) -> EventLog:
+    """A KuaiRand log: the shared subset (tab-separated, `label` 1=like 0=hate, no `tab`) or an
+    official `log_standard_*.csv` (`is_like`, scenario from `tab`); told apart by the header.
+
+    tasks click, long_view, like; action = bitmask of KUAIRAND_ACTION_BITS; time = time_ms // 1000.
+    Item feature `duration`: bucket of duration_ms.
+    """
+    src = _open_text(path)
+    official = "is_like" in src.header
+    if not official and "label" not in src.header:
+        raise DataError(
+            f"{src.path}: no like column: expected 'is_like' (official KuaiRand) or 'label' "
+            f"(shared subset); columns found: {list(src.header)}"
+        )
+    like = "is_like" if official else "label"
+    types = {"user_id": INT, "video_id": INT, "time_ms": INT, "duration_ms": FLOAT}
+    types |= {c: BOOL for c in ("is_click", "long_view", like, *KUAIRAND_ACTION_BITS)}
+    if official:
+        types["tab"] = INT
+    t = _read_text(src, types)
+    user, item, time_ms = (_required(src, t, c) for c in ("user_id", "video_id", "time_ms"))
+    _nonneg_time(src, time_ms, "time_ms")
+    labels = np.column_stack([_flags(src, t, c) for c in ("is_click", "long_view", like)])
+    action = sum(_flags(src, t, c).astype(np.int64) << k for k, c in enumerate(KUAIRAND_ACTION_BITS))
+    scenario = None
+    if official:
+        scenario = _required(src, t, "tab")
+        _check(src, scenario < 0, "column 'tab' must be >= 0", scenario)
+    dur = np.nan_to_num(t["duration_ms"].to_numpy(zero_copy_only=False), nan=0.0)
+    dur_code = np.where(dur > 0, np.searchsorted(_DURATION_EDGES_MS, dur, side="right") + 1, 0)
+    return EventLog(
+        "kuairand",
+        user,
+        item,
+        time_ms // 1000,
+        labels,
+        ("click", "long_view", "like"),
+        action=action,
+        scenario=scenario,
+        item_features=_first_per_id(item, dur_code[:, None], ("duration",)),
+        notes={"source": str(src.path), "format": "official" if official else "shared subset"},
+    )
+
+
+# ---------------------------------------------------------------- S3-Rec sequences
+
+
+def read_s3rec(path: Path) -> EventLog:
+    """S3-Rec text: one user a line, `user_id item_1 item_2 ...` in time order; time = position 0, 1, ...
+
+    Implicit, task "interact". With `<stem>_item2attributes.json` beside it, item feature `attr` =
+    the item's first attribute id + 1 (0 = none).
+    """
+    path = Path(path)
+    users: list[int] = []
+    lengths: list[int] = []
+    items: list[int] = []
+    line_of: dict[int, int] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line_no, line in enumerate(f, 1):
+                toks = line.split()
+                if not toks:
+                    continue
+                bad = next((tok for tok in toks if _INT_RE.fullmatch(tok) is None), None)
+                if bad is not None:
+                    raise DataError(f"{path}: line {line_no}: {bad!r} is not an integer id")
+                if len(toks) < 2:
+                    raise DataError(f"{path}: line {line_no}: user {toks[0]} has no items")
+                user = int(toks[0])
+                if user in line_of:
+                    raise DataError(f"{path}: line {line_no}: user {user} already has line {line_of[user]}")
+                line_of[user] = line_no
+                users.append(user)
+                lengths.append(len(toks) - 1)
+                items.extend(map(int, toks[1:]))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+    if not users:
+        raise DataError(f"{path}: empty file")
+    n = np.array(lengths)
+    starts = np.cumsum(n) - n
+    time = np.arange(n.sum()) - np.repeat(starts, n)
+    item = np.array(items, np.int64)
+    attrs = path.with_name(f"{path.stem}_item2attributes.json")
+    return EventLog(
+        path.stem.lower(),
+        np.repeat(users, n),
+        item,
+        time,
+        np.ones((len(item), 1), np.int8),
+        ("interact",),
+        implicit=True,
+        item_features=_s3rec_attributes(attrs, item) if attrs.exists() else None,
+        notes={"source": str(path), "time": "sequence position"},
+    )
+
+
+def _s3rec_attributes(path: Path, log_items: np.ndarray) -> SideFeatures:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {e.lineno}: bad JSON: {e.msg}") from e
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected an object mapping item id -> list of attribute ids")
+    ids, codes = [], []
+    for key, attr in raw.items():
+        if not (
+            key.lstrip("-").isdigit()
+            and isinstance(attr, list)
+            and all(isinstance(a, int) and a >= 0 for a in attr)
+        ):
+            raise DataError(f"{path}: item {key!r}: expected an integer id -> list of attribute ids >= 0")
+        ids.append(int(key))
+        codes.append(attr[0] + 1 if attr else 0)
+    uniq = np.unique(log_items)
+    return SideFeatures(
+        uniq, _lookup(uniq, np.array(ids, np.int64), np.array(codes, np.int64)[:, None]), ("attr",)
+    )
+
+
+# ---------------------------------------------------------------- Grocery (ReChorus)
+
+
+def read_grocery(root: Path) -> EventLog:
+    """Amazon Grocery: events.tsv (user_id, item_id, time in unix seconds) and item_meta.tsv.
+
+    Implicit, task "purchase"; item feature `category` = i_category + 1 (0 = unknown).
+    """
+    root = Path(root)
+    src = _open_text(root / "events.tsv", delimiter="\t")
+    t = _read_text(src, {"user_id": INT, "item_id": INT, "time": INT})
+    user, item, time = (_required(src, t, c) for c in ("user_id", "item_id", "time"))
+    _nonneg_time(src, time, "time")
+
+    msrc = _open_text(root / "item_meta.tsv", delimiter="\t")
+    m = _read_text(msrc, {"item_id": INT, "i_category": INT})
+    cat = m["i_category"].to_numpy(zero_copy_only=False)  # float with NaN where missing
+    _check(msrc, cat < 0, "column 'i_category' must be >= 0", cat)
+    code = np.where(np.isnan(cat), 0, np.nan_to_num(cat) + 1).astype(np.int64)
+    features = _meta(msrc, _required(msrc, m, "item_id"), code[:, None], ("category",), item, "item")
+    return EventLog(
+        "grocery",
+        user,
+        item,
+        time,
+        np.ones((len(user), 1), np.int8),
+        ("purchase",),
+        implicit=True,
+        item_features=features,
+        notes={"source": str(root)},
+    )
+
+
+# ---------------------------------------------------------------- any table
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    """Which columns of a generic table hold what.
+
+    labels: 0/1 or boolean columns, one task each (named by the column); none => implicit, task
+    "interact". action / scenario: integer columns >= 0 are kept as they are, anything else is
+    coded 0..K-1. Features: coded 1..K, 0 = missing. time_unit (s, ms, us) scales a numeric time
+    column to seconds; a Parquet timestamp column is converted by its own unit.
+    """
+
+    user: str
+    item: str
+    time: str
+    labels: tuple[str, ...] = ()
+    action: str | None = None
+    scenario: str | None = None
+    item_features: tuple[str, ...] = ()
+    user_features: tuple[str, ...] = ()
+    time_unit: str = "s"
+
+    def __post_init__(self) -> None:
+        if self.time_unit not in _TIME_SCALE:
+            raise ValueError(f"time_unit must be one of {list(_TIME_SCALE)}, got {self.time_unit!r}")
+
+    def columns(self) -> list[str]:
+        extra = [c for c in (self.action, self.scenario) if c is not None]
+        return [
+            self.user,
+            self.item,
+            self.time,
+            *self.labels,
+            *extra,
+            *self.item_features,
+            *self.user_features,
+        ]
+
+
+_TIME_SCALE = {"s": 1, "ms": 1000, "us": 1_000_000}
+_TEXT_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+
+
+def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
+    """A CSV/TSV (delimiter by suffix, else sniffed from the header) or Parquet table, by `mapping`."""
+    path = Path(path)
+    m = mapping
+    src: _Src
+    if path.suffix.lower() in (".parquet", ".pq"):
+        src = _Parquet(path)
+        try:
+            names = pq.read_schema(path).names
+            _require(path, names, m.columns())
+            table = pq.read_table(path, columns=list(dict.fromkeys(m.columns())))
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+        if table.num_rows == 0:
+            raise DataError(f"{path}: no rows")
+    else:
+        src = _open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower()))
+        types = {c: STR for c in m.columns()} | {m.time: FLOAT} | {c: BOOL for c in m.labels}
+        table = _read_text(src, types)
+
+    user_ids, item_ids = (_ids(src, table, c) for c in (m.user, m.item))
+    labels = np.column_stack([_flags(src, table, c) for c in m.labels]) if m.labels else None
+    return EventLog(
+        path.stem,
+        user_ids,
+        item_ids,
+        _seconds(src, table, m.time, m.time_unit),
+        labels if labels is not None else np.ones((len(user_ids), 1), np.int8),
+        m.labels or ("interact",),
+        implicit=not m.labels,
+        action=_small_codes(src, table, m.action) if m.action else None,
+        scenario=_small_codes(src, table, m.scenario) if m.scenario else None,
+        item_features=_row_features(table, m.item_features, item_ids),
+        user_features=_row_features(table, m.user_features, user_ids),
+        notes={"source": str(path), "mapping": m},
+    )
+
+
+def _ids(src: _Src, table: pa.Table, name: str) -> np.ndarray:
+    """Integer ids as they are; other ids (strings) coded 0..K-1 in sorted order."""
+    col = _int_if_possible(_no_nulls(src, table, name))
+    return col.to_numpy() if pa.types.is_integer(col.type) else _factorize(col) - 1
+
+
+def _seconds(src: _Src, table: pa.Table, name: str, unit: str) -> np.ndarray:
+    col = table[name]
+    if pa.types.is_timestamp(col.type):
+        _no_nulls(src, table, name)
+        t = col.cast(INT).to_numpy() // {"s": 1, "ms": 1000, "us": 10**6, "ns": 10**9}[col.type.unit]
+    elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        t = _required(src, table, name)
+        _nonneg_time(src, t, name)
+        t = t // _TIME_SCALE[unit]
+    else:
+        raise DataError(f"{src.path}: column {name!r} has type {col.type}; expected numbers or timestamps")
+    _check(src, t < 0, f"column {name!r}: negative timestamp", t)
+    return t.astype(np.int64)
+
+
+def _small_codes(src: _Src, table: pa.Table, name: str) -> np.ndarray:
+    """action / scenario: non-negative integers as they are, other values coded 0..K-1."""
+    col = _int_if_possible(_no_nulls(src, table, name))
+    if pa.types.is_integer(col.type) and pc.min(col).as_py() >= 0:
+        return col.to_numpy()
+    return _factorize(col) - 1
+
+
+def _row_features(table: pa.Table, names: tuple[str, ...], ids: np.ndarray) -> SideFeatures | None:
+    if not names:
+        return None
+    codes = np.column_stack([_factorize(_int_if_possible(table[c])) for c in names])
+    return _first_per_id(ids, codes, names)
+
+
+# ---------------------------------------------------------------- by name
+
+
+def shared_data_dir() -> Path:
+    """The shared data folder: env CLIMBER_SHARED_DATA, else <repo root>/../shared/data."""
+    env = os.environ.get("CLIMBER_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+_NAMED = {
+    "kuairand": lambda d: read_kuairand(d / "kuairand-subset" / "events.tsv"),
+    "lastfm": lambda d: read_s3rec(d / "s3rec" / "LastFM.txt"),
+    "beauty": lambda d: read_s3rec(d / "s3rec" / "Beauty.txt"),
+    "grocery": lambda d: read_grocery(d / "grocery"),
+}
+SOURCES = ("ml-100k", *_NAMED)
+
+
+def read_source(name: str, **kw) -> EventLog:
+    """Read a named source ("ml-100k" takes `root`; the others come from shared_data_dir()), or a
+    table file: pass `mapping=ColumnMapping(...)` or the ColumnMapping fields as keywords."""
+    if name == "ml-100k":
+        return read_movielens(**kw)
+    if name in _NAMED:
+        if kw:
+            raise TypeError(f"read_source({name!r}) takes no options, got {sorted(kw)}")
+        return _NAMED[name](shared_data_dir())
+    if Path(name).is_file():
+        mapping = kw.pop("mapping", None)
+        if mapping is not None and kw:
+            raise TypeError(f"give either mapping or ColumnMapping fields, not both (got {sorted(kw)})")
+        return read_table(Path(name), mapping if mapping is not None else ColumnMapping(**kw))
+    raise DataError(f"unknown source {name!r}: not one of {list(SOURCES)} and not an existing file")

@@ -1,0 +1,328 @@
+"""SUMI samples: "single user, multiple items" (PAPER.md section 3.1) and multi-scale extraction.
+
+`prepare` turns an `EventLog` into SUMI samples stored as memory-mapped numpy arrays:
+
+* events, sorted by (user, time) stably, with `user_offsets` (CSR by user);
+* requests: one per (user, request), where a request groups a user's consecutive events whose
+  time gaps are at most `request_gap` (same scenario, at most `max_candidates` each). A
+  request's history is every event of that user strictly before the request's time, so no
+  sample ever sees the future, and its candidates are the request's own impressions with
+  their labels (implicit logs: each positive plus `negatives` sampled unseen items, seeded
+  and fixed at preparation, so evaluation is reproducible);
+* a per-user time split: each user's last `eval_requests` requests are test, the ones before
+  them validation, the rest training (users with too few requests train only).
+
+`SumiData.batch` builds model inputs for a list of requests, applying the multi-scale
+extraction strategies (PAPER.md section 2.1) with vectorised numpy: for each strategy a
+prefix count over the event array gives, in O(1) per request, the positions of the last n
+matching history events.
+
+Dense ids: items 0 = padding, 1 = unknown, 2.. real; users 0 = unknown, 1.. real.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber.config import parse_strategy
+from climber.data.events import DataError, EventLog, SideFeatures
+
+PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
+TRAIN, VALID, TEST = 0, 1, 2
+SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How events become SUMI samples. `request_gap` is in the log's time unit (seconds)."""
+
+    request_gap: int = 60
+    max_candidates: int = 20
+    negatives: int = 4  # implicit logs only: sampled negatives per positive
+    eval_requests: int = 1  # per user: last k requests test, the k before validation
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.request_gap < 0 or self.max_candidates < 1 or self.negatives < 0 or self.eval_requests < 1:
+            raise ValueError(f"invalid PrepareConfig {self}")
+
+
+def _dense(raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw ids to dense ids starting at `first`; returns (vocabulary of raw ids, dense ids)."""
+    vocab, inv = np.unique(raw, return_inverse=True)
+    return vocab, inv.astype(np.int64) + first
+
+
+def _side_table(feats: SideFeatures | None, vocab: np.ndarray, first: int) -> np.ndarray:
+    """(first + len(vocab), F) codes aligned with dense ids; rows without features stay 0."""
+    if feats is None:
+        return np.zeros((first + len(vocab), 0), np.int32)
+    table = np.zeros((first + len(vocab), feats.codes.shape[1]), np.int32)
+    pos = np.searchsorted(vocab, feats.ids)
+    hit = (pos < len(vocab)) & (vocab[np.minimum(pos, len(vocab) - 1)] == feats.ids)
+    table[pos[hit] + first] = feats.codes[hit]
+    return table
+
+
+def _group_requests(user: np.ndarray, time: np.ndarray, scen: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Request start flags over (user, time)-sorted events."""
+    n = len(user)
+    new = np.ones(n, bool)
+    new[1:] = (user[1:] != user[:-1]) | (time[1:] - time[:-1] > cfg.request_gap) | (scen[1:] != scen[:-1])
+    # split runs longer than max_candidates: position within the run, modulo the cap
+    run_id = np.cumsum(new) - 1
+    run_start = np.flatnonzero(new)
+    pos_in_run = np.arange(n) - run_start[run_id]
+    return new | (pos_in_run % cfg.max_candidates == 0)
+
+
+def _split(req_user: np.ndarray, k: int) -> np.ndarray:
+    """Per user (requests in time order): last k test, k before valid, others train."""
+    n = len(req_user)
+    last = np.ones(n, bool)
+    last[:-1] = req_user[1:] != req_user[:-1]
+    ends = np.flatnonzero(last)  # index of each user's last request
+    counts = np.diff(np.concatenate([[-1], ends]))
+    rank_from_end = np.repeat(ends, counts) - np.arange(n)  # 0 = user's last request
+    enough = np.repeat(counts >= 2 * k + 1, counts)
+    split = np.full(n, TRAIN, np.int8)
+    split[enough & (rank_from_end < k)] = TEST
+    split[enough & (rank_from_end >= k) & (rank_from_end < 2 * k)] = VALID
+    return split
+
+
+def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+    for s in strategies:
+        kind, arg, _ = parse_strategy(s)
+        if kind in ("pos", "neg") and arg not in log.tasks:
+            raise DataError(f"{log.name}: strategy {s!r} names task {arg!r}; tasks are {log.tasks}")
+    item_vocab, item = _dense(log.item, FIRST_ITEM)
+    user_vocab, user = _dense(log.user, 1)
+    order = np.lexsort((log.time, user))  # stable: ties keep file order
+    user, item, time = user[order], item[order], log.time[order]
+    labels, action, scen = log.labels[order], log.action[order], log.scenario[order]
+    n_users = len(user_vocab) + 1
+    user_offsets = np.searchsorted(user, np.arange(n_users + 1)).astype(np.int64)
+
+    new = _group_requests(user, time, scen, cfg)
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(user))
+    req_user, req_time, req_scen = user[starts], time[starts], scen[starts]
+    # history = the user's events strictly before the request time: the first event of the
+    # user that shares the request's timestamp ends it
+    run = np.ones(len(user), bool)
+    run[1:] = (user[1:] != user[:-1]) | (time[1:] != time[:-1])
+    first_same = np.maximum.accumulate(np.where(run, np.arange(len(user)), 0))
+    req_hist_end = first_same[starts].astype(np.int64)
+
+    if log.implicit:
+        cand_item, cand_labels, cand_count = _sample_negatives(
+            item, user_offsets, req_user, starts, ends, cfg, n_items=len(item_vocab) + FIRST_ITEM,
+            n_tasks=len(log.tasks))
+    else:
+        cand_item, cand_labels, cand_count = item, labels, ends - starts
+    req_cand_start = np.concatenate([[0], np.cumsum(cand_count)]).astype(np.int64)
+
+    arrays = {
+        "user_offsets": user_offsets,
+        "ev_item": item.astype(np.int32),
+        "ev_time": time.astype(np.int64),
+        "ev_labels": labels.astype(np.int8),
+        "ev_action": action.astype(np.int16),
+        "ev_scenario": scen.astype(np.int16),
+        "req_user": req_user.astype(np.int32),
+        "req_time": req_time.astype(np.int64),
+        "req_scenario": req_scen.astype(np.int16),
+        "req_hist_end": req_hist_end,
+        "req_cand_start": req_cand_start,
+        "req_split": _split(req_user, cfg.eval_requests),
+        "cand_item": cand_item.astype(np.int32),
+        "cand_labels": cand_labels.astype(np.int8),
+        "item_features": _side_table(log.item_features, item_vocab, FIRST_ITEM),
+        "user_features": _side_table(log.user_features, user_vocab, 1),
+        "item_vocab": item_vocab,
+        "user_vocab": user_vocab,
+    }
+    split = arrays["req_split"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": log.name,
+        "tasks": list(log.tasks),
+        "implicit": log.implicit,
+        "strategies": list(strategies),
+        "prepare": asdict(cfg),
+        "vocab": {
+            "n_items": len(item_vocab) + FIRST_ITEM,
+            "n_users": n_users,
+            "tasks": list(log.tasks),
+            "n_actions": int(action.max()) + 1,
+            "n_scenarios": int(scen.max()) + 1,
+            "item_feature_cards": [int(c) + 1 for c in arrays["item_features"].max(axis=0, initial=0)],
+            "user_feature_cards": [int(c) + 1 for c in arrays["user_features"].max(axis=0, initial=0)],
+        },
+        "item_feature_names": list(log.item_features.names) if log.item_features else [],
+        "user_feature_names": list(log.user_features.names) if log.user_features else [],
+        "counts": {
+            "events": int(len(user)),
+            "users": int(n_users - 1),
+            "items": int(len(item_vocab)),
+            **{f"requests_{s}": int((split == v).sum()) for s, v in SPLITS.items()},
+            **{f"candidates_{s}": int(cand_count[split == v].sum()) for s, v in SPLITS.items()},
+        },
+        "positive_rate": {t: float(cand_labels[:, i].mean()) for i, t in enumerate(log.tasks)},
+        "notes": log.notes,
+    }
+    _write_atomic(out_dir, arrays, meta)
+    return meta
+
+
+def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
+    """Implicit logs: candidates = each request's positives + `negatives` unseen items each."""
+    rng = np.random.default_rng(cfg.seed)
+    n_pos = ends - starts
+    n_neg = n_pos * cfg.negatives
+    cand_count = n_pos + n_neg
+    total = int(cand_count.sum())
+    cand_item = np.empty(total, np.int64)
+    cand_labels = np.zeros((total, n_tasks), np.int8)
+    offs = np.concatenate([[0], np.cumsum(cand_count)])
+    seen_cache: dict[int, np.ndarray] = {}
+    for r, (u, s, e) in enumerate(zip(req_user.tolist(), starts.tolist(), ends.tolist())):
+        o = offs[r]
+        cand_item[o : o + e - s] = item[s:e]
+        cand_labels[o : o + e - s] = 1
+        need = n_neg[r]
+        if need == 0:
+            continue
+        seen = seen_cache.get(u)
+        if seen is None:
+            seen = seen_cache[u] = np.unique(item[user_offsets[u] : user_offsets[u + 1]])
+        picked = np.empty(0, np.int64)
+        while len(picked) < need:  # rejection sampling: users see a tiny fraction of items
+            draw = rng.integers(FIRST_ITEM, n_items, size=2 * need + 8)
+            draw = draw[~np.isin(draw, seen)]
+            picked = np.concatenate([picked, draw])
+            if len(seen) >= n_items - FIRST_ITEM:
+                raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
+        cand_item[o + e - s : o + e - s + need] = picked[:need]
+    return cand_item, cand_labels, cand_count
+
+
+def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
+    """Write into a sibling temp dir, then rename: a killed prepare never leaves half a data set."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for k, v in arrays.items():
+        np.save(tmp / f"{k}.npy", v)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+class SumiData:
+    """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches."""
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        meta_path = root / "meta.json"
+        if not meta_path.exists():
+            raise DataError(f"{root}: not a prepared data set (no meta.json); run `climber prepare` first")
+        self.root = root
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{root}: format version {self.meta.get('format_version')}, expected "
+                            f"{FORMAT_VERSION}; prepare it again")
+        self.a = {p.stem: np.load(p, mmap_mode="r") for p in root.glob("*.npy")}
+        self.tasks = tuple(self.meta["tasks"])
+        self._strategy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    @property
+    def vocab(self) -> dict:
+        v = dict(self.meta["vocab"])
+        for k in ("tasks", "item_feature_cards", "user_feature_cards"):
+            v[k] = tuple(v[k])
+        return v
+
+    def requests(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.a["req_split"] == SPLITS[split])
+
+    def _matches(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of matching events, prefix counts (N+1,)) for one strategy."""
+        if spec not in self._strategy_cache:
+            kind, arg, _ = parse_strategy(spec)
+            a = self.a
+            if kind == "recent":
+                m = np.ones(len(a["ev_item"]), bool)
+            elif kind in ("pos", "neg"):
+                if arg not in self.tasks:
+                    raise DataError(f"strategy {spec!r}: no task {arg!r} in {self.tasks}")
+                m = a["ev_labels"][:, self.tasks.index(arg)] == (1 if kind == "pos" else 0)
+            elif kind == "scenario":
+                m = a["ev_scenario"] == int(arg)
+            else:  # action
+                m = a["ev_action"] == int(arg)
+            self._strategy_cache[spec] = (np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
+        return self._strategy_cache[spec]
+
+    def batch(self, req: np.ndarray, strategies: tuple[str, ...], seq_len: int) -> dict[str, torch.Tensor]:
+        """Model inputs for requests `req`. History is left-padded (latest event last).
+
+        Returns hist_* (B, K, L) with L <= seq_len trimmed to the longest history in the batch,
+        cand_* (B, M) padded to the largest request, labels (B, M, T) float, and per-request
+        user, time and scenario (B,).
+        """
+        a = self.a
+        req = np.asarray(req, dtype=np.int64)
+        user = a["req_user"][req].astype(np.int64)
+        lo = a["user_offsets"][user]
+        hi = a["req_hist_end"][req]
+        idx, valid = [], []
+        for spec in strategies:
+            pos, cum = self._matches(spec)
+            cap = min(seq_len, parse_strategy(spec)[2] or seq_len)
+            c_lo, c_hi = cum[lo], cum[hi]
+            j = c_hi[:, None] - seq_len + np.arange(seq_len)  # (B, L) last seq_len matches
+            ok = (j >= c_lo[:, None]) & (j >= c_hi[:, None] - cap)
+            idx.append(np.where(ok, pos[np.clip(j, 0, max(len(pos) - 1, 0))] if len(pos) else 0, 0))
+            valid.append(ok)
+        idx, valid = np.stack(idx, 1), np.stack(valid, 1)  # (B, K, L)
+        used = valid.any(axis=(0, 1))
+        first = int(np.argmax(used)) if used.any() else seq_len - 1  # keep >= 1 column
+        idx, valid = idx[..., first:], valid[..., first:]
+
+        cs, ce = a["req_cand_start"][req], a["req_cand_start"][req + 1]
+        m = ce - cs
+        M = int(m.max())
+        cj = cs[:, None] + np.arange(M)
+        cmask = np.arange(M)[None, :] < m[:, None]
+        cj = np.where(cmask, cj, 0)
+
+        def t(x, dtype=torch.long):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+        return {
+            "user": t(user),
+            "req_time": t(a["req_time"][req]),
+            "req_scenario": t(a["req_scenario"][req]),
+            "hist_item": t(np.where(valid, a["ev_item"][idx], PAD_ITEM)),
+            "hist_time": t(a["ev_time"][idx]),
+            "hist_action": t(np.where(valid, a["ev_action"][idx], 0)),
+            "hist_scenario": t(np.where(valid, a["ev_scenario"][idx], 0)),
+            "hist_labels": t(np.where(valid[..., None], a["ev_labels"][idx], 0)),
+            "hist_mask": t(valid, torch.bool),
+            "cand_item": t(np.where(cmask, a["cand_item"][cj], PAD_ITEM)),
+            "cand_mask": t(cmask, torch.bool),
+            "labels": t(np.where(cmask[..., None], a["cand_labels"][cj], 0), torch.float32),
+        }

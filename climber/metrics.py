@@ -1,0 +1,64 @@
+"""Ranking metrics computed the standard way: AUC, GAUC and LogLoss (PAPER.md section 1).
+
+AUC is the Mann-Whitney statistic with tied scores sharing their average rank (identical to
+scikit-learn's roc_auc_score). GAUC is the impression-weighted mean of per-user AUC over users
+whose samples hold both classes (the DIN paper's definition; users with one class are
+skipped). LogLoss is the mean binary cross-entropy with probabilities clipped to [eps, 1-eps].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import rankdata
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    labels = np.asarray(labels).astype(bool)
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)  # average ranks for ties
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Per-user AUC averaged with weights = the user's number of samples."""
+    users, labels, scores = np.asarray(users), np.asarray(labels).astype(bool), np.asarray(scores)
+    order = np.argsort(users, kind="stable")
+    users, labels, scores = users[order], labels[order], scores[order]
+    bounds = np.flatnonzero(np.diff(users)) + 1
+    total, weight = 0.0, 0
+    for lab, sc in zip(np.split(labels, bounds), np.split(scores, bounds)):
+        if 0 < lab.sum() < len(lab):
+            total += auc(lab, sc) * len(lab)
+            weight += len(lab)
+    return total / weight if weight else float("nan")
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray, eps: float = 1e-7) -> float:
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    y = np.asarray(labels, dtype=np.float64)
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+def evaluate_predictions(users: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                         tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """labels, probs (N, T); users (N,) -> {task: {auc, gauc, logloss}, 'mean': {...}}."""
+    out = {}
+    for t, name in enumerate(tasks):
+        out[name] = {
+            "auc": auc(labels[:, t], probs[:, t]),
+            "gauc": gauc(users, labels[:, t], probs[:, t]),
+            "logloss": logloss(labels[:, t], probs[:, t]),
+        }
+    out["mean"] = {k: float(np.nanmean([out[n][k] for n in tasks])) for k in ("auc", "gauc", "logloss")}
+    return out
+
+
+def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:
+    rows = [f"{'task':<14}{'AUC':>9}{'GAUC':>9}{'LogLoss':>10}"]
+    for name, r in results.items():
+        rows.append(f"{name:<14}{r['auc']:>9.4f}{r['gauc']:>9.4f}{r['logloss']:>10.4f}")
+    rule = "-" * len(rows[0])
+    return "\n".join(([title] if title else []) + [rule, rows[0], rule, *rows[1:], rule])

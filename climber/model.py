@@ -1,0 +1,320 @@
+"""The Climber ranking model (PAPER.md section 2), in reading order.
+
+1. Embeddings: item id + item side features; history tokens add their action, their
+   behaviour flags (one embedding per task and label) and scenario; candidate tokens add a
+   target embedding and the request's scenario.
+2. Multi-scale sequence extraction (MSE) happens in the data layer (`data/sumi.py`): each of
+   the N_b = K strategies yields a sub-sequence, so inputs arrive as (B, K, L).
+3. Adaptive Transformer Layers (ATL): K parallel homogeneous blocks with separate weights,
+   stacked along a block dimension and run as one batched computation. Attention is
+   softmax((Q K^T + f_b) / f_tc): f_tc a learned temperature per (layer, block, scenario,
+   head) initialised at sqrt(d_head); f_b a bucketed relative position + time-gap bias per
+   (block, scenario, head), shared by the layers of a block.
+4. Block readout: the last layer's hidden state at each candidate token, E (B, M, K, d).
+5. Bit-wise gating fusion (BGF): one ATL across the K block vectors (no bias, temperature
+   from the scenario), then an element-wise squeeze-and-excitation gate.
+6. Multi-task head: an MLP to one logit per task.
+
+SUMI: candidates are appended after the history; history tokens never see candidates, so
+`prefill` encodes the history once (returning per-layer keys and values) and `score` runs all
+candidates against it. `forward` is exactly `score(prefill(...))` unless
+`attention="joint"`, which runs the paper's literal joint masked sequence instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from climber.attention import (
+    candidate_attention,
+    history_attention,
+    history_mask,
+    joint_attention,
+    joint_mask,
+    position_buckets,
+    time_buckets,
+)
+from climber.config import ModelConfig
+
+
+class BlockLinear(nn.Module):
+    """K independent linear maps applied to (B, K, S, d_in) in one batched matmul."""
+
+    def __init__(self, k: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(k, 1, d_out))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bksd,kde->bkse", x, self.weight) + self.bias
+
+
+class BlockRMSNorm(nn.Module):
+    def __init__(self, k: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(k, 1, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d)
+        return F.rms_norm(x, (x.shape[-1],)) * self.weight
+
+
+class AdaptiveLayer(nn.Module):
+    """One ATL for all K blocks at once: pre-norm attention and GELU FFN, each with a residual."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        K, d = cfg.n_blocks, cfg.d_model
+        self.h = cfg.n_heads
+        self.impl = cfg.attention
+        self.norm1, self.norm2 = BlockRMSNorm(K, d), BlockRMSNorm(K, d)
+        self.qkv = BlockLinear(K, d, 3 * d)
+        self.proj = BlockLinear(K, d, d)
+        self.fc1 = BlockLinear(K, d, cfg.ffn_mult * d)
+        self.fc2 = BlockLinear(K, cfg.ffn_mult * d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
+        B, K, S, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(B, K, S, 3, self.h, d // self.h)
+        return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+    def _merge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Residual add of the attention output y (B, K, H, S, dh), then the FFN."""
+        B, K, H, S, dh = y.shape
+        x = x + self.drop(self.proj(y.transpose(2, 3).reshape(B, K, S, H * dh)))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+    def joint(self, x, bias, tau, allowed):
+        q, k, v = self._qkv(x)
+        return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
+
+    def history(self, h, bias, tau, allowed):
+        """Returns the next history states and this layer's (k, v) for the candidates."""
+        q, k, v = self._qkv(h)
+        return self._merge(h, history_attention(q, k, v, bias, tau, allowed, self.impl)), (k, v)
+
+    def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
+        q, k, v = self._qkv(c)
+        return self._merge(c, candidate_attention(q, k, v, *kv, bias_hist, bias_self, tau, hist_mask))
+
+
+class BitwiseGatingFusion(nn.Module):
+    """BGF: attention across the K block vectors, then a squeeze-and-excitation gate."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        K, d = cfg.n_blocks, cfg.d_model
+        self.h = cfg.n_heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_mult * d), nn.Linear(cfg.ffn_mult * d, d)
+        self.log_tau = nn.Parameter(torch.full((cfg.n_scenarios, cfg.n_heads), math.log(math.sqrt(cfg.d_head))),
+                                    requires_grad=cfg.adaptive)
+        r = max(1, K * d // cfg.se_reduction)
+        self.squeeze, self.excite = nn.Linear(K * d, r), nn.Linear(r, K * d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, e: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        B, M, K, d = e.shape
+        q, k, v = self.qkv(self.norm1(e)).view(B, M, K, 3, self.h, d // self.h).permute(3, 0, 1, 4, 2, 5)
+        tau = self.log_tau[scenario].exp()[:, None, :, None, None]  # (B, 1, H, 1, 1)
+        a = torch.softmax((q @ k.transpose(-1, -2)).float() / tau, dim=-1).to(v.dtype) @ v  # (B, M, H, K, dh)
+        g = e + self.drop(self.proj(a.transpose(2, 3).reshape(B, M, K, d)))
+        g = g + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(g)))))
+        g = g.reshape(B, M, K * d)
+        return g * torch.sigmoid(self.excite(F.relu(self.squeeze(g))))  # bit-wise gate
+
+
+@dataclass
+class HistoryCache:
+    """What `prefill` returns: per-layer history keys/values and what candidates need."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, K, H, L, dh) each
+    hist_mask: torch.Tensor  # (B, K, L)
+    hist_time: torch.Tensor  # (B, K, L)
+    scenario: torch.Tensor  # (B,) request scenario the cache was computed under
+    user: torch.Tensor  # (B,)
+
+
+class Climber(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, K, H, T = cfg.d_model, cfg.n_blocks, cfg.n_heads, len(cfg.tasks)
+        # 1. embeddings (shared by all blocks)
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
+        self.item_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.item_feature_cards)
+        self.user_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.user_feature_cards)
+        self.action_emb = nn.Embedding(cfg.n_actions, d)
+        self.flag_emb = nn.Embedding(2 * T, d)  # index 2t + label_t
+        self.scenario_emb = nn.Embedding(cfg.n_scenarios, d)
+        self.target_emb = nn.Parameter(torch.zeros(d))
+        # side-feature lookup tables travel with the weights, so serving needs only ids
+        self.register_buffer("item_features", torch.zeros(cfg.n_items, len(cfg.item_feature_cards), dtype=torch.long))
+        self.register_buffer("user_features", torch.zeros(cfg.n_users, len(cfg.user_feature_cards), dtype=torch.long))
+        # 3. ATL stack; adaptive tables are indexed [block, scenario, head, bucket]
+        tables = (K, cfg.n_scenarios) if cfg.adaptive else (1, 1)
+        self.pos_bias = nn.Parameter(torch.zeros(*tables, H, cfg.pos_buckets))
+        self.time_bias = nn.Parameter(torch.zeros(*tables, H, cfg.time_buckets))
+        self.log_tau = nn.Parameter(torch.full((cfg.n_layers, *tables, H), math.log(math.sqrt(cfg.d_head))),
+                                    requires_grad=cfg.adaptive)
+        self.layers = nn.ModuleList(AdaptiveLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm_out = BlockRMSNorm(K, d)
+        # 5. fusion and 6. head
+        self.bgf = BitwiseGatingFusion(cfg) if cfg.bgf else None
+        dims = (K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden)
+        mlp: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mlp += [nn.Linear(a, b), nn.GELU(), nn.Dropout(cfg.dropout)]
+        self.head = nn.Sequential(*mlp, nn.Linear(dims[-1], T))
+        self.apply(self._init)
+        for layer in self.layers:  # residual branches scaled for depth
+            for lin in (layer.proj, layer.fc2):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    # ---- 1. embeddings ------------------------------------------------------------------------
+    def embed_items(self, item: torch.Tensor) -> torch.Tensor:
+        e = self.item_emb(item)
+        feats = self.item_features[item]
+        for f, emb in enumerate(self.item_feat_emb):
+            e = e + emb(feats[..., f])
+        return e
+
+    def embed_history(self, b: dict) -> torch.Tensor:  # -> (B, K, L, d)
+        T = len(self.cfg.tasks)
+        flags = b["hist_labels"] + 2 * torch.arange(T, device=b["hist_labels"].device)
+        return (self.embed_items(b["hist_item"]) + self.action_emb(b["hist_action"])
+                + self.flag_emb(flags).sum(-2) + self.scenario_emb(b["hist_scenario"]))
+
+    def embed_candidates(self, item: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # -> (B, M, d)
+        return self.embed_items(item) + self.target_emb + self.scenario_emb(scenario)[:, None]
+
+    # ---- 3. adaptive attention parameters -----------------------------------------------------
+    def _tau(self, scenario: torch.Tensor) -> torch.Tensor:
+        """(n_layers, B, K, H, 1, 1) dynamic temperatures f_tc(layer, block, scenario)."""
+        K = self.cfg.n_blocks
+        s = scenario if self.cfg.adaptive else torch.zeros_like(scenario)
+        tau = self.log_tau[:, :, s].exp().permute(0, 2, 1, 3)  # (N_L, B, K or 1, H)
+        return tau.expand(-1, -1, K, -1)[..., None, None]
+
+    def _bias(self, scenario, rel_pos, dt) -> torch.Tensor:
+        """f_b(block, scenario): rel_pos, dt broadcastable to (B, K, Sq, Sk) -> (B, K, H, Sq, Sk)."""
+        cfg = self.cfg
+        s = scenario if cfg.adaptive else torch.zeros_like(scenario)
+        blk = torch.arange(self.pos_bias.shape[0], device=s.device)
+        pb = position_buckets(rel_pos, cfg.pos_buckets)
+        tb = time_buckets(dt, cfg.time_buckets)
+        B = s.shape[0]
+        idx_b = s.view(B, 1, 1, 1, 1)
+        idx_k = blk.view(1, -1, 1, 1, 1)
+        idx_h = torch.arange(cfg.n_heads, device=s.device).view(1, 1, -1, 1, 1)
+        bias = self.pos_bias[idx_k, idx_b, idx_h, pb[:, :, None]] + self.time_bias[idx_k, idx_b, idx_h, tb[:, :, None]]
+        return bias.expand(-1, cfg.n_blocks, -1, -1, -1)
+
+    # ---- SUMI: prefill the history once, then score all candidates ------------------------------
+    def prefill(self, b: dict) -> HistoryCache:
+        """Encode the history through every layer of every block; keep each layer's keys/values."""
+        h = self.embed_history(b)
+        L = h.shape[2]
+        i = torch.arange(L, device=h.device)
+        t = b["hist_time"]
+        bias = self._bias(b["req_scenario"], (i[:, None] - i[None, :])[None, None],
+                          t[..., :, None] - t[..., None, :])
+        tau = self._tau(b["req_scenario"])
+        allowed = history_mask(b["hist_mask"])
+        kv = []
+        for layer, tau_l in zip(self.layers, tau):
+            h, kv_l = layer.history(h, bias, tau_l, allowed)
+            kv.append(kv_l)
+        return HistoryCache(kv, b["hist_mask"], t, b["req_scenario"], b["user"])
+
+    def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
+        """Logits (B, M, T) for candidates (B, M) against a prefilled history."""
+        B, M = cand_item.shape
+        K, L = self.cfg.n_blocks, cache.hist_mask.shape[-1]
+        c = self.embed_candidates(cand_item, cache.scenario)[:, None].expand(B, K, M, -1)
+        # every candidate sits at position L with the request's time
+        rel = (L - torch.arange(L, device=c.device)).view(1, 1, 1, L)
+        dt = (req_time[:, None, None] - cache.hist_time)[:, :, None, :]  # (B, K, 1, L)
+        bias_hist = self._bias(cache.scenario, rel, dt)
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=c.device)
+        bias_self = self._bias(cache.scenario, zero, zero)
+        tau = self._tau(cache.scenario)
+        for layer, tau_l, kv in zip(self.layers, tau, cache.kv):
+            c = layer.candidates(c, kv, bias_hist, bias_self, tau_l, cache.hist_mask)
+        return self._fuse_and_head(self.norm_out(c).permute(0, 2, 1, 3), cache.scenario, cache.user)
+
+    def forward_joint(self, b: dict) -> torch.Tensor:
+        """Reference path: the paper's literal [history; candidates] sequence with a SUMI mask."""
+        h = self.embed_history(b)
+        B, K, L, _ = h.shape
+        M = b["cand_item"].shape[1]
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"])[:, None].expand(B, K, M, -1)
+        x = torch.cat([h, c], dim=2)
+        pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(x.device)
+        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
+        bias = self._bias(b["req_scenario"], (pos[:, None] - pos[None, :])[None, None],
+                          t[..., :, None] - t[..., None, :])
+        allowed = joint_mask(b["hist_mask"], b["cand_mask"])
+        for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
+            x = layer.joint(x, bias, tau_l, allowed)
+        return self._fuse_and_head(self.norm_out(x[:, :, L:]).permute(0, 2, 1, 3), b["req_scenario"], b["user"])
+
+    def _fuse_and_head(self, e: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        B, M, K, d = e.shape
+        y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
+        if self.cfg.user_feature_cards:
+            feats = self.user_features[user]
+            u = sum(emb(feats[:, f]) for f, emb in enumerate(self.user_feat_emb))
+            y = torch.cat([y, u[:, None].expand(B, M, d)], dim=-1)
+        return self.head(y)
+
+    def forward(self, b: dict) -> torch.Tensor:
+        """Batch of SUMI samples -> logits (B, M, T)."""
+        if self.cfg.attention == "joint":
+            return self.forward_joint(b)
+        return self.score(self.prefill(b), b["cand_item"], b["req_time"])
+
+    # ---- the model reports itself --------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        emb = sum(p.numel() for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"embedding": emb, "dense": total - emb, "total": total}
+
+    def flops(self, L: int, M: int) -> dict[str, float]:
+        """Forward FLOPs for one request with L history tokens per block and M candidates.
+
+        paper: the paper's C ~ length x layers form, 2 x (dense ATL weights) x tokens x layers x
+            blocks, attention scores neglected: 2 * K * N_L * (L + M) * (4 d^2 + 2 d f).
+        exact: every matmul as executed by this config's attention path (2 FLOPs per
+            multiply-add, as torch's FlopCounterMode counts): the ATL projections and FFN, the
+            attention matmuls ((L+M)^2 for the joint reference, L^2 + M L split), BGF and head.
+        per_candidate: exact / M.
+        """
+        cfg = self.cfg
+        d, K, NL, f = cfg.d_model, cfg.n_blocks, cfg.n_layers, cfg.ffn_mult * cfg.d_model
+        S = L + M
+        dense_tok = 4 * d * d + 2 * d * f  # qkv + proj + fc1 + fc2 weights per token
+        paper = 2 * K * NL * S * dense_tok
+        att = S * S if cfg.attention == "joint" else L * L + M * L
+        exact = K * NL * (2 * S * dense_tok + 2 * 2 * att * d)
+        if cfg.bgf:
+            r = max(1, K * d // cfg.se_reduction)
+            exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
+        dims = (K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
+        exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
+        return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}

@@ -1,0 +1,285 @@
+"""Tests of climber.data.readers: each reader on slices of the shared data, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from climber.data.events import DataError
+from climber.data.fetch import ML100K_FILES, fetch_movielens
+from climber.data.readers import (
+    ColumnMapping,
+    read_grocery,
+    read_kuairand,
+    read_movielens,
+    read_s3rec,
+    read_source,
+    read_table,
+    shared_data_dir,
+)
+
+SHARED = shared_data_dir()
+OFFICIAL_HEADER = (
+    "user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,"
+    "is_hate,long_view,play_time_ms,duration_ms,profile_stay_time,comment_stay_time,"
+    "is_profile_enter,is_rand,tab"
+)
+
+
+def shared(rel: str) -> Path:
+    path = SHARED / rel
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (set CLIMBER_SHARED_DATA to the shared/data folder)")
+    return path
+
+
+def head(src: Path, dst: Path, n: int = 200) -> Path:
+    """Copy the first n lines of src to dst."""
+    with open(src, encoding="utf-8") as f:
+        dst.write_text("".join(line for _, line in zip(range(n), f, strict=False)), encoding="utf-8")
+    return dst
+
+
+def raises_at(fn, path: Path, where: str) -> None:
+    """fn() raises DataError naming the file and the place (e.g. 'line 3')."""
+    with pytest.raises(DataError) as err:
+        fn()
+    assert str(path) in str(err.value) and where in str(err.value), str(err.value)
+
+
+# ---------------------------------------------------------------- readers on real slices
+
+
+def test_kuairand_subset_slice(tmp_path):
+    path = head(shared("kuairand-subset/events.tsv"), tmp_path / "events.tsv")
+    with open(path, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    log = read_kuairand(path)
+    assert len(log) == len(rows) == 199
+    assert log.tasks == ("click", "long_view", "like") and not log.implicit
+    assert log.notes["format"] == "shared subset"
+    for j, col in enumerate(("is_click", "long_view", "label")):
+        assert log.labels[:, j].tolist() == [int(r[col]) for r in rows]
+    assert log.time.tolist() == [int(r["time_ms"]) // 1000 for r in rows]
+    assert (log.scenario == 0).all() and log.action.max() <= 15
+    assert set(log.item_features.ids) == {int(r["video_id"]) for r in rows}
+    assert log.item_features.names == ("duration",)
+
+
+def test_kuairand_official_format_action_and_scenario(tmp_path):
+    path = tmp_path / "log_standard_4_08_to_4_21_pure.csv"
+    path.write_text(
+        OFFICIAL_HEADER + "\n"
+        # user 3 video 1071: clicked, long view, liked, followed and forwarded (bits 1 + 4) on tab 1
+        "3,1071,20220408,1600,1649408076860,1,1,1,0,1,0,1,175045,87433,0,0,0,0,1\n"
+        # comment and profile enter (bits 2 + 8), tab 4, duration unknown (0)
+        "3,1072,20220408,1600,1649408079999,0,0,0,1,0,1,0,0,0,0,0,1,0,4\n"
+    )
+    log = read_kuairand(path)
+    assert log.notes["format"] == "official"
+    assert log.labels.tolist() == [[1, 1, 1], [0, 0, 0]]
+    assert log.action.tolist() == [1 | 4, 2 | 8]
+    assert log.scenario.tolist() == [1, 4]
+    assert log.time.tolist() == [1649408076, 1649408079]
+    # 87.4 s lies in [64 s, 128 s): bucket 1 + 7; a 0 duration is missing
+    assert log.item_features.codes[:, 0].tolist() == [8, 0]
+
+
+def test_s3rec_slice_time_is_position(tmp_path):
+    path = head(shared("s3rec/LastFM.txt"), tmp_path / "LastFM.txt")
+    attrs = json.loads(shared("s3rec/LastFM_item2attributes.json").read_text())
+    (tmp_path / "LastFM_item2attributes.json").write_text(json.dumps(attrs))
+    lines = [list(map(int, line.split())) for line in path.read_text().splitlines()]
+    log = read_s3rec(path)
+    assert len(log) == sum(len(seq) - 1 for seq in lines)
+    assert log.implicit and log.tasks == ("interact",) and (log.labels == 1).all()
+    first = lines[0]
+    assert log.user[: len(first) - 1].tolist() == [first[0]] * (len(first) - 1)
+    assert log.item[: len(first) - 1].tolist() == first[1:]
+    assert log.time[: len(first) - 1].tolist() == list(range(len(first) - 1))
+    feats = log.item_features
+    assert feats.names == ("attr",) and set(feats.ids) == set(log.item)
+    item = int(feats.ids[0])
+    assert feats.codes[0, 0] == attrs[str(item)][0] + 1
+
+
+def test_s3rec_without_attributes(tmp_path):
+    path = tmp_path / "Toy.txt"
+    path.write_text("1 5 6 7\n2 6 5\n")
+    log = read_s3rec(path)
+    assert log.item_features is None and log.name == "toy"
+    assert log.time.tolist() == [0, 1, 2, 0, 1]
+
+
+def test_grocery_slice(tmp_path):
+    head(shared("grocery/events.tsv"), tmp_path / "events.tsv")
+    head(shared("grocery/item_meta.tsv"), tmp_path / "item_meta.tsv", n=10_000)
+    log = read_grocery(tmp_path)
+    assert len(log) == 199 and log.implicit and log.tasks == ("purchase",)
+    with open(tmp_path / "item_meta.tsv", encoding="utf-8") as f:
+        category = {int(r["item_id"]): int(r["i_category"]) + 1 for r in csv.DictReader(f, delimiter="\t")}
+    feats = log.item_features
+    assert feats.names == ("category",)
+    assert feats.codes[:, 0].tolist() == [category[int(i)] for i in feats.ids]
+
+
+def test_read_source_by_name():
+    shared("s3rec/LastFM.txt")
+    log = read_source("lastfm")
+    assert log.name == "lastfm" and len(log) == 52_551
+
+
+# ---------------------------------------------------------------- MovieLens on a fake ml-100k
+
+
+def fake_ml100k(root: Path) -> Path:
+    root.mkdir()
+    (root / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "1\t10\t5\t881250949\n1\t11\t3\t881250950\n2\t10\t4\t881250000\n2\t12\t1\t881250001\n"
+    )
+    (root / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        "1\t24\tM\ttechnician\t85711\n2\t56\tF\tother\tT8H1N\n"
+    )
+    (root / "ml-100k.item").write_bytes(
+        "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+        "10\tToy Story\t1995\tAnimation Children's Comedy\n11\tMis\xe9rables, Les\t1995\tDrama Musical\n"
+        "12\tSomething\tunkonwn\tunknown\n".encode("latin-1")
+    )
+    return root
+
+
+def test_movielens_fake(tmp_path):
+    log = read_movielens(fake_ml100k(tmp_path / "ml"))
+    rating = np.array([5, 3, 4, 1])
+    assert log.tasks == ("like",) and len(log) == 4
+    assert log.labels[:, 0].tolist() == (rating >= 4).astype(int).tolist()
+    assert log.labels.mean() == (rating >= 4).mean()
+    assert log.action.tolist() == rating.tolist()
+    assert log.time.tolist() == [881250949, 881250950, 881250000, 881250001]
+    users = log.user_features
+    assert users.names == ("age", "gender", "occupation", "zip1")
+    # age 24 -> bucket 18-24 (2), 56 -> 56+ (7); codes in sorted order (F, M; other, technician);
+    # zip 8... -> 9, a non-digit zip -> 11
+    assert users.codes.tolist() == [[2, 2, 2, 9], [7, 1, 1, 11]]
+    items = log.item_features
+    assert items.names == ("genre", "decade")
+    # genres sorted: Animation 1, Drama 2, unknown 3; one decade (1990s) and a missing year
+    assert items.codes.tolist() == [[1, 1], [2, 1], [3, 0]]
+
+
+def test_fetch_movielens_uses_cache(tmp_path):
+    for name in ML100K_FILES:
+        (tmp_path / name).write_text("x")
+    assert fetch_movielens(tmp_path) == tmp_path  # present: no download
+
+
+# ---------------------------------------------------------------- generic tables
+
+
+def test_read_table_csv_strings_and_units(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("u,i,t,click,cat,tab\nbob,x,3000,1,a,home\nann,y,1000,0,,feed\nbob,y,2000,true,b,home\n")
+    mapping = ColumnMapping(
+        "u", "i", "t", labels=("click",), scenario="tab", item_features=("cat",), time_unit="ms"
+    )
+    log = read_table(path, mapping)
+    assert log.user.tolist() == [1, 0, 1] and log.item.tolist() == [0, 1, 1]  # codes in sorted order
+    assert log.time.tolist() == [3, 1, 2]  # unsorted times are kept in file order
+    assert log.tasks == ("click",) and log.labels[:, 0].tolist() == [1, 0, 1]
+    assert log.scenario.tolist() == [1, 0, 1]
+    # item y: first row has no category, the next has 'b' -> first non-missing value wins
+    assert log.item_features.codes[:, 0].tolist() == [1, 2]
+
+
+def test_read_table_parquet_implicit(tmp_path):
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"user": [7, 8], "item": [70, 80], "ts": [5, 6], "stars": [1, 5]}), path)
+    log = read_source(str(path), user="user", item="item", time="ts", action="stars")
+    assert log.implicit and log.tasks == ("interact",)
+    assert log.user.tolist() == [7, 8] and log.action.tolist() == [1, 5]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("")
+    raises_at(lambda: read_kuairand(path), path, "empty file")
+
+
+def test_header_only(tmp_path):
+    (tmp_path / "events.tsv").write_text("user_id\titem_id\ttime\n")
+    raises_at(lambda: read_grocery(tmp_path), tmp_path / "events.tsv", "no data rows")
+
+
+def test_missing_column(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("user_id\titem_id\n1\t2\n")
+    raises_at(lambda: read_grocery(tmp_path), path, "missing column(s) ['time']")
+    with pytest.raises(DataError, match=r"columns found: \['user_id', 'item_id'\]"):
+        read_grocery(tmp_path)
+
+
+def test_short_row(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("user_id\titem_id\ttime\n1\t2\t3\n\n1\t4\n")  # the blank line 3 still counts
+    raises_at(lambda: read_grocery(tmp_path), path, "line 4: 2 fields, the header has 3")
+
+
+def test_non_numeric_timestamp(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("user_id\titem_id\ttime\n1\t2\t3\n1\t4\t5\n1\t5\tyesterday\n")
+    raises_at(
+        lambda: read_grocery(tmp_path), path, "line 4: column 'time' must be an integer, got 'yesterday'"
+    )
+
+
+def test_negative_timestamp(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("u,i,t\n1,2,3\n1,3,-4\n")
+    raises_at(lambda: read_table(path, ColumnMapping("u", "i", "t")), path, "line 3: column 't': negative")
+
+
+def test_missing_id(tmp_path):
+    path = tmp_path / "events.tsv"
+    path.write_text("user_id\titem_id\ttime\n1\t2\t3\n\t4\t5\n")
+    raises_at(lambda: read_grocery(tmp_path), path, "line 3: column 'user_id' is empty")
+
+
+def test_bad_label(tmp_path):
+    path = tmp_path / "events.tsv"
+    lines = head(shared("kuairand-subset/events.tsv"), path, n=5).read_text().splitlines()
+    cells = lines[3].split("\t")
+    cells[-2] = "2"  # the `label` column
+    lines[3] = "\t".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    raises_at(lambda: read_kuairand(path), path, "line 4: column 'label' must be 0/1, got '2'")
+
+
+def test_bad_rating_and_parquet_label(tmp_path):
+    root = fake_ml100k(tmp_path / "ml")
+    inter = root / "ml-100k.inter"
+    inter.write_text(inter.read_text() + "3\t10\t7\t881250002\n")
+    raises_at(lambda: read_movielens(root), inter, "line 6: column 'rating:float' must be 1..5, got 7.0")
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"u": [1, 2, 3], "i": [1, 2, 3], "t": [1, 2, 3], "y": [0, 1, 3]}), path)
+    raises_at(lambda: read_table(path, ColumnMapping("u", "i", "t", labels=("y",))), path, "row 3")
+
+
+def test_s3rec_bad_lines(tmp_path):
+    path = tmp_path / "Seq.txt"
+    path.write_text("1 2 3\n2 4 x5\n")
+    raises_at(lambda: read_s3rec(path), path, "line 2: 'x5' is not an integer id")
+    path.write_text("1 2 3\n2\n")
+    raises_at(lambda: read_s3rec(path), path, "line 2: user 2 has no items")
+    path.write_text("1 2 3\n1 4\n")
+    raises_at(lambda: read_s3rec(path), path, "line 2: user 1 already has line 1")
