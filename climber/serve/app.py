@@ -1,0 +1,408 @@
+"""HTTP service around the KV-cached serving engine (PAPER.md section 3.2), and `climber serve`.
+
+Endpoints (JSON in and out; every error body is {"error": message[, "detail": [...]]}):
+
+* POST /score   {"user": 17, "scenario": 0, "candidates": [raw item ids], "history": [events]?,
+                 "req_time": unix seconds?} -> per-candidate per-task probabilities. The history
+                 is the explicit list when given (cold start: []), else the server's store for
+                 `user`; unknown item ids are scored as the unknown item (dense id 1) and
+                 listed in "unknown_items".
+* POST /events  {"user": 17, "events": [{"item", "time", "action", "scenario", "labels"}]}
+                 appends to the user's history; cached encodings catch up on the next /score.
+* GET /healthz (the process answers), /readyz (the model worker runs and the queue has room),
+  /metrics (Prometheus: latency, batch sizes, queue depth, refusals, cache outcomes).
+
+Micro-batching: /score requests wait in a bounded asyncio queue; one worker takes up to
+`max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
+batched model call in a dedicated thread (the event loop keeps accepting requests). A full
+queue answers 429 at once and a request not served within `timeout_s` answers 503, so
+overload never hangs a client. Bodies over `max_body_kb` answer 413 before they are parsed.
+The model loads before the port opens (a bad checkpoint stops the process); weights come from
+safetensors, so loading executes no code. The default bind address is loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import torch
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from climber.cli import _add_dataclass_flags, _pick
+from climber.serve.engine import Engine, History, ScoreRequest, ScoreResult
+from climber.train import resolve_device
+
+log = logging.getLogger("climber.serve")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and batching of the HTTP service (the model's own shape comes from the checkpoint)."""
+
+    max_candidates: int = 1000  # per /score request
+    max_history: int = 10_000  # events in an explicit history or in one /events post
+    max_batch: int = 32  # requests per model call
+    max_wait_ms: float = 2.0  # how long the worker waits for more requests after the first
+    queue_size: int = 256  # waiting /score requests; beyond it: 429
+    timeout_s: float = 5.0  # a /score request not answered by then: 503
+    max_body_kb: int = 1024  # larger request bodies: 413
+    cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
+
+    def __post_init__(self) -> None:
+        if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb) < 1:
+            raise ValueError("serve limits must be positive")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.cache_mb < 0:
+            raise ValueError("max_wait_ms and cache_mb must be >= 0, timeout_s > 0")
+
+
+# ---- request bodies --------------------------------------------------------------------------
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item: Int64  # raw item id
+    time: Int64  # seconds, in the data's clock
+    action: int = 0
+    scenario: int = 0
+    labels: dict[str, int] = Field(default_factory=dict)  # task -> 0/1; missing tasks are 0
+
+
+class ScoreIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    candidates: list[Int64]  # raw item ids
+    scenario: int = 0
+    user: Int64 | None = None  # raw user id
+    history: list[EventIn] | None = None  # overrides the stored history; [] = cold start
+    req_time: Int64 | None = None  # default: now
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: Int64
+    events: list[EventIn]
+
+
+def _error(status: int, message: str, detail: list | None = None, headers: dict | None = None) -> JSONResponse:
+    body: dict = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _to_history(engine: Engine, events: list[EventIn]) -> tuple[History, list[int]]:
+    """Validated events -> a dense History, and the raw item ids that were unknown."""
+    cfg = engine.cfg
+    for i, e in enumerate(events):
+        if not 0 <= e.action < cfg.n_actions:
+            raise HTTPException(422, f"event {i}: action {e.action} not in [0, {cfg.n_actions})")
+        if not 0 <= e.scenario < cfg.n_scenarios:
+            raise HTTPException(422, f"event {i}: scenario {e.scenario} not in [0, {cfg.n_scenarios})")
+        bad = {k: v for k, v in e.labels.items() if k not in cfg.tasks or v not in (0, 1)}
+        if bad:
+            raise HTTPException(422, f"event {i}: labels {bad}: tasks are {list(cfg.tasks)}, values 0 or 1")
+    raw = np.array([e.item for e in events], np.int64)
+    item, unknown = engine.item_ids(raw)
+    labels = np.array([[e.labels.get(t, 0) for t in cfg.tasks] for e in events], np.int64).reshape(-1, len(cfg.tasks))
+    h = History(item, np.array([e.time for e in events], np.int64), np.array([e.action for e in events], np.int64),
+                np.array([e.scenario for e in events], np.int64), labels)
+    if (np.diff(h.time) < 0).any():
+        raise HTTPException(422, "events must be in time order (oldest first)")
+    return h, sorted(set(raw[unknown].tolist()))
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.latency = Histogram("climber_http_request_seconds", "HTTP request latency", ["path", "status"],
+                                 buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10),
+                                 registry=registry)
+        self.batch_requests = Histogram("climber_batch_requests", "requests per model call",
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+        self.batch_candidates = Histogram("climber_batch_candidates", "candidates per model call",
+                                          buckets=(1, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000), registry=registry)
+        self.model_seconds = Histogram("climber_model_call_seconds", "duration of one batched model call",
+                                       buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2),
+                                       registry=registry)
+        self.rejected = Counter("climber_rejected_requests", "score requests refused", ["reason"], registry=registry)
+        self.queue_depth = Gauge("climber_queue_depth", "score requests waiting for the model", registry=registry)
+
+
+class EngineCollector(Collector):
+    """Reads the engine's cache counters at scrape time (the engine itself knows no Prometheus)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        c = CounterMetricFamily("climber_cache_events", "user KV-cache outcomes: hit, miss, extend (new events "
+                                "appended incrementally), recompute (a full window forced a new prefill), bypass "
+                                "(explicit or anonymous history), evict", labels=["kind"])
+        for kind in ("hit", "miss", "extend", "recompute", "bypass", "evict"):
+            c.add_metric([kind], self.engine.stats[kind])
+        yield c
+        yield GaugeMetricFamily("climber_cache_bytes", "bytes of cached history tensors", value=self.engine.cache.bytes)
+        yield GaugeMetricFamily("climber_cache_entries", "cached (user, scenario) histories",
+                                value=len(self.engine.cache))
+
+
+# ---- micro-batching ---------------------------------------------------------------------------
+class Overloaded(Exception):
+    """The request queue is full."""
+
+
+class MicroBatcher:
+    """A bounded queue of score requests, drained by one worker into batched model calls."""
+
+    def __init__(self, run: Callable[[list[ScoreRequest]], list[ScoreResult]], executor: ThreadPoolExecutor,
+                 settings: ServeSettings, metrics: Metrics):
+        self.run, self.executor, self.settings, self.metrics = run, executor, settings, metrics
+        self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue(settings.queue_size)
+        metrics.queue_depth.set_function(self.queue.qsize)
+
+    async def submit(self, req: ScoreRequest) -> ScoreResult:
+        """The request's result; raises Overloaded at once, or TimeoutError after timeout_s."""
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((req, fut))
+        except asyncio.QueueFull:
+            raise Overloaded from None
+        return await asyncio.wait_for(fut, self.settings.timeout_s)  # cancels fut on timeout
+
+    async def _collect(self) -> list[tuple[ScoreRequest, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.settings.max_wait_ms / 1000
+        while len(batch) < self.settings.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return [(r, f) for r, f in batch if not f.done()]  # skip requests whose client timed out
+
+    async def work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            reqs = [r for r, _ in batch]
+            self.metrics.batch_requests.observe(len(reqs))
+            self.metrics.batch_candidates.observe(sum(len(r.candidates) for r in reqs))
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, reqs)
+            except Exception as e:  # a failed model call fails its requests, not the worker
+                log.exception("model call failed")
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            self.metrics.model_seconds.observe(time.perf_counter() - t0)
+            for (_, f), res in zip(batch, results, strict=True):
+                if not f.done():
+                    f.set_result(res)
+
+
+class BodyLimit:
+    """ASGI middleware: read the body (at most `max_bytes`) before the app sees it; larger
+    bodies, declared or streamed, get 413 without being buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = _error(413, f"request body larger than {self.max_bytes} bytes")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            more = msg.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for the client's disconnect
+
+        await self.app(scope, replay, send)
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def build_app(load_engine: Callable[[], Engine], settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The FastAPI app; `load_engine` runs at startup, in the model thread."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="climber-model")
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine)
+        registry.register(EngineCollector(engine))
+        batcher = MicroBatcher(engine.score_requests, executor, settings, metrics)
+        state.update(engine=engine, batcher=batcher, worker=asyncio.create_task(batcher.work()))
+        log.info("ready: %d blocks %s, %d layers, d=%d, seq_len=%d on %s", engine.cfg.n_blocks,
+                 engine.cfg.strategies, engine.cfg.n_layers, engine.cfg.d_model, engine.cfg.seq_len, engine.device)
+        yield
+        state["worker"].cancel()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="Climber", summary="KV-cached SUMI ranking service", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_kb * 1024)
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path if request.url.path in ("/score", "/events", "/healthz", "/readyz", "/metrics") \
+            else "other"
+        metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return _error(415, "send a JSON body with content-type: application/json", errors)
+        if any(e["type"] == "json_invalid" for e in errors):
+            return _error(400, "malformed JSON", errors)
+        return _error(422, "invalid request body", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    def check_scenario(scenario: int) -> None:
+        n = state["engine"].cfg.n_scenarios
+        if not 0 <= scenario < n:
+            raise HTTPException(422, f"scenario {scenario} not in [0, {n})")
+
+    @app.post("/score")
+    async def score(body: ScoreIn) -> dict:
+        engine: Engine = state["engine"]
+        if not 1 <= len(body.candidates) <= settings.max_candidates:
+            raise HTTPException(422, f"need 1 to {settings.max_candidates} candidates, got {len(body.candidates)}")
+        check_scenario(body.scenario)
+        history, unknown = None, []
+        if body.history is not None:
+            if len(body.history) > settings.max_history:
+                raise HTTPException(422, f"history longer than {settings.max_history} events")
+            history, unknown = _to_history(engine, body.history)
+        raw = np.array(body.candidates, np.int64)
+        cand, cand_unknown = engine.item_ids(raw)
+        req_time = body.req_time if body.req_time is not None else int(time.time())
+        try:
+            res = await state["batcher"].submit(ScoreRequest(cand, body.scenario, req_time, body.user, history))
+        except Overloaded:
+            metrics.rejected.labels("queue_full").inc()
+            raise HTTPException(429, "overloaded: request queue full, retry later", {"Retry-After": "1"}) from None
+        except asyncio.TimeoutError:
+            metrics.rejected.labels("timeout").inc()
+            raise HTTPException(503, f"not scored within {settings.timeout_s} s", {"Retry-After": "1"}) from None
+        tasks = engine.cfg.tasks
+        probs = res.probs.tolist()
+        return {
+            "user": body.user, "scenario": body.scenario, "tasks": list(tasks),
+            "predictions": [{"item": i, "probs": dict(zip(tasks, p, strict=True))}
+                            for i, p in zip(body.candidates, probs, strict=True)],
+            "unknown_items": sorted(set(unknown) | set(raw[cand_unknown].tolist())),
+            "cache": res.cache, "history_length": res.history_length,
+        }
+
+    @app.post("/events")
+    async def events(body: EventsIn) -> dict:
+        engine: Engine = state["engine"]
+        if not 1 <= len(body.events) <= settings.max_history:
+            raise HTTPException(422, f"need 1 to {settings.max_history} events, got {len(body.events)}")
+        h, unknown = _to_history(engine, body.events)
+        try:
+            n = engine.append_events(body.user, h)
+        except ValueError as e:  # older than the stored history: appending would reorder it
+            raise HTTPException(409, str(e)) from None
+        return {"user": body.user, "appended": len(h), "history_length": n, "unknown_items": unknown}
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        if state["worker"].done():
+            return _error(503, "model worker stopped")
+        if state["batcher"].queue.full():
+            return _error(503, "request queue full")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---- command line -----------------------------------------------------------------------------
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint directory, e.g. runs/x/best")
+    p.add_argument("--data", type=Path, help="prepared data (default: the one the checkpoint was trained on)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    _add_dataclass_flags(p, ServeSettings)
+    p.set_defaults(fn=cmd_serve)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`climber serve`: call with the CLI's subparsers object."""
+    add_serve_arguments(subparsers.add_parser("serve", help="serve a checkpoint over HTTP (KV-cached SUMI scoring)"))
+
+
+def cmd_serve(ns: argparse.Namespace) -> None:
+    settings = ServeSettings(**_pick(ns, ServeSettings))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
+    device = resolve_device(ns.device)
+
+    def load() -> Engine:
+        return Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20))
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # no access log: one line per request costs more than scoring a small request
+    uvicorn.run(build_app(load, settings), host=ns.host, port=ns.port, access_log=False)

@@ -1,0 +1,410 @@
+"""The KV-cached "single user, multiple items" serving engine (PAPER.md sections 3.1 and 3.2).
+
+A request is one user, one scenario and up to M candidates. The engine
+
+1. extracts the user's multi-scale sub-sequences (MSE, section 2.1) from its in-memory history
+   store exactly as `SumiData.batch` does for training: per block, the last
+   min(seq_len, '@n' cap) events its strategy selects, left-padded, latest event last;
+2. prefills them once with `Climber.prefill` (every layer's history keys/values, all K blocks
+   in one batched pass) and keeps the result in a byte-bounded LRU keyed by (user, scenario):
+   the request scenario selects the temperature and bias tables, so a cache only holds for
+   the scenario it was computed under;
+3. scores all candidates against the cache in one `Climber.score` pass. Requests of several
+   users are stacked into one batch, each cache left-padded to the longest; padding changes
+   no score, since attention sees only relative positions, time gaps and the mask.
+
+Incremental extension. History attention is causal and a token's keys/values do not depend
+on its absolute position (positions enter only through the relative bias, computed at
+attention time). So when events arrive, only the new tokens are computed: each runs through
+every layer attending to the cached keys/values and to itself, which is exactly
+`climber.attention.candidate_attention`, and its keys/values are appended to the blocks whose
+strategy selects it ('recent' takes every event, 'pos:like' only liked ones). Blocks stay
+right-aligned, so the relative distance between two real tokens, and from each token to the
+candidate slot, equals that of a prefill from scratch.
+
+Exact extension is impossible once a block's window is full: the oldest event must leave,
+and every later token's state depended on it. The engine then recomputes the user's cache
+from scratch (counted as `recompute`). Under 'recent' that is every event of a user with at
+least seq_len events, so extension saves work for users whose windows still have room.
+
+Users are keyed by raw id (users unknown to the training data get a history too); items are
+mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
+items to the unknown id 1. A stored history is used whole, whatever the request time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber.attention import candidate_attention
+from climber.checkpoint import load_model
+from climber.config import parse_strategy
+from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData
+from climber.model import Climber, HistoryCache
+
+
+@dataclass(frozen=True)
+class History:
+    """One user's events in time order, dense ids: item, time, action, scenario (n,); labels (n, T)."""
+
+    item: np.ndarray
+    time: np.ndarray
+    action: np.ndarray
+    scenario: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls, n_tasks: int) -> History:
+        z = np.zeros(0, np.int64)
+        return cls(z, z, z, z, np.zeros((0, n_tasks), np.int64))
+
+    @classmethod
+    def concat(cls, parts: list[History]) -> History:
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+
+    def __len__(self) -> int:
+        return len(self.item)
+
+    def __getitem__(self, rows: slice) -> History:
+        return History(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+def dense_ids(vocab: np.ndarray, raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids -> (dense ids = first + position in the sorted `vocab`, 0 where unknown; known mask)."""
+    raw = np.asarray(raw, np.int64)
+    if len(vocab) == 0:
+        return np.zeros(raw.shape, np.int64), np.zeros(raw.shape, bool)
+    pos = np.searchsorted(vocab, raw)
+    known = vocab[np.minimum(pos, len(vocab) - 1)] == raw
+    return np.where(known, pos + first, 0), known
+
+
+class HistoryStore:
+    """Every user's events: the prepared data's (read-only, memory-mapped) plus those appended
+    while serving. Thread-safe: HTTP handlers append while the model worker reads."""
+
+    def __init__(self, n_tasks: int, data: SumiData | None = None):
+        self.n_tasks = n_tasks
+        self._data = data
+        self._added: dict[int, list[History]] = {}
+        self._lock = threading.Lock()
+
+    def _base(self, user: int) -> History:
+        if self._data is None:
+            return History.empty(self.n_tasks)
+        a = self._data.a
+        dense = int(dense_ids(np.asarray(a["user_vocab"]), np.array([user]), first=1)[0][0])
+        if dense == 0:
+            return History.empty(self.n_tasks)
+        lo, hi = a["user_offsets"][dense], a["user_offsets"][dense + 1]
+        return History(*(np.asarray(a[k][lo:hi], np.int64)
+                         for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
+
+    def snapshot(self, user: int, start: int = 0) -> tuple[History, int]:
+        """(the user's events from index `start` on, the user's event count), read consistently."""
+        with self._lock:
+            added = list(self._added.get(user, ()))
+        parts, offset = [], 0
+        for p in [self._base(user), *added]:
+            if offset + len(p) > start:
+                parts.append(p[max(0, start - offset):])
+            offset += len(p)
+        return (History.concat(parts) if parts else History.empty(self.n_tasks)), offset
+
+    def append(self, user: int, events: History) -> int:
+        """Append time-ordered events, none older than the user's last; returns the new count."""
+        if (np.diff(events.time) < 0).any():
+            raise ValueError("events are not in time order")
+        base = self._base(user)
+        with self._lock:
+            added = self._added.setdefault(user, [])
+            last = added[-1].time[-1] if added else base.time[-1] if len(base) else None
+            if last is not None and len(events) and events.time[0] < last:
+                raise ValueError(f"event time {int(events.time[0])} is before user {user}'s last event ({int(last)})")
+            if len(events):
+                added.append(events)
+            return len(base) + sum(len(p) for p in added)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    cache: HistoryCache  # batch of one user
+    n_events: int  # store events folded into `cache`
+    nbytes: int
+
+
+class ByteLRU:
+    """Least-recently-used map of cache entries, evicting the oldest until their bytes fit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d: OrderedDict[tuple[int, int], CacheEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: tuple[int, int]) -> CacheEntry | None:
+        entry = self._d.get(key)
+        if entry is not None:
+            self._d.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[int, int], entry: CacheEntry) -> int:
+        """Insert (replacing) `entry`; returns how many entries were evicted. An entry larger than
+        the whole budget is not kept: its request is served, the next one prefills again."""
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        if entry.nbytes > self.max_bytes:
+            return 0
+        self._d[key] = entry
+        self.bytes += entry.nbytes
+        evicted = 0
+        while self.bytes > self.max_bytes:
+            _, gone = self._d.popitem(last=False)
+            self.bytes -= gone.nbytes
+            evicted += 1
+        return evicted
+
+
+def cache_nbytes(c: HistoryCache) -> int:
+    tensors = [t for kv in c.kv for t in kv] + [c.hist_mask, c.hist_time, c.scenario, c.user]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _left_pad(c: HistoryCache, n: int) -> HistoryCache:
+    """`n` more padding columns before the oldest token of every block (masked out everywhere)."""
+    if n == 0:
+        return c
+    kv = [(_pad_left(k, n, -2), _pad_left(v, n, -2)) for k, v in c.kv]
+    return HistoryCache(kv, _pad_left(c.hist_mask, n, -1), _pad_left(c.hist_time, n, -1), c.scenario, c.user)
+
+
+def stack_caches(caches: list[HistoryCache]) -> HistoryCache:
+    """One batch from single-user caches, each left-padded to the longest history."""
+    if len(caches) == 1:
+        return caches[0]
+    L = max(c.hist_mask.shape[-1] for c in caches)
+    cs = [_left_pad(c, L - c.hist_mask.shape[-1]) for c in caches]
+    kv = [(torch.cat([c.kv[i][0] for c in cs]), torch.cat([c.kv[i][1] for c in cs])) for i in range(len(cs[0].kv))]
+    return HistoryCache(kv, *(torch.cat([getattr(c, f) for c in cs]) for f in
+                              ("hist_mask", "hist_time", "scenario", "user")))
+
+
+def _shift_in(old: torch.Tensor, new: torch.Tensor, blocks: torch.Tensor, dim: int) -> torch.Tensor:
+    """In the blocks where `blocks` (broadcastable bool) is set, drop the first column along `dim`
+    (always padding: the caller made room) and append `new` as the last; elsewhere keep `old`."""
+    shifted = torch.cat([old.narrow(dim, 1, old.shape[dim] - 1), new], dim=dim)
+    return torch.where(blocks, shifted, old)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One request. History: `history` when given, else the store's for `user`, else empty."""
+
+    candidates: np.ndarray  # (M,) dense item ids
+    scenario: int
+    req_time: int
+    user: int | None = None  # raw user id: store key, cache key and (mapped) user features
+    history: History | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    probs: np.ndarray  # (M, T) per-task probabilities
+    cache: str  # how the history was encoded: hit | miss | extend | recompute | bypass
+    history_length: int  # events in the history used
+
+
+class Engine:
+    """Model + history store + LRU of prefilled histories. Not thread-safe: one worker calls
+    `score_requests`; `append_events` may be called from any thread."""
+
+    def __init__(self, model: Climber, store: HistoryStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
+                 cache_bytes: int = 1 << 30):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self.store = store
+        self.item_vocab, self.user_vocab = np.asarray(item_vocab), np.asarray(user_vocab)
+        self.cache = ByteLRU(cache_bytes)
+        self.stats: Counter[str] = Counter()  # hit, miss, extend, recompute, bypass, evict
+        seq_len = self.cfg.seq_len
+        self.caps = np.array([min(seq_len, parse_strategy(s)[2] or seq_len) for s in self.cfg.strategies])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: Path, data_dir: Path | None = None, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30) -> Engine:
+        """Weights from `ckpt_dir` (safetensors, no code executed); id maps and the history store
+        seeded from the prepared data (default: the directory recorded in its config.json)."""
+        model, config = load_model(ckpt_dir)
+        data = SumiData(Path(data_dir or config["data"]))
+        if data.tasks != model.cfg.tasks or data.meta["vocab"]["n_items"] != model.cfg.n_items:
+            raise ValueError(f"{data.root} does not match checkpoint {ckpt_dir} (tasks or item vocabulary)")
+        model = model.to(device=device, dtype=dtype)
+        return cls(model, HistoryStore(len(data.tasks), data), data.a["item_vocab"], data.a["user_vocab"],
+                   cache_bytes)
+
+    # ---- ids ----------------------------------------------------------------------------------
+    def item_ids(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item ids -> (dense ids, unknown ones mapped to 1; unknown mask)."""
+        dense, known = dense_ids(self.item_vocab, raw, FIRST_ITEM)
+        return np.where(known, dense, UNKNOWN_ITEM), ~known
+
+    def user_id(self, raw: int | None) -> int:
+        """Raw user id -> dense id for the user-feature table (0 = unknown)."""
+        return 0 if raw is None else int(dense_ids(self.user_vocab, np.array([raw]), first=1)[0][0])
+
+    # ---- the three model operations ---------------------------------------------------------
+    def _selects(self, h: History) -> np.ndarray:
+        """(n, K) bool: which blocks' extraction strategies select each event (as SumiData does)."""
+        cols = []
+        for spec in self.cfg.strategies:
+            kind, arg, _ = parse_strategy(spec)
+            if kind == "recent":
+                cols.append(np.ones(len(h), bool))
+            elif kind in ("pos", "neg"):
+                cols.append(h.labels[:, self.cfg.tasks.index(arg)] == (1 if kind == "pos" else 0))
+            else:
+                cols.append((h.scenario if kind == "scenario" else h.action) == int(arg))
+        return np.stack(cols, axis=1)
+
+    def _history_inputs(self, h: History) -> dict[str, torch.Tensor]:
+        """hist_* model inputs (1, K, L): per block the last `caps[k]` selected events,
+        left-padded to L = the longest block (at least one column), as `SumiData.batch` builds."""
+        sel = self._selects(h)
+        windows = [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
+        L = max(1, *(len(w) for w in windows))
+        idx = np.zeros((len(windows), L), np.int64)
+        valid = np.zeros((len(windows), L), bool)
+        for k, w in enumerate(windows):
+            idx[k, L - len(w):] = w
+            valid[k, L - len(w):] = True
+
+        def take(col: np.ndarray) -> torch.Tensor:
+            out = np.zeros(idx.shape + col.shape[1:], np.int64)  # 0 = PAD_ITEM, and no action/label
+            out[valid] = col[idx[valid]]
+            return torch.from_numpy(out)[None].to(self.device)
+
+        return {"hist_item": take(h.item), "hist_time": take(h.time), "hist_action": take(h.action),
+                "hist_scenario": take(h.scenario), "hist_labels": take(h.labels),
+                "hist_mask": torch.from_numpy(valid)[None].to(self.device)}
+
+    @torch.inference_mode()
+    def prefill(self, history: History, scenario: int, user: int = 0) -> HistoryCache:
+        """Encode a history once for request scenario `scenario` (`user`: dense id, for features)."""
+        b = self._history_inputs(history)
+        b["req_scenario"] = torch.tensor([scenario], device=self.device)
+        b["user"] = torch.tensor([user], device=self.device)
+        return self.model.prefill(b)
+
+    @torch.inference_mode()
+    def score(self, cache: HistoryCache, candidates: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
+        """Per-task probabilities (B, M, T) for dense candidate ids (B, M) at request times (B,)."""
+        return torch.sigmoid(self.model.score(cache, candidates, req_time).float())
+
+    @torch.inference_mode()
+    def extend(self, cache: HistoryCache, events: History) -> HistoryCache | None:
+        """`cache` (one user) with `events` appended, computing only the new tokens; None if an
+        event would push another out of a full block window (then only a recompute is exact)."""
+        sel = self._selects(events)  # (n, K)
+        counts = cache.hist_mask[0].sum(-1).cpu().numpy()  # (K,) events per block
+        if (counts + sel.cumsum(0) > self.caps).any():
+            return None
+        for i in np.flatnonzero(sel.any(1)):
+            if (counts[sel[i]] == cache.hist_mask.shape[-1]).any():  # a selected block has no padding left
+                cache = _left_pad(cache, 1)
+            cache = self._append(cache, events[i:i + 1], torch.from_numpy(sel[i]).to(self.device))
+            counts += sel[i]
+        return cache
+
+    def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
+        """Run one event through every layer against the cache; append it to `blocks` (K,) bool."""
+        model, dev = self.model, self.device
+        K, L = self.cfg.n_blocks, cache.hist_mask.shape[-1]
+
+        def per_block(col: np.ndarray) -> torch.Tensor:  # (1, ...) -> (1, K, 1, ...)
+            t = torch.from_numpy(np.asarray(col, np.int64)).to(dev)
+            return t.view(1, 1, 1, *t.shape[1:]).expand(1, K, 1, *t.shape[1:])
+
+        x = model.embed_history({"hist_item": per_block(ev.item), "hist_action": per_block(ev.action),
+                                 "hist_scenario": per_block(ev.scenario), "hist_labels": per_block(ev.labels)})
+        t = int(ev.time[0])
+        # the new token sits one column past the cache's last: the same relative positions and
+        # time gaps (query minus key) as its row in a prefill from scratch
+        rel = (L - torch.arange(L, device=dev)).view(1, 1, 1, L)
+        dt = (t - cache.hist_time)[:, :, None, :]  # (1, K, 1, L)
+        bias_hist = model._bias(cache.scenario, rel, dt)  # (1, K, H, 1, L)
+        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
+        bias_self = model._bias(cache.scenario, zero, zero)  # (1, K, H, 1, 1)
+        kv = []
+        for layer, tau, (k_hist, v_hist) in zip(model.layers, model._tau(cache.scenario), cache.kv, strict=True):
+            q, k, v = layer._qkv(x)  # (1, K, H, 1, dh) each
+            y = candidate_attention(q, k, v, k_hist, v_hist, bias_hist, bias_self, tau, cache.hist_mask)
+            x = layer._merge(x, y)  # (1, K, 1, d): the new token's input to the next layer
+            b5 = blocks.view(1, K, 1, 1, 1)
+            kv.append((_shift_in(k_hist, k, b5, -2), _shift_in(v_hist, v, b5, -2)))
+        b3 = blocks.view(1, K, 1)
+        mask = _shift_in(cache.hist_mask, torch.ones_like(cache.hist_mask[..., :1]), b3, -1)
+        time = _shift_in(cache.hist_time, torch.full_like(cache.hist_time[..., :1], t), b3, -1)
+        return HistoryCache(kv, mask, time, cache.scenario, cache.user)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def append_events(self, user: int, events: History) -> int:
+        """Add events to a user's history; caches catch up on the user's next request."""
+        return self.store.append(user, events)
+
+    def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int]:
+        """The request's prefilled history: from the LRU (hit), extended with the user's new
+        events (extend), recomputed when a window overflowed (recompute) or built (miss)."""
+        user = self.user_id(r.user)
+        if r.history is not None or r.user is None:  # explicit or anonymous history: not cached
+            h = r.history if r.history is not None else History.empty(len(self.cfg.tasks))
+            self.stats["bypass"] += 1
+            return self.prefill(h, r.scenario, user), "bypass", len(h)
+        key = (r.user, r.scenario)
+        entry = self.cache.get(key)
+        cache = None
+        if entry is not None:
+            new, n = self.store.snapshot(r.user, entry.n_events)
+            if len(new) == 0:
+                self.stats["hit"] += 1
+                return entry.cache, "hit", n
+            cache = self.extend(entry.cache, new)
+            status = "extend" if cache is not None else "recompute"
+        else:
+            status = "miss"
+        if cache is None:
+            h, n = self.store.snapshot(r.user)
+            cache = self.prefill(h, r.scenario, user)
+        self.stats[status] += 1
+        self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache_nbytes(cache)))
+        return cache, status, n
+
+    @torch.inference_mode()
+    def score_requests(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Score several users' requests in one batched candidate pass."""
+        got = [self._user_cache(r) for r in requests]
+        M = max(len(r.candidates) for r in requests)
+        cand = np.full((len(requests), M), PAD_ITEM, np.int64)  # padding slots are scored and dropped
+        for i, r in enumerate(requests):
+            cand[i, :len(r.candidates)] = r.candidates
+        req_time = torch.tensor([r.req_time for r in requests], device=self.device)
+        probs = self.score(stack_caches([c for c, _, _ in got]), torch.from_numpy(cand).to(self.device), req_time)
+        probs = probs.cpu().numpy()
+        return [ScoreResult(probs[i, :len(r.candidates)], status, n)
+                for i, (r, (_, status, n)) in enumerate(zip(requests, got, strict=True))]

@@ -1,0 +1,241 @@
+"""The HTTP service through real sockets (uvicorn in a thread, httpx clients), tiny checkpoint on
+CPU: scoring and caching, events, every bad-input case answered with a JSON 4xx while the server
+keeps serving, micro-batching of concurrent users, and 429 / 503 under overload (PAPER.md 3.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+
+from climber.serve.app import ServeSettings, build_app
+from climber.serve.engine import Engine, ScoreRequest
+from tests.serve_helpers import make_checkpoint
+
+JSON = {"content-type": "application/json"}
+SETTINGS = ServeSettings(max_candidates=50, max_history=100, max_body_kb=8, max_wait_ms=1.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops: intra-op threads only add synchronisation, badly so on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@contextmanager
+def serving(engine: Engine, settings: ServeSettings = SETTINGS) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port, in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_app(lambda: engine, settings), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("http"))
+
+
+@pytest.fixture(scope="module")
+def client(ckpt) -> Iterator[httpx.Client]:
+    with serving(Engine.from_checkpoint(ckpt)) as url, httpx.Client(base_url=url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt) -> Engine:
+    """A second engine on the same checkpoint, called in-process."""
+    return Engine.from_checkpoint(ckpt)
+
+
+def known_items(engine: Engine, n: int) -> list[int]:
+    return engine.item_vocab[:n].tolist()
+
+
+def probs(body: dict) -> np.ndarray:
+    return np.array([[p["probs"][t] for t in body["tasks"]] for p in body["predictions"]])
+
+
+def test_score_roundtrip_is_cached_and_equals_the_engine(client, reference):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    items = known_items(reference, 6)
+    req = {"user": 104, "scenario": 1, "candidates": items, "req_time": 1_010_000}
+    first, second = client.post("/score", json=req), client.post("/score", json=req)
+    assert first.status_code == 200, first.text
+    a, b = first.json(), second.json()
+    assert (a["cache"], b["cache"]) == ("miss", "hit") and a["history_length"] == 12
+    assert a["tasks"] == ["click", "like"] and [p["item"] for p in a["predictions"]] == items
+    assert a["unknown_items"] == []
+    dense, _ = reference.item_ids(np.array(items))
+    want = reference.score_requests([ScoreRequest(dense, 1, 1_010_000, user=104)])[0].probs
+    np.testing.assert_allclose(probs(a), want, atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(probs(b), probs(a))
+
+
+def test_events_extend_the_cached_history(client, reference):
+    items = known_items(reference, 5)
+    events = [{"item": items[i], "time": 3_000_000 + 10 * i, "action": i % 3, "scenario": i % 2,
+               "labels": {"click": 1, "like": i % 2}} for i in range(3)]
+    r = client.post("/events", json={"user": 555, "events": events[:2]})
+    assert r.status_code == 200 and r.json()["history_length"] == 2
+    req = {"user": 555, "scenario": 0, "candidates": items, "req_time": 3_000_100}
+    assert client.post("/score", json=req).json()["cache"] == "miss"
+    assert client.post("/events", json={"user": 555, "events": events[2:]}).json()["history_length"] == 3
+    extended = client.post("/score", json=req).json()
+    assert extended["cache"] == "extend" and extended["history_length"] == 3
+    scratch = client.post("/score", json={**req, "history": events}).json()
+    assert scratch["cache"] == "bypass"
+    np.testing.assert_allclose(probs(extended), probs(scratch), atol=1e-5, rtol=0)
+
+
+def test_unknown_items_cold_start_and_anonymous_requests(client, reference):
+    items = known_items(reference, 2)
+    r = client.post("/score", json={"user": 101, "candidates": [items[0], 1001, 1003, items[1]]}).json()
+    assert r["unknown_items"] == [1001, 1003]
+    p = probs(r)
+    np.testing.assert_array_equal(p[1], p[2])  # both scored as the unknown item
+    cold = client.post("/score", json={"user": 101, "candidates": items, "history": []}).json()
+    assert cold["cache"] == "bypass" and cold["history_length"] == 0
+    new_user = client.post("/score", json={"user": 424242, "candidates": items}).json()
+    assert new_user["cache"] == "miss" and new_user["history_length"] == 0
+    anonymous = client.post("/score", json={"candidates": items}).json()
+    assert anonymous["cache"] == "bypass" and np.isfinite(probs(anonymous)).all()
+    ev = {"item": 1001, "time": 5, "labels": {"like": 1}}
+    assert client.post("/events", json={"user": 9001, "events": [ev]}).json()["unknown_items"] == [1001]
+
+
+def chunks(data: bytes, size: int = 1024) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+@pytest.mark.parametrize("case, status", [
+    ("malformed_json", 400), ("no_content_type", 415), ("not_an_object", 422), ("missing_candidates", 422),
+    ("wrong_type", 422), ("unknown_field", 422), ("id_beyond_int64", 422), ("no_candidates", 422),
+    ("too_many_candidates", 422), ("scenario_too_big", 422), ("scenario_negative", 422), ("history_too_long", 422),
+    ("history_out_of_order", 422), ("oversized_body", 413), ("oversized_chunked_body", 413),
+    ("event_unknown_task", 422), ("event_bad_label", 422), ("event_bad_action", 422), ("events_empty", 422),
+    ("events_out_of_order", 422), ("event_older_than_stored", 409),
+])
+def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, status):
+    ok = {"user": 102, "scenario": 0, "candidates": [1000, 1002]}
+    ev = {"item": 1000, "time": 10}
+    big = b'{"candidates": [' + b"1000, " * 3000 + b"1000]}"
+    requests = {
+        "malformed_json": ("/score", {"content": b'{"candidates": [1000,', "headers": JSON}),
+        "no_content_type": ("/score", {"content": b'{"candidates": [1000]}'}),
+        "not_an_object": ("/score", {"json": [1000, 1002]}),
+        "missing_candidates": ("/score", {"json": {"user": 102}}),
+        "wrong_type": ("/score", {"json": {**ok, "candidates": ["abc"]}}),
+        "unknown_field": ("/score", {"json": {**ok, "colour": "red"}}),
+        "id_beyond_int64": ("/score", {"json": {**ok, "candidates": [2**64]}}),
+        "no_candidates": ("/score", {"json": {**ok, "candidates": []}}),
+        "too_many_candidates": ("/score", {"json": {**ok, "candidates": [1000] * 51}}),
+        "scenario_too_big": ("/score", {"json": {**ok, "scenario": 2}}),
+        "scenario_negative": ("/score", {"json": {**ok, "scenario": -1}}),
+        "history_too_long": ("/score", {"json": {**ok, "history": [ev] * 101}}),
+        "history_out_of_order": ("/score", {"json": {**ok, "history": [{**ev, "time": 9}, {**ev, "time": 8}]}}),
+        "oversized_body": ("/score", {"content": big, "headers": JSON}),
+        "oversized_chunked_body": ("/score", {"content": chunks(big), "headers": JSON}),
+        "event_unknown_task": ("/events", {"json": {"user": 7, "events": [{**ev, "labels": {"share": 1}}]}}),
+        "event_bad_label": ("/events", {"json": {"user": 7, "events": [{**ev, "labels": {"like": 2}}]}}),
+        "event_bad_action": ("/events", {"json": {"user": 7, "events": [{**ev, "action": 3}]}}),
+        "events_empty": ("/events", {"json": {"user": 7, "events": []}}),
+        "events_out_of_order": ("/events", {"json": {"user": 7, "events": [{**ev, "time": 9}, {**ev, "time": 8}]}}),
+        "event_older_than_stored": ("/events", {"json": {"user": 102, "events": [{**ev, "time": 5}]}}),
+    }
+    path, kw = requests[case]
+    r = client.post(path, **kw)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    good = client.post("/score", json=ok)
+    assert good.status_code == 200 and len(good.json()["predictions"]) == 2
+
+
+def test_concurrent_users_are_micro_batched_with_unchanged_scores(ckpt, reference):
+    engine = Engine.from_checkpoint(ckpt)
+    items = known_items(reference, 4)
+    users = (101, 102, 103, 104, 105, 106)
+    settings = ServeSettings(max_batch=8, max_wait_ms=200.0)
+
+    async def fire(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/score", json={"user": u, "candidates": items, "req_time": 10**6})
+                                          for u in users))
+
+    with serving(engine, settings) as url:
+        responses = asyncio.run(fire(url))
+        metrics = httpx.get(f"{url}/metrics").text
+    dense, _ = reference.item_ids(np.array(items))
+    for u, r in zip(users, responses, strict=True):
+        assert r.status_code == 200
+        alone = reference.score_requests([ScoreRequest(dense, 0, 10**6, user=u)])[0].probs
+        np.testing.assert_allclose(probs(r.json()), alone, atol=1e-5, rtol=0)
+    calls = float(metrics.split("climber_batch_requests_count ")[1].split()[0])
+    assert calls < len(users)  # several users shared a model call
+    for name in ('climber_http_request_seconds_bucket{le="0.005",path="/score",status="200"}',
+                 "climber_batch_candidates_bucket", 'climber_cache_events_total{kind="miss"} 6.0',
+                 "climber_cache_bytes", "climber_queue_depth", "climber_model_call_seconds_count"):
+        assert name in metrics, name
+
+
+def slow(engine: Engine, seconds: float) -> Engine:
+    """The engine, with every model call taking `seconds` longer."""
+    run = engine.score_requests
+
+    def delayed(requests):
+        time.sleep(seconds)
+        return run(requests)
+
+    engine.score_requests = delayed
+    return engine
+
+
+def test_overload_answers_429_at_once_then_recovers(ckpt):
+    engine = slow(Engine.from_checkpoint(ckpt), 0.3)
+    settings = ServeSettings(queue_size=1, max_batch=1, max_wait_ms=0.0)
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/score", json={"user": 101, "candidates": [1000]})
+                                          for _ in range(8)))
+
+    with serving(engine, settings) as url:
+        t0 = time.monotonic()
+        codes = [r.status_code for r in asyncio.run(burst(url))]
+        assert time.monotonic() - t0 < 5
+        assert codes.count(429) >= 5 and codes.count(200) >= 1 and set(codes) <= {200, 429}
+        assert httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}, timeout=30).status_code == 200
+        assert 'climber_rejected_requests_total{reason="queue_full"}' in httpx.get(f"{url}/metrics").text
+
+
+def test_request_not_served_in_time_answers_503(ckpt):
+    engine = slow(Engine.from_checkpoint(ckpt), 0.5)
+    with serving(engine, ServeSettings(timeout_s=0.1)) as url:
+        r = httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}, timeout=30)
+        assert r.status_code == 503 and "error" in r.json()
+        assert httpx.get(f"{url}/healthz").status_code == 200
