@@ -56,7 +56,7 @@ def test_history_inputs_match_sumi_batch(ckpt):
     for r in range(len(a["req_user"])):
         b = data.batch(np.array([r]), engine.cfg.strategies, engine.cfg.seq_len)
         u = a["req_user"][r]
-        got = engine._history_inputs(data_history(data, slice(a["user_offsets"][u], a["req_hist_end"][r])))
+        got = engine.history_inputs(data_history(data, slice(a["user_offsets"][u], a["req_hist_end"][r])))
         valid = b["hist_mask"]
         assert torch.equal(got["hist_mask"], valid)
         for k in ("hist_item", "hist_action", "hist_scenario", "hist_labels"):
@@ -118,16 +118,17 @@ def assert_cache_equals_scratch(engine: Engine, key: tuple[int, int], history: H
         torch.testing.assert_close(v1.permute(0, 1, 3, 2, 4)[m], v2.permute(0, 1, 3, 2, 4)[m], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("which, n_old, n_new, expect", [
-    ("ckpt", 0, 3, "extend"),  # from an empty history
-    ("ckpt", 1, 2, "extend"),
-    ("ckpt", 2, 2, "extend"),  # 'recent@4' exactly full: nothing drops out yet
-    ("ckpt", 3, 2, "recompute"),  # 'recent@4' would drop its oldest event
-    ("ckpt", 7, 3, "recompute"),  # 'recent' (seq_len 8) full too
-    ("ckpt_sparse", 3, 5, "extend"),  # events selected by some blocks, or by none
-    ("ckpt_sparse", 10, 9, "recompute"),
+@pytest.mark.parametrize("which, n_old, n_new, expect, redone", [
+    ("ckpt", 0, 3, "extend", 0),  # from an empty history
+    ("ckpt", 1, 2, "extend", 0),
+    ("ckpt", 2, 2, "extend", 0),  # 'recent@4' exactly full: nothing drops out yet
+    ("ckpt", 3, 2, "recompute", 1),  # 'recent@4' drops its oldest event: only it is recomputed
+    ("ckpt", 3, 6, "recompute", 2),  # 'recent' (seq_len 8) overflows too; the cache grows to 8 columns
+    ("ckpt", 7, 3, "recompute", 2),
+    ("ckpt_sparse", 3, 5, "extend", 0),  # events selected by some blocks, or by none
+    ("ckpt_sparse", 10, 9, "recompute", None),
 ])
-def test_incremental_extension_equals_prefill_from_scratch(request, which, n_old, n_new, expect):
+def test_incremental_extension_equals_prefill_from_scratch(request, which, n_old, n_new, expect, redone):
     engine = Engine.from_checkpoint(request.getfixturevalue(which))
     events = random_events(n_old + n_new, engine, seed=n_old * 7 + n_new)
     user, scen, cand = 999, 1, np.array([3, 4, 2, 7])  # a user unknown to the data: store starts empty
@@ -136,6 +137,8 @@ def test_incremental_extension_equals_prefill_from_scratch(request, which, n_old
     engine.append_events(user, events[n_old:])
     got = engine.score_requests([ScoreRequest(cand, scen, 3_000_000, user=user)])[0]
     assert got.cache == expect and got.history_length == n_old + n_new
+    if redone is not None:
+        assert engine.stats["recompute_blocks"] == redone
     ref = engine.score_requests([ScoreRequest(cand, scen, 3_000_000, user=user, history=events)])[0]
     np.testing.assert_allclose(got.probs, ref.probs, atol=ATOL, rtol=0)
     assert_cache_equals_scratch(engine, (user, scen), events)

@@ -155,11 +155,13 @@ class EngineCollector(Collector):
 
     def collect(self):
         c = CounterMetricFamily("climber_cache_events", "user KV-cache outcomes: hit, miss, extend (new events "
-                                "appended incrementally), recompute (a full window forced a new prefill), bypass "
-                                "(explicit or anonymous history), evict", labels=["kind"])
+                                "appended incrementally), recompute (a block window overflowed and that block was "
+                                "prefilled again), bypass (explicit or anonymous history), evict", labels=["kind"])
         for kind in ("hit", "miss", "extend", "recompute", "bypass", "evict"):
             c.add_metric([kind], self.engine.stats[kind])
         yield c
+        yield CounterMetricFamily("climber_cache_recomputed_blocks", "blocks prefilled again after a window overflow",
+                                  value=self.engine.stats["recompute_blocks"])
         yield GaugeMetricFamily("climber_cache_bytes", "bytes of cached history tensors", value=self.engine.cache.bytes)
         yield GaugeMetricFamily("climber_cache_entries", "cached (user, scenario) histories",
                                 value=len(self.engine.cache))

@@ -23,9 +23,12 @@ right-aligned, so the relative distance between two real tokens, and from each t
 candidate slot, equals that of a prefill from scratch.
 
 Exact extension is impossible once a block's window is full: the oldest event must leave,
-and every later token's state depended on it. The engine then recomputes the user's cache
-from scratch (counted as `recompute`). Under 'recent' that is every event of a user with at
-least seq_len events, so extension saves work for users whose windows still have room.
+and every later token's state depended on it. Blocks never interact before fusion, so only
+the overflowing blocks are recomputed from scratch (one prefill in which the other blocks are
+empty, at the length of the longest overflowing window), the others are extended; a request
+that needed it counts as `recompute`. A short capped block ('recent@16') is then cheap to
+redo, but a full 'recent' block (a user with seq_len events or more) costs a prefill at full
+length for every new event, and, because all K blocks run batched, K blocks of that length.
 
 Users are keyed by raw id (users unknown to the training data get a history too); items are
 mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
@@ -106,6 +109,11 @@ class HistoryStore:
         lo, hi = a["user_offsets"][dense], a["user_offsets"][dense + 1]
         return History(*(np.asarray(a[k][lo:hi], np.int64)
                          for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
+
+    def count(self, user: int) -> int:
+        with self._lock:
+            added = sum(len(p) for p in self._added.get(user, ()))
+        return len(self._base(user)) + added
 
     def snapshot(self, user: int, start: int = 0) -> tuple[History, int]:
         """(the user's events from index `start` on, the user's event count), read consistently."""
@@ -242,7 +250,8 @@ class Engine:
         self.store = store
         self.item_vocab, self.user_vocab = np.asarray(item_vocab), np.asarray(user_vocab)
         self.cache = ByteLRU(cache_bytes)
-        self.stats: Counter[str] = Counter()  # hit, miss, extend, recompute, bypass, evict
+        # requests by outcome (hit, miss, extend, recompute, bypass), plus evict and recompute_blocks
+        self.stats: Counter[str] = Counter()
         seq_len = self.cfg.seq_len
         self.caps = np.array([min(seq_len, parse_strategy(s)[2] or seq_len) for s in self.cfg.strategies])
 
@@ -283,10 +292,13 @@ class Engine:
                 cols.append((h.scenario if kind == "scenario" else h.action) == int(arg))
         return np.stack(cols, axis=1)
 
-    def _history_inputs(self, h: History) -> dict[str, torch.Tensor]:
+    def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """hist_* model inputs (1, K, L): per block the last `caps[k]` selected events,
-        left-padded to L = the longest block (at least one column), as `SumiData.batch` builds."""
+        left-padded to L = the longest block (at least one column), as `SumiData.batch` builds.
+        With `blocks` (K,) bool, the other blocks are left empty."""
         sel = self._selects(h)
+        if blocks is not None:
+            sel &= blocks
         windows = [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
         L = max(1, *(len(w) for w in windows))
         idx = np.zeros((len(windows), L), np.int64)
@@ -307,7 +319,7 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, history: History, scenario: int, user: int = 0) -> HistoryCache:
         """Encode a history once for request scenario `scenario` (`user`: dense id, for features)."""
-        b = self._history_inputs(history)
+        b = self.history_inputs(history)
         b["req_scenario"] = torch.tensor([scenario], device=self.device)
         b["user"] = torch.tensor([user], device=self.device)
         return self.model.prefill(b)
@@ -318,19 +330,41 @@ class Engine:
         return torch.sigmoid(self.model.score(cache, candidates, req_time).float())
 
     @torch.inference_mode()
-    def extend(self, cache: HistoryCache, events: History) -> HistoryCache | None:
-        """`cache` (one user) with `events` appended, computing only the new tokens; None if an
-        event would push another out of a full block window (then only a recompute is exact)."""
-        sel = self._selects(events)  # (n, K)
+    def extend(self, cache: HistoryCache, history: History, n_cached: int) -> tuple[HistoryCache, int]:
+        """`cache` (one user), which encodes history[:n_cached], brought up to all of `history`.
+
+        Blocks whose window has room for their new events get them appended one by one, running
+        only the new tokens; blocks whose window overflows are recomputed from scratch. Returns
+        (the cache, how many blocks were recomputed)."""
+        new = history[n_cached:]
+        sel = self._selects(new)  # (n, K)
         counts = cache.hist_mask[0].sum(-1).cpu().numpy()  # (K,) events per block
-        if (counts + sel.cumsum(0) > self.caps).any():
-            return None
-        for i in np.flatnonzero(sel.any(1)):
-            if (counts[sel[i]] == cache.hist_mask.shape[-1]).any():  # a selected block has no padding left
+        overflow = counts + sel.sum(0) > self.caps  # (K,)
+        room = sel & ~overflow
+        for i in np.flatnonzero(room.any(1)):
+            if (counts[room[i]] == cache.hist_mask.shape[-1]).any():  # a block to extend has no padding left
                 cache = _left_pad(cache, 1)
-            cache = self._append(cache, events[i:i + 1], torch.from_numpy(sel[i]).to(self.device))
-            counts += sel[i]
-        return cache
+            cache = self._append(cache, new[i:i + 1], torch.from_numpy(room[i]).to(self.device))
+            counts += room[i]
+        if overflow.any():
+            cache = self._recompute_blocks(cache, history, overflow)
+        return cache, int(overflow.sum())
+
+    def _recompute_blocks(self, cache: HistoryCache, history: History, blocks: np.ndarray) -> HistoryCache:
+        """`cache` with `blocks` (K,) bool replaced by a prefill of their windows of `history`."""
+        b = self.history_inputs(history, blocks)
+        b["req_scenario"], b["user"] = cache.scenario, cache.user
+        fresh = self.model.prefill(b)  # the other blocks are empty, their rows padding
+        L = max(cache.hist_mask.shape[-1], fresh.hist_mask.shape[-1])
+        cache = _left_pad(cache, L - cache.hist_mask.shape[-1])
+        fresh = _left_pad(fresh, L - fresh.hist_mask.shape[-1])
+        K = self.cfg.n_blocks
+        m = torch.from_numpy(blocks).to(self.device)
+        m3, m5 = m.view(1, K, 1), m.view(1, K, 1, 1, 1)
+        kv = [(torch.where(m5, kf, kc), torch.where(m5, vf, vc))
+              for (kc, vc), (kf, vf) in zip(cache.kv, fresh.kv, strict=True)]
+        return HistoryCache(kv, torch.where(m3, fresh.hist_mask, cache.hist_mask),
+                            torch.where(m3, fresh.hist_time, cache.hist_time), cache.scenario, cache.user)
 
     def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
         """Run one event through every layer against the cache; append it to `blocks` (K,) bool."""
@@ -369,8 +403,8 @@ class Engine:
         return self.store.append(user, events)
 
     def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int]:
-        """The request's prefilled history: from the LRU (hit), extended with the user's new
-        events (extend), recomputed when a window overflowed (recompute) or built (miss)."""
+        """The request's prefilled history: from the LRU (hit), brought up to date with the
+        user's new events (extend, or recompute when a block window overflowed) or built (miss)."""
         user = self.user_id(r.user)
         if r.history is not None or r.user is None:  # explicit or anonymous history: not cached
             h = r.history if r.history is not None else History.empty(len(self.cfg.tasks))
@@ -378,19 +412,16 @@ class Engine:
             return self.prefill(h, r.scenario, user), "bypass", len(h)
         key = (r.user, r.scenario)
         entry = self.cache.get(key)
-        cache = None
-        if entry is not None:
-            new, n = self.store.snapshot(r.user, entry.n_events)
-            if len(new) == 0:
-                self.stats["hit"] += 1
-                return entry.cache, "hit", n
-            cache = self.extend(entry.cache, new)
-            status = "extend" if cache is not None else "recompute"
+        if entry is not None and self.store.count(r.user) == entry.n_events:
+            self.stats["hit"] += 1
+            return entry.cache, "hit", entry.n_events
+        h, n = self.store.snapshot(r.user)
+        if entry is None:
+            status, cache = "miss", self.prefill(h, r.scenario, user)
         else:
-            status = "miss"
-        if cache is None:
-            h, n = self.store.snapshot(r.user)
-            cache = self.prefill(h, r.scenario, user)
+            cache, redone = self.extend(entry.cache, h, entry.n_events)
+            status = "recompute" if redone else "extend"
+            self.stats["recompute_blocks"] += redone
         self.stats[status] += 1
         self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache_nbytes(cache)))
         return cache, status, n
