@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,15 +89,17 @@ def _train(ns, data_dir: Path, out: Path) -> dict:
     model = build_model(mcfg, data, tcfg.seed)
     pc = model.param_counts()
     fl = model.flops(mcfg.seq_len, data.meta["prepare"]["max_candidates"])
-    print(f"Climber {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
-          f"{mcfg.n_layers} layers; params {pc['dense']:,} dense + {pc['embedding']:,} embedding; "
-          f"{fl['exact']:.3g} FLOPs/request (paper form {fl['paper']:.3g})")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"Climber {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
+              f"{mcfg.n_layers} layers; params {pc['dense']:,} dense + {pc['embedding']:,} embedding; "
+              f"{fl['exact']:.3g} FLOPs/request (paper form {fl['paper']:.3g})")
     return train(data_dir, out, mcfg, tcfg)
 
 
 def cmd_train(ns) -> None:
     summary = _train(ns, ns.data, ns.out)
-    print(json.dumps({k: v for k, v in summary.items() if k != "best_valid"}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in summary.items() if k != "best_valid"}))
 
 
 def cmd_evaluate(ns) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
-ATTENTION_IMPLS = ("joint", "split", "sdpa")
+ATTENTION_IMPLS = ("joint", "split", "sdpa", "flex")
 
 
 def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
@@ -69,7 +69,8 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (256, 64)
     # "joint": the paper's literal masked [history; candidates] sequence (reference path);
     # "split": history prefill + candidate scoring in plain torch; "sdpa": split with
-    # scaled_dot_product_attention for the history
+    # scaled_dot_product_attention for the history; "flex": split with FlexAttention for the
+    # history, f_b evaluated from its tables in the kernel (GPU training; CPU forward only)
     attention: str = "split"
 
     def __post_init__(self) -> None:
@@ -112,6 +113,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
     patience: int = 3  # validations without AUC gain before early stopping
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    log_every: int = 10  # steps between logged losses (each costs a host sync)
     task_weights: tuple[float, ...] = ()  # empty = equal weights
     num_workers: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda"

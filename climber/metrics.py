@@ -52,8 +52,14 @@ def evaluate_predictions(users: np.ndarray, labels: np.ndarray, probs: np.ndarra
             "gauc": gauc(users, labels[:, t], probs[:, t]),
             "logloss": logloss(labels[:, t], probs[:, t]),
         }
-    out["mean"] = {k: float(np.nanmean([out[n][k] for n in tasks])) for k in ("auc", "gauc", "logloss")}
+    out["mean"] = {k: _mean([out[n][k] for n in tasks]) for k in ("auc", "gauc", "logloss")}
     return out
+
+
+def _mean(values: list[float]) -> float:
+    """Mean over tasks, skipping tasks where a metric is undefined (NaN)."""
+    ok = [v for v in values if not np.isnan(v)]
+    return float(np.mean(ok)) if ok else float("nan")
 
 
 def format_table(results: dict[str, dict[str, float]], title: str = "") -> str:

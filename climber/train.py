@@ -62,8 +62,10 @@ class RequestBatches(torch.utils.data.Dataset):
 
 def loader(data: SumiData, req: np.ndarray, batch_size: int, cfg: ModelConfig, workers: int = 0, pin=False):
     ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len)
+    # a private generator: creating an iterator must not draw from the global RNG (dropout's),
+    # or a resumed run would diverge from an uninterrupted one
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
-                                       persistent_workers=False, prefetch_factor=4 if workers else None)
+                                       prefetch_factor=4 if workers else None, generator=torch.Generator())
 
 
 def to_device(b: dict, device: torch.device) -> dict:
@@ -202,8 +204,8 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
             if state["step_in_epoch"] >= steps_per_epoch:
                 state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             bar.update(1)
-            if main and (state["step"] % 10 == 0 or state["step"] == 1):
-                lv = loss.item()  # host sync only every 10 steps
+            if main and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
+                lv = loss.item()  # the only host sync of the step, every log_every steps
                 bar.set_postfix(loss=f"{lv:.4f}")
                 _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
                                 "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0})
@@ -225,6 +227,7 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     bar.close()
     if distributed:
         dist.barrier()
+        dist.destroy_process_group()
     return _summary(out_dir, state)
 
 

@@ -43,3 +43,23 @@ def random_batch(cfg: ModelConfig, B: int = 3, L: int = 8, M: int = 5, seed: int
         "cand_mask": cand_mask,
         "labels": torch.randint(0, 2, (B, M, T), generator=g).float() * cand_mask[..., None],
     }
+
+
+def synthetic_log(n_users: int = 30, n_items: int = 60, per_user: int = 40, seed: int = 0):
+    """A small seeded log where a user's likes follow a hidden taste for half of the items."""
+    import numpy as np
+
+    from climber.data.events import EventLog, SideFeatures
+
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(n_users), per_user)
+    item = rng.integers(0, n_items, len(user))
+    taste = rng.integers(0, 2, n_users)
+    cat = np.arange(n_items) % 2
+    like = (rng.random(len(user)) < np.where(cat[item] == taste[user], 0.8, 0.2)).astype(int)
+    click = (rng.random(len(user)) < 0.5 + 0.3 * like).astype(int)
+    time = np.tile(np.arange(per_user) // 3 * 100, n_users) + rng.integers(0, 5, len(user))  # ~3 per request
+    return EventLog("synthetic", user=user, item=item, time=time, labels=np.stack([click, like], 1),
+                    tasks=("click", "like"), action=rng.integers(0, 3, len(user)),
+                    scenario=rng.integers(0, 2, len(user)),
+                    item_features=SideFeatures(np.arange(n_items), cat[:, None] + 1, ("cat",)))

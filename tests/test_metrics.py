@@ -1,0 +1,40 @@
+"""Metric functions against scikit-learn on random data, and GAUC's definition by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score
+
+from climber.metrics import auc, evaluate_predictions, gauc, logloss
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_and_logloss_match_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 500)
+    s = np.round(rng.random(500), 2)  # rounding creates ties
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    p = np.clip(rng.random(500), 0.01, 0.99)
+    assert logloss(y, p) == pytest.approx(log_loss(y, p), abs=1e-12)
+
+
+def test_gauc_is_impression_weighted_and_skips_one_class_users():
+    users = np.array([1, 1, 1, 1, 2, 2, 3, 3, 3])
+    y = np.array([1, 0, 1, 0, 1, 0, 1, 1, 1])  # user 3 has one class: skipped
+    s = np.array([0.9, 0.1, 0.2, 0.8, 0.3, 0.7, 0.5, 0.4, 0.1])
+    a1 = roc_auc_score(y[:4], s[:4])
+    a2 = roc_auc_score(y[4:6], s[4:6])
+    assert gauc(users, y, s) == pytest.approx((4 * a1 + 2 * a2) / 6)
+
+
+def test_single_class_auc_is_nan_not_an_error():
+    assert np.isnan(auc(np.ones(5), np.arange(5)))
+
+
+def test_evaluate_predictions_averages_tasks():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (200, 2))
+    p = rng.random((200, 2))
+    r = evaluate_predictions(rng.integers(0, 10, 200), y, p, ("a", "b"))
+    assert r["mean"]["auc"] == pytest.approx((r["a"]["auc"] + r["b"]["auc"]) / 2)
