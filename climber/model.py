@@ -33,7 +33,7 @@ from torch import nn
 from climber.attention import (
     candidate_attention,
     history_attention,
-    history_mask,
+    history_inputs,
     joint_attention,
     joint_mask,
     position_buckets,
@@ -94,10 +94,10 @@ class AdaptiveLayer(nn.Module):
         q, k, v = self._qkv(x)
         return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
 
-    def history(self, h, bias, tau, allowed):
+    def history(self, h, hist, tau):
         """Returns the next history states and this layer's (k, v) for the candidates."""
         q, k, v = self._qkv(h)
-        return self._merge(h, history_attention(q, k, v, bias, tau, allowed, self.impl)), (k, v)
+        return self._merge(h, history_attention(q, k, v, hist, tau, self.impl)), (k, v)
 
     def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
         q, k, v = self._qkv(c)
@@ -229,16 +229,13 @@ class Climber(nn.Module):
     def prefill(self, b: dict) -> HistoryCache:
         """Encode the history through every layer of every block; keep each layer's keys/values."""
         h = self.embed_history(b)
-        L = h.shape[2]
-        i = torch.arange(L, device=h.device)
         t = b["hist_time"]
-        bias = self._bias(b["req_scenario"], (i[:, None] - i[None, :])[None, None],
-                          t[..., :, None] - t[..., None, :])
+        # f_b as tables + times: the reference paths get it dense, "flex" evaluates it in-kernel
+        hist = history_inputs(b["hist_mask"], t, b["req_scenario"], self.pos_bias, self.time_bias, self.cfg.attention)
         tau = self._tau(b["req_scenario"])
-        allowed = history_mask(b["hist_mask"])
         kv = []
         for layer, tau_l in zip(self.layers, tau):
-            h, kv_l = layer.history(h, bias, tau_l, allowed)
+            h, kv_l = layer.history(h, hist, tau_l)
             kv.append(kv_l)
         return HistoryCache(kv, b["hist_mask"], t, b["req_scenario"], b["user"])
 

@@ -1,0 +1,107 @@
+"""The "flex" history attention (PAPER.md 2.3; GPU training path) against the plain reference.
+
+On CPU FlexAttention runs forward only (no backward), so CPU tests compare outputs; the `gpu`
+tests compare outputs and the gradients of q, k, v, the temperature and both f_b tables (the
+last three come from the Triton kernel in `climber/attention.py`), in fp32 and in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from climber.attention import history_attention, history_inputs
+from climber.model import Climber
+from tests.helpers import random_batch, tiny_config
+
+# (B, K, H, L, dh, pos buckets, time buckets, table blocks, table scenarios): lengths off the
+# 64-row tile, shared tables (the "MSE only" ablation), time buckets all exact (T = 2)
+SHAPES = [
+    (3, 2, 2, 8, 8, 8, 8, 2, 3),
+    (2, 3, 1, 37, 16, 32, 32, 3, 1),
+    (2, 1, 4, 70, 8, 8, 2, 1, 1),
+]
+# on GPU, head dims of 16 and up (tensor-core tiles); each shape compiles its own kernels
+GPU_SHAPES = [SHAPES[1], (4, 2, 2, 200, 64, 32, 32, 2, 3), (1, 4, 8, 333, 32, 32, 32, 4, 2)]
+
+
+def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
+    """Random q, k, v, temperature and f_b tables; left-padded histories (one row empty,
+    one full) with sorted times and some zero time gaps."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, K, H, L, dh, generator=g) for _ in range(3))
+    tau = torch.rand(B, K, H, 1, 1, generator=g) * 2 + 0.5
+    pos_table, time_table = torch.randn(Kt, St, H, P, generator=g), torch.randn(Kt, St, H, T, generator=g)
+    lengths = torch.randint(0, L + 1, (B, K), generator=g)
+    lengths[0, 0], lengths[-1, -1] = 0, L
+    hist_mask = torch.arange(L) >= (L - lengths)[..., None]
+    time = torch.sort(torch.randint(0, 10**7, (B, K, L), generator=g), dim=-1).values
+    time[..., 1::5] = time[..., ::5][..., : time[..., 1::5].shape[-1]]  # repeated timestamps
+    scenario = torch.randint(0, St, (B,), generator=g)
+    out = dict(q=q, k=k, v=v, tau=tau, pos_table=pos_table, time_table=time_table, hist_mask=hist_mask,
+               time=time, scenario=scenario)
+    return {n: x.to(device) for n, x in out.items()}
+
+
+def run(impl, x, grad=True):
+    """history_attention on `x`; returns the output and the inputs that take gradients."""
+    leaves = {n: x[n].clone().requires_grad_(grad) for n in ("q", "k", "v", "tau", "pos_table", "time_table")}
+    hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl)
+    return history_attention(leaves["q"], leaves["k"], leaves["v"], hist, leaves["tau"], impl), leaves
+
+
+def outputs_and_grads(impl, x) -> dict[str, torch.Tensor]:
+    out, leaves = run(impl, x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    (out.float() * g).sum().backward()
+    return {"out": out.float(), **{n: p.grad.float() for n, p in leaves.items()}}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_flex_forward_matches_reference_on_cpu(shape):
+    x = attention_inputs(*shape)
+    torch.testing.assert_close(run("flex", x, grad=False)[0], run("split", x, grad=False)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", (True, False))
+def test_flex_model_scores_match_reference_on_cpu(adaptive):
+    torch.manual_seed(0)
+    ref = Climber(tiny_config(attention="split", adaptive=adaptive)).eval()
+    with torch.no_grad():  # non-trivial tables and temperatures
+        ref.pos_bias.normal_(0, 0.5)
+        ref.time_bias.normal_(0, 0.5)
+        ref.log_tau.add_(torch.randn_like(ref.log_tau) * 0.3)
+    fast = Climber(tiny_config(attention="flex", adaptive=adaptive)).eval()
+    fast.load_state_dict(ref.state_dict())
+    b = random_batch(ref.cfg, B=5, M=4, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(b), ref(b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_flex_outputs_and_grads_match_reference_fp32(shape):
+    x = attention_inputs(*shape, device="cuda")
+    fast, ref = outputs_and_grads("flex", x), outputs_and_grads("split", x)
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) < 1e-4, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", GPU_SHAPES[-1:])
+def test_flex_bf16_is_as_accurate_as_reference_bf16(shape):
+    """Under bf16 autocast, the flex path's output and gradients are about as far from the fp32
+    reference as the reference path's own bf16 run: round-off, not a bug."""
+    x = attention_inputs(*shape, device="cuda")
+    exact = outputs_and_grads("split", x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast, ref = outputs_and_grads("flex", x), outputs_and_grads("split", x)
+    for name in exact:
+        e_fast, e_ref = relative_error(fast[name], exact[name]), relative_error(ref[name], exact[name])
+        assert e_fast < 2 * e_ref + 1e-3, f"{name}: flex {e_fast:.1e}, reference {e_ref:.1e}"
