@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from climber import checkpoint
