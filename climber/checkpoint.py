@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from climber.config import ModelConfig, from_dict
-from climber.model import Climber
+from climber.model import make_model
 
 STEP_PREFIX = "step-"
 
@@ -59,10 +59,10 @@ def read_config(ckpt_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_model(ckpt_dir: Path, map_location: str = "cpu") -> tuple[Climber, dict]:
-    """A Climber model (eval mode) and its full config dict from a checkpoint directory."""
+def load_model(ckpt_dir: Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The model (eval mode) and its full config dict from a checkpoint directory."""
     config = read_config(ckpt_dir)
-    model = Climber(from_dict(ModelConfig, config["model"]))
+    model = make_model(from_dict(ModelConfig, config["model"]))
     model.load_state_dict(load_file(Path(ckpt_dir) / "model.safetensors", device=map_location))
     return model.eval(), config
 

@@ -90,7 +90,7 @@ def _train(ns, data_dir: Path, out: Path) -> dict:
     pc = model.param_counts()
     fl = model.flops(mcfg.seq_len, data.meta["prepare"]["max_candidates"])
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"Climber {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
+        print(f"{mcfg.arch} {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
               f"{mcfg.n_layers} layers; params {pc['dense']:,} dense + {pc['embedding']:,} embedding; "
               f"{fl['exact']:.3g} FLOPs/request (paper form {fl['paper']:.3g})")
     return train(data_dir, out, mcfg, tcfg)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
 ATTENTION_IMPLS = ("joint", "split", "sdpa", "flex")
+ARCHS = ("climber", "dlrm", "din", "twin", "transformer", "hstu")
 
 
 def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
@@ -45,6 +46,7 @@ class ModelConfig:
     False concatenates the block outputs straight into the head.
     """
 
+    arch: str = "climber"  # or a baseline from climber/baselines (same data, training, evaluation)
     # vocabulary, filled from the prepared data's meta.json
     n_items: int = 100
     n_users: int = 10
@@ -88,6 +90,8 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, not {self.attention!r}")
         if not self.tasks:
             raise ValueError("need at least one task")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
 
     @property
     def n_blocks(self) -> int:

@@ -315,3 +315,13 @@ class Climber(nn.Module):
         dims = (K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
+
+
+def make_model(cfg: ModelConfig) -> nn.Module:
+    """Climber or one of the baselines, by `cfg.arch`; all share the batch format and the
+    `param_counts` / `flops` reporting, so training and evaluation treat them alike."""
+    if cfg.arch == "climber":
+        return Climber(cfg)
+    from climber.baselines import BASELINES
+
+    return BASELINES[cfg.arch](cfg)

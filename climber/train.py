@@ -32,7 +32,7 @@ from climber import checkpoint
 from climber.config import ModelConfig, TrainConfig
 from climber.data.sumi import SumiData
 from climber.metrics import evaluate_predictions
-from climber.model import Climber
+from climber.model import make_model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -99,9 +99,10 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
     return torch.cat(users).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
-def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> Climber:
+def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> torch.nn.Module:
+    """A seeded model with the data's side-feature tables loaded into its buffers."""
     torch.manual_seed(seed)
-    model = Climber(cfg)
+    model = make_model(cfg)
     model.item_features.copy_(torch.from_numpy(np.asarray(data.a["item_features"], dtype=np.int64)))
     model.user_features.copy_(torch.from_numpy(np.asarray(data.a["user_features"], dtype=np.int64)))
     return model
