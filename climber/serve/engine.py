@@ -261,6 +261,8 @@ class Engine:
         """Weights from `ckpt_dir` (safetensors, no code executed); id maps and the history store
         seeded from the prepared data (default: the directory recorded in its config.json)."""
         model, config = load_model(ckpt_dir)
+        if not isinstance(model, Climber):  # baselines have no prefill / score split
+            raise ValueError(f"{ckpt_dir}: arch {config['model'].get('arch')!r} cannot be served; only Climber can")
         data = SumiData(Path(data_dir or config["data"]))
         if data.tasks != model.cfg.tasks or data.meta["vocab"]["n_items"] != model.cfg.n_items:
             raise ValueError(f"{data.root} does not match checkpoint {ckpt_dir} (tasks or item vocabulary)")
