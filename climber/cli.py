@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 from climber.config import ModelConfig, TrainConfig, model_config
+from climber.data import synthetic as synthetic_data
 from climber.data.datasets import DATASETS
 from climber.data.events import DataError
 from climber.data.sumi import PrepareConfig, SumiData, prepare
+from climber.data.synthetic import SyntheticConfig
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
                 "user_feature_cards"}
@@ -50,15 +52,16 @@ def _pick(ns: argparse.Namespace, cls, skip=()) -> dict:
 
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
-                    mapping: dict | None = None) -> dict:
+                    mapping: dict | None = None, synthetic: SyntheticConfig | None = None) -> dict:
     from climber.data import readers
 
     spec = DATASETS.get(source)
-    base = spec.prepare if spec else PrepareConfig()
+    base = synthetic_data.PREPARE if synthetic else spec.prepare if spec else PrepareConfig()
     cfg = dataclasses.replace(base, **overrides)
-    strategies = strategies or (spec.strategies if spec else ("recent", "recent@16"))
+    default = synthetic_data.STRATEGIES if synthetic else spec.strategies if spec else ("recent", "recent@16")
+    strategies = strategies or default
     t0 = time.time()
-    log = readers.read_source(source, **(mapping or {}))
+    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, **(mapping or {}))
     meta = prepare(log, out, cfg, tuple(strategies))
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
@@ -69,6 +72,10 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
 
 
 def cmd_prepare(ns) -> None:
+    if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
+        synthetic = SyntheticConfig(**{**_pick(ns, SyntheticConfig), "seed": ns.seed or 0})
+        _prepare_source("synthetic", ns.out, _pick(ns, PrepareConfig), tuple(ns.strategies or ()), synthetic=synthetic)
+        return
     mapping = None
     if ns.source not in DATASETS:
         mapping = {k: getattr(ns, k) for k in ("user", "item", "time", "labels", "action", "scenario",
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("prepare", help="turn an interaction log into SUMI samples")
-    p.add_argument("source", help=f"one of {sorted(DATASETS)} or a CSV/TSV/Parquet file")
+    p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic' or a CSV/TSV/Parquet file")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
     _add_dataclass_flags(p, PrepareConfig, defaults_none=True)
@@ -146,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--time-unit", choices=("s", "ms", "us"))
     for k in ("labels", "item-features", "user-features"):
         g.add_argument(f"--{k}", nargs="*", default=[])
+    g = p.add_argument_group("source 'synthetic': a generated log (climber/data/synthetic.py); --seed seeds it")
+    _add_dataclass_flags(g, SyntheticConfig, skip={"seed"}, defaults_none=True)
     p.set_defaults(fn=cmd_prepare)
 
     for name, fn, hlp in (("train", cmd_train, "train (or resume) a Climber model"),

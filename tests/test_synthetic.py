@@ -1,0 +1,82 @@
+"""The synthetic log generator (climber/data/synthetic.py): seeded, well-formed, Zipf-popular,
+and with labels that depend on history far back (a model-free check)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from climber.cli import main
+from climber.data.sumi import SumiData
+from climber.data.synthetic import TASKS, SyntheticConfig, generate
+
+CFG = SyntheticConfig(users=120, events_per_user=600, items=3000, topics=20, seed=3)
+
+
+@pytest.fixture(scope="module")
+def log():
+    return generate(CFG)
+
+
+def test_deterministic_by_seed(log):
+    again = generate(CFG)
+    other = generate(SyntheticConfig(**{**CFG.__dict__, "seed": 4}))
+    for col in ("user", "item", "time", "labels", "action", "scenario"):
+        np.testing.assert_array_equal(getattr(log, col), getattr(again, col))
+    assert not np.array_equal(log.item[:1000], other.item[:1000])
+
+
+def test_shapes_and_schema(log):
+    n = len(log)
+    lengths = np.bincount(log.user)
+    assert len(lengths) == CFG.users and lengths.sum() == n
+    assert lengths.min() >= CFG.events_per_user // 5 and lengths.max() <= CFG.events_per_user * 5
+    assert np.median(lengths) == pytest.approx(CFG.events_per_user, rel=0.2)  # hundreds to thousands
+    assert log.tasks == TASKS and log.labels.shape == (n, 3)
+    # like needs a click, share needs a like
+    assert (log.labels[:, 1] <= log.labels[:, 0]).all() and (log.labels[:, 2] <= log.labels[:, 1]).all()
+    assert 0.2 < log.labels[:, 0].mean() < 0.7 and 0.01 < log.labels[:, 2].mean() < log.labels[:, 1].mean()
+    assert set(np.unique(log.scenario)) == {0, 1, 2}
+    assert ((log.action > 0) == (log.labels[:, 0] == 1)).all()
+    for u in range(CFG.users):  # time increases along each user's events
+        assert (np.diff(log.time[log.user == u]) > 0).all()
+    assert log.notes["synthetic"] is True and log.notes["config"] == CFG.__dict__
+
+
+def test_item_popularity_is_zipf(log):
+    counts = np.sort(np.bincount(log.item, minlength=CFG.items))[::-1]
+    rank = np.arange(1, len(counts) + 1)
+    head = (rank >= 5) & (rank <= 300)
+    slope = np.polyfit(np.log(rank[head]), np.log(counts[head]), 1)[0]
+    assert slope == pytest.approx(-CFG.zipf, abs=0.25)
+
+
+def test_likes_depend_on_history_far_back(log):
+    """Among clicked impressions whose topic was not liked in the last 100 events, the like rate
+    is much higher when the topic was liked 100..1000 events earlier than when it was not."""
+    topic = log.item_features.codes[log.item, 0] - 1
+    near, far = 100, 1000
+    old_only, neither = [], []
+    for u in range(CFG.users):
+        idx = np.flatnonzero(log.user == u)
+        k, click, like = topic[idx], log.labels[idx, 0], log.labels[idx, 1]
+        liked = np.zeros((len(idx) + 1, CFG.topics))
+        liked[np.arange(1, len(idx) + 1), k] = like
+        before = np.cumsum(liked, 0)  # before[t, k]: likes of topic k among events < t
+        t = np.flatnonzero((click == 1) & (np.arange(len(idx)) >= far))
+        recent = before[t, k[t]] - before[t - near, k[t]]
+        old = before[t - near, k[t]] - before[t - far, k[t]]
+        old_only += list(like[t][(recent == 0) & (old > 0)])
+        neither += list(like[t][(recent == 0) & (old == 0)])
+    assert len(old_only) > 100 and len(neither) > 100
+    assert np.mean(old_only) > 1.8 * np.mean(neither)
+
+
+def test_prepare_synthetic_cli(tmp_path):
+    out = tmp_path / "syn"
+    main(["prepare", "synthetic", "--out", str(out), "--users", "20", "--events-per-user", "60", "--items", "300",
+          "--topics", "5", "--seed", "2"])
+    data = SumiData(out)
+    assert data.tasks == TASKS and data.meta["notes"]["config"]["seed"] == 2
+    assert data.meta["notes"]["config"]["users"] == 20 and data.meta["counts"]["requests_test"] > 0
+    assert data.meta["strategies"] == ["recent", "pos:like", "pos:click", "recent@16"]
