@@ -1,9 +1,15 @@
 """`python -m climber.serve --checkpoint ...`: the same as `climber serve` (PAPER.md section 3.2)."""
 
 import argparse
+import sys
 
+from climber.data.events import DataError
 from climber.serve.app import add_serve_arguments, cmd_serve
 
 ap = argparse.ArgumentParser(prog="python -m climber.serve", description="Serve a Climber checkpoint over HTTP.")
 add_serve_arguments(ap)
-cmd_serve(ap.parse_args())
+try:
+    cmd_serve(ap.parse_args())
+except (DataError, FileNotFoundError, ValueError) as e:  # as `climber` reports them
+    print(f"climber serve: error: {e}", file=sys.stderr)
+    sys.exit(2)

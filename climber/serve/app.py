@@ -402,9 +402,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
     device = resolve_device(ns.device)
 
-    def load() -> Engine:
-        return Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20))
-
+    # loaded before the server starts, so a bad checkpoint or data path is a one-line error
+    engine = Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # no access log: one line per request costs more than scoring a small request
-    uvicorn.run(build_app(load, settings), host=ns.host, port=ns.port, access_log=False)
+    uvicorn.run(build_app(lambda: engine, settings), host=ns.host, port=ns.port, access_log=False)
