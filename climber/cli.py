@@ -1,4 +1,4 @@
-"""Command line: `climber prepare | train | evaluate | run`.
+"""Command line: `climber prepare | train | evaluate | run | serve`.
 
 Flags for `train` are generated from the typed config dataclasses (`config.py`), so a new
 config field is a new flag with its type and default, and nothing else to keep in sync.
@@ -27,7 +27,7 @@ VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item
                 "user_feature_cards"}
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -42,7 +42,7 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=default)
 
 
-def _pick(ns: argparse.Namespace, cls, skip=()) -> dict:
+def pick_fields(ns: argparse.Namespace, cls, skip=()) -> dict:
     out = {}
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name, None)
@@ -73,15 +73,15 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
 
 def cmd_prepare(ns) -> None:
     if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
-        synthetic = SyntheticConfig(**{**_pick(ns, SyntheticConfig), "seed": ns.seed or 0})
-        _prepare_source("synthetic", ns.out, _pick(ns, PrepareConfig), tuple(ns.strategies or ()), synthetic=synthetic)
+        synthetic = SyntheticConfig(**{**pick_fields(ns, SyntheticConfig), "seed": ns.seed or 0})
+        _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()), synthetic=synthetic)
         return
     mapping = None
     if ns.source not in DATASETS:
         mapping = {k: getattr(ns, k) for k in ("user", "item", "time", "labels", "action", "scenario",
                                                "item_features", "user_features", "time_unit")
                    if getattr(ns, k) not in (None, [])}
-    _prepare_source(ns.source, ns.out, _pick(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
+    _prepare_source(ns.source, ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
                     mapping)
 
 
@@ -89,10 +89,10 @@ def _train(ns, data_dir: Path, out: Path) -> dict:
     from climber.train import build_model, train
 
     data = SumiData(data_dir)
-    arch = _pick(ns, ModelConfig, skip=VOCAB_FIELDS | {"strategies"})
+    arch = pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | {"strategies"})
     strategies = tuple(ns.strategies) if ns.strategies else tuple(data.meta["strategies"])
     mcfg = model_config(ns.preset, data.vocab, strategies, **arch)
-    tcfg = TrainConfig(**_pick(ns, TrainConfig))
+    tcfg = TrainConfig(**pick_fields(ns, TrainConfig))
     model = build_model(mcfg, data, tcfg.seed)
     pc = model.param_counts()
     fl = model.flops(mcfg.seq_len, data.meta["prepare"]["max_candidates"])
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic' or a CSV/TSV/Parquet file")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
-    _add_dataclass_flags(p, PrepareConfig, defaults_none=True)
+    add_dataclass_flags(p, PrepareConfig, defaults_none=True)
     g = p.add_argument_group("column mapping for a generic file")
     for k in ("user", "item", "time", "action", "scenario"):
         g.add_argument(f"--{k}")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for k in ("labels", "item-features", "user-features"):
         g.add_argument(f"--{k}", nargs="*", default=[])
     g = p.add_argument_group("source 'synthetic': a generated log (climber/data/synthetic.py); --seed seeds it")
-    _add_dataclass_flags(g, SyntheticConfig, skip={"seed"}, defaults_none=True)
+    add_dataclass_flags(g, SyntheticConfig, skip={"seed"}, defaults_none=True)
     p.set_defaults(fn=cmd_prepare)
 
     for name, fn, hlp in (("train", cmd_train, "train (or resume) a Climber model"),
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--source", default="ml-100k", choices=sorted(DATASETS))
             p.add_argument("--work", type=Path, default=Path("runs/quickstart"))
         p.add_argument("--preset", default="small")
-        _add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS, defaults_none=True)
-        _add_dataclass_flags(p, TrainConfig)
+        add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS, defaults_none=True)
+        add_dataclass_flags(p, TrainConfig)
         p.set_defaults(fn=fn)
         if name == "run":  # the quick start fits in minutes on a laptop CPU (best epoch on ML-100K: 3-5)
             p.set_defaults(epochs=4)
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
 
+    from climber.serve.app import add_serve_parser
+
+    add_serve_parser(sub)
     ns = ap.parse_args(argv)
     try:
         ns.fn(ns)

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from climber.cli import _add_dataclass_flags, _pick
+from climber.cli import add_dataclass_flags, pick_fields
 from climber.serve.engine import Engine, History, ScoreRequest, ScoreResult
 from climber.train import resolve_device
 
@@ -388,7 +388,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    _add_dataclass_flags(p, ServeSettings)
+    add_dataclass_flags(p, ServeSettings)
     p.set_defaults(fn=cmd_serve)
 
 
@@ -398,7 +398,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> None:
-    settings = ServeSettings(**_pick(ns, ServeSettings))
+    settings = ServeSettings(**pick_fields(ns, ServeSettings))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
     device = resolve_device(ns.device)
 
