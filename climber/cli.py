@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from climber.data.synthetic import SyntheticConfig
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
                 "user_feature_cards"}
+COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `climber compare`
 
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
@@ -119,6 +121,15 @@ def cmd_evaluate(ns) -> None:
     print(f"saved {out}")
 
 
+def cmd_compare(ns) -> None:
+    from climber.compare import compare
+
+    budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", "lr"}))
+    compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, ns.lrs,
+            pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
+            command=shlex.join(["climber", *sys.argv[1:]]))
+
+
 def cmd_run(ns) -> None:
     """Quick start: prepare (if needed), train, evaluate on test, print the table."""
     from climber.evaluate import evaluate, report, save_results
@@ -180,6 +191,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
+
+    from climber.compare import MODELS
+
+    p = sub.add_parser("compare", help="Table 2: Climber, ablations and baselines under one budget, several seeds")
+    p.add_argument("--data", type=Path, required=True, help="prepared data directory")
+    p.add_argument("--out", type=Path, required=True, help="comparison directory (finished runs are skipped)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig.lr],
+                   help="learning-rate grid shared by all models, picked per model on validation AUC")
+    p.add_argument("--preset", default="small")
+    add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED, defaults_none=True)
+    add_dataclass_flags(p, TrainConfig, skip={"seed", "lr"})
+    p.set_defaults(fn=cmd_compare)
 
     from climber.serve.app import add_serve_parser
 

@@ -1,0 +1,71 @@
+"""`climber compare` end to end on a tiny data set: table, resume, learning-rate selection."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from climber import compare as compare_mod
+from climber.config import TrainConfig
+from climber.data.sumi import PrepareConfig, prepare
+from tests.helpers import synthetic_log
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = TrainConfig(epochs=1, batch_size=16, warmup_steps=1, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare(synthetic_log(), d, PrepareConfig(request_gap=50, max_candidates=4), ("recent", "pos:like", "recent@4"))
+    return d
+
+
+def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "climber", "compare", "--data", str(data_dir), "--out", str(out), "--models",
+           "climber", "dlrm", "--seeds", "0", "1", "--preset", "tiny", "--epochs", "1", "--batch-size", "16",
+           "--warmup-steps", "1", "--device", "cpu"]
+    res = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "compare.json").read_text())
+    md = (out / "compare.md").read_text()
+    assert md.strip() in res.stdout  # the same table on stdout
+    rows = {r["model"]: r for r in report["rows"]}
+    assert list(rows) == ["dlrm", "climber"]  # the paper's row order, whatever the command's order
+    for r in rows.values():
+        assert len(r["test_per_seed"]) == 2 and 0 < r["auc"]["mean"] < 1 and r["auc"]["std"] >= 0
+        assert r["params"]["total"] > 0 and r["flops"]["exact"] > 0
+        assert f"| {r['model']} | {r['auc']['mean']:.4f} ± {r['auc']['std']:.4f} |" in md
+    assert rows["dlrm"]["auc_impr_vs_dlrm"] == 0
+    assert rows["climber"]["auc_impr_vs_dlrm"] == pytest.approx(rows["climber"]["auc"]["mean"] /
+                                                                rows["dlrm"]["auc"]["mean"] - 1)
+    assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
+    assert "Tuning: none." in md and report["versions"]["torch"] and "popularity" in md
+    assert len(list(out.glob("runs/*/lr*/seed*/run.json"))) == 4
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(compare_mod, "train", no_training)
+    again = compare_mod.compare(data_dir, out, ["climber", "dlrm"], [0, 1], "tiny", TINY)
+    assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in report["rows"]]
+    with pytest.raises(ValueError, match="different config"):  # a changed budget never reuses old runs
+        compare_mod.compare(data_dir, out, ["dlrm"], [0], "tiny", TrainConfig(epochs=2, batch_size=16, device="cpu"))
+
+
+def test_learning_rate_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_path):
+    out = tmp_path / "grid"
+    report = compare_mod.compare(data_dir, out, ["transformer"], [0, 1], "tiny", TINY, lrs=(1e-3, 1e-2))
+    (row,) = report["rows"]
+    by_lr = row["valid_auc_by_lr"]
+    assert row["lr"] == float(max(by_lr, key=by_lr.get))
+    tested = {p.parent.parent.name for p in out.glob("runs/transformer/lr*/seed*/test.json")}
+    assert tested == {f"lr{row['lr']:g}"}  # the other rate never saw the test split
+    assert "picked per model from the grid {0.001, 0.01}" in (out / "compare.md").read_text()
