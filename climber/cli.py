@@ -76,7 +76,8 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
 def cmd_prepare(ns) -> None:
     if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
         synthetic = SyntheticConfig(**{**pick_fields(ns, SyntheticConfig), "seed": ns.seed or 0})
-        _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()), synthetic=synthetic)
+        _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()),
+                        synthetic=synthetic)
         return
     mapping = None
     if ns.source not in DATASETS:
@@ -149,6 +150,37 @@ def cmd_run(ns) -> None:
           f"wall time {time.time() - t0:.0f}s")
 
 
+def cmd_scale_sweep(ns) -> None:
+    from climber.scaling.sweep import Grid, sweep
+
+    grid = Grid(tuple(ns.models), tuple(ns.lengths), tuple(ns.layers), tuple(ns.widths or ()), ns.preset)
+    t0 = time.time()
+    rows = sweep(ns.data, ns.out, grid, TrainConfig(**pick_fields(ns, TrainConfig)), ns.runs,
+                 tuple(ns.strategies) if ns.strategies else None)
+    print(f"{len(rows)} rows in {ns.out} ({time.time() - t0:.0f}s)")
+
+
+def cmd_scale_fit(ns) -> None:
+    from climber.scaling.fit import crossover_text, fit_report
+    from climber.scaling.sweep import read_rows
+
+    s = fit_report(read_rows(ns.results), ns.out, ns.split, ns.flops_form, ns.bootstrap, ns.seed)
+    for m, f in s["fits"].items():
+        print(f"{m}: AUC = {f['a']:.4f} + {f['b']:.4f} log10 FLOPs ({f['n']} runs)")
+    for name, c in s["crossovers"].items():
+        print(crossover_text(c, *name.split(" vs ")))
+    print(f"report, fit.json and {len(s['figures'])} figures in {ns.out}")
+
+
+def cmd_scale_plan(ns) -> None:
+    from climber.scaling.planner import plan, plan_text
+    from climber.scaling.sweep import read_rows
+
+    p = plan(read_rows(ns.results), ns.flops, ns.model, ns.flops_form, ns.split, ns.bootstrap, ns.seed)
+    print(plan_text(p))
+    print(json.dumps(p, default=float))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="climber", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -205,6 +237,35 @@ def main(argv: list[str] | None = None) -> None:
     add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED, defaults_none=True)
     add_dataclass_flags(p, TrainConfig, skip={"seed", "lr"})
     p.set_defaults(fn=cmd_compare)
+
+    scale = sub.add_parser("scale", help="scaling laws: sweep a size grid, fit curves, plan a size (PAPER.md 4)")
+    ssub = scale.add_subparsers(dest="scale_cmd", required=True)
+    p = ssub.add_parser("sweep", help="train a grid of sizes, one JSON row per run (skips finished runs)")
+    p.add_argument("--data", type=Path, required=True, help="prepared data directory")
+    p.add_argument("--out", type=Path, required=True, help="results file (JSON lines), appended to")
+    p.add_argument("--runs", type=Path, help="run directories (default: <out stem>_runs beside --out)")
+    p.add_argument("--models", nargs="+", default=["climber"], help="architectures (ModelConfig.arch)")
+    p.add_argument("--lengths", nargs="+", type=int, required=True, help="history lengths per block")
+    p.add_argument("--layers", nargs="+", type=int, required=True, help="depths (for models that have layers)")
+    p.add_argument("--widths", nargs="*", type=int, help="d_model values (default: the preset's)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--strategies", nargs="*", help="extraction strategies (default: the data set's)")
+    add_dataclass_flags(p, TrainConfig)
+    p.set_defaults(fn=cmd_scale_sweep)
+    for name, fn, hlp in (("fit", cmd_scale_fit, "AUC vs FLOPs / length / layers fits, crossovers, plots, report"),
+                          ("plan", cmd_scale_plan, "recommend (length, layers, width) for a FLOPs budget")):
+        p = ssub.add_parser(name, help=hlp)
+        p.add_argument("--results", type=Path, required=True, help="results file written by `climber scale sweep`")
+        if name == "fit":
+            p.add_argument("--out", type=Path, required=True, help="directory for report.md, fit.json and PNGs")
+        else:
+            p.add_argument("--flops", type=float, required=True, help="budget: FLOPs per request (no latency model)")
+            p.add_argument("--model", default="climber", help="model family to plan for")
+        p.add_argument("--split", default="test", choices=("valid", "test"), help="which AUC to fit")
+        p.add_argument("--flops-form", default="exact", choices=("exact", "paper"))
+        p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(fn=fn)
 
     from climber.serve.app import add_serve_parser
 
