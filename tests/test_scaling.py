@@ -205,9 +205,11 @@ def test_planner_respects_budget_and_finds_the_optimum():
     rec = p["recommendation"]
     assert rec["flops"] <= budget and 8 <= rec["seq_len"] <= 64 and 1 <= rec["n_layers"] <= 8
     # noise-free data of the surface's own form: the pick is the true best feasible candidate
+    with torch.device("meta"):
+        models = {N: make_model(tiny_config(n_layers=N)) for N in range(1, 9)}
+
     def flops_of(L: int, N: int) -> float:
-        with torch.device("meta"):
-            return make_model(tiny_config(n_layers=N, seq_len=L)).flops(L, 4.0)["exact"]
+        return models[N].flops(L, 4.0)["exact"]
 
     assert flops_of(rec["seq_len"], rec["n_layers"]) == pytest.approx(rec["flops"])
     feasible = [(_surface(c["seq_len"], c["n_layers"]), c["seq_len"], c["n_layers"])
