@@ -291,7 +291,11 @@ if triton is not None:
         lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
         t_q = tl.load(T + b * L + rows, mask=row_ok, other=0)
         inv = tl.load(INV + bh)
-        dinv = tl.zeros([BM], dtype=tl.float32)
+        # d(1/tau) = sum dS q.k with dS = P (dP - D), D = sum_j P dP exactly; delta = rowsum(dO O)
+        # is D up to O's bf16 rounding, so accumulate with delta and add (delta - D) sum P q.k
+        dsqk = tl.zeros([BM], dtype=tl.float32)
+        pqk = tl.zeros([BM], dtype=tl.float32)
+        pdp_sum = tl.zeros([BM], dtype=tl.float32)
         last = (tl.arange(0, BN) == BN - 1)[None, :]
         for start in range(0, tl.program_id(0) * BM + BM, BN):  # causal: keys up to the last row
             cols = start + tl.arange(0, BN)
@@ -313,12 +317,15 @@ if triton is not None:
             key_ok = tl.load(VALID + b * L + cols, mask=col_ok, other=0) != 0
             ok = row_ok[:, None] & col_ok[None, :] & (r >= 0) & (key_ok[None, :] | (r == 0))
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-            dinv += tl.sum(ds * qk, axis=1)
+            pdp = p * tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = pdp - p * delta[:, None]
+            dsqk += tl.sum(ds * qk, axis=1)
+            pqk += tl.sum(p * qk, axis=1)
+            pdp_sum += tl.sum(pdp, axis=1)
             cs = tl.cumsum(ds, axis=1)
             _add_runs(DPOS + bh * NP, pb, pb_next, cs, row_ok[:, None], last)
             _add_runs(DTIM + bh * NT, tb, tb_next, cs, row_ok[:, None], last)
-        tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
+        tl.atomic_add(DINV + bh, tl.sum(dsqk + (delta - pdp_sum) * pqk, axis=0))
 
 
 def candidate_attention(q, k_self, v_self, k_hist, v_hist, bias_hist, bias_self, tau, hist_mask):
