@@ -1,0 +1,190 @@
+"""The history self-attention kernel alone (PAPER.md 2.3, ATL; issue 5), on one GPU.
+
+Variants on the same (B*K, H, L, dh) problems, bf16 q, k, v:
+  flash       SDPA flash attention, causal, no bias, no temperature: the ceiling.
+  flex        climber's "flex" path: FlexAttention, q.k / tau + f_b / tau evaluated from the
+              tables in the score_mod, gradients of 1 / tau and the tables from the Triton
+              kernel (what training runs).
+  flex-frozen the same with tau and the tables frozen: FlexAttention alone.
+  flex-atomic tau folded into q, FlexAttention's own gradient for the tables (captured
+              buffers: one atomic add per score element), the design the kernel replaces.
+  sdpa-mask   climber's "sdpa" path: SDPA with the dense bias + mask as an additive mask.
+  split       climber's "split" reference: dense bias, fp32 softmax, plain matmuls.
+Everything runs under bf16 autocast, as in training. sdpa-mask and split include building the
+dense bias and mask and, backward, the bias's gradient into the tables (in the model, once per
+step, shared by the layers). "fwd" is the forward with gradients enabled (as in training),
+"fwd+bwd" adds the backward. TFLOP/s counts the causal work only, 4 * L (L + 1) / 2 * dh per
+(sample, head) forward and 2.5x that backward, the same for every variant; "of flash" is
+flash time / variant time.
+
+    python benchmarks/bench_attention.py [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from climber.attention import (
+    FLEX_KERNEL_OPTIONS,
+    history_attention,
+    history_inputs,
+    history_score_mod,
+    per_sample_table,
+    position_buckets,
+)
+
+VARIANTS = ("flash", "flex", "flex-frozen", "flex-atomic", "sdpa-mask", "split")
+_flex_atomic_compiled = torch.compile(flex_attention, dynamic=False)
+
+
+def environment(argv: list[str]) -> dict:
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "triton": triton.__version__, "command": "python " + " ".join(argv)}
+
+
+def problem(BK: int, H: int, L: int, dh: int, K: int = 4, P: int = 32, T: int = 32, S: int = 3, seed: int = 0):
+    """Random bf16 q, k, v (B, K, H, L, dh), temperatures, f_b tables and full histories."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B = BK // K
+    q, k, v = (torch.randn(B, K, H, L, dh, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    tau = torch.rand(B, K, H, 1, 1, device="cuda", generator=g) + 4.0  # about sqrt(dh)
+    pos_table = torch.randn(K, S, H, P, device="cuda", generator=g) * 0.5
+    time_table = torch.randn(K, S, H, T, device="cuda", generator=g) * 0.5
+    time = torch.sort(torch.randint(0, 10**8, (B, K, L), device="cuda", generator=g), dim=-1).values
+    scenario = torch.randint(0, S, (B,), device="cuda", generator=g)
+    hist_mask = torch.ones(B, K, L, dtype=torch.bool, device="cuda")
+    return dict(q=q, k=k, v=v, tau=tau, pos_table=pos_table, time_table=time_table, time=time, scenario=scenario,
+                hist_mask=hist_mask)
+
+
+def flex_atomic(q, k, v, hist, tau):
+    """Plain FlexAttention: tau folded into q, the tables left in the score_mod's autograd."""
+    B, K, H, L, dh = q.shape
+    pos = (per_sample_table(hist.pos_table, hist.scenario, K) / tau[..., 0]).reshape(B * K, H, -1)
+    tim = (per_sample_table(hist.time_table, hist.scenario, K) / tau[..., 0]).reshape(B * K, H, -1)
+    pos_rel = pos[..., position_buckets(torch.arange(L, device=q.device), pos.shape[-1])]
+    one = torch.ones(B * K, H, device=q.device)
+    score_mod = history_score_mod(one, pos_rel, tim, hist.time.reshape(B * K, L), hist.key_valid.reshape(B * K, L))
+    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=q.device)
+    out = _flex_atomic_compiled((q / tau).to(q.dtype).reshape(B * K, H, L, dh), k.reshape(B * K, H, L, dh),
+                                v.reshape(B * K, H, L, dh), score_mod=score_mod, block_mask=mask, scale=1.0,
+                                kernel_options=FLEX_KERNEL_OPTIONS)
+    return out.view(B, K, H, L, dh)
+
+
+def make_case(variant: str, x: dict):
+    """(forward closure, leaves that take gradients) for one variant on problem `x`."""
+    frozen = variant in ("flash", "flex-frozen")
+    leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v")}
+    leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
+    q, k, v, tau = leaves["q"], leaves["k"], leaves["v"], leaves["tau"]
+    B, K, H, L, dh = q.shape
+    impl = {"sdpa-mask": "sdpa", "split": "split"}.get(variant, "flex")
+
+    def fwd():
+        hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"],
+                              impl)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if variant == "flash":
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(*(t.view(B * K, H, L, dh) for t in (q, k, v)),
+                                                          is_causal=True)
+            if variant == "flex-atomic":
+                return flex_atomic(q, k, v, hist, tau)
+            return history_attention(q, k, v, hist, tau, impl)
+
+    return fwd, leaves
+
+
+def timed(fn, reps: int) -> float:
+    """Median milliseconds over `reps` runs after 3 warm-ups (compilation happens there)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory above what was allocated before one call, MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_variant(variant: str, x: dict, reps: int) -> list[dict]:
+    fwd, leaves = make_case(variant, x)
+    grad = torch.randn_like(fwd())
+
+    def fwd_bwd():
+        for p in leaves.values():
+            p.grad = None
+        fwd().backward(grad)
+
+    BK, H, L, dh = x["q"].shape[0] * x["q"].shape[1], *x["q"].shape[2:]
+    flops = 4 * BK * H * dh * L * (L + 1) / 2
+    rows = []
+    for mode, fn, f in (("fwd", fwd, flops), ("fwd+bwd", fwd_bwd, 3.5 * flops)):
+        ms = timed(fn, reps)
+        rows.append({"variant": variant, "BK": BK, "H": H, "L": L, "dh": dh, "mode": mode, "ms": ms,
+                     "tflops": f / ms / 1e9, "peak_mib": peak_mib(fn)})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="256x8x200x64,64x8x800x64", help="BKxHxLxdh, comma separated")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    rows = []
+    for shape in args.shapes.split(","):
+        x = problem(*map(int, shape.split("x")))
+        for variant in args.variants.split(","):
+            try:
+                rows += run_variant(variant, x, args.reps)
+                print(rows[-2], rows[-1], sep="\n", flush=True)
+            except Exception as e:  # an out-of-memory or failing variant is a result too
+                rows.append({"variant": variant, "shape": shape, "error": f"{type(e).__name__}: {e}"[:300]})
+                print(rows[-1], flush=True)
+            torch.cuda.empty_cache()
+    flash = {(r["L"], r["mode"]): r["ms"] for r in rows if r.get("variant") == "flash"}
+    print(f"{'variant':12} {'BKxHxLxdh':16} {'mode':8} {'ms':>8} {'TFLOP/s':>8} {'of flash':>8} {'peak MiB':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:12} {r['shape']:16} {r['error']}")
+            continue
+        r["of_flash"] = flash.get((r["L"], r["mode"]), float("nan")) / r["ms"]
+        shape = f"{r['BK']}x{r['H']}x{r['L']}x{r['dh']}"
+        print(f"{r['variant']:12} {shape:16} {r['mode']:8} {r['ms']:8.3f} {r['tflops']:8.1f} {r['of_flash']:8.2f} "
+              f"{r['peak_mib']:9.0f}")
+    result = {"name": "bench_attention", **environment(sys.argv), "results": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_attention.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
