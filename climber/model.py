@@ -52,7 +52,8 @@ class BlockLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("bksd,kde->bkse", x, self.weight) + self.bias
+        y = torch.einsum("bksd,kde->bkse", x, self.weight)
+        return y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
 
 
 class BlockRMSNorm(nn.Module):
