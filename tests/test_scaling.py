@@ -222,9 +222,9 @@ def test_planner_refuses_to_extrapolate():
     rows = [_row("climber", L, N, _surface(L, N)) for L, N in GRID]
     flops = [r["flops"]["exact"] for r in rows]
     low = plan(rows, min(flops) / 2, n_boot=50)
-    assert low["recommendation"] is None and "extrapolate" in low["notes"][0]
+    assert low["recommendation"] is None and any("extrapolate" in n for n in low["notes"])
     high = plan(rows, max(flops) * 100, n_boot=50)
-    assert "not binding" in high["notes"][0]
+    assert any("not binding" in n for n in high["notes"])
     assert high["recommendation"]["seq_len"] <= 64 and high["recommendation"]["n_layers"] <= 8
 
 

@@ -136,12 +136,14 @@ def plan(rows: list[dict], budget: float, model: str = "climber", form: str = "e
     logs = np.array([[math.log(c[d]) for d in surf.dims] for c in cands]).reshape(len(cands), len(surf.dims))
     pred, boot = surf.predict(logs), surf.predict_boot(logs)
     ok = flops <= budget
+    dof = len(rows) - len(surf.terms)
     out = {"model": model, "budget_flops": budget, "flops_form": form, "split": split, "runs": len(rows),
            "surface": {"dims": list(surf.dims), "terms": [list(t) for t in surf.terms], "coef": surf.coef.tolist(),
                        "r2": surf.r2},
            "swept_flops_range": [float(flops.min()), float(flops.max())],
            "latency": "not calibrated: the budget is FLOPs per request only",
-           "notes": []}
+           "notes": [] if dof >= 2 else [f"only {dof} residual degree of freedom: the bootstrap interval "
+                                          f"understates the uncertainty"]}
     measured = [r for r in rows if r["flops"][form] <= budget]
     out["best_measured"] = (max(({"key": r["key"], "flops": r["flops"][form], "auc": metric_of(r, split)}
                                  for r in measured), key=lambda r: r["auc"]) if measured else None)

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Scaling grid on synthetic data on one GPU (PAPER.md section 4; docs/scaling.md): generate a
+# synthetic log with long histories, sweep Climber, Transformer and DLRM over lengths
+# {50,100,200,400} x layers {1,2,4,8} (DLRM has no layers: lengths only; 36 runs, 1 epoch each,
+# d_model 64), fit the curves and plan sizes for a few FLOPs budgets. Sized for ~8 minutes on
+# one H200. Resumable: run it again with the same OUT and RUNS and it skips finished runs.
+#
+#   bash benchmarks/run_scaling_gpu.sh [OUT]     (default OUT: benchmarks/results/scaling_synthetic_gpu)
+#
+# It calls the library functions behind `climber prepare synthetic` and `climber scale
+# sweep|fit|plan` instead of the `climber` command, because the command imports the serving
+# stack (fastapi, uvicorn), which the GPU image does not have. Sizes can be overridden from the
+# environment for a dry run on CPU (e.g. USERS=30 EVENTS=80 LENGTHS="8 16" LAYERS="1 2" DEVICE=cpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-benchmarks/results/scaling_synthetic_gpu}
+RUNS=${RUNS:-/tmp/scaling_synthetic_gpu_runs}
+DATA=${DATA:-/tmp/scaling_synthetic_gpu_data}
+export USERS=${USERS:-800} EVENTS=${EVENTS:-1000} ITEMS=${ITEMS:-20000} TOPICS=${TOPICS:-50} SEED=${SEED:-0}
+export LENGTHS=${LENGTHS:-"50 100 200 400"} LAYERS=${LAYERS:-"1 2 4 8"} MODELS=${MODELS:-"climber transformer dlrm"}
+export DEVICE=${DEVICE:-cuda} WORKERS=${WORKERS:-8} BATCH=${BATCH:-512} EPOCHS=${EPOCHS:-1}
+export OUT RUNS DATA PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+cp "$0" "$OUT/command.sh"
+{ echo "started $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
+  env | grep -E '^(USERS|EVENTS|ITEMS|TOPICS|SEED|LENGTHS|LAYERS|MODELS|DEVICE|WORKERS|BATCH|EPOCHS)=' | sort
+  git rev-parse HEAD; } > "$OUT/environment.txt"
+
+python - <<'EOF' 2>&1 | tee -a "$OUT/log.txt"
+import dataclasses, json, os, time
+from pathlib import Path
+
+import torch
+
+from climber.config import TrainConfig
+from climber.data.sumi import prepare
+from climber.data.synthetic import PREPARE, STRATEGIES, SyntheticConfig, generate
+from climber.scaling.fit import crossover_text, fit_report
+from climber.scaling.planner import plan, plan_text
+from climber.scaling.sweep import Grid, sweep
+
+env = os.environ
+out, data = Path(env["OUT"]), Path(env["DATA"])
+print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}", flush=True)
+t0 = time.time()
+if not (data / "meta.json").exists():  # `climber prepare synthetic --eval-requests 2 ...`
+    cfg = SyntheticConfig(users=int(env["USERS"]), events_per_user=int(env["EVENTS"]), items=int(env["ITEMS"]),
+                          topics=int(env["TOPICS"]), seed=int(env["SEED"]))
+    # two requests per user for validation and two for test: steadier AUCs with few users
+    meta = prepare(generate(cfg), data, dataclasses.replace(PREPARE, eval_requests=2), STRATEGIES)
+    print(f"synthetic data in {time.time() - t0:.0f}s: {json.dumps(meta['counts'])}, positive rates "
+          f"{json.dumps(meta['positive_rate'])}", flush=True)
+grid = Grid(models=tuple(env["MODELS"].split()), lengths=tuple(int(v) for v in env["LENGTHS"].split()),
+            layers=tuple(int(v) for v in env["LAYERS"].split()), preset="small")
+tcfg = TrainConfig(epochs=int(env["EPOCHS"]), batch_size=int(env["BATCH"]), warmup_steps=50, device=env["DEVICE"],
+                   num_workers=int(env["WORKERS"]), log_every=50)
+rows = sweep(data, out / "results.jsonl", grid, tcfg, Path(env["RUNS"]))
+print(f"sweep done at {time.time() - t0:.0f}s", flush=True)
+s = fit_report(rows, out)
+for name, c in s["crossovers"].items():
+    print(crossover_text(c, *name.split(" vs ")))
+flops = sorted(r["flops"]["exact"] for r in rows if r["model"] == "climber")
+with (out / "plans.txt").open("w") as f:
+    for budget in (flops[len(flops) // 4], flops[len(flops) // 2], flops[3 * len(flops) // 4]):
+        text = plan_text(plan(rows, float(f"{budget:.2g}")))
+        print(text + "\n")
+        f.write(text + "\n\n")
+print(f"done in {time.time() - t0:.0f}s", flush=True)
+EOF
