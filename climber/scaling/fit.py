@@ -78,7 +78,8 @@ class LineFit:
     def summary(self) -> dict:
         b_ci = (math.nan, math.nan) if self.constant else interval(self.boot[:, 1])
         return {"a": self.a, "b": self.b, "a_ci": interval(self.boot[:, 0]), "b_ci": b_ci,
-                "n": len(self.x), "constant": self.constant, "log10_flops_range": [self.x.min(), self.x.max()],
+                "n": len(self.x), "distinct_flops": len(np.unique(self.x)), "constant": self.constant,
+                "log10_flops_range": [self.x.min(), self.x.max()],
                 "bootstrap": len(self.boot)}
 
 
@@ -98,7 +99,8 @@ def saturating(logf: np.ndarray, A: float, B: float, alpha: float, ref: float) -
 
 def fit_saturating(x: np.ndarray, y: np.ndarray) -> dict | None:
     """(A, B, alpha, ref) by nonlinear least squares, or None with fewer than 5 distinct FLOPs
-    values (3 parameters are not identified on fewer) or when the fit does not converge."""
+    values (3 parameters are not identified on fewer), when the fit does not converge, or when it
+    ends on a bound (e.g. A = 1: the points show no saturation)."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(np.unique(x)) < 5:
         return None
@@ -109,6 +111,8 @@ def fit_saturating(x: np.ndarray, y: np.ndarray) -> dict | None:
                                      bounds=([0.0, 0.0, 1e-3], [1.0, 1.0, 5.0]), maxfev=20000)
     except RuntimeError:
         return None
+    if A > 0.999 or B < 1e-6 or not 1.1e-3 < alpha < 4.9:
+        return None  # a parameter at its bound: the data do not identify the law
     return {"A": float(A), "B": float(B), "alpha": float(alpha), "ref_log10_flops": ref}
 
 
@@ -219,10 +223,9 @@ def _plot_flops(fits: dict[str, LineFit], sat: dict, rows: dict, split: str, for
         ax.plot(grid, f.predict(grid), color=c, label=label)
         if not np.isnan(lo).all():
             ax.fill_between(grid, lo, hi, color=c, alpha=0.15, lw=0)
-        if sat.get(name):
-            s = sat[name]
-            ax.plot(grid, saturating(grid, s["A"], s["B"], s["alpha"], s["ref_log10_flops"]), color=c, ls="--",
-                    lw=1)
+        if sat.get(name):  # only over the family's own range: a saturating law extrapolates badly
+            s, own = sat[name], np.linspace(f.x.min(), f.x.max(), 50)
+            ax.plot(own, saturating(own, s["A"], s["B"], s["alpha"], s["ref_log10_flops"]), color=c, ls="--", lw=1)
         for r in rows[name]:
             tag = f"{r['seq_len']}x{r['n_layers']}" if r["n_layers"] is not None else f"{r['seq_len']}"
             ax.annotate(tag, (math.log10(r["flops"][form]), metric_of(r, split)), fontsize=6, alpha=0.7,
@@ -329,7 +332,8 @@ def _markdown(rows: list[dict], s: dict) -> str:
     for m, f in s["fits"].items():
         sat = s["saturating"].get(m)
         sat_s = (f"A={sat['A']:.4f}, B={sat['B']:.4f}, alpha={sat['alpha']:.3f}" if sat
-                 else "not fitted (< 5 FLOPs values)" if f["n"] < 5 or f["constant"] else "did not converge")
+                 else "not fitted (< 5 FLOPs values)" if f["distinct_flops"] < 5
+                 else "not identified (no convergence, or a parameter at its bound)")
         b = "0 (one FLOPs value: constant)" if f["constant"] else f"{f['b']:.4f}"
         out.append(f"| {m} | {f['n']} | {f['log10_flops_range'][0]:.2f} .. {f['log10_flops_range'][1]:.2f} | "
                    f"{f['a']:.4f} | {b} | {_fmt_ci(f['b_ci'])} | {sat_s} |")
