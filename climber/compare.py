@@ -62,7 +62,9 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     train_cfg = train_cfg or TrainConfig()
     data = SumiData(data_dir)
     grid = tuple(lrs) or (train_cfg.lr,)
-    max_cand = data.meta["prepare"]["max_candidates"]
+    # FLOPs at the typical request: the mean candidate count (implicit data sets add sampled
+    # negatives, so prepare's max_candidates is not the number of candidates)
+    n_cand = max(1, round(float(np.diff(data.a["req_cand_start"]).mean())))
     device = resolve_device(train_cfg.device)
     shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
     rows = []
@@ -79,7 +81,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
             "model": name, "config": MODELS[name], "lr": lr, "seeds": list(seeds),
             "valid_auc_by_lr": {f"{k:g}": v for k, v in valid_auc.items()}, "test_per_seed": tests,
             **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
-            "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, max_cand),
+            "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),
             "train_seconds": float(np.mean([r["train_seconds"] for r in runs[lr]])),
             "steps": float(np.mean([r["steps"] for r in runs[lr]])),
         })
@@ -90,7 +92,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
         "dataset": data.meta["name"], "data": str(data_dir.resolve()), "tasks": list(data.tasks),
         "test_candidates": data.meta["counts"]["candidates_test"], "strategies": data.meta["strategies"],
         "preset": preset, "model_overrides": model_overrides or {}, "train": asdict(train_cfg), "lr_grid": list(grid),
-        "seeds": list(seeds), "flops_at": {"L": shared.seq_len, "M": max_cand}, "tuning": _tuning(grid, len(seeds)),
+        "seeds": list(seeds), "flops_at": {"L": shared.seq_len, "M": n_cand}, "tuning": _tuning(grid, len(seeds)),
         "command": command, "versions": _versions(device), "rows": rows,
         "popularity": evaluate_predictions(*popularity_scores(data, "test"), data.tasks)["mean"],
     }
@@ -198,7 +200,7 @@ def to_markdown(r: dict) -> str:
         f"Tuning: {r['tuning']}",
         "AUC vs DLRM = mean AUC / mean DLRM AUC - 1. FLOPs/request: forward matmul FLOPs (as "
         f"torch.utils.flop_counter counts them) at L={r['flops_at']['L']} history events per block and "
-        f"M={r['flops_at']['M']} candidates. steps and train s: per run, mean over seeds.",
+        f"M={r['flops_at']['M']} candidates (the mean per request). steps and train s: per run, mean over seeds.",
         f"Command: `{r['command']}`",
         f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
         f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, device {v.get('gpu', v['device'])}.",

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from climber import compare as compare_mod
 from climber.config import TrainConfig
-from climber.data.sumi import PrepareConfig, prepare
+from climber.data.sumi import PrepareConfig, SumiData, prepare
 from tests.helpers import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,8 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
     assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
     assert "Tuning: none." in md and report["versions"]["torch"] and "popularity" in md
     assert len(list(out.glob("runs/*/lr*/seed*/run.json"))) == 4
+    per_request = np.diff(SumiData(data_dir).a["req_cand_start"]).mean()
+    assert report["flops_at"] == {"L": 8, "M": round(per_request)}  # FLOPs of a mean-sized request
 
     def no_training(*a, **kw):
         raise AssertionError("a finished run was trained again")

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Table 2 (PAPER.md section 4) on the five public data sets, on one GPU: Climber, its two
+# ablations (MSE only; without BGF) and the DLRM, DIN, TWIN, Transformer and HSTU baselines,
+# 3 seeds each, through `climber compare` (climber/compare.py).
+#
+#   benchmarks/run_compare.sh DATA_ROOT OUT
+#
+# DATA_ROOT holds the prepared data dirs ml-100k kuairand lastfm beauty grocery (`climber
+# prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json}.
+#
+# Budget, the same for every model of a data set (preset small: 4 blocks x 50 events, d 64,
+# 2 heads, 2 layers; lr 1e-3, warm-up 50 steps then cosine, validation once per epoch, early
+# stopping after 3 validations without gain, best validation checkpoint tested). No tuning:
+# one learning rate for all models, which compare.md states. Per data set, from its training
+# requests (batch = requests, each with its history once and all its candidates):
+#
+#   data set   train req.  batch  epochs  steps/run
+#   ml-100k       14,822    256      8       464
+#   kuairand      28,743    256      4       452
+#   lastfm        50,371    512      5       495
+#   beauty       153,776   1024      3       453
+#   grocery       69,176    512      3       408
+#
+# i.e. ~450 steps per run, 24 runs per data set (8 models x 3 seeds), ~55k steps in all.
+# The models are small, so one process cannot keep the GPU busy: (model, data set) jobs run
+# JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
+# Time, estimated from H200 measurements (one process alone: Climber 26-37 steps/s, its
+# ablations 35-39, the baselines 44-75; 8 processes at once at batch 1024: the Climber
+# variants ~10 steps/s each, the baselines 40-80): about 7 minutes (6-8), the Climber
+# variants being most of it, inside a 10-minute limit; not yet timed end to end. A last `climber
+# compare` per data set, with all models, finds every run finished and only writes the table;
+# it is the command recorded in compare.md (run alone, it would train the same runs one after
+# another). Rerunning this script skips finished runs and resumes interrupted ones.
+#
+# Environment: JOBS (default 8); DATASETS (default all five); EXTRA, flags appended to every
+# call, e.g. a CPU smoke test of the script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2
+# --device cpu".
+set -euo pipefail
+
+ROOT=$(realpath "${1:?usage: $0 DATA_ROOT OUT}")
+mkdir -p "${2:?usage: $0 DATA_ROOT OUT}"
+OUT=$(realpath "$2")
+cd "$(dirname "$0")/.."  # the repository root: `python -m climber` runs from the checkout
+JOBS=${JOBS:-8}
+PY=${PYTHON:-python3}
+EXTRA=${EXTRA:-}
+MODELS=(climber climber-nobgf climber-mse hstu transformer din twin dlrm)  # slowest first, for packing
+read -r -a DATASETS <<< "${DATASETS:-beauty grocery lastfm kuairand ml-100k}"  # largest first
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+
+# `climber` imports the serving stack (FastAPI) for every subcommand and a bare GPU image may
+# lack it: then install wheels carried in .whl/ (pip download --only-binary=:all: --no-deps).
+if ! $PY -m climber compare --help > /dev/null 2>&1; then
+    if compgen -G ".whl/*.whl" > /dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/climber-site .whl/*.whl
+        export PYTHONPATH=/tmp/climber-site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    $PY -m climber compare --help > /dev/null  # still failing: stop here with its error
+fi
+
+budget() {  # data set -> its flags
+    case $1 in
+        ml-100k) echo "--batch-size 256 --epochs 8" ;;
+        kuairand) echo "--batch-size 256 --epochs 4" ;;
+        lastfm) echo "--batch-size 512 --epochs 5" ;;
+        beauty) echo "--batch-size 1024 --epochs 3" ;;
+        grocery) echo "--batch-size 512 --epochs 3" ;;
+        *) echo "unknown data set $1" >&2; exit 2 ;;
+    esac
+}
+
+compare() {  # data set, then models; every other flag is the same for all calls on a data set
+    local ds=$1; shift
+    # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
+    # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
+    $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds 0 1 2 --preset small \
+        --lrs 1e-3 --warmup-steps 50 --patience 3 --device cuda:0 --num-workers 1 --log-every 50 \
+        $(budget "$ds") $EXTRA
+}
+export -f compare budget
+export ROOT OUT PY EXTRA
+
+for ds in "${DATASETS[@]}"; do
+    [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }
+    mkdir -p "$OUT/$ds"
+done
+
+t0=$(date +%s)
+# one job per (model, data set), longest first; each trains its model's seeds one after another
+for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do echo "$ds $m"; done; done |
+    xargs -P "$JOBS" -L 1 bash -c 'compare "$0" "$1" > "$OUT/$0/log_$1.txt" 2>&1 || {
+        echo "FAILED: $0 $1, see $OUT/$0/log_$1.txt" >&2; exit 255; }'
+echo "all runs finished in $(( $(date +%s) - t0 )) s"
+for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables
+    compare "$ds" "${MODELS[@]}" | grep -v '^\[compare\]'
+    echo
+done
