@@ -2,8 +2,14 @@
 # Scaling grid on synthetic data on one GPU (PAPER.md section 4; docs/scaling.md): generate a
 # synthetic log with long histories, sweep Climber, Transformer and DLRM over lengths
 # {50,100,200,400} x layers {1,2,4,8} (DLRM has no layers: lengths only; 36 runs, 1 epoch each,
-# d_model 64), fit the curves and plan sizes for a few FLOPs budgets. Sized for ~8 minutes on
-# one H200. Resumable: the data, run directories and results file live in WORK (default
+# d_model 64), fit the curves and plan sizes for a few FLOPs budgets.
+#
+# Sized for ~8 minutes on one H200, from an estimate, not a measurement: the L^2 attention of
+# the plain `split` path dominates (bench_attention.txt: ~3.2e-10 s per attention score, forward
+# and backward), about 10 ms per training request for the whole grid, so ~30k training requests
+# (200 users, median 1,000 events) take ~5-6 minutes, plus ~5 s of overhead per run.
+#
+# Resumable: the data, run directories and results file live in WORK (default
 # /tmp/scaling_synthetic_gpu), so on the same machine a second call skips finished runs; the
 # results file is copied to OUT after every run, and the fit and plans are written to OUT.
 #
@@ -19,9 +25,9 @@ cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/scaling_synthetic_gpu}
 WORK=${WORK:-/tmp/scaling_synthetic_gpu}
 PYTHON=${PYTHON:-python3}
-export USERS=${USERS:-800} EVENTS=${EVENTS:-1000} ITEMS=${ITEMS:-20000} TOPICS=${TOPICS:-50} SEED=${SEED:-0}
+export USERS=${USERS:-200} EVENTS=${EVENTS:-1000} ITEMS=${ITEMS:-20000} TOPICS=${TOPICS:-50} SEED=${SEED:-0}
 export LENGTHS=${LENGTHS:-"50 100 200 400"} LAYERS=${LAYERS:-"1 2 4 8"} MODELS=${MODELS:-"climber transformer dlrm"}
-export DEVICE=${DEVICE:-cuda} WORKERS=${WORKERS:-8} BATCH=${BATCH:-512} EPOCHS=${EPOCHS:-1}
+export DEVICE=${DEVICE:-cuda} WORKERS=${WORKERS:-8} BATCH=${BATCH:-256} EPOCHS=${EPOCHS:-1}
 export OUT WORK PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 { echo "bash benchmarks/run_scaling_gpu.sh $*"; echo "started $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
@@ -46,11 +52,11 @@ out, work = Path(env["OUT"]), Path(env["WORK"])
 data, results = work / "data", work / "results.jsonl"
 print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}", flush=True)
 t0 = time.time()
-if not (data / "meta.json").exists():  # `climber prepare synthetic --eval-requests 2 ...`
+if not (data / "meta.json").exists():  # `climber prepare synthetic --eval-requests 3 ...`
     cfg = SyntheticConfig(users=int(env["USERS"]), events_per_user=int(env["EVENTS"]), items=int(env["ITEMS"]),
                           topics=int(env["TOPICS"]), seed=int(env["SEED"]))
-    # two requests per user for validation and two for test: steadier AUCs with few users
-    meta = prepare(generate(cfg), data, dataclasses.replace(PREPARE, eval_requests=2), STRATEGIES)
+    # three requests per user for validation and three for test: steadier AUCs with few users
+    meta = prepare(generate(cfg), data, dataclasses.replace(PREPARE, eval_requests=3), STRATEGIES)
     print(f"synthetic data in {time.time() - t0:.0f}s: {json.dumps(meta['counts'])}, positive rates "
           f"{json.dumps(meta['positive_rate'])}", flush=True)
 grid = Grid(models=tuple(env["MODELS"].split()), lengths=tuple(int(v) for v in env["LENGTHS"].split()),
