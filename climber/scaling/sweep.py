@@ -115,8 +115,7 @@ def _metrics(res: dict) -> dict:
 
 def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, key: str, layered: bool) -> dict:
     """Train (or resume) one grid point, evaluate its best checkpoint on test, return its row."""
-    from climber.evaluate import evaluate, popularity_scores
-    from climber.metrics import evaluate_predictions
+    from climber.evaluate import evaluate
     from climber.train import resolve_device, train
 
     device = resolve_device(tcfg.device)
@@ -134,7 +133,6 @@ def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, 
     flops = model.flops(cfg.seq_len, m)
     steps_per_epoch = -(-n_train // tcfg.batch_size)
     epochs_run = summary["steps"] / steps_per_epoch
-    pop = evaluate_predictions(*popularity_scores(data, "test"), data.tasks)
     return {
         "key": key,
         "model": cfg.arch,
@@ -155,7 +153,7 @@ def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, 
         "resumed": resumed,
         "valid": _metrics(summary["best_valid"]),
         "test": _metrics(test["model"]),
-        "test_popularity": _metrics(pop),
+        "test_popularity": _metrics(test["popularity"]),
         "host": {"torch": torch.__version__, "platform": platform.platform(), "device": device.type,
                  "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                  "torch_threads": torch.get_num_threads()},
