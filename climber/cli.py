@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.set_defaults(fn=fn)
 
-    from climber.serve.app import add_serve_parser
+    from climber.serve.command import add_serve_parser
 
     add_serve_parser(sub)
     ns = ap.parse_args(argv)

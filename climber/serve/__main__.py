@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from climber.data.events import DataError
-from climber.serve.app import add_serve_arguments, cmd_serve
+from climber.serve.command import add_serve_arguments, cmd_serve
 
 ap = argparse.ArgumentParser(prog="python -m climber.serve", description="Serve a Climber checkpoint over HTTP.")
 add_serve_arguments(ap)
