@@ -48,16 +48,6 @@ MODELS=(climber climber-nobgf climber-mse hstu transformer din twin dlrm)  # slo
 read -r -a DATASETS <<< "${DATASETS:-beauty grocery lastfm kuairand ml-100k}"  # largest first
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
-# `climber` imports the serving stack (FastAPI) for every subcommand and a bare GPU image may
-# lack it: then install wheels carried in .whl/ (pip download --only-binary=:all: --no-deps).
-if ! $PY -m climber compare --help > /dev/null 2>&1; then
-    if compgen -G ".whl/*.whl" > /dev/null; then
-        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/climber-site .whl/*.whl
-        export PYTHONPATH=/tmp/climber-site${PYTHONPATH:+:$PYTHONPATH}
-    fi
-    $PY -m climber compare --help > /dev/null  # still failing: stop here with its error
-fi
-
 budget() {  # data set -> its flags
     case $1 in
         ml-100k) echo "--batch-size 256 --epochs 8" ;;
