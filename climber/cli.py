@@ -1,4 +1,4 @@
-"""Command line: `climber prepare | train | evaluate | run | serve`.
+"""Command line: `climber prepare | train | evaluate | run | compare | scale | serve`.
 
 Flags for `train` are generated from the typed config dataclasses (`config.py`), so a new
 config field is a new flag with its type and default, and nothing else to keep in sync.
