@@ -1,8 +1,8 @@
 """The Climber ranking model (PAPER.md section 2), in reading order.
 
-1. Embeddings: item id + item side features; history tokens add their action, their
-   behaviour flags (one embedding per task and label) and scenario; candidate tokens add a
-   target embedding and the request's scenario.
+1. Embeddings (`embeddings.py`, shared with the baselines): item id + item side features;
+   history tokens add their action, their behaviour flags (one embedding per task and label)
+   and scenario; candidate tokens add a target embedding and the request's scenario.
 2. Multi-scale sequence extraction (MSE) happens in the data layer (`data/sumi.py`): each of
    the N_b = K strategies yields a sub-sequence, so inputs arrive as (B, K, L).
 3. Adaptive Transformer Layers (ATL): K parallel homogeneous blocks with separate weights,
@@ -40,6 +40,7 @@ from climber.attention import (
     time_buckets,
 )
 from climber.config import ModelConfig
+from climber.embeddings import TokenEmbeddings
 
 
 class BlockLinear(nn.Module):
@@ -143,22 +144,10 @@ class HistoryCache:
     user: torch.Tensor  # (B,)
 
 
-class Climber(nn.Module):
+class Climber(TokenEmbeddings):
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)  # 1. embeddings, shared by all blocks (climber/embeddings.py)
         d, K, H, T = cfg.d_model, cfg.n_blocks, cfg.n_heads, len(cfg.tasks)
-        # 1. embeddings (shared by all blocks)
-        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
-        self.item_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.item_feature_cards)
-        self.user_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.user_feature_cards)
-        self.action_emb = nn.Embedding(cfg.n_actions, d)
-        self.flag_emb = nn.Embedding(2 * T, d)  # index 2t + label_t
-        self.scenario_emb = nn.Embedding(cfg.n_scenarios, d)
-        self.target_emb = nn.Parameter(torch.zeros(d))
-        # side-feature lookup tables travel with the weights, so serving needs only ids
-        self.register_buffer("item_features", torch.zeros(cfg.n_items, len(cfg.item_feature_cards), dtype=torch.long))
-        self.register_buffer("user_features", torch.zeros(cfg.n_users, len(cfg.user_feature_cards), dtype=torch.long))
         # 3. ATL stack; adaptive tables are indexed [block, scenario, head, bucket]
         tables = (K, cfg.n_scenarios) if cfg.adaptive else (1, 1)
         self.pos_bias = nn.Parameter(torch.zeros(*tables, H, cfg.pos_buckets))
@@ -186,23 +175,6 @@ class Climber(nn.Module):
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-
-    # ---- 1. embeddings ------------------------------------------------------------------------
-    def embed_items(self, item: torch.Tensor) -> torch.Tensor:
-        e = self.item_emb(item)
-        feats = self.item_features[item]
-        for f, emb in enumerate(self.item_feat_emb):
-            e = e + emb(feats[..., f])
-        return e
-
-    def embed_history(self, b: dict) -> torch.Tensor:  # -> (B, K, L, d)
-        T = len(self.cfg.tasks)
-        flags = b["hist_labels"] + 2 * torch.arange(T, device=b["hist_labels"].device)
-        return (self.embed_items(b["hist_item"]) + self.action_emb(b["hist_action"])
-                + self.flag_emb(flags).sum(-2) + self.scenario_emb(b["hist_scenario"]))
-
-    def embed_candidates(self, item: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:  # -> (B, M, d)
-        return self.embed_items(item) + self.target_emb + self.scenario_emb(scenario)[:, None]
 
     # ---- 3. adaptive attention parameters -----------------------------------------------------
     def _tau(self, scenario: torch.Tensor) -> torch.Tensor:
@@ -275,11 +247,7 @@ class Climber(nn.Module):
     def _fuse_and_head(self, e: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         B, M, K, d = e.shape
         y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
-        if self.cfg.user_feature_cards:
-            feats = self.user_features[user]
-            u = sum(emb(feats[:, f]) for f, emb in enumerate(self.user_feat_emb))
-            y = torch.cat([y, u[:, None].expand(B, M, d)], dim=-1)
-        return self.head(y)
+        return self.head(self.with_user(y, user))
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
@@ -288,11 +256,6 @@ class Climber(nn.Module):
         return self.score(self.prefill(b), b["cand_item"], b["req_time"])
 
     # ---- the model reports itself --------------------------------------------------------------
-    def param_counts(self) -> dict[str, int]:
-        emb = sum(p.numel() for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
-        total = sum(p.numel() for p in self.parameters())
-        return {"embedding": emb, "dense": total - emb, "total": total}
-
     def flops(self, L: int, M: int) -> dict[str, float]:
         """Forward FLOPs for one request with L history tokens per block and M candidates.
 

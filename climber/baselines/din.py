@@ -35,7 +35,7 @@ class DIN(Baseline):
         """Batch of SUMI samples -> logits (B, M, T)."""
         r = recent_history(b)
         h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b)  # (B, M, d)
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
         (B, L, d), M = h.shape, c.shape[1]
         hh, cc = h[:, None].expand(B, M, L, d), c[:, :, None].expand(B, M, L, d)
         w = self.activation_unit(torch.cat([hh, cc, hh - cc, hh * cc], -1)).squeeze(-1)  # (B, M, L)

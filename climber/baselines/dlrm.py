@@ -29,7 +29,7 @@ class DLRM(Baseline):
         h = self.embed_history(b)  # (B, K, L, d)
         m = b["hist_mask"][..., None].to(h.dtype)
         pooled = (h * m).sum(2) / m.sum(2).clamp(min=1)  # (B, K, d); zero for an empty block
-        c = self.embed_candidates(b)  # (B, M, d)
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
         B, M, _ = c.shape
         ctx = torch.cat([pooled, self.user_fields(b["user"]).to(pooled.dtype)], 1)  # (B, K + F_u, d)
         x = torch.cat([c[:, :, None], ctx[:, None].expand(B, M, -1, -1)], 2)  # (B, M, F, d)

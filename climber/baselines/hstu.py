@@ -74,7 +74,7 @@ class HSTU(Baseline):
         """Batch of SUMI samples -> logits (B, M, T)."""
         r = recent_history(b)
         h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b)  # (B, M, d)
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
         (B, L, _), M = h.shape, c.shape[1]
         x = torch.cat([h, c], 1)  # (B, S, d), S = L + M
         # every candidate sits at position L with the request's time

@@ -62,7 +62,7 @@ class Transformer(Baseline):
         h = self.embed_history(r)  # (B, L, d), left-padded
         L, N = h.shape[1], self.cfg.seq_len
         h = h + self.pos_emb(torch.arange(N - L, N, device=h.device))
-        c = self.embed_candidates(b) + self.pos_emb.weight[N]  # (B, M, d)
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"]) + self.pos_emb.weight[N]  # (B, M, d)
         x = torch.cat([h, c], 1)  # (B, L + M, d)
         allowed = joint_mask(r["hist_mask"][:, None], b["cand_mask"])[:, 0]  # (B, L + M, L + M)
         for layer in self.layers:

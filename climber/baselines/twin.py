@@ -39,7 +39,7 @@ class TWIN(Baseline):
         """Batch of SUMI samples -> logits (B, M, T)."""
         r = recent_history(b)
         h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b)  # (B, M, d)
+        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
         (B, L, d), M = h.shape, c.shape[1]
         H, dh = self.cfg.n_heads, self.cfg.d_head
         k_ = min(self.top_k, L)

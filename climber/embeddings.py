@@ -1,0 +1,72 @@
+"""Token embeddings shared by Climber and every baseline (PAPER.md section 2, input layer).
+
+An item is its id embedding plus its side-feature embeddings; a history token adds its action,
+its behaviour flags (one embedding per task and label: what the user did with the item) and
+its scenario; a candidate adds a learned target embedding and the request's scenario. User
+side features are embedded per field. The side-feature lookup tables are buffers, so they
+travel with the weights and serving needs only ids. Sharing this module is what lets a
+comparison isolate the architecture.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from climber.config import ModelConfig
+
+
+class TokenEmbeddings(nn.Module):
+    """Base class: the embedding tables, side-feature buffers, and `param_counts`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, T = cfg.d_model, len(cfg.tasks)
+        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
+        self.item_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.item_feature_cards)
+        self.user_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.user_feature_cards)
+        self.action_emb = nn.Embedding(cfg.n_actions, d)
+        self.flag_emb = nn.Embedding(2 * T, d)  # index 2t + label_t
+        self.scenario_emb = nn.Embedding(cfg.n_scenarios, d)
+        self.target_emb = nn.Parameter(torch.zeros(d))
+        self.register_buffer("item_features", torch.zeros(cfg.n_items, len(cfg.item_feature_cards), dtype=torch.long))
+        self.register_buffer("user_features", torch.zeros(cfg.n_users, len(cfg.user_feature_cards), dtype=torch.long))
+
+    def embed_items(self, item: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
+        e = self.item_emb(item)
+        feats = self.item_features[item]
+        for f, emb in enumerate(self.item_feat_emb):
+            e = e + emb(feats[..., f])
+        return e
+
+    def embed_history(self, b: dict) -> torch.Tensor:
+        """History tokens (B, [K,] L, d) from hist_* of shape (B, [K,] L)."""
+        T = len(self.cfg.tasks)
+        flags = b["hist_labels"] + 2 * torch.arange(T, device=b["hist_labels"].device)
+        return (self.embed_items(b["hist_item"]) + self.action_emb(b["hist_action"])
+                + self.flag_emb(flags).sum(-2) + self.scenario_emb(b["hist_scenario"]))
+
+    def embed_candidates(self, item: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        """Candidate tokens (B, M, d) for items (B, M) of requests in `scenario` (B,)."""
+        return self.embed_items(item) + self.target_emb + self.scenario_emb(scenario)[:, None]
+
+    def user_fields(self, user: torch.Tensor) -> torch.Tensor:
+        """(B,) -> (B, F_u, d): one embedding per user side feature."""
+        feats = self.user_features[user]
+        fields = [emb(feats[:, f]) for f, emb in enumerate(self.user_feat_emb)]
+        if not fields:
+            return feats.new_zeros(len(user), 0, self.cfg.d_model, dtype=self.item_emb.weight.dtype)
+        return torch.stack(fields, 1)
+
+    def with_user(self, y: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """Append the summed user side-feature vector to every candidate's (B, M, n) head input."""
+        if not self.cfg.user_feature_cards:
+            return y
+        u = self.user_fields(user).sum(1)  # (B, d)
+        return torch.cat([y, u[:, None].expand(*y.shape[:2], -1).to(y.dtype)], dim=-1)
+
+    def param_counts(self) -> dict[str, int]:
+        emb = sum(p.numel() for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"embedding": emb, "dense": total - emb, "total": total}
