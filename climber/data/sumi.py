@@ -231,6 +231,20 @@ def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
     tmp.rename(out_dir)
 
 
+def strategy_selects(spec: str, tasks: tuple[str, ...], labels: np.ndarray, scenario: np.ndarray,
+                     action: np.ndarray) -> np.ndarray:
+    """(N,) bool: which events (labels (N, T), scenario (N,), action (N,)) strategy `spec` keeps.
+    The one definition of each strategy, for training batches and the serving cache alike."""
+    kind, arg, _ = parse_strategy(spec)
+    if kind == "recent":
+        return np.ones(len(scenario), bool)
+    if kind in ("pos", "neg"):
+        if arg not in tasks:
+            raise DataError(f"strategy {spec!r}: no task {arg!r} in {tasks}")
+        return labels[:, tasks.index(arg)] == (1 if kind == "pos" else 0)
+    return (scenario if kind == "scenario" else action) == int(arg)
+
+
 class SumiData:
     """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches."""
 
@@ -261,18 +275,8 @@ class SumiData:
     def _matches(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
         """(positions of matching events, prefix counts (N+1,)) for one strategy."""
         if spec not in self._strategy_cache:
-            kind, arg, _ = parse_strategy(spec)
             a = self.a
-            if kind == "recent":
-                m = np.ones(len(a["ev_item"]), bool)
-            elif kind in ("pos", "neg"):
-                if arg not in self.tasks:
-                    raise DataError(f"strategy {spec!r}: no task {arg!r} in {self.tasks}")
-                m = a["ev_labels"][:, self.tasks.index(arg)] == (1 if kind == "pos" else 0)
-            elif kind == "scenario":
-                m = a["ev_scenario"] == int(arg)
-            else:  # action
-                m = a["ev_action"] == int(arg)
+            m = strategy_selects(spec, self.tasks, a["ev_labels"], a["ev_scenario"], a["ev_action"])
             self._strategy_cache[spec] = (np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
         return self._strategy_cache[spec]
 

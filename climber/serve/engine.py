@@ -49,7 +49,7 @@ import torch
 from climber.attention import candidate_attention
 from climber.checkpoint import load_model
 from climber.config import parse_strategy
-from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData
+from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
 from climber.model import Climber, HistoryCache
 
 
@@ -283,16 +283,8 @@ class Engine:
     # ---- the three model operations ---------------------------------------------------------
     def _selects(self, h: History) -> np.ndarray:
         """(n, K) bool: which blocks' extraction strategies select each event (as SumiData does)."""
-        cols = []
-        for spec in self.cfg.strategies:
-            kind, arg, _ = parse_strategy(spec)
-            if kind == "recent":
-                cols.append(np.ones(len(h), bool))
-            elif kind in ("pos", "neg"):
-                cols.append(h.labels[:, self.cfg.tasks.index(arg)] == (1 if kind == "pos" else 0))
-            else:
-                cols.append((h.scenario if kind == "scenario" else h.action) == int(arg))
-        return np.stack(cols, axis=1)
+        return np.stack([strategy_selects(s, self.cfg.tasks, h.labels, h.scenario, h.action)
+                         for s in self.cfg.strategies], axis=1)
 
     def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """hist_* model inputs (1, K, L): per block the last `caps[k]` selected events,
