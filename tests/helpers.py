@@ -16,6 +16,18 @@ def tiny_config(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+def perturb(model) -> None:
+    """O(1) activations and non-trivial bias tables and temperatures, so that properties are
+    tested where they could fail (the N(0, 0.02) init makes every output nearly equal)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.3)
+        model.pos_bias.normal_(0, 0.5)
+        model.time_bias.normal_(0, 0.5)
+        model.log_tau.add_(torch.randn_like(model.log_tau) * 0.3)
+
+
 def random_batch(cfg: ModelConfig, B: int = 3, L: int = 8, M: int = 5, seed: int = 0, full: bool = False) -> dict:
     """Left-padded random histories with random lengths (some empty) and random candidate counts."""
     g = torch.Generator().manual_seed(seed)

@@ -7,13 +7,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from climber import checkpoint
 from climber.config import ModelConfig
 from climber.data.events import EventLog, SideFeatures
 from climber.data.sumi import PrepareConfig, SumiData, prepare
 from climber.train import build_model
+from tests.helpers import perturb
 
 STRATEGIES = ("recent", "pos:like", "recent@4")
 USERS = (101, 102, 103, 104, 105, 106)
@@ -46,13 +46,7 @@ def make_checkpoint(root: Path, strategies: tuple[str, ...] = STRATEGIES, seq_le
     cfg = ModelConfig(**data.vocab, strategies=strategies, seq_len=seq_len, d_model=16, n_heads=2, n_layers=2,
                       dropout=0.0, head_hidden=(16,), pos_buckets=8, time_buckets=8)
     model = build_model(cfg, data, seed=0)
-    with torch.no_grad():  # O(1) activations and non-trivial bias tables and temperatures
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-        model.pos_bias.normal_(0, 0.5)
-        model.time_bias.normal_(0, 0.5)
-        model.log_tau.add_(torch.randn_like(model.log_tau) * 0.3)
+    perturb(model)
     ckpt = Path(root) / "ckpt"
     checkpoint.save(ckpt, model, {"model": asdict(cfg), "data": str(data_dir.resolve())})
     return ckpt

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from climber.attention import history_mask, joint_mask, log_bucket
 from climber.model import Climber
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import perturb, random_batch, tiny_config
 
 IMPLS = ("joint", "split", "sdpa")
 
@@ -18,13 +18,7 @@ IMPLS = ("joint", "split", "sdpa")
 def make(impl="split", **kw):
     torch.manual_seed(0)
     model = Climber(tiny_config(attention=impl, **kw)).eval()
-    with torch.no_grad():  # O(1) activations, non-trivial bias tables and temperatures
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.3)
-        model.pos_bias.normal_(0, 0.5)
-        model.time_bias.normal_(0, 0.5)
-        model.log_tau.add_(torch.randn_like(model.log_tau) * 0.3)
+    perturb(model)
     return model
 
 

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 
 from climber.serve.app import ServeSettings, build_app
@@ -23,15 +22,6 @@ from tests.serve_helpers import make_checkpoint
 
 JSON = {"content-type": "application/json"}
 SETTINGS = ServeSettings(max_candidates=50, max_history=100, max_body_kb=8, max_wait_ms=1.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: intra-op threads only add synchronisation, badly so on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @contextmanager
