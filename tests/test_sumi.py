@@ -124,3 +124,22 @@ def test_prepare_replaces_atomically(tmp_path):
     prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
     assert not (tmp_path / "d.tmp").exists()
     assert SumiData(out).meta["prepare"]["request_gap"] == 1000
+
+
+def test_generic_table_prepares_end_to_end(tmp_path):
+    """A user's own Parquet log with string ids goes through read_table and prepare (meta is JSON)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from climber.data.readers import ColumnMapping, read_table
+
+    rng = np.random.default_rng(0)
+    n = 300
+    pq.write_table(pa.table({"uid": [f"u{x}" for x in rng.integers(0, 10, n)], "iid": rng.integers(0, 40, n),
+                             "ts": np.sort(rng.integers(0, 10**6, n)), "click": rng.integers(0, 2, n),
+                             "page": rng.choice(["home", "search"], n)}), tmp_path / "log.parquet")
+    log = read_table(tmp_path / "log.parquet", ColumnMapping(user="uid", item="iid", time="ts", labels=("click",),
+                                                              scenario="page"))
+    meta = prepare(log, tmp_path / "d", PrepareConfig(), ("recent", "pos:click"))
+    assert meta["notes"]["mapping"]["user"] == "uid"
+    assert meta["vocab"]["n_scenarios"] == 2 and meta["counts"]["events"] == n

@@ -25,7 +25,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -547,7 +547,7 @@ def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
         scenario=_small_codes(src, table, m.scenario) if m.scenario else None,
         item_features=_row_features(table, m.item_features, item_ids),
         user_features=_row_features(table, m.user_features, user_ids),
-        notes={"source": str(path), "mapping": m},
+        notes={"source": str(path), "mapping": asdict(m)},
     )
 
 
