@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from climber.config import ModelConfig, parse_strategy
@@ -56,6 +57,11 @@ class Baseline(TokenEmbeddings):
             raise ValueError(f"{cfg.arch} reads extraction block 0 as the whole history; put the strategy 'recent' "
                              f"first (got {cfg.strategies})")
         super().__init__(cfg)
+
+    def tokens(self, b: dict) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(the batch cut to block 0, its history tokens (B, L, d), candidate tokens (B, M, d))."""
+        r = recent_history(b)
+        return r, self.embed_history(r), self.embed_candidates(b["cand_item"], b["req_scenario"])
 
     def init_weights(self, residual_out: tuple[nn.Linear, ...] = ()) -> None:
         """Climber's init: N(0, 0.02) embeddings and linears, zero biases; `residual_out`

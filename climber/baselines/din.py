@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, recent_history, user_dim
+from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, user_dim
 from climber.config import ModelConfig
 
 ATTENTION_HIDDEN = (80, 40)
@@ -33,9 +33,7 @@ class DIN(Baseline):
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        r = recent_history(b)
-        h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        r, h, c = self.tokens(b)  # h (B, L, d), c (B, M, d)
         (B, L, d), M = h.shape, c.shape[1]
         hh, cc = h[:, None].expand(B, M, L, d), c[:, :, None].expand(B, M, L, d)
         w = self.activation_unit(torch.cat([hh, cc, hh - cc, hh * cc], -1)).squeeze(-1)  # (B, M, L)

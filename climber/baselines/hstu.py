@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from climber.attention import joint_mask, position_buckets, time_buckets
-from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, recent_history, user_dim
+from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, user_dim
 from climber.config import ModelConfig
 
 
@@ -72,9 +72,7 @@ class HSTU(Baseline):
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        r = recent_history(b)
-        h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        r, h, c = self.tokens(b)  # h (B, L, d), c (B, M, d)
         (B, L, _), M = h.shape, c.shape[1]
         x = torch.cat([h, c], 1)  # (B, S, d), S = L + M
         # every candidate sits at position L with the request's time

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, recent_history, user_dim
+from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, user_dim
 from climber.config import ModelConfig
 
 
@@ -37,9 +37,7 @@ class TWIN(Baseline):
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        r = recent_history(b)
-        h = self.embed_history(r)  # (B, L, d)
-        c = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        r, h, c = self.tokens(b)  # h (B, L, d), c (B, M, d)
         (B, L, d), M = h.shape, c.shape[1]
         H, dh = self.cfg.n_heads, self.cfg.d_head
         k_ = min(self.top_k, L)
