@@ -10,8 +10,10 @@
 #
 # Budget, the same for every model of a data set (preset small: 4 blocks x 50 events, d 64,
 # 2 heads, 2 layers; lr 1e-3, warm-up 50 steps then cosine, validation once per epoch, early
-# stopping after 3 validations without gain, best validation checkpoint tested). No tuning:
-# one learning rate for all models, which compare.md states. Per data set, from its training
+# stopping after 3 validations without gain, best validation checkpoint tested). Tuning: the
+# learning rate, from the grid LRS (default {1e-3, 3e-3}) shared by every model, picked per
+# model by mean validation AUC over the seeds; test is evaluated only at the picked rate
+# (compare.md states it). Per data set, from its training
 # requests (batch = requests, each with its history once and all its candidates):
 #
 #   data set   train req.  batch  epochs  steps/run
@@ -21,18 +23,18 @@
 #   beauty       153,776   1024      3       453
 #   grocery       69,176    512      3       408
 #
-# i.e. ~450 steps per run, 24 runs per data set (8 models x 3 seeds), ~55k steps in all.
+# i.e. ~450 steps per run, 48 runs per data set (8 models x 2 rates x 3 seeds), ~110k steps in all.
 # The models are small, so one process cannot keep the GPU busy: (model, data set) jobs run
 # JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
 # Time, estimated from H200 measurements (one process alone: Climber 26-37 steps/s, its
 # ablations 35-39, the baselines 44-75; 8 processes at once at batch 1024: the Climber
 # variants ~10 steps/s each, the baselines 40-80): about 7 minutes (6-8), the Climber
-# variants being most of it, inside a 10-minute limit; not yet timed end to end. A last `climber
+# variants being most of it, per learning rate; not yet timed end to end. A last `climber
 # compare` per data set, with all models, finds every run finished and only writes the table;
 # it is the command recorded in compare.md (run alone, it would train the same runs one after
 # another). Rerunning this script skips finished runs and resumes interrupted ones.
 #
-# Environment: JOBS (default 8); DATASETS (default all five); EXTRA, flags appended to every
+# Environment: JOBS (default 8); LRS (default "1e-3 3e-3"); DATASETS (default all five); EXTRA, flags appended to every
 # call, e.g. a CPU smoke test of the script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2
 # --device cpu".
 set -euo pipefail
@@ -42,6 +44,7 @@ mkdir -p "${2:?usage: $0 DATA_ROOT OUT}"
 OUT=$(realpath "$2")
 cd "$(dirname "$0")/.."  # the repository root: `python -m climber` runs from the checkout
 JOBS=${JOBS:-8}
+LRS=${LRS:-"1e-3 3e-3"}
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}
 MODELS=(climber climber-nobgf climber-mse hstu transformer din twin dlrm)  # slowest first, for packing
@@ -64,11 +67,11 @@ compare() {  # data set, then models; every other flag is the same for all calls
     # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
     # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
     $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds 0 1 2 --preset small \
-        --lrs 1e-3 --warmup-steps 50 --patience 3 --device cuda:0 --num-workers 1 --log-every 50 \
+        --lrs $LRS --warmup-steps 50 --patience 3 --device cuda:0 --num-workers 1 --log-every 50 \
         $(budget "$ds") $EXTRA
 }
 export -f compare budget
-export ROOT OUT PY EXTRA
+export ROOT OUT PY EXTRA LRS
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }
