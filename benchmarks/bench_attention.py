@@ -2,6 +2,11 @@
 
 Variants on the same (B*K, H, L, dh) problems, bf16 q, k, v:
   flash       SDPA flash attention, causal, no bias, no temperature: the ceiling.
+  fused       climber's "fused" path (climber/fused_attention.py): the dense f_b built from the
+              tables, then the Triton kernels (forward; backward with dK, dV, d bias, d(1/tau)
+              and dQ), then d bias reduced into the tables.
+  fused-kernel the Triton kernels alone: the dense bias built beforehand, as the model does once
+              per step for all its layers (its gradient is still computed, not reduced).
   flex        climber's "flex" path: FlexAttention, q.k / tau + f_b / tau evaluated from the
               tables in the score_mod, gradients of 1 / tau and the tables from the Triton
               kernel (what training runs).
@@ -42,7 +47,7 @@ from climber.attention import (
     position_buckets,
 )
 
-VARIANTS = ("flash", "flex", "flex-frozen", "flex-atomic", "sdpa-mask", "split")
+VARIANTS = ("flash", "fused", "fused-kernel", "flex", "flex-frozen", "flex-atomic", "sdpa-mask", "split")
 _flex_atomic_compiled = torch.compile(flex_attention, dynamic=False)
 
 
@@ -90,11 +95,20 @@ def make_case(variant: str, x: dict):
     leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
     q, k, v, tau = leaves["q"], leaves["k"], leaves["v"], leaves["tau"]
     B, K, H, L, dh = q.shape
-    impl = {"sdpa-mask": "sdpa", "split": "split"}.get(variant, "flex")
+    impl = {"sdpa-mask": "sdpa", "split": "split", "fused": "fused", "fused-kernel": "fused"}.get(variant, "flex")
+
+    def inputs():
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # the dense bias follows autocast
+            return history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"],
+                                  impl)
+
+    if variant == "fused-kernel":
+        built = inputs()
+        built.bias = built.bias.detach().requires_grad_()
+        leaves["bias"] = built.bias
 
     def fwd():
-        hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"],
-                              impl)
+        hist = built if variant == "fused-kernel" else inputs()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if variant == "flash":
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):

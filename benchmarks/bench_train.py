@@ -80,7 +80,7 @@ def compile_history(model: Climber) -> None:
 class Trainer:
     """One model + fused AdamW; `rate` times training steps on synthetic batches."""
 
-    def __init__(self, size: str, L: int, impl: str = "flex"):
+    def __init__(self, size: str, L: int, impl: str):
         gc.collect()  # earlier trainers (reference cycles through their compiled layers)
         torch.cuda.empty_cache()
         self.base = torch.cuda.memory_allocated()  # whatever is still held, left out of the peaks
@@ -160,6 +160,8 @@ def main() -> None:
     ap.add_argument("--batch", default="200:256,800:64", help="L:requests per step for the SUMI/SUSI table")
     ap.add_argument("--paper-batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--impl", default="fused", help="attention path for the SUMI/SUSI table and the profile")
+    ap.add_argument("--mfu-impls", default="fused,flex", help="attention paths timed at the paper config")
     ap.add_argument("--reference", action="store_true", help="also time the paper config with 'split' attention")
     ap.add_argument("--profile", action="store_true", help="profile the paper config, m = 8")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -176,7 +178,7 @@ def main() -> None:
 
     for item in args.batch.split(","):  # small model: SUMI at each m, SUSI = M = 1 at the same batch
         L, B = map(int, item.split(":"))
-        trainer = Trainer("small", L)
+        trainer = Trainer("small", L, args.impl)
         rows = {m: trainer.rate(B, m, args.steps) for m in sorted(set(ms) | {1})}
         for m in ms:
             result["sumi_vs_susi"].append({"size": "small", "m": m, "sumi": rows[m], "susi": rows[1],
@@ -184,14 +186,15 @@ def main() -> None:
         del trainer
         save()
 
-    trainer = Trainer("paper", 200)
-    for m in (1, 8):
-        result["mfu"].append({"size": "paper", "impl": "flex", **trainer.rate(args.paper_batch, m, args.steps)})
-    save()
-    if args.profile:
-        result["profile_top_ops"] = trainer.profile(args.paper_batch, 8, args.out / "bench_train_profile.txt")
+    for impl in args.mfu_impls.split(","):
+        trainer = Trainer("paper", 200, impl)
+        for m in (1, 8):
+            result["mfu"].append({"size": "paper", "impl": impl, **trainer.rate(args.paper_batch, m, args.steps)})
         save()
-    del trainer
+        if args.profile and impl == args.impl:
+            result["profile_top_ops"] = trainer.profile(args.paper_batch, 8, args.out / "bench_train_profile.txt")
+            save()
+        del trainer
     if args.reference:
         trainer = Trainer("paper", 200, impl="split")
         result["mfu"].append({"size": "paper", "impl": "split", **trainer.rate(args.paper_batch, 8, args.steps)})

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
 
+from climber.fused_attention import dense_bias, fused_attention
+
 try:
     import triton
     import triton.language as tl
@@ -131,6 +133,13 @@ def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str) 
     i = torch.arange(L, device=time.device)
     pb = position_buckets(i[:, None] - i[None, :], pos_table.shape[-1])  # (L, L)
     tb = time_buckets(time[..., :, None] - time[..., None, :], time_table.shape[-1])  # (B, K, L, L)
+    if impl == "fused":  # f_b once per step in the compute dtype, with a table-reducing backward
+        H = pos_table.shape[2]
+        dtype = torch.get_autocast_dtype("cuda") if time.is_cuda and torch.is_autocast_enabled("cuda") else \
+            torch.float32
+        tables = (per_sample_table(t, scenario, K).reshape(B * K, H, -1) for t in (pos_table, time_table))
+        bias = dense_bias(*tables, pb, tb.reshape(B * K, L, L), dtype)
+        return dataclasses.replace(hist, bias=bias.view(B, K, H, L, L))
     pos = per_sample_table(pos_table, scenario, K)[..., pb]  # (B, K, H, L, L)
     tim = per_sample_table(time_table, scenario, K)  # (B, K, H, T)
     H = tim.shape[2]
@@ -143,6 +152,10 @@ def history_attention(q, k, v, hist: HistoryInputs, tau, impl: str = "split") ->
     -> (B, K, H, L, dh)."""
     if impl == "flex":
         return _flex_history(q, k, v, hist, tau)
+    if impl == "fused":
+        B, K, H, L, _ = q.shape
+        inv = tau.reciprocal().reshape(B * K, H).float()
+        return fused_attention(q, k, v, hist.bias.reshape(B * K, H, L, L), inv, hist.key_valid.reshape(B * K, L))
     if impl == "sdpa":
         # temperature folded into q (scale=1); bias and mask folded into one additive mask
         add = (hist.bias / tau).masked_fill(~hist.allowed[:, :, None], float("-inf"))

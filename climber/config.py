@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
-ATTENTION_IMPLS = ("joint", "split", "sdpa", "flex")
+ATTENTION_IMPLS = ("joint", "split", "sdpa", "flex", "fused")
 ARCHS = ("climber", "dlrm", "din", "twin", "transformer", "hstu")
 
 

@@ -1,18 +1,26 @@
-"""The "flex" history attention (PAPER.md 2.3; GPU training path) against the plain reference.
+"""The GPU history attention paths (PAPER.md 2.3) against the plain reference ("split").
 
-On CPU FlexAttention runs forward only (no backward), so CPU tests compare outputs; the `gpu`
-tests compare outputs and the gradients of q, k, v, the temperature and both f_b tables (the
-last three come from the Triton kernel in `climber/attention.py`), in fp32 and in bf16.
+"fused" (climber/fused_attention.py, Triton): on CPU its kernels run in Triton's interpreter
+(conftest sets TRITON_INTERPRET=1 when there is no GPU; skipped if Triton is not installed),
+so outputs and the gradients of q, k, v, the temperature and both f_b tables are checked
+here as on the GPU. "flex" (FlexAttention): on CPU forward only. The `gpu` tests compare
+outputs and all gradients in fp32, and in bf16 against the reference's own bf16 error.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+from climber import fused_attention
 from climber.attention import history_attention, history_inputs
 from climber.model import Climber
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import perturb, random_batch, tiny_config
+
+interpreted = pytest.mark.skipif(fused_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="needs Triton's CPU interpreter")
 
 # (B, K, H, L, dh, pos buckets, time buckets, table blocks, table scenarios): lengths off the
 # 64-row tile, shared tables (the "MSE only" ablation), time buckets all exact (T = 2)
@@ -23,6 +31,9 @@ SHAPES = [
 ]
 # on GPU, head dims of 16 and up (tensor-core tiles); each shape compiles its own kernels
 GPU_SHAPES = [SHAPES[1], (4, 2, 2, 200, 64, 32, 32, 2, 3), (1, 4, 8, 333, 32, 32, 32, 4, 2)]
+# the fused kernels in the interpreter: one tile with shared tables; several tiles, a fully
+# padded leading tile, all-exact time buckets (T = 2)
+INTERPRETER_SHAPES = [SHAPES[1], (3, 2, 2, 140, 16, 8, 2, 2, 3)]
 
 
 def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
@@ -82,26 +93,60 @@ def test_flex_model_scores_match_reference_on_cpu(adaptive):
         torch.testing.assert_close(fast(b), ref(b), atol=1e-5, rtol=1e-5)
 
 
+@interpreted
+@pytest.mark.parametrize("shape", INTERPRETER_SHAPES)
+def test_fused_outputs_and_grads_match_reference_in_interpreter(shape):
+    x = attention_inputs(*shape)
+    fast, ref = outputs_and_grads("fused", x), outputs_and_grads("split", x)
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) < 1e-5, name
+
+
+@interpreted
+def test_fused_model_gradients_match_reference_in_interpreter():
+    """The whole model, training mode: every parameter's gradient equals the split path's."""
+    torch.manual_seed(0)
+    ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20))
+    perturb(ref)
+    fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20))
+    fast.load_state_dict(ref.state_dict())
+    b = random_batch(ref.cfg, B=3, L=20, M=4, seed=2)
+    for m in (ref, fast):
+        m(b).square().mean().backward()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        if p.grad is not None:
+            assert relative_error(q.grad, p.grad) < 1e-4, name
+
+
+@interpreted
+def test_fused_rejects_head_dims_the_kernels_cannot_tile():
+    x = attention_inputs(2, 1, 2, 8, 8, 8, 8, 1, 1)
+    with pytest.raises(ValueError, match="head dim"):
+        run("fused", x)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ("fused", "flex"))
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_flex_outputs_and_grads_match_reference_fp32(shape):
+def test_fast_outputs_and_grads_match_reference_fp32(shape, impl):
     x = attention_inputs(*shape, device="cuda")
-    fast, ref = outputs_and_grads("flex", x), outputs_and_grads("split", x)
+    fast, ref = outputs_and_grads(impl, x), outputs_and_grads("split", x)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", ("fused", "flex"))
 @pytest.mark.parametrize("shape", GPU_SHAPES[-1:])
-def test_flex_bf16_is_as_accurate_as_reference_bf16(shape):
-    """Under bf16 autocast, the flex path's output and gradients are about as far from the fp32
+def test_fast_bf16_is_as_accurate_as_reference_bf16(shape, impl):
+    """Under bf16 autocast, the fast path's output and gradients are about as far from the fp32
     reference as the reference path's own bf16 run: round-off, not a bug."""
     x = attention_inputs(*shape, device="cuda")
     exact = outputs_and_grads("split", x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast, ref = outputs_and_grads("flex", x), outputs_and_grads("split", x)
+        fast, ref = outputs_and_grads(impl, x), outputs_and_grads("split", x)
     for name in exact:
         e_fast, e_ref = relative_error(fast[name], exact[name]), relative_error(ref[name], exact[name])
-        assert e_fast < 2 * e_ref + 1e-3, f"{name}: flex {e_fast:.1e}, reference {e_ref:.1e}"
+        assert e_fast < 2 * e_ref + 1e-3, f"{name}: {impl} {e_fast:.1e}, reference {e_ref:.1e}"

@@ -1,0 +1,280 @@
+"""Fused history attention for GPU training (PAPER.md 2.3, ATL; issue 5): one Triton kernel
+forward and two backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
+probability matrix in memory), with the SUMI history mask, the dynamic temperature and f_b.
+
+What the bias really needs: f_b(block, scenario) is shared by every layer of a block, so it
+is built densely once per step, (B*K, H, L, L) in the compute dtype, by `dense_bias` (from
+the small tables, a position-bucket LUT and per-sample time-gap buckets), and each layer's
+kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table gathers per
+score element. Backward, each layer writes d bias = dS / tau for its tiles (every score
+element belongs to one program, so plain stores, no atomics); autograd sums the 12 layers'
+dense gradients and `dense_bias`'s backward reduces them to the tables once per step (a
+one-hot matmul for the position table, a scatter-add for the time table).
+
+    s_ij = (q_i . k_j + bias_ij) / tau      allowed: j <= i and (key j valid or j == i)
+
+Inputs are strided views (q, k, v as the fused qkv projection leaves them: (B, K, H, L, dh)
+views of a (B, K, L, 3, H, dh) buffer), so no copies go in; the output is written as
+(B, K, L, H, dh), which the output projection reads without a transpose copy. Leading key
+tiles that are all padding (histories are left-padded) are skipped per sample.
+
+Correctness: `tests/test_attention_fast.py` checks outputs and the gradients of q, k, v, tau
+and both tables against the plain reference path, on the GPU and, through Triton's
+interpreter (TRITON_INTERPRET=1), on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the fused path is GPU-only
+    triton = None
+
+BLOCK = 64  # query and key tile (rows and columns); a power of two >= 16 for tl.dot
+
+
+def available(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class _DenseBias(torch.autograd.Function):
+    """(BK, H, P) position and (BK, H, T) time tables, (L, L) position buckets and (BK, L, L)
+    time buckets -> dense f_b (BK, H, L, L) in `dtype`; backward reduces the dense gradient."""
+
+    @staticmethod
+    def forward(ctx, pos, tim, pb, tb, dtype):
+        BK, H, _ = pos.shape
+        L = pb.shape[0]
+        bias = pos[:, :, pb] + torch.gather(tim, 2, tb.view(BK, 1, L * L).expand(BK, H, L * L)).view(BK, H, L, L)
+        ctx.save_for_backward(pb, tb)
+        ctx.sizes = pos.shape[-1], tim.shape[-1]
+        return bias.to(dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pb, tb = ctx.saved_tensors
+        P, T = ctx.sizes
+        BK, H, L, _ = g.shape
+        g = g.float().reshape(BK, H, L * L)
+        onehot = torch.nn.functional.one_hot(pb.reshape(-1), P).to(g.dtype)  # (L*L, P), shared by all samples
+        dpos = (g.reshape(BK * H, L * L) @ onehot).view(BK, H, P)
+        dtim = torch.zeros(BK, H, T, dtype=g.dtype, device=g.device)
+        dtim.scatter_add_(2, tb.view(BK, 1, L * L).expand(BK, H, L * L), g)
+        return dpos, dtim, None, None, None
+
+
+def dense_bias(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+    return _DenseBias.apply(pos, tim, pb, tb, dtype)
+
+
+def _first_valid(valid: torch.Tensor) -> torch.Tensor:
+    """(BK, L) key validity -> (BK,) int32 index of the first valid key (L if none)."""
+    L = valid.shape[-1]
+    idx = torch.where(valid, torch.arange(L, device=valid.device), L)
+    return idx.min(dim=-1).values.to(torch.int32)
+
+
+class _FusedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, inv_tau, valid):
+        """q, k, v (B, K, H, L, dh) (any strides, dh contiguous); bias (B*K, H, L, L);
+        inv_tau (B*K, H) fp32; valid (B*K, L) bool -> (B, K, H, L, dh), stored (B, K, L, H, dh)."""
+        B, K, H, L, dh = q.shape
+        if dh < 16 or dh & (dh - 1):
+            raise ValueError(f"attention='fused' needs a power-of-two head dim >= 16, not {dh}")
+        q, k, v = (_kernel_view(x) for x in (q, k, v))
+        out = torch.empty(B, K, L, H, dh, dtype=q.dtype, device=q.device).transpose(2, 3)
+        lse = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)
+        first = _first_valid(valid)
+        valid8 = valid.to(torch.int8).contiguous()
+        bias = bias.contiguous()
+        _fwd_kernel[_grid(q)](q, k, v, bias, inv_tau.contiguous(), valid8, first, out, lse, *_strides(q, k, v, out),
+                              H, L, **_meta(q))
+        ctx.save_for_backward(q, k, v, bias, inv_tau, valid8, first, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, inv_tau, valid8, first, out, lse = ctx.saved_tensors
+        B, K, H, L, dh = q.shape
+        dout = _kernel_view(dout.to(q.dtype))
+        delta = (dout.float() * out.float()).sum(-1).reshape(B * K, H, L)  # rowsum(dO O)
+        dq, dk, dv = (torch.empty(B, K, L, H, dh, dtype=q.dtype, device=q.device).transpose(2, 3) for _ in range(3))
+        dbias = torch.zeros_like(bias)
+        dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
+        args = (q, k, v, bias, inv_tau.contiguous(), valid8, first, dout, lse, delta)
+        _bwd_dkdv_kernel[_grid(q)](*args, dk, dv, dbias, dinv, *_strides(q, k, v, dout, dk), H, L, **_meta(q))
+        _bwd_dq_kernel[_grid(q)](*args, dq, *_strides(q, k, v, dout, dq), H, L, **_meta(q))
+        return dq, dk, dv, dbias, dinv.to(inv_tau.dtype), None
+
+
+def _strides(*xs: torch.Tensor) -> list[int]:
+    """(B, K, H, L, dh) views -> for each, the strides of the merged B*K, of H and of L."""
+    out = []
+    for x in xs:
+        sb, sk, sh, sl, _ = x.stride()
+        out += [sk if x.shape[1] > 1 else sb, sh, sl]
+    return out
+
+
+def _grid(q: torch.Tensor) -> tuple[int, int]:
+    B, K, H, L, _ = q.shape
+    return B * K * H, triton.cdiv(L, BLOCK)
+
+
+def _meta(q: torch.Tensor) -> dict:
+    """Compile-time kernel arguments; fp32 inputs get exact (not tf32) dot products."""
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for bf16 inputs
+    return dict(DH=q.shape[-1], BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4, num_stages=2)
+
+
+def _kernel_view(x: torch.Tensor) -> torch.Tensor:
+    """x itself if the kernels can read it (dh contiguous, B and K mergeable), else a copy."""
+    B, K = x.shape[:2]
+    sb, sk, *_, sd = x.stride()
+    return x if sd == 1 and (B == 1 or K == 1 or sb == sk * K) else x.contiguous()
+
+
+@torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
+def fused_attention(q, k, v, bias, inv_tau, valid) -> torch.Tensor:
+    """Causal history attention with temperature and dense bias; see the module docstring."""
+    if not available(q.device):
+        raise RuntimeError("attention='fused' needs a CUDA GPU and Triton; use 'split' on CPU")
+    return _FusedAttention.apply(q, k, v, bias, inv_tau, valid)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, PREC: tl.constexpr):
+        """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask."""
+        col_ok = cols < L
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        raw = qk + tl.load(bias_ptrs, mask=(rows[:, None] < L) & col_ok[None, :], other=0.0).to(tl.float32)
+        key_ok = tl.load(valid_ptr + cols, mask=col_ok, other=0) != 0
+        diag = rows[:, None] == cols[None, :]
+        ok = (cols[None, :] <= rows[:, None]) & (key_ok[None, :] | diag) & col_ok[None, :]
+        return raw, raw * inv, ok
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
+                    sob, soh, sol, H, L, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    PREC: tl.constexpr):
+        """One program per (BM query rows, sample-block b, head h): online softmax over the
+        causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
+        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
+        b, h = bh // H, bh % H
+        row0 = tl.program_id(1) * BM
+        rows = row0 + tl.arange(0, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
+        inv = tl.load(INV + bh)
+        first = tl.load(FIRST + b)
+        lo = tl.minimum(first // BN * BN, row0 // BN * BN)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DH], tl.float32)
+        for start in range(lo, tl.minimum(row0 + BM, L), BN):
+            cols = start + tl.arange(0, BN)
+            kv_ok = (cols < L)[:, None]
+            k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=kv_ok, other=0.0)
+            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            s_sum = s_sum * alpha + tl.sum(p, axis=1)
+            v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=kv_ok, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m = m_new
+        o = acc / s_sum[:, None]
+        tl.store(OUT + b * sob + h * soh + rows[:, None] * sol + dims[None, :], o.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqh, sql,
+                         skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl, H, L, DH: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
+        diagonal, d bias = dS / tau stored per tile, sum dS (q.k + bias) into d(1/tau)."""
+        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
+        b, h = bh // H, bh % H
+        col0 = tl.program_id(1) * BN
+        cols = col0 + tl.arange(0, BN)
+        dims = tl.arange(0, DH)
+        col_ok = cols < L
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=col_ok[:, None], other=0.0)
+        inv = tl.load(INV + bh)
+        lo = col0 // BM * BM
+        # keys that are all padding are seen by their own row only: the diagonal tile
+        hi = tl.where(col0 + BN <= tl.load(FIRST + b), tl.minimum(lo + BM, L), L)
+        dk = tl.zeros([BN, DH], tl.float32)
+        dv = tl.zeros([BN, DH], tl.float32)
+        dinv = tl.zeros([BN], tl.float32)
+        for start in range(lo, hi, BM):
+            rows = start + tl.arange(0, BM)
+            row_ok = rows < L
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :], mask=row_ok[:, None],
+                         other=0.0)
+            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+            # scores transposed to (BN keys, BM queries) would save the transposes below; kept
+            # in (BM, BN) so the mask logic is the forward's
+            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])  # d loss / d s
+            dinv += tl.sum(ds * raw, axis=0)
+            dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
+            tl.store(DBIAS + bh * L * L + rows[:, None] * L + cols[None, :], dsi.to(DBIAS.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+            dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
+        tl.store(DK + b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :], dk.to(DK.dtype.element_ty),
+                 mask=col_ok[:, None])
+        tl.store(DV + b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :], dv.to(DV.dtype.element_ty),
+                 mask=col_ok[:, None])
+        tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, sqb, sqh, sql, skb, skh, skl,
+                       svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl, H, L, DH: tl.constexpr, BM: tl.constexpr,
+                       BN: tl.constexpr, PREC: tl.constexpr):
+        """One program per (BM queries, b, h): dQ over the forward's key tiles."""
+        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
+        b, h = bh // H, bh % H
+        row0 = tl.program_id(1) * BM
+        rows = row0 + tl.arange(0, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :], mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+        inv = tl.load(INV + bh)
+        lo = tl.minimum(tl.load(FIRST + b) // BN * BN, row0 // BN * BN)
+        dq = tl.zeros([BM, DH], tl.float32)
+        for start in range(lo, tl.minimum(row0 + BM, L), BN):
+            cols = start + tl.arange(0, BN)
+            kv_ok = (cols < L)[:, None]
+            k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=kv_ok, other=0.0)
+            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+            dq += tl.dot((ds * inv).to(k.dtype), k, input_precision=PREC)
+        tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgl + dims[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None])
