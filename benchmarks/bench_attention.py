@@ -7,12 +7,6 @@ Variants on the same (B*K, H, L, dh) problems, bf16 q, k, v:
               and dQ), then d bias reduced into the tables.
   fused-kernel the Triton kernels alone: the dense bias built beforehand, as the model does once
               per step for all its layers (its gradient is still computed, not reduced).
-  flex        climber's "flex" path: FlexAttention, q.k / tau + f_b / tau evaluated from the
-              tables in the score_mod, gradients of 1 / tau and the tables from the Triton
-              kernel (what training runs).
-  flex-frozen the same with tau and the tables frozen: FlexAttention alone.
-  flex-atomic tau folded into q, FlexAttention's own gradient for the tables (captured
-              buffers: one atomic add per score element), the design the kernel replaces.
   sdpa-mask   climber's "sdpa" path: SDPA with the dense bias + mask as an additive mask.
   split       climber's "split" reference: dense bias, fp32 softmax, plain matmuls.
 Everything runs under bf16 autocast, as in training. sdpa-mask and split include building the
@@ -36,19 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from climber.attention import (
-    FLEX_KERNEL_OPTIONS,
-    history_attention,
-    history_inputs,
-    history_score_mod,
-    per_sample_table,
-    position_buckets,
-)
+from climber.attention import history_attention, history_inputs
 
-VARIANTS = ("flash", "fused", "fused-kernel", "flex", "flex-frozen", "flex-atomic", "sdpa-mask", "split")
-_flex_atomic_compiled = torch.compile(flex_attention, dynamic=False)
+VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 
 
 def environment(argv: list[str]) -> dict:
@@ -73,29 +58,14 @@ def problem(BK: int, H: int, L: int, dh: int, K: int = 4, P: int = 32, T: int = 
                 hist_mask=hist_mask)
 
 
-def flex_atomic(q, k, v, hist, tau):
-    """Plain FlexAttention: tau folded into q, the tables left in the score_mod's autograd."""
-    B, K, H, L, dh = q.shape
-    pos = (per_sample_table(hist.pos_table, hist.scenario, K) / tau[..., 0]).reshape(B * K, H, -1)
-    tim = (per_sample_table(hist.time_table, hist.scenario, K) / tau[..., 0]).reshape(B * K, H, -1)
-    pos_rel = pos[..., position_buckets(torch.arange(L, device=q.device), pos.shape[-1])]
-    one = torch.ones(B * K, H, device=q.device)
-    score_mod = history_score_mod(one, pos_rel, tim, hist.time.reshape(B * K, L), hist.key_valid.reshape(B * K, L))
-    mask = create_block_mask(lambda b, h, i, j: i >= j, None, None, L, L, device=q.device)
-    out = _flex_atomic_compiled((q / tau).to(q.dtype).reshape(B * K, H, L, dh), k.reshape(B * K, H, L, dh),
-                                v.reshape(B * K, H, L, dh), score_mod=score_mod, block_mask=mask, scale=1.0,
-                                kernel_options=FLEX_KERNEL_OPTIONS)
-    return out.view(B, K, H, L, dh)
-
-
 def make_case(variant: str, x: dict):
     """(forward closure, leaves that take gradients) for one variant on problem `x`."""
-    frozen = variant in ("flash", "flex-frozen")
+    frozen = variant == "flash"
     leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v")}
     leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
     q, k, v, tau = leaves["q"], leaves["k"], leaves["v"], leaves["tau"]
     B, K, H, L, dh = q.shape
-    impl = {"sdpa-mask": "sdpa", "split": "split", "fused": "fused", "fused-kernel": "fused"}.get(variant, "flex")
+    impl = {"sdpa-mask": "sdpa", "fused-kernel": "fused"}.get(variant, variant)
 
     def inputs():
         with torch.autocast("cuda", dtype=torch.bfloat16):  # the dense bias follows autocast
@@ -114,8 +84,6 @@ def make_case(variant: str, x: dict):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(*(t.view(B * K, H, L, dh) for t in (q, k, v)),
                                                           is_causal=True)
-            if variant == "flex-atomic":
-                return flex_atomic(q, k, v, hist, tau)
             return history_attention(q, k, v, hist, tau, impl)
 
     return fwd, leaves

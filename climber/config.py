@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
-ATTENTION_IMPLS = ("joint", "split", "sdpa", "flex", "fused")
+ATTENTION_IMPLS = ("joint", "split", "sdpa", "fused")
 ARCHS = ("climber", "dlrm", "din", "twin", "transformer", "hstu")
 
 
@@ -67,12 +67,14 @@ class ModelConfig:
     time_buckets: int = 32
     adaptive: bool = True
     bgf: bool = True
+    target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
     se_reduction: int = 4
     head_hidden: tuple[int, ...] = (256, 64)
     # "joint": the paper's literal masked [history; candidates] sequence (reference path);
     # "split": history prefill + candidate scoring in plain torch; "sdpa": split with
-    # scaled_dot_product_attention for the history; "flex": split with FlexAttention for the
-    # history, f_b evaluated from its tables in the kernel (GPU training; CPU forward only)
+    # scaled_dot_product_attention for the history; "fused": split with the Triton kernels of
+    # climber/fused_attention.py for the history (GPU training: FlashAttention-style, f_b read
+    # from the dense bias built once per step)
     attention: str = "split"
 
     def __post_init__(self) -> None:

@@ -60,11 +60,18 @@ class _DenseBias(torch.autograd.Function):
         pb, tb = ctx.saved_tensors
         P, T = ctx.sizes
         BK, H, L, _ = g.shape
+        # sums of g per bucket as one-hot matmuls (fp32 accumulation), not scatter-adds: a
+        # scatter of B*K*H*L*L values into a few thousand entries serialises on atomics
+        # (173 ms at B*K = 64, L = 800 on an H200, against 3.3 ms for the attention itself)
         g = g.float().reshape(BK, H, L * L)
-        onehot = torch.nn.functional.one_hot(pb.reshape(-1), P).to(g.dtype)  # (L*L, P), shared by all samples
+        onehot = torch.zeros(L * L, P, dtype=g.dtype, device=g.device).scatter_(1, pb.view(-1, 1), 1)
         dpos = (g.reshape(BK * H, L * L) @ onehot).view(BK, H, P)
-        dtim = torch.zeros(BK, H, T, dtype=g.dtype, device=g.device)
-        dtim.scatter_add_(2, tb.view(BK, 1, L * L).expand(BK, H, L * L), g)
+        dtim = torch.empty(BK, H, T, dtype=g.dtype, device=g.device)
+        chunk = max(1, 2**27 // (L * L * T))  # samples per time one-hot: <= 128M entries, 512 MB
+        for i in range(0, BK, chunk):
+            t = tb[i:i + chunk].reshape(-1, L * L, 1)  # per-sample buckets
+            onehot = torch.zeros(len(t), L * L, T, dtype=g.dtype, device=g.device).scatter_(2, t, 1)
+            dtim[i:i + chunk] = g[i:i + chunk] @ onehot
         return dpos, dtim, None, None, None
 
 
@@ -145,7 +152,7 @@ def _kernel_view(x: torch.Tensor) -> torch.Tensor:
 def fused_attention(q, k, v, bias, inv_tau, valid) -> torch.Tensor:
     """Causal history attention with temperature and dense bias; see the module docstring."""
     if not available(q.device):
-        raise RuntimeError("attention='fused' needs a CUDA GPU and Triton; use 'split' on CPU")
+        raise RuntimeError("the fused attention kernels need a CUDA GPU and Triton")
     return _FusedAttention.apply(q, k, v, bias, inv_tau, valid)
 
 

@@ -13,7 +13,11 @@
 4. Block readout: the last layer's hidden state at each candidate token, E (B, M, K, d).
 5. Bit-wise gating fusion (BGF): one ATL across the K block vectors (no bias, temperature
    from the scenario), then an element-wise squeeze-and-excitation gate.
-6. Multi-task head: an MLP to one logit per task.
+6. Multi-task head: an MLP to one logit per task. With `target_product` (our addition, in the
+   room PAPER.md 5 leaves for the readout) it also sees c * E_k, the candidate embedding times
+   each block output: softmax attention returns a convex mix of history values and so drops
+   how strongly the candidate matches the history, and an MLP learns products poorly; DLRM's
+   dot products and HSTU's gating carry that signal (docs/design.md).
 
 SUMI: candidates are appended after the history; history tokens never see candidates, so
 `prefill` encodes the history once (returning per-layer keys and values) and `score` runs all
@@ -158,7 +162,7 @@ class Climber(TokenEmbeddings):
         self.norm_out = BlockRMSNorm(K, d)
         # 5. fusion and 6. head
         self.bgf = BitwiseGatingFusion(cfg) if cfg.bgf else None
-        dims = (K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden)
+        dims = ((2 if cfg.target_product else 1) * K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden)
         mlp: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             mlp += [nn.Linear(a, b), nn.GELU(), nn.Dropout(cfg.dropout)]
@@ -203,7 +207,7 @@ class Climber(TokenEmbeddings):
         """Encode the history through every layer of every block; keep each layer's keys/values."""
         h = self.embed_history(b)
         t = b["hist_time"]
-        # f_b as tables + times: the reference paths get it dense, "flex" evaluates it in-kernel
+        # f_b built densely once, shared by the layers (tables + times -> (B, K, H, L, L))
         hist = history_inputs(b["hist_mask"], t, b["req_scenario"], self.pos_bias, self.time_bias, self.cfg.attention)
         tau = self._tau(b["req_scenario"])
         kv = []
@@ -216,7 +220,8 @@ class Climber(TokenEmbeddings):
         """Logits (B, M, T) for candidates (B, M) against a prefilled history."""
         B, M = cand_item.shape
         K, L = self.cfg.n_blocks, cache.hist_mask.shape[-1]
-        c = self.embed_candidates(cand_item, cache.scenario)[:, None].expand(B, K, M, -1)
+        c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
+        c = c0[:, None].expand(B, K, M, -1)
         # every candidate sits at position L with the request's time
         rel = (L - torch.arange(L, device=c.device)).view(1, 1, 1, L)
         dt = (req_time[:, None, None] - cache.hist_time)[:, :, None, :]  # (B, K, 1, L)
@@ -226,15 +231,15 @@ class Climber(TokenEmbeddings):
         tau = self._tau(cache.scenario)
         for layer, tau_l, kv in zip(self.layers, tau, cache.kv):
             c = layer.candidates(c, kv, bias_hist, bias_self, tau_l, cache.hist_mask)
-        return self._fuse_and_head(self.norm_out(c).permute(0, 2, 1, 3), cache.scenario, cache.user)
+        return self._fuse_and_head(self.norm_out(c).permute(0, 2, 1, 3), c0, cache.scenario, cache.user)
 
     def forward_joint(self, b: dict) -> torch.Tensor:
         """Reference path: the paper's literal [history; candidates] sequence with a SUMI mask."""
         h = self.embed_history(b)
         B, K, L, _ = h.shape
         M = b["cand_item"].shape[1]
-        c = self.embed_candidates(b["cand_item"], b["req_scenario"])[:, None].expand(B, K, M, -1)
-        x = torch.cat([h, c], dim=2)
+        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        x = torch.cat([h, c0[:, None].expand(B, K, M, -1)], dim=2)
         pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(x.device)
         t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
         bias = self._bias(b["req_scenario"], (pos[:, None] - pos[None, :])[None, None],
@@ -242,11 +247,15 @@ class Climber(TokenEmbeddings):
         allowed = joint_mask(b["hist_mask"], b["cand_mask"])
         for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
             x = layer.joint(x, bias, tau_l, allowed)
-        return self._fuse_and_head(self.norm_out(x[:, :, L:]).permute(0, 2, 1, 3), b["req_scenario"], b["user"])
+        return self._fuse_and_head(self.norm_out(x[:, :, L:]).permute(0, 2, 1, 3), c0, b["req_scenario"], b["user"])
 
-    def _fuse_and_head(self, e: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+    def _fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor,
+                       user: torch.Tensor) -> torch.Tensor:
+        """Block outputs e (B, M, K, d) and candidate embeddings c (B, M, d) -> logits (B, M, T)."""
         B, M, K, d = e.shape
         y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
+        if self.cfg.target_product:  # c * E_k: how well the candidate matches each block's readout
+            y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
         return self.head(self.with_user(y, user))
 
     def forward(self, b: dict) -> torch.Tensor:
@@ -276,7 +285,8 @@ class Climber(TokenEmbeddings):
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
-        dims = (K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
+        dims = ((2 if cfg.target_product else 1) * K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden,
+                len(cfg.tasks))
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
 
