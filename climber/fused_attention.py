@@ -159,6 +159,15 @@ def fused_attention(q, k, v, bias, inv_tau, valid) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _load_rows(X, b, h, idx, sb, sh, sl, dims, ok):
+        """Rows `idx` (with validity `ok`) of the (b, h) slice of a strided (B*K, H, L, DH) tensor."""
+        return _load_rows(X, b, h, idx, sb, sh, sl, dims, ok)
+
+    @triton.jit
+    def _store_rows(X, val, b, h, idx, sb, sh, sl, dims, ok):
+        _store_rows(X, val, b, h, idx, sb, sh, sl, dims, ok)
+
+    @triton.jit
     def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, PREC: tl.constexpr):
         """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask."""
         col_ok = cols < L
@@ -181,7 +190,7 @@ if triton is not None:
         rows = row0 + tl.arange(0, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
         inv = tl.load(INV + bh)
         first = tl.load(FIRST + b)
         lo = tl.minimum(first // BN * BN, row0 // BN * BN)
@@ -190,8 +199,8 @@ if triton is not None:
         acc = tl.zeros([BM, DH], tl.float32)
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
-            kv_ok = (cols < L)[:, None]
-            k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=kv_ok, other=0.0)
+            kv_ok = cols < L
+            k = _load_rows(K, b, h, cols, skb, skh, skl, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
             s = tl.where(ok, s, float("-inf"))
@@ -200,12 +209,11 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             s_sum = s_sum * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=kv_ok, other=0.0)
+            v = _load_rows(V, b, h, cols, svb, svh, svl, dims, kv_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m = m_new
         o = acc / s_sum[:, None]
-        tl.store(OUT + b * sob + h * soh + rows[:, None] * sol + dims[None, :], o.to(OUT.dtype.element_ty),
-                 mask=row_ok[:, None])
+        _store_rows(OUT, o, b, h, rows, sob, soh, sol, dims, row_ok)
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
@@ -220,8 +228,8 @@ if triton is not None:
         cols = col0 + tl.arange(0, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
-        k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=col_ok[:, None], other=0.0)
+        k = _load_rows(K, b, h, cols, skb, skh, skl, dims, col_ok)
+        v = _load_rows(V, b, h, cols, svb, svh, svl, dims, col_ok)
         inv = tl.load(INV + bh)
         lo = col0 // BM * BM
         # keys that are all padding are seen by their own row only: the diagonal tile
@@ -232,9 +240,8 @@ if triton is not None:
         for start in range(lo, hi, BM):
             rows = start + tl.arange(0, BM)
             row_ok = rows < L
-            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :], mask=row_ok[:, None],
-                         other=0.0)
+            q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
+            do = _load_rows(DO, b, h, rows, sdb, sdh, sdl, dims, row_ok)
             lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
             # scores transposed to (BN keys, BM queries) would save the transposes below; kept
@@ -249,10 +256,8 @@ if triton is not None:
             tl.store(DBIAS + bh * L * L + rows[:, None] * L + cols[None, :], dsi.to(DBIAS.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
-        tl.store(DK + b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :], dk.to(DK.dtype.element_ty),
-                 mask=col_ok[:, None])
-        tl.store(DV + b * sgb + h * sgh + cols[:, None] * sgl + dims[None, :], dv.to(DV.dtype.element_ty),
-                 mask=col_ok[:, None])
+        _store_rows(DK, dk, b, h, cols, sgb, sgh, sgl, dims, col_ok)
+        _store_rows(DV, dv, b, h, cols, sgb, sgh, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
     @triton.jit
@@ -266,8 +271,8 @@ if triton is not None:
         rows = row0 + tl.arange(0, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
-        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + dims[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdl + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
+        do = _load_rows(DO, b, h, rows, sdb, sdh, sdl, dims, row_ok)
         lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
         inv = tl.load(INV + bh)
@@ -275,13 +280,12 @@ if triton is not None:
         dq = tl.zeros([BM, DH], tl.float32)
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
-            kv_ok = (cols < L)[:, None]
-            k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + dims[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(V + b * svb + h * svh + cols[:, None] * svl + dims[None, :], mask=kv_ok, other=0.0)
+            kv_ok = cols < L
+            k = _load_rows(K, b, h, cols, skb, skh, skl, dims, kv_ok)
+            v = _load_rows(V, b, h, cols, svb, svh, svl, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot((ds * inv).to(k.dtype), k, input_precision=PREC)
-        tl.store(DQ + b * sgb + h * sgh + rows[:, None] * sgl + dims[None, :], dq.to(DQ.dtype.element_ty),
-                 mask=row_ok[:, None])
+        _store_rows(DQ, dq, b, h, rows, sgb, sgh, sgl, dims, row_ok)

@@ -146,9 +146,9 @@ def test_empty_history_gives_finite_scores():
 
 
 @pytest.mark.parametrize("impl", ("joint", "split"))
-@pytest.mark.parametrize("bgf", (True, False))
-def test_flops_formula_matches_torch_flop_counter(impl, bgf):
-    model = make(impl, bgf=bgf)
+@pytest.mark.parametrize("bgf,target_product", [(True, True), (True, False), (False, True)])
+def test_flops_formula_matches_torch_flop_counter(impl, bgf, target_product):
+    model = make(impl, bgf=bgf, target_product=target_product)
     L, M = 8, 5
     b = random_batch(model.cfg, B=1, L=L, M=M, full=True)
     with FlopCounterMode(display=False) as fc:
