@@ -111,6 +111,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3
+    # embedding tables' learning rate / lr: each row is updated only when its id is in the batch
+    embedding_lr_mult: float = 1.0
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -129,8 +131,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+        if self.lr <= 0 or self.embedding_lr_mult <= 0:
+            raise ValueError("lr and embedding_lr_mult must be positive")
         if self.patience < 1 or self.keep_checkpoints < 1:
             raise ValueError("patience and keep_checkpoints must be at least 1")
 

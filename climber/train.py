@@ -110,16 +110,21 @@ def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> torch.nn.Module:
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on dense matrices only; not on embeddings, norms, biases or bias tables."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_mult: float = 1.0) -> list[dict]:
+    """Weight decay on dense matrices only; not on embeddings, norms, biases or bias tables.
+    Embedding tables get their own group, at `embedding_lr_mult` times the learning rate."""
+    decay, no_decay, embeddings = [], [], []
     emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_matrix = p.ndim >= 2 and id(p) not in emb and not name.endswith(("pos_bias", "time_bias", "log_tau"))
+        if id(p) in emb:
+            embeddings.append(p)
+            continue
+        is_matrix = p.ndim >= 2 and not name.endswith(("pos_bias", "time_bias", "log_tau"))
         (decay if is_matrix and "norm" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": embeddings, "weight_decay": 0.0, "lr_mult": embedding_lr_mult}]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -147,7 +152,7 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
                   "dataset": data.meta["name"], "tasks": list(data.tasks)}
 
     model = build_model(model_cfg, data, cfg.seed).to(device)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98),
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult), lr=cfg.lr, betas=(0.9, 0.98),
                             fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "bad_evals": 0, "best_step": -1}
     last = checkpoint.latest_step_dir(ckpt_root)
@@ -194,7 +199,7 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         for b in batches:
             b = to_device(b, device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(state["step"], total, cfg)
+                g["lr"] = lr_at(state["step"], total, cfg) * g.get("lr_mult", 1.0)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = masked_bce(step_fn(b), b, weights)
             opt.zero_grad(set_to_none=True)

@@ -115,3 +115,22 @@ def test_ddp_two_cpu_processes(data_dir, tmp_path):
     n_train = len(SumiData(data_dir).requests("train"))
     assert summary["steps"] == 2 * -(-(n_train // 2) // 8)  # each rank sees half the requests per epoch
     assert (out / "best" / "model.safetensors").exists()
+
+
+def test_param_groups_cover_every_parameter_once_with_embeddings_at_their_own_rate():
+    from climber.model import Climber
+    from climber.train import param_groups
+    from tests.helpers import tiny_config
+
+    model = Climber(tiny_config())
+    groups = param_groups(model, 0.1, embedding_lr_mult=5.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    (emb,) = [g for g in groups if "lr_mult" in g]
+    assert emb["lr_mult"] == 5.0 and emb["weight_decay"] == 0.0
+    assert {id(p) for p in emb["params"]} == {id(model.item_emb.weight), id(model.action_emb.weight),
+                                               id(model.flag_emb.weight), id(model.scenario_emb.weight),
+                                               *(id(e.weight) for e in model.item_feat_emb),
+                                               *(id(e.weight) for e in model.user_feat_emb)}
+    with pytest.raises(ValueError, match="embedding_lr_mult"):
+        TrainConfig(embedding_lr_mult=0)
