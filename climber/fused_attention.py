@@ -117,7 +117,7 @@ class _FusedAttention(torch.autograd.Function):
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         args = (q, k, v, bias, inv_tau.contiguous(), valid8, first, dout, lse, delta)
         _bwd_dkdv_kernel[_grid(q)](*args, dk, dv, dbias, dinv, *_strides(q, k, v, dout, dk), H, L, **_meta(q))
-        _bwd_dq_kernel[_grid(q)](*args, dq, *_strides(q, k, v, dout, dq), H, L, **_meta(q))
+        _bwd_dq_kernel[_grid(q)](*args, dq, dinv, *_strides(q, k, v, dout, dq), H, L, **_meta(q))
         return dq, dk, dv, dbias, dinv.to(inv_tau.dtype), None
 
 
@@ -161,11 +161,11 @@ if triton is not None:
     @triton.jit
     def _load_rows(X, b, h, idx, sb, sh, sl, dims, ok):
         """Rows `idx` (with validity `ok`) of the (b, h) slice of a strided (B*K, H, L, DH) tensor."""
-        return _load_rows(X, b, h, idx, sb, sh, sl, dims, ok)
+        return tl.load(X + b * sb + h * sh + idx[:, None] * sl + dims[None, :], mask=ok[:, None], other=0.0)
 
     @triton.jit
     def _store_rows(X, val, b, h, idx, sb, sh, sl, dims, ok):
-        _store_rows(X, val, b, h, idx, sb, sh, sl, dims, ok)
+        tl.store(X + b * sb + h * sh + idx[:, None] * sl + dims[None, :], val.to(X.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
     def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, PREC: tl.constexpr):
@@ -261,10 +261,12 @@ if triton is not None:
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, sqb, sqh, sql, skb, skh, skl,
+    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, DINV, sqb, sqh, sql, skb, skh, skl,
                        svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl, H, L, DH: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, PREC: tl.constexpr):
-        """One program per (BM queries, b, h): dQ over the forward's key tiles."""
+        """One program per (BM queries, b, h): dQ over the forward's key tiles, and the exact
+        d(1/tau) correction: the dK/dV pass used delta = rowsum(dO O), which is D = sum_j P dP
+        only up to O's rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
         bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
         b, h = bh // H, bh % H
         row0 = tl.program_id(1) * BM
@@ -278,14 +280,19 @@ if triton is not None:
         inv = tl.load(INV + bh)
         lo = tl.minimum(tl.load(FIRST + b) // BN * BN, row0 // BN * BN)
         dq = tl.zeros([BM, DH], tl.float32)
+        pdp_sum = tl.zeros([BM], tl.float32)
+        praw_sum = tl.zeros([BM], tl.float32)
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
             kv_ok = cols < L
             k = _load_rows(K, b, h, cols, skb, skh, skl, dims, kv_ok)
             v = _load_rows(V, b, h, cols, svb, svh, svl, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-            dq += tl.dot((ds * inv).to(k.dtype), k, input_precision=PREC)
+            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
+            pdp_sum += tl.sum(pdp, axis=1)
+            praw_sum += tl.sum(p * raw, axis=1)
+            dq += tl.dot(((pdp - p * delta[:, None]) * inv).to(k.dtype), k, input_precision=PREC)
         _store_rows(DQ, dq, b, h, rows, sgb, sgh, sgl, dims, row_ok)
+        tl.atomic_add(DINV + bh, tl.sum(tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0), axis=0))
