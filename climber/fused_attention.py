@@ -8,8 +8,8 @@ the small tables, a position-bucket LUT and per-sample time-gap buckets), and ea
 kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table gathers per
 score element. Backward, each layer writes d bias = dS / tau for its tiles (every score
 element belongs to one program, so plain stores, no atomics); autograd sums the 12 layers'
-dense gradients and `dense_bias`'s backward reduces them to the tables once per step (a
-one-hot matmul for the position table, a scatter-add for the time table).
+dense gradients and `dense_bias`'s backward reduces them to the tables once per step (one-hot
+matmuls in fp32). The dQ pass adds the exact d(1/tau) correction for a bf16 output.
 
     s_ij = (q_i . k_j + bias_ij) / tau      allowed: j <= i and (key j valid or j == i)
 
