@@ -159,6 +159,14 @@ def fused_attention(q, k, v, bias, inv_tau, valid) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _program(H, BLOCK: tl.constexpr):
+        """This program's (sample-block x head) index bh, its b and h, and its tile's first row
+        (or key) and indices. bh is on grid axis 0 (no 65,535 limit), int64 for the offsets."""
+        bh = tl.program_id(0).to(tl.int64)
+        start = tl.program_id(1) * BLOCK
+        return bh, bh // H, bh % H, start, start + tl.arange(0, BLOCK)
+
+    @triton.jit
     def _load_rows(X, b, h, idx, sb, sh, sl, dims, ok):
         """Rows `idx` (with validity `ok`) of the (b, h) slice of a strided (B*K, H, L, DH) tensor."""
         return tl.load(X + b * sb + h * sh + idx[:, None] * sl + dims[None, :], mask=ok[:, None], other=0.0)
@@ -184,10 +192,7 @@ if triton is not None:
                     PREC: tl.constexpr):
         """One program per (BM query rows, sample-block b, head h): online softmax over the
         causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
-        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
-        b, h = bh // H, bh % H
-        row0 = tl.program_id(1) * BM
-        rows = row0 + tl.arange(0, BM)
+        bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
         q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
@@ -222,10 +227,7 @@ if triton is not None:
                          BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
         diagonal, d bias = dS / tau stored per tile, sum dS (q.k + bias) into d(1/tau)."""
-        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
-        b, h = bh // H, bh % H
-        col0 = tl.program_id(1) * BN
-        cols = col0 + tl.arange(0, BN)
+        bh, b, h, col0, cols = _program(H, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
         k = _load_rows(K, b, h, cols, skb, skh, skl, dims, col_ok)
@@ -267,10 +269,7 @@ if triton is not None:
         """One program per (BM queries, b, h): dQ over the forward's key tiles, and the exact
         d(1/tau) correction: the dK/dV pass used delta = rowsum(dO O), which is D = sum_j P dP
         only up to O's rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
-        bh = tl.program_id(0).to(tl.int64)  # axis 0: no 65,535 limit
-        b, h = bh // H, bh % H
-        row0 = tl.program_id(1) * BM
-        rows = row0 + tl.arange(0, BM)
+        bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
         q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
