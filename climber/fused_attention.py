@@ -64,14 +64,14 @@ class _DenseBias(torch.autograd.Function):
         # scatter of B*K*H*L*L values into a few thousand entries serialises on atomics
         # (173 ms at B*K = 64, L = 800 on an H200, against 3.3 ms for the attention itself)
         g = g.float().reshape(BK, H, L * L)
-        onehot = torch.zeros(L * L, P, dtype=g.dtype, device=g.device).scatter_(1, pb.view(-1, 1), 1)
-        dpos = (g.reshape(BK * H, L * L) @ onehot).view(BK, H, P)
+        pos_onehot = torch.zeros(L * L, P, dtype=g.dtype, device=g.device).scatter_(1, pb.view(-1, 1), 1)
+        dpos = (g.reshape(BK * H, L * L) @ pos_onehot).view(BK, H, P)
         dtim = torch.empty(BK, H, T, dtype=g.dtype, device=g.device)
         chunk = max(1, 2**27 // (L * L * T))  # samples per time one-hot: <= 128M entries, 512 MB
         for i in range(0, BK, chunk):
             t = tb[i:i + chunk].reshape(-1, L * L, 1)  # per-sample buckets
-            onehot = torch.zeros(len(t), L * L, T, dtype=g.dtype, device=g.device).scatter_(2, t, 1)
-            dtim[i:i + chunk] = g[i:i + chunk] @ onehot
+            time_onehot = torch.zeros(len(t), L * L, T, dtype=g.dtype, device=g.device).scatter_(2, t, 1)
+            dtim[i:i + chunk] = g[i:i + chunk] @ time_onehot
         return dpos, dtim, None, None, None
 
 

@@ -162,7 +162,7 @@ class Climber(TokenEmbeddings):
         self.norm_out = BlockRMSNorm(K, d)
         # 5. fusion and 6. head
         self.bgf = BitwiseGatingFusion(cfg) if cfg.bgf else None
-        dims = ((2 if cfg.target_product else 1) * K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden)
+        dims = _head_dims(cfg)[:-1]
         mlp: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
             mlp += [nn.Linear(a, b), nn.GELU(), nn.Dropout(cfg.dropout)]
@@ -285,10 +285,16 @@ class Climber(TokenEmbeddings):
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
-        dims = ((2 if cfg.target_product else 1) * K * d + (d if cfg.user_feature_cards else 0), *cfg.head_hidden,
-                len(cfg.tasks))
+        dims = _head_dims(cfg)
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
+
+
+def _head_dims(cfg: ModelConfig) -> tuple[int, ...]:
+    """Widths of the head MLP, input to logits: the fused block outputs (and c * E_k with
+    `target_product`), plus the user side-feature vector."""
+    width = (2 if cfg.target_product else 1) * cfg.n_blocks * cfg.d_model
+    return (width + (cfg.d_model if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
 
 
 def make_model(cfg: ModelConfig) -> nn.Module:
