@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from climber.attention import history_attention, history_inputs
+from climber.model import block_major
 
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 
@@ -61,10 +62,13 @@ def problem(BK: int, H: int, L: int, dh: int, K: int = 4, P: int = 32, T: int = 
 def make_case(variant: str, x: dict):
     """(forward closure, leaves that take gradients) for one variant on problem `x`."""
     frozen = variant == "flash"
-    leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v")}
+    if frozen:  # flash reads q, k, v (B*K, H, L, dh) contiguous; the others the packed projections
+        leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v")}
+    else:  # packed (B, K, L, 3, H, dh), stored block-major as the model's qkv projection leaves them
+        leaves = {"qkv": block_major(torch.stack([x[n].transpose(2, 3) for n in "qkv"], dim=3)).requires_grad_()}
     leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
-    q, k, v, tau = leaves["q"], leaves["k"], leaves["v"], leaves["tau"]
-    B, K, H, L, dh = q.shape
+    tau = leaves["tau"]
+    B, K, H, L, dh = x["q"].shape
     impl = {"sdpa-mask": "sdpa", "fused-kernel": "fused"}.get(variant, variant)
 
     def inputs():
@@ -82,9 +86,9 @@ def make_case(variant: str, x: dict):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if variant == "flash":
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(*(t.view(B * K, H, L, dh) for t in (q, k, v)),
+                    return F.scaled_dot_product_attention(*(leaves[n].view(B * K, H, L, dh) for n in "qkv"),
                                                           is_causal=True)
-            return history_attention(q, k, v, hist, tau, impl)
+            return history_attention(leaves["qkv"], hist, tau, impl)
 
     return fwd, leaves
 

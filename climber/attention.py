@@ -135,14 +135,21 @@ def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str) 
     return dataclasses.replace(hist, bias=pos + tim, allowed=history_mask(hist_mask))
 
 
-def history_attention(q, k, v, hist: HistoryInputs, tau, impl: str = "split") -> torch.Tensor:
-    """Causal history self-attention. q, k, v (B, K, H, L, dh); tau (B, K, H, 1, 1)
+def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed (B, K, S, 3, H, dh) projections -> q, k, v (B, K, H, S, dh), as views."""
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def history_attention(qkv, hist: HistoryInputs, tau, impl: str = "split") -> torch.Tensor:
+    """Causal history self-attention. qkv (B, K, L, 3, H, dh), the packed projections as the
+    qkv matmul leaves them (the fused kernels read and write them in place); tau (B, K, H, 1, 1)
     -> (B, K, H, L, dh)."""
-    impl = resolve_impl(impl, q.device)
+    impl = resolve_impl(impl, qkv.device)
     if impl == "fused":
-        B, K, H, L, _ = q.shape
+        B, K, L, _, H, _ = qkv.shape
         inv = tau.reciprocal().reshape(B * K, H).float()
-        return fused.fused_attention(q, k, v, hist.bias.reshape(B * K, H, L, L), inv, hist.key_valid.reshape(B * K, L))
+        return fused.fused_attention(qkv, hist.bias.reshape(B * K, H, L, L), inv, hist.key_valid.reshape(B * K, L))
+    q, k, v = split_heads(qkv)
     if impl == "sdpa":
         # temperature folded into q (scale=1); bias and mask folded into one additive mask
         add = (hist.bias / tau).masked_fill(~hist.allowed[:, :, None], float("-inf"))

@@ -13,10 +13,13 @@ matmuls in fp32). The dQ pass adds the exact d(1/tau) correction for a bf16 outp
 
     s_ij = (q_i . k_j + bias_ij) / tau      allowed: j <= i and (key j valid or j == i)
 
-Inputs are strided views (q, k, v as the fused qkv projection leaves them: (B, K, H, L, dh)
-views of a (B, K, L, 3, H, dh) buffer), so no copies go in; the output is written as
-(B, K, L, H, dh), which the output projection reads without a transpose copy. Leading key
-tiles that are all padding (histories are left-padded) are skipped per sample.
+The kernels take the packed qkv projection (B, K, L, 3, H, dh) as it is, any strides with
+dh contiguous (the model's is stored block-major, (K, B, L, 3 d) in memory, so that its
+BlockLinear maps are plain bmm's), read q, k, v as views of it and write their gradients
+into one buffer with its strides; the output is stored (B, K, L, H, dh) in the input's
+order of B and K, which the output projection reads as is. No layout copies in or out,
+forward or backward. Leading key tiles that are all padding (histories are left-padded)
+are skipped per sample.
 
 Correctness: `tests/test_attention_fast.py` checks outputs and the gradients of q, k, v, tau
 and both tables against the plain reference path, on the GPU and, through Triton's
@@ -89,45 +92,60 @@ def _first_valid(valid: torch.Tensor) -> torch.Tensor:
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, inv_tau, valid):
-        """q, k, v (B, K, H, L, dh) (any strides, dh contiguous); bias (B*K, H, L, L);
-        inv_tau (B*K, H) fp32; valid (B*K, L) bool -> (B, K, H, L, dh), stored (B, K, L, H, dh)."""
-        B, K, H, L, dh = q.shape
+    def forward(ctx, qkv, bias, inv_tau, valid):
+        """qkv (B, K, L, 3, H, dh) (any strides, dh contiguous); bias (B*K, H, L, L); inv_tau
+        (B*K, H) fp32; valid (B*K, L) bool -> (B, K, H, L, dh), stored (B, K, L, H, dh) in
+        qkv's order of B and K."""
+        B, K, L, _, H, dh = qkv.shape
         if dh < 16 or dh & (dh - 1):
             raise ValueError(f"attention='fused' needs a power-of-two head dim >= 16, not {dh}")
-        q, k, v = (_kernel_view(x) for x in (q, k, v))
-        out = torch.empty(B, K, L, H, dh, dtype=q.dtype, device=q.device).transpose(2, 3)
-        lse = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        q, k, v = _split(qkv)
+        out = _empty_heads(qkv)
+        lse = torch.empty(B * K, H, L, dtype=torch.float32, device=qkv.device)
         first = _first_valid(valid)
         valid8 = valid.to(torch.int8).contiguous()
         bias = bias.contiguous()
-        _fwd_kernel[_grid(q)](q, k, v, bias, inv_tau.contiguous(), valid8, first, out, lse, *_strides(q, k, v, out),
-                              H, L, **_meta(q))
-        ctx.save_for_backward(q, k, v, bias, inv_tau, valid8, first, out, lse)
+        _fwd_kernel[_grid(q)](q, k, v, bias, inv_tau.contiguous(), valid8, first, out, lse, *_strides(q, out),
+                              K, H, L, **_meta(q))
+        ctx.save_for_backward(qkv, bias, inv_tau, valid8, first, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, bias, inv_tau, valid8, first, out, lse = ctx.saved_tensors
+        qkv, bias, inv_tau, valid8, first, out, lse = ctx.saved_tensors
+        q, k, v = _split(qkv)
         B, K, H, L, dh = q.shape
-        dout = _kernel_view(dout.to(q.dtype))
+        dout = dout.to(q.dtype)
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).reshape(B * K, H, L)  # rowsum(dO O)
-        dq, dk, dv = (torch.empty(B, K, L, H, dh, dtype=q.dtype, device=q.device).transpose(2, 3) for _ in range(3))
+        dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
+        dq, dk, dv = _split(dqkv)
         dbias = torch.zeros_like(bias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         args = (q, k, v, bias, inv_tau.contiguous(), valid8, first, dout, lse, delta)
-        _bwd_dkdv_kernel[_grid(q)](*args, dk, dv, dbias, dinv, *_strides(q, k, v, dout, dk), H, L, **_meta(q))
-        _bwd_dq_kernel[_grid(q)](*args, dq, dinv, *_strides(q, k, v, dout, dq), H, L, **_meta(q))
-        return dq, dk, dv, dbias, dinv.to(inv_tau.dtype), None
+        _bwd_dkdv_kernel[_grid(q)](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, **_meta(q))
+        _bwd_dq_kernel[_grid(q)](*args, dq, dinv, *_strides(q, dout, dq), K, H, L, **_meta(q))
+        return dqkv, dbias, dinv.to(inv_tau.dtype), None
+
+
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, K, L, 3, H, dh) -> q, k, v as (B, K, H, L, dh) views (same strides, no copies)."""
+    return tuple(qkv[:, :, :, i].transpose(2, 3) for i in range(3))
+
+
+def _empty_heads(qkv: torch.Tensor) -> torch.Tensor:
+    """A (B, K, H, L, dh) output stored (B, K, L, H, dh), or (K, B, L, H, dh) when qkv is
+    stored with K outermost (the model's layout): the output projection then reads it as is."""
+    B, K, L, _, H, dh = qkv.shape
+    if K > 1 and B > 1 and qkv.stride(1) > qkv.stride(0):
+        return torch.empty(K, B, L, H, dh, dtype=qkv.dtype, device=qkv.device).permute(1, 0, 3, 2, 4)
+    return torch.empty(B, K, L, H, dh, dtype=qkv.dtype, device=qkv.device).transpose(2, 3)
 
 
 def _strides(*xs: torch.Tensor) -> list[int]:
-    """(B, K, H, L, dh) views -> for each, the strides of the merged B*K, of H and of L."""
-    out = []
-    for x in xs:
-        sb, sk, sh, sl, _ = x.stride()
-        out += [sk if x.shape[1] > 1 else sb, sh, sl]
-    return out
+    """(B, K, H, L, dh) views -> for each, the strides of B, K, H and L (dh is contiguous)."""
+    return [s for x in xs for s in x.stride()[:4]]
 
 
 def _grid(q: torch.Tensor) -> tuple[int, int]:
@@ -141,19 +159,12 @@ def _meta(q: torch.Tensor) -> dict:
     return dict(DH=q.shape[-1], BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4, num_stages=2)
 
 
-def _kernel_view(x: torch.Tensor) -> torch.Tensor:
-    """x itself if the kernels can read it (dh contiguous, B and K mergeable), else a copy."""
-    B, K = x.shape[:2]
-    sb, sk, *_, sd = x.stride()
-    return x if sd == 1 and (B == 1 or K == 1 or sb == sk * K) else x.contiguous()
-
-
 @torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
-def fused_attention(q, k, v, bias, inv_tau, valid) -> torch.Tensor:
+def fused_attention(qkv, bias, inv_tau, valid) -> torch.Tensor:
     """Causal history attention with temperature and dense bias; see the module docstring."""
-    if not available(q.device):
+    if not available(qkv.device):
         raise RuntimeError("the fused attention kernels need a CUDA GPU and Triton")
-    return _FusedAttention.apply(q, k, v, bias, inv_tau, valid)
+    return _FusedAttention.apply(qkv, bias, inv_tau, valid)
 
 
 if triton is not None:
@@ -167,13 +178,18 @@ if triton is not None:
         return bh, bh // H, bh % H, start, start + tl.arange(0, BLOCK)
 
     @triton.jit
-    def _load_rows(X, b, h, idx, sb, sh, sl, dims, ok):
-        """Rows `idx` (with validity `ok`) of the (b, h) slice of a strided (B*K, H, L, DH) tensor."""
-        return tl.load(X + b * sb + h * sh + idx[:, None] * sl + dims[None, :], mask=ok[:, None], other=0.0)
+    def _offset(b, h, NK, sb, sk, sh):
+        """Offset of sample-block b = (sample, block) and head h in a strided (B, K, H, L, DH) tensor."""
+        return (b // NK) * sb + (b % NK) * sk + h * sh
 
     @triton.jit
-    def _store_rows(X, val, b, h, idx, sb, sh, sl, dims, ok):
-        tl.store(X + b * sb + h * sh + idx[:, None] * sl + dims[None, :], val.to(X.dtype.element_ty), mask=ok[:, None])
+    def _load_rows(X, off, idx, sl, dims, ok):
+        """Rows `idx` (with validity `ok`) of the (L, DH) slice at `off` of a strided tensor."""
+        return tl.load(X + off + idx[:, None] * sl + dims[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _store_rows(X, val, off, idx, sl, dims, ok):
+        tl.store(X + off + idx[:, None] * sl + dims[None, :], val.to(X.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
     def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, PREC: tl.constexpr):
@@ -187,15 +203,15 @@ if triton is not None:
         return raw, raw * inv, ok
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqh, sql, skb, skh, skl, svb, svh, svl,
-                    sob, soh, sol, H, L, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    PREC: tl.constexpr):
+    def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
+                    DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM query rows, sample-block b, head h): online softmax over the
         causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
         bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
-        q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
+        qo = _offset(b, h, NK, sqb, sqk, sqh)  # q, k and v share strides (views of one qkv)
+        q = _load_rows(Q, qo, rows, sql, dims, row_ok)
         inv = tl.load(INV + bh)
         first = tl.load(FIRST + b)
         lo = tl.minimum(first // BN * BN, row0 // BN * BN)
@@ -205,7 +221,7 @@ if triton is not None:
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
             kv_ok = cols < L
-            k = _load_rows(K, b, h, cols, skb, skh, skl, dims, kv_ok)
+            k = _load_rows(K, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
             s = tl.where(ok, s, float("-inf"))
@@ -214,24 +230,25 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m - m_safe)
             s_sum = s_sum * alpha + tl.sum(p, axis=1)
-            v = _load_rows(V, b, h, cols, svb, svh, svl, dims, kv_ok)
+            v = _load_rows(V, qo, cols, sql, dims, kv_ok)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
             m = m_new
         o = acc / s_sum[:, None]
-        _store_rows(OUT, o, b, h, rows, sob, soh, sol, dims, row_ok)
+        _store_rows(OUT, o, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqh, sql,
-                         skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl, H, L, DH: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqk, sqh, sql,
+                         sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, DH: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
         diagonal, d bias = dS / tau stored per tile, sum dS (q.k + bias) into d(1/tau)."""
         bh, b, h, col0, cols = _program(H, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
-        k = _load_rows(K, b, h, cols, skb, skh, skl, dims, col_ok)
-        v = _load_rows(V, b, h, cols, svb, svh, svl, dims, col_ok)
+        qo, do_off = _offset(b, h, NK, sqb, sqk, sqh), _offset(b, h, NK, sdb, sdk, sdh)
+        k = _load_rows(K, qo, cols, sql, dims, col_ok)
+        v = _load_rows(V, qo, cols, sql, dims, col_ok)
         inv = tl.load(INV + bh)
         lo = col0 // BM * BM
         # keys that are all padding are seen by their own row only: the diagonal tile
@@ -242,8 +259,8 @@ if triton is not None:
         for start in range(lo, hi, BM):
             rows = start + tl.arange(0, BM)
             row_ok = rows < L
-            q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
-            do = _load_rows(DO, b, h, rows, sdb, sdh, sdl, dims, row_ok)
+            q = _load_rows(Q, qo, rows, sql, dims, row_ok)
+            do = _load_rows(DO, do_off, rows, sdl, dims, row_ok)
             lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
             # scores transposed to (BN keys, BM queries) would save the transposes below; kept
@@ -258,13 +275,14 @@ if triton is not None:
             tl.store(DBIAS + bh * L * L + rows[:, None] * L + cols[None, :], dsi.to(DBIAS.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
             dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
-        _store_rows(DK, dk, b, h, cols, sgb, sgh, sgl, dims, col_ok)
-        _store_rows(DV, dv, b, h, cols, sgb, sgh, sgl, dims, col_ok)
+        go = _offset(b, h, NK, sgb, sgk, sgh)
+        _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
+        _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, DINV, sqb, sqh, sql, skb, skh, skl,
-                       svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl, H, L, DH: tl.constexpr, BM: tl.constexpr,
+    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, DINV, sqb, sqk, sqh, sql,
+                       sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, DH: tl.constexpr, BM: tl.constexpr,
                        BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM queries, b, h): dQ over the forward's key tiles, and the exact
         d(1/tau) correction: the dK/dV pass used delta = rowsum(dO O), which is D = sum_j P dP
@@ -272,8 +290,9 @@ if triton is not None:
         bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
-        q = _load_rows(Q, b, h, rows, sqb, sqh, sql, dims, row_ok)
-        do = _load_rows(DO, b, h, rows, sdb, sdh, sdl, dims, row_ok)
+        qo = _offset(b, h, NK, sqb, sqk, sqh)
+        q = _load_rows(Q, qo, rows, sql, dims, row_ok)
+        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
         lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
         inv = tl.load(INV + bh)
@@ -284,8 +303,8 @@ if triton is not None:
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
             kv_ok = cols < L
-            k = _load_rows(K, b, h, cols, skb, skh, skl, dims, kv_ok)
-            v = _load_rows(V, b, h, cols, svb, svh, svl, dims, kv_ok)
+            k = _load_rows(K, qo, cols, sql, dims, kv_ok)
+            v = _load_rows(V, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
@@ -293,5 +312,5 @@ if triton is not None:
             pdp_sum += tl.sum(pdp, axis=1)
             praw_sum += tl.sum(p * raw, axis=1)
             dq += tl.dot(((pdp - p * delta[:, None]) * inv).to(k.dtype), k, input_precision=PREC)
-        _store_rows(DQ, dq, b, h, rows, sgb, sgh, sgl, dims, row_ok)
+        _store_rows(DQ, dq, _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
         tl.atomic_add(DINV + bh, tl.sum(tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0), axis=0))

@@ -41,6 +41,7 @@ from climber.attention import (
     joint_attention,
     joint_mask,
     position_buckets,
+    split_heads,
     time_buckets,
 )
 from climber.config import ModelConfig
@@ -48,7 +49,11 @@ from climber.embeddings import TokenEmbeddings
 
 
 class BlockLinear(nn.Module):
-    """K independent linear maps applied to (B, K, S, d_in) in one batched matmul."""
+    """K independent linear maps applied to (B, K, S, d_in) in one batched matmul.
+
+    Activations are (B, K, S, d) tensors stored block-major, (K, B, S, d) in memory (`block_major`),
+    so each map is one plain bmm over (K, B * S, d) with no layout copies in or out, forward or
+    backward; other layouts are copied to it first."""
 
     def __init__(self, k: int, d_in: int, d_out: int):
         super().__init__()
@@ -57,8 +62,14 @@ class BlockLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.einsum("bksd,kde->bkse", x, self.weight)
-        return y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
+        B, K, S, d = x.shape
+        y = torch.baddbmm(self.bias, x.transpose(0, 1).reshape(K, B * S, d), self.weight)  # bias in the epilogue
+        return y.view(K, B, S, -1).transpose(0, 1)
+
+
+def block_major(x: torch.Tensor) -> torch.Tensor:
+    """(B, K, ...) -> the same values stored (K, B, ...) in memory, as BlockLinear reads them."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
 
 
 class BlockRMSNorm(nn.Module):
@@ -85,10 +96,12 @@ class AdaptiveLayer(nn.Module):
         self.fc2 = BlockLinear(K, cfg.ffn_mult * d, d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
+    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) -> (B, K, S, 3, H, dh)
         B, K, S, d = x.shape
-        qkv = self.qkv(self.norm1(x)).view(B, K, S, 3, self.h, d // self.h)
-        return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+        return self.qkv(self.norm1(x)).view(B, K, S, 3, self.h, d // self.h)
+
+    def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
+        return split_heads(self._packed_qkv(x))
 
     def _merge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Residual add of the attention output y (B, K, H, S, dh), then the FFN."""
@@ -102,8 +115,9 @@ class AdaptiveLayer(nn.Module):
 
     def history(self, h, hist, tau):
         """Returns the next history states and this layer's (k, v) for the candidates."""
-        q, k, v = self._qkv(h)
-        return self._merge(h, history_attention(q, k, v, hist, tau, self.impl)), (k, v)
+        qkv = self._packed_qkv(h)
+        _, k, v = split_heads(qkv)
+        return self._merge(h, history_attention(qkv, hist, tau, self.impl)), (k, v)
 
     def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
         q, k, v = self._qkv(c)
@@ -205,7 +219,7 @@ class Climber(TokenEmbeddings):
     # ---- SUMI: prefill the history once, then score all candidates ------------------------------
     def prefill(self, b: dict) -> HistoryCache:
         """Encode the history through every layer of every block; keep each layer's keys/values."""
-        h = self.embed_history(b)
+        h = block_major(self.embed_history(b))  # (B, K, L, d), stored block-major for BlockLinear
         t = b["hist_time"]
         # f_b built densely once, shared by the layers (tables + times -> (B, K, H, L, L))
         hist = history_inputs(b["hist_mask"], t, b["req_scenario"], self.pos_bias, self.time_bias, self.cfg.attention)

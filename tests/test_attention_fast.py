@@ -16,7 +16,7 @@ import torch
 
 from climber import fused_attention
 from climber.attention import history_attention, history_inputs
-from climber.model import Climber
+from climber.model import Climber, block_major
 from tests.helpers import perturb, random_batch, tiny_config
 
 interpreted = pytest.mark.skipif(fused_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -48,15 +48,19 @@ def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
     return {n: x.to(device) for n, x in out.items()}
 
 
-def run(impl, x, grad=True):
-    """history_attention on `x`; returns the output and the inputs that take gradients."""
+def run(impl, x, grad=True, blocks_outer=False):
+    """history_attention on `x`, q, k, v packed (B, K, L, 3, H, dh) as the model's projection
+    leaves them, stored (B, K, ...) or, `blocks_outer`, (K, B, ...) in memory (the model's
+    layout); returns the output and the inputs that take gradients."""
     leaves = {n: x[n].clone().requires_grad_(grad) for n in ("q", "k", "v", "tau", "pos_table", "time_table")}
     hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl)
-    return history_attention(leaves["q"], leaves["k"], leaves["v"], hist, leaves["tau"], impl), leaves
+    qkv = torch.stack([leaves[n].transpose(2, 3) for n in "qkv"], dim=3)
+    qkv = block_major(qkv) if blocks_outer else qkv
+    return history_attention(qkv, hist, leaves["tau"], impl), leaves
 
 
-def outputs_and_grads(impl, x) -> dict[str, torch.Tensor]:
-    out, leaves = run(impl, x)
+def outputs_and_grads(impl, x, blocks_outer=False) -> dict[str, torch.Tensor]:
+    out, leaves = run(impl, x, blocks_outer=blocks_outer)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out.float() * g).sum().backward()
     return {"out": out.float(), **{n: p.grad.float() for n, p in leaves.items()}}
@@ -67,10 +71,10 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @interpreted
-@pytest.mark.parametrize("shape", INTERPRETER_SHAPES)
-def test_fused_outputs_and_grads_match_reference_in_interpreter(shape):
+@pytest.mark.parametrize(("shape", "blocks_outer"), list(zip(INTERPRETER_SHAPES, (False, True))))
+def test_fused_outputs_and_grads_match_reference_in_interpreter(shape, blocks_outer):
     x = attention_inputs(*shape)
-    fast, ref = outputs_and_grads("fused", x), outputs_and_grads("split", x)
+    fast, ref = outputs_and_grads("fused", x, blocks_outer), outputs_and_grads("split", x)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name  # fp32 round-off over long sums
 
@@ -101,9 +105,10 @@ def test_fused_rejects_head_dims_the_kernels_cannot_tile():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_fused_outputs_and_grads_match_reference_fp32(shape):
+@pytest.mark.parametrize("blocks_outer", (False, True))
+def test_fused_outputs_and_grads_match_reference_fp32(shape, blocks_outer):
     x = attention_inputs(*shape, device="cuda")
-    fast, ref = outputs_and_grads("fused", x), outputs_and_grads("split", x)
+    fast, ref = outputs_and_grads("fused", x, blocks_outer), outputs_and_grads("split", x)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
@@ -117,7 +122,7 @@ def test_fused_bf16_is_as_accurate_as_reference_bf16(shape):
     x = attention_inputs(*shape, device="cuda")
     exact = outputs_and_grads("split", x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast, ref = outputs_and_grads("fused", x), outputs_and_grads("split", x)
+        fast, ref = outputs_and_grads("fused", x, blocks_outer=True), outputs_and_grads("split", x)
     for name in exact:
         e_fast, e_ref = relative_error(fast[name], exact[name]), relative_error(ref[name], exact[name])
         assert e_fast < 2 * e_ref + 1e-3, f"{name}: fused {e_fast:.1e}, reference {e_ref:.1e}"
