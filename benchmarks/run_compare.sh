@@ -34,9 +34,11 @@
 # it is the command recorded in compare.md (run alone, it would train the same runs one after
 # another). Rerunning this script skips finished runs and resumes interrupted ones.
 #
-# Environment: JOBS (default 8); LRS (default "1e-3 3e-3"); DATASETS (default all five); EXTRA, flags appended to every
-# call, e.g. a CPU smoke test of the script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2
-# --device cpu".
+# Environment: JOBS (default 8); GPUS (default 1): jobs are spread over that many GPUs by their
+# xargs slot (slot mod GPUS); LRS (default "1e-3 3e-3"); DATASETS (default all five); MODELS
+# (default all eight Table 2 rows; e.g. add climber-tp, the target-product readout); EXTRA,
+# flags appended to every call, e.g. `--embedding-lr-mult 10`, or a CPU smoke test of the
+# script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2 --device cpu".
 set -euo pipefail
 
 ROOT=$(realpath "${1:?usage: $0 DATA_ROOT OUT}")
@@ -44,10 +46,11 @@ mkdir -p "${2:?usage: $0 DATA_ROOT OUT}"
 OUT=$(realpath "$2")
 cd "$(dirname "$0")/.."  # the repository root: `python -m climber` runs from the checkout
 JOBS=${JOBS:-8}
+GPUS=${GPUS:-1}
 LRS=${LRS:-"1e-3 3e-3"}
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}
-MODELS=(climber climber-nobgf climber-mse hstu transformer din twin dlrm)  # slowest first, for packing
+read -r -a MODELS <<< "${MODELS:-climber climber-nobgf climber-mse hstu transformer din twin dlrm}"  # slowest first
 read -r -a DATASETS <<< "${DATASETS:-beauty grocery lastfm kuairand ml-100k}"  # largest first
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
@@ -67,11 +70,11 @@ compare() {  # data set, then models; every other flag is the same for all calls
     # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
     # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
     $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds 0 1 2 --preset small \
-        --lrs $LRS --warmup-steps 50 --patience 3 --device cuda:0 --num-workers 1 --log-every 50 \
+        --lrs $LRS --warmup-steps 50 --patience 3 --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 \
         $(budget "$ds") $EXTRA
 }
 export -f compare budget
-export ROOT OUT PY EXTRA LRS
+export ROOT OUT PY EXTRA LRS GPUS
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }
@@ -81,7 +84,8 @@ done
 t0=$(date +%s)
 # one job per (model, data set), longest first; each trains its model's seeds one after another
 for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do echo "$ds $m"; done; done |
-    xargs -P "$JOBS" -L 1 bash -c 'compare "$0" "$1" > "$OUT/$0/log_$1.txt" 2>&1 || {
+    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'DEVICE=cuda:$((SLOT % GPUS)) \
+        compare "$0" "$1" > "$OUT/$0/log_$1.txt" 2>&1 || {
         echo "FAILED: $0 $1, see $OUT/$0/log_$1.txt" >&2; exit 255; }'
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables

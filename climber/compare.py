@@ -47,6 +47,7 @@ MODELS: dict[str, dict] = {
     "climber-mse": {"arch": "climber", "adaptive": False, "bgf": False},  # "without ATL and BGF (MSE only)"
     "climber-nobgf": {"arch": "climber", "bgf": False},  # "without BGF"
     "climber": {"arch": "climber"},
+    "climber-tp": {"arch": "climber", "target_product": True},  # + the target-product readout (model.py, step 6)
 }
 METRICS = ("auc", "gauc", "logloss")
 
@@ -194,7 +195,8 @@ def to_markdown(r: dict) -> str:
         "",
         f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
         f"{r['strategies']} (single-sequence baselines read block 0, `recent`), {t['epochs']} epoch(s), batch "
-        f"{t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay, validation {every}, early "
+        f"{t['batch_size']}, embedding tables at {t.get('embedding_lr_mult', 1):g}x the learning rate, warm-up "
+        f"{t['warmup_steps']} steps then cosine decay, validation {every}, early "
         f"stopping after {t['patience']} validations without gain, max_steps {t['max_steps'] or 'none'}; every "
         "run is tested at its best validation checkpoint.",
         f"Tuning: {r['tuning']}",
