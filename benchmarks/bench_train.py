@@ -127,14 +127,21 @@ class Trainer:
         for b in batches:
             self.step(b)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
             for b in batches:
                 self.step(b)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        path.write_text(events.table(sort_by="self_cuda_time_total", row_limit=40) + "\n")
-        total = sum(e.self_device_time_total for e in events)
-        top = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or list(events)
+        total = sum(e.self_device_time_total for e in kernels)
+        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+        # which torch ops (with their input shapes) launch the time: eager copies are found here
+        by_op = prof.key_averages(group_by_input_shape=True)
+        path.write_text("Device kernels:\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+                        + "\nTorch ops by input shape (device time they launch):\n"
+                        + by_op.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=40,
+                                      max_shapes_column_width=120) + "\n")
         return [{"op": e.key[:120], "share": e.self_device_time_total / total, "calls": e.count} for e in top]
 
 
