@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from climber.attention import history_attention, history_inputs
-from climber.model import block_major
 
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 
@@ -64,8 +63,9 @@ def make_case(variant: str, x: dict):
     frozen = variant == "flash"
     if frozen:  # flash reads q, k, v (B*K, H, L, dh) contiguous; the others the packed projections
         leaves = {n: x[n].clone().requires_grad_() for n in ("q", "k", "v")}
-    else:  # packed (B, K, L, 3, H, dh), stored block-major as the model's qkv projection leaves them
-        leaves = {"qkv": block_major(torch.stack([x[n].transpose(2, 3) for n in "qkv"], dim=3)).requires_grad_()}
+    else:  # packed (K, B, L, 3, H, dh), contiguous, as the model's qkv projection leaves them
+        leaves = {"qkv": torch.stack([x[n].transpose(2, 3) for n in "qkv"], dim=3).transpose(0, 1).contiguous()
+                  .requires_grad_()}
     leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
     tau = leaves["tau"]
     B, K, H, L, dh = x["q"].shape
@@ -82,12 +82,12 @@ def make_case(variant: str, x: dict):
         leaves["bias"] = built.bias
 
     def fwd():
+        if variant == "flash":  # no bias, no mask, no temperature: nothing to build
+            with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(*(leaves[n].view(B * K, H, L, dh) for n in "qkv"),
+                                                      is_causal=True)
         hist = built if variant == "fused-kernel" else inputs()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if variant == "flash":
-                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                    return F.scaled_dot_product_attention(*(leaves[n].view(B * K, H, L, dh) for n in "qkv"),
-                                                          is_causal=True)
             return history_attention(leaves["qkv"], hist, tau, impl)
 
     return fwd, leaves

@@ -141,15 +141,16 @@ def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def history_attention(qkv, hist: HistoryInputs, tau, impl: str = "split") -> torch.Tensor:
-    """Causal history self-attention. qkv (B, K, L, 3, H, dh), the packed projections as the
-    qkv matmul leaves them (the fused kernels read and write them in place); tau (B, K, H, 1, 1)
-    -> (B, K, H, L, dh)."""
+    """Causal history self-attention. qkv (K, B, L, 3, H, dh): the packed projections blocks
+    first, as the model's qkv matmul leaves them (the fused kernels read them and write their
+    gradient in place: under torch.compile, a graph output that is a transposed view would get
+    its gradient copied to contiguous); tau (B, K, H, 1, 1) -> (B, K, H, L, dh)."""
     impl = resolve_impl(impl, qkv.device)
-    if impl == "fused":
-        B, K, L, _, H, _ = qkv.shape
+    if impl == "fused":  # takes qkv blocks first: its transpose stays outside compiled graphs
+        K, B, L, _, H, _ = qkv.shape
         inv = tau.reciprocal().reshape(B * K, H).float()
         return fused.fused_attention(qkv, hist.bias.reshape(B * K, H, L, L), inv, hist.key_valid.reshape(B * K, L))
-    q, k, v = split_heads(qkv)
+    q, k, v = split_heads(qkv.transpose(0, 1))
     if impl == "sdpa":
         # temperature folded into q (scale=1); bias and mask folded into one additive mask
         add = (hist.bias / tau).masked_fill(~hist.allowed[:, :, None], float("-inf"))

@@ -166,10 +166,12 @@ def _meta(q: torch.Tensor) -> dict:
 
 @torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
 def fused_attention(qkv, bias, inv_tau, valid) -> torch.Tensor:
-    """Causal history attention with temperature and dense bias; see the module docstring."""
+    """Causal history attention with temperature and dense bias; see the module docstring.
+    qkv (K, B, L, 3, H, dh) blocks first; bias (B*K, H, L, L); inv_tau (B*K, H) fp32; valid
+    (B*K, L) bool -> (B, K, H, L, dh)."""
     if not available(qkv.device):
         raise RuntimeError("the fused attention kernels need a CUDA GPU and Triton")
-    return _FusedAttention.apply(qkv, bias, inv_tau, valid)
+    return _FusedAttention.apply(qkv.transpose(0, 1), bias, inv_tau, valid)
 
 
 if triton is not None:

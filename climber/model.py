@@ -51,9 +51,9 @@ from climber.embeddings import TokenEmbeddings
 class BlockLinear(nn.Module):
     """K independent linear maps applied to (B, K, S, d_in) in one batched matmul.
 
-    Activations are (B, K, S, d) tensors stored block-major, (K, B, S, d) in memory (`block_major`),
-    so each map is one plain bmm over (K, B * S, d) with no layout copies in or out, forward or
-    backward; other layouts are copied to it first."""
+    History activations are (B, K, S, d) views of (K, B, S, d) memory (blocks first), so each
+    map is one plain bmm over (K, B * S, d) with no layout copies in or out; other layouts
+    are copied to it first."""
 
     def __init__(self, k: int, d_in: int, d_out: int):
         super().__init__()
@@ -62,14 +62,16 @@ class BlockLinear(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks_first(x).transpose(0, 1)
+
+    def blocks_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, S, d_in) -> (K, B, S, d_out), contiguous."""
         B, K, S, d = x.shape
-        y = torch.baddbmm(self.bias, x.transpose(0, 1).reshape(K, B * S, d), self.weight)  # bias in the epilogue
-        return y.view(K, B, S, -1).transpose(0, 1)
-
-
-def block_major(x: torch.Tensor) -> torch.Tensor:
-    """(B, K, ...) -> the same values stored (K, B, ...) in memory, as BlockLinear reads them."""
-    return x.transpose(0, 1).contiguous().transpose(0, 1)
+        y = torch.bmm(x.transpose(0, 1).reshape(K, B * S, d), self.weight)
+        # a separate add, which torch.compile fuses into the next op; baddbmm would first write
+        # the broadcast bias into a full-size output (a measured copy per map)
+        y = y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
+        return y.view(K, B, S, -1)
 
 
 class BlockRMSNorm(nn.Module):
@@ -96,12 +98,12 @@ class AdaptiveLayer(nn.Module):
         self.fc2 = BlockLinear(K, cfg.ffn_mult * d, d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) -> (B, K, S, 3, H, dh)
+    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) -> (K, B, S, 3, H, dh)
         B, K, S, d = x.shape
-        return self.qkv(self.norm1(x)).view(B, K, S, 3, self.h, d // self.h)
+        return self.qkv.blocks_first(self.norm1(x)).view(K, B, S, 3, self.h, d // self.h)
 
     def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
-        return split_heads(self._packed_qkv(x))
+        return split_heads(self._packed_qkv(x).transpose(0, 1))
 
     def _merge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Residual add of the attention output y (B, K, H, S, dh), then the FFN."""
@@ -114,10 +116,13 @@ class AdaptiveLayer(nn.Module):
         return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
 
     def history(self, h, hist, tau):
-        """Returns the next history states and this layer's (k, v) for the candidates."""
-        qkv = self._packed_qkv(h)
-        _, k, v = split_heads(qkv)
-        return self._merge(h, history_attention(qkv, hist, tau, self.impl)), (k, v)
+        """History states h (K, B, L, d), blocks first and contiguous -> the next ones, the same,
+        and this layer's (k, v) for the candidates. Blocks first in and out, so that under
+        torch.compile no graph input, output or output gradient is a transposed view."""
+        x = h.transpose(0, 1)
+        qkv = self._packed_qkv(x)
+        _, k, v = split_heads(qkv.transpose(0, 1))
+        return self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1), (k, v)
 
     def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
         q, k, v = self._qkv(c)
@@ -219,7 +224,7 @@ class Climber(TokenEmbeddings):
     # ---- SUMI: prefill the history once, then score all candidates ------------------------------
     def prefill(self, b: dict) -> HistoryCache:
         """Encode the history through every layer of every block; keep each layer's keys/values."""
-        h = block_major(self.embed_history(b))  # (B, K, L, d), stored block-major for BlockLinear
+        h = self.embed_history(b).transpose(0, 1).contiguous()  # (K, B, L, d): BlockLinear's layout
         t = b["hist_time"]
         # f_b built densely once, shared by the layers (tables + times -> (B, K, H, L, L))
         hist = history_inputs(b["hist_mask"], t, b["req_scenario"], self.pos_bias, self.time_bias, self.cfg.attention)

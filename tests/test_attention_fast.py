@@ -16,7 +16,7 @@ import torch
 
 from climber import fused_attention
 from climber.attention import history_attention, history_inputs
-from climber.model import Climber, block_major
+from climber.model import Climber
 from tests.helpers import perturb, random_batch, tiny_config
 
 interpreted = pytest.mark.skipif(fused_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
@@ -49,13 +49,13 @@ def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
 
 
 def run(impl, x, grad=True, blocks_outer=False):
-    """history_attention on `x`, q, k, v packed (B, K, L, 3, H, dh) as the model's projection
-    leaves them, stored (B, K, ...) or, `blocks_outer`, (K, B, ...) in memory (the model's
-    layout); returns the output and the inputs that take gradients."""
+    """history_attention on `x`, q, k, v packed (K, B, L, 3, H, dh), stored (B, K, ...) or,
+    `blocks_outer`, (K, B, ...) in memory (the model's layout, contiguous); returns the output
+    and the inputs that take gradients."""
     leaves = {n: x[n].clone().requires_grad_(grad) for n in ("q", "k", "v", "tau", "pos_table", "time_table")}
     hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl)
     qkv = torch.stack([leaves[n].transpose(2, 3) for n in "qkv"], dim=3)
-    qkv = block_major(qkv) if blocks_outer else qkv
+    qkv = qkv.transpose(0, 1).contiguous() if blocks_outer else qkv.transpose(0, 1)
     return history_attention(qkv, hist, leaves["tau"], impl), leaves
 
 
