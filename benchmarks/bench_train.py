@@ -133,7 +133,8 @@ class Trainer:
                 self.step(b)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA] or list(events)
+        # device kernels only: with CPU ops recorded, an op's row also counts the kernels it launched
+        kernels = [e for e in events if e.self_device_time_total > 0 and e.cpu_time_total == 0] or list(events)
         total = sum(e.self_device_time_total for e in kernels)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
         # which torch ops (with their input shapes) launch the time: eager copies are found here
