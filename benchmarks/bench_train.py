@@ -139,7 +139,7 @@ class Trainer:
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
         # which torch ops (with their input shapes) launch the time: eager copies are found here
         by_op = prof.key_averages(group_by_input_shape=True)
-        path.write_text("Device kernels:\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+        path.write_text("Device kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=40)
                         + "\nTorch ops by input shape (device time they launch):\n"
                         + by_op.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=40,
                                       max_shapes_column_width=120) + "\n")

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from climber import fused_attention as fused
+from climber.fused_attention import split_heads
 
 # time gaps in seconds: 0 s, 1 s exact, then log-spaced up to ~2 years
 TIME_EXACT, TIME_MAX = 2, 2**26
@@ -133,11 +134,6 @@ def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str) 
     H = tim.shape[2]
     tim = torch.gather(tim[:, :, :, None].expand(-1, -1, -1, L, -1), -1, tb[:, :, None].expand(-1, -1, H, -1, -1))
     return dataclasses.replace(hist, bias=pos + tim, allowed=history_mask(hist_mask))
-
-
-def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed (B, K, S, 3, H, dh) projections -> q, k, v (B, K, H, S, dh), as views."""
-    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
 
 
 def history_attention(qkv, hist: HistoryInputs, tau, impl: str = "split") -> torch.Tensor:

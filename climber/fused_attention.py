@@ -15,9 +15,9 @@ bf16 output.
 
     s_ij = (q_i . k_j + bias_ij) / tau      allowed: j <= i and (key j valid or j == i)
 
-The kernels take the packed qkv projection (B, K, L, 3, H, dh) as it is, any strides with
-dh contiguous (the model's is stored block-major, (K, B, L, 3 d) in memory, so that its
-BlockLinear maps are plain bmm's), read q, k, v as views of it and write their gradients
+`fused_attention` takes the packed qkv projection blocks first, (K, B, L, 3, H, dh), as the
+model's BlockLinear leaves it (its transpose to (B, K, ...) happens here, outside compiled
+graphs); the kernels take any strides with dh contiguous, read q, k, v as views of it and write their gradients
 into one buffer with its strides; the output is stored (B, K, L, H, dh) in the input's
 order of B and K, which the output projection reads as is. No layout copies in or out,
 forward or backward. Leading key tiles that are all padding (histories are left-padded)
@@ -105,7 +105,7 @@ class _FusedAttention(torch.autograd.Function):
         if dh < 16 or dh & (dh - 1):
             raise ValueError(f"attention='fused' needs a power-of-two head dim >= 16, not {dh}")
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        q, k, v = _split(qkv)
+        q, k, v = split_heads(qkv)
         out = _empty_heads(qkv)
         lse = torch.empty(B * K, H, L, dtype=torch.float32, device=qkv.device)
         first = _first_valid(valid)
@@ -119,13 +119,13 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         qkv, bias, inv_tau, valid8, first, out, lse = ctx.saved_tensors
-        q, k, v = _split(qkv)
+        q, k, v = split_heads(qkv)
         B, K, H, L, dh = q.shape
         dout = dout.to(q.dtype)
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).reshape(B * K, H, L)  # rowsum(dO O)
         dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
-        dq, dk, dv = _split(dqkv)
+        dq, dk, dv = split_heads(dqkv)
         dbias = torch.zeros_like(bias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         args = (q, k, v, bias, inv_tau.contiguous(), valid8, first, dout, lse, delta)
@@ -134,9 +134,9 @@ class _FusedAttention(torch.autograd.Function):
         return dqkv, dbias, dinv.to(inv_tau.dtype), None
 
 
-def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(B, K, L, 3, H, dh) -> q, k, v as (B, K, H, L, dh) views (same strides, no copies)."""
-    return tuple(qkv[:, :, :, i].transpose(2, 3) for i in range(3))
+def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed (B, K, S, 3, H, dh) projections -> q, k, v (B, K, H, S, dh), as views."""
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
 
 
 def _empty_heads(qkv: torch.Tensor) -> torch.Tensor:
@@ -226,6 +226,13 @@ if triton is not None:
             tl.store(OUT + bh * L * L + idx, val.to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _bucket_sums(acc, ids, buckets, g, N: tl.constexpr):
+        """acc[n] += the sum of the tile g where buckets == n, for n < N."""
+        for n in tl.static_range(N):
+            acc += tl.where(ids == n, tl.sum(tl.where(buckets == n, g, 0.0)), 0.0)
+        return acc
+
+    @triton.jit
     def _bias_grad_kernel(G, PB, TB, DPOS, DTIM, H, L, P: tl.constexpr, T: tl.constexpr, PP: tl.constexpr,
                           TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
         """One program per (BM rows, sample-block x head): sums of the dense bias gradient per
@@ -243,10 +250,8 @@ if triton is not None:
             g = tl.load(G + bh * L * L + idx, mask=ok, other=0.0).to(tl.float32)
             pb = tl.load(PB + idx, mask=ok, other=0)
             tb = tl.load(TB + b * L * L + idx, mask=ok, other=0)
-            for p in tl.static_range(P):
-                acc_p += tl.where(p_ids == p, tl.sum(tl.where(pb == p, g, 0.0)), 0.0)
-            for t in tl.static_range(T):
-                acc_t += tl.where(t_ids == t, tl.sum(tl.where(tb == t, g, 0.0)), 0.0)
+            acc_p = _bucket_sums(acc_p, p_ids, pb, g, P)
+            acc_t = _bucket_sums(acc_t, t_ids, tb, g, T)
         tile = tl.program_id(1)
         n_tiles = tl.num_programs(1)
         tl.store(DPOS + (bh * n_tiles + tile) * P + p_ids, acc_p, mask=p_ids < P)
