@@ -6,7 +6,8 @@ Variants on the same (B*K, H, L, dh) problems, bf16 q, k, v:
               tables, then the Triton kernels (forward; backward with dK, dV, d bias, d(1/tau)
               and dQ), then d bias reduced into the tables.
   fused-kernel the Triton kernels alone: the dense bias built beforehand, as the model does once
-              per step for all its layers (its gradient is still computed, not reduced).
+              per step for all its layers (its gradient is still added to the layers' sum,
+              not reduced).
   sdpa-mask   climber's "sdpa" path: SDPA with the dense bias + mask as an additive mask.
   split       climber's "split" reference: dense bias, fp32 softmax, plain matmuls.
 Everything runs under bf16 autocast, as in training. sdpa-mask and split include building the
@@ -17,6 +18,10 @@ step, shared by the layers). "fwd" is the forward with gradients enabled (as in 
 flash time / variant time.
 
     python benchmarks/bench_attention.py [--out benchmarks/results]
+    python benchmarks/bench_attention.py --sweep [--shapes ...]   # tile configs of the kernels
+
+`--sweep` times each Triton kernel (fused-kernel's fwd+bwd under the profiler) for each
+(query rows, key columns, warps, stages) in SWEEP, and prints the best per kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from climber.attention import history_attention, history_inputs
 
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
+SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+         (128, 128, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2)]
+KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 
 
 def environment(argv: list[str]) -> dict:
@@ -76,10 +84,10 @@ def make_case(variant: str, x: dict):
             return history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"],
                                   impl)
 
-    if variant == "fused-kernel":
+    if variant == "fused-kernel":  # a token leaf: each backward adds d f_b to the shared sum, as layers 2.. do
         built = inputs()
-        built.bias = built.bias.detach().requires_grad_()
-        leaves["bias"] = built.bias
+        built.fused.token = torch.zeros((), device="cuda", requires_grad=True)
+        leaves["token"] = built.fused.token
 
     def fwd():
         if variant == "flash":  # no bias, no mask, no temperature: nothing to build
@@ -138,13 +146,58 @@ def run_variant(variant: str, x: dict, reps: int) -> list[dict]:
     return rows
 
 
+def sweep(x: dict, reps: int) -> list[dict]:
+    """Per-kernel device time (ms, mean over `reps` profiled fwd+bwd runs) for each tile config."""
+    from climber import fused_attention
+
+    default = dict(fused_attention.TILES)
+    rows = []
+    for tiles in SWEEP:
+        fused_attention.TILES.update({k: tiles for k in KERNELS})
+        try:
+            fwd, leaves = make_case("fused-kernel", x)
+            grad = torch.randn_like(fwd())
+            for _ in range(3):  # compile
+                fwd().backward(grad)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    fwd().backward(grad)
+                torch.cuda.synchronize()
+            times = {e.key: e.self_device_time_total / reps / 1e3 for e in prof.key_averages()}
+            row = {"tiles": tiles, **{k: times.get(name, float("nan")) for k, name in KERNELS.items()}}
+        except Exception as e:  # e.g. out of shared memory: a result too
+            row = {"tiles": tiles, "error": f"{type(e).__name__}: {e}"[:200]}
+        rows.append(row)
+        print(row, flush=True)
+    fused_attention.TILES.update(default)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="256x8x200x64,64x8x800x64", help="BKxHxLxdh, comma separated")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--sweep", action="store_true", help="time the kernels' tile configs instead")
     args = ap.parse_args()
+    if args.sweep:
+        result = {"name": "bench_attention_sweep", **environment(sys.argv), "results": []}
+        for shape in args.shapes.split(","):
+            rows = sweep(problem(*map(int, shape.split("x"))), args.reps)
+            print(f"{shape}: {'tiles':20} {'fwd ms':>8} {'dkdv ms':>8} {'dq ms':>8}")
+            for r in rows:
+                print(f"{'':{len(shape)}}  {str(r['tiles']):20} " + (r["error"] if "error" in r else
+                      " ".join(f"{r[k]:8.3f}" for k in KERNELS)))
+            ok = [r for r in rows if "error" not in r]
+            best = {k: min(ok, key=lambda r: r[k])["tiles"] for k in KERNELS} if ok else {}
+            print(f"best: {best}")
+            result["results"].append({"shape": shape, "rows": rows, "best": best})
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_attention_sweep.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result))
+        return
     rows = []
     for shape in args.shapes.split(","):
         x = problem(*map(int, shape.split("x")))

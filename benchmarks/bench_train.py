@@ -77,10 +77,20 @@ def compile_history(model: Climber) -> None:
         layer.history = torch.compile(layer.history, dynamic=False)
 
 
-class Trainer:
-    """One model + fused AdamW; `rate` times training steps on synthetic batches."""
+def kernel_events(prof) -> list:
+    """Device kernels of a profile: rows with device time launched by no recorded CPU op (with
+    CPU ops recorded, an op's row also counts the kernels it launched), less the `## Call
+    CompiledFxGraph` annotation ranges, which span the kernels they contain."""
+    return [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.cpu_time_total == 0
+            and not e.key.startswith("## ")]
 
-    def __init__(self, size: str, L: int, impl: str):
+
+class Trainer:
+    """One model + fused AdamW; `rate` times training steps on synthetic batches. With `graph`
+    the whole step (forward, backward, clipping, AdamW) is captured once into a CUDA graph
+    and replayed on static input buffers: no CPU launch cost per kernel."""
+
+    def __init__(self, size: str, L: int, impl: str, graph: bool = False):
         gc.collect()  # earlier trainers (reference cycles through their compiled layers)
         torch.cuda.empty_cache()
         self.base = torch.cuda.memory_allocated()  # whatever is still held, left out of the peaks
@@ -88,9 +98,35 @@ class Trainer:
         torch.manual_seed(0)
         self.model = Climber(self.cfg).cuda().train()
         compile_history(self.model)
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True)
+        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True,
+                                     capturable=graph)
         T = len(self.cfg.tasks)
         self.weights = torch.full((T,), 1.0 / T, device="cuda")
+        self.graph, self.static, self.cuda_graph = graph, None, None
+
+    def capture(self, b: dict) -> None:
+        """Warm up (compilation, autotuning) on a side stream, then capture one step."""
+        self.static = {k: v.clone() for k, v in b.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step(self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.cuda_graph = torch.cuda.CUDAGraph()
+        self.opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
+        with torch.cuda.graph(self.cuda_graph):
+            self.step(self.static)
+
+    def run(self, b: dict) -> None:
+        """One training step on batch b (replayed from the graph if there is one)."""
+        if not self.graph:
+            return self.step(b)
+        if self.cuda_graph is None:
+            self.capture(b)
+        for k, v in b.items():
+            self.static[k].copy_(v, non_blocking=True)
+        self.cuda_graph.replay()
 
     def step(self, b: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -103,21 +139,29 @@ class Trainer:
     def rate(self, B: int, M: int, steps: int, warmup: int = 3) -> dict:
         L = self.cfg.seq_len
         batches = [synthetic_batch(self.cfg, B, L, M, seed) for seed in range(3)]
-        for i in range(warmup):  # compilation happens here
-            self.step(batches[i % 3])
-        torch.cuda.synchronize()
+        if self.graph:  # one graph per batch shape: a new M is a new trainer's
+            self.cuda_graph = None
         torch.cuda.reset_peak_memory_stats()
+        for i in range(warmup):  # compilation happens here
+            self.run(batches[i % 3])
+        torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for i in range(steps):
-            self.step(batches[i % 3])
+            self.run(batches[i % 3])
         end.record()
         end.synchronize()
         s = start.elapsed_time(end) / 1e3 / steps
+        # device busy time per step: the kernels' summed durations (one stream) over a few steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for i in range(3):
+                self.run(batches[i % 3])
+            torch.cuda.synchronize()
+        busy = sum(e.self_device_time_total for e in kernel_events(prof)) / 3 / 1e3
         flops = 3 * self.model.flops(L, M)["exact"] * B
-        row = {"L": L, "M": M, "B": B, "step_ms": s * 1e3, "pairs_per_s": B * M / s, "requests_per_s": B / s,
-               "model_tflops": flops / s / 1e12, "mfu": flops / s / PEAK_FLOPS,
-               "peak_gib": (torch.cuda.max_memory_allocated() - self.base) / 2**30}
+        row = {"L": L, "M": M, "B": B, "graph": self.graph, "step_ms": s * 1e3, "busy_ms": busy,
+               "pairs_per_s": B * M / s, "requests_per_s": B / s, "model_tflops": flops / s / 1e12,
+               "mfu": flops / s / PEAK_FLOPS, "peak_gib": (torch.cuda.max_memory_allocated() - self.base) / 2**30}
         print(f"d={self.cfg.d_model} {self.cfg.attention}: {row}", flush=True)
         return row
 
@@ -133,8 +177,7 @@ class Trainer:
                 self.step(b)
             torch.cuda.synchronize()
         events = prof.key_averages()
-        # device kernels only: with CPU ops recorded, an op's row also counts the kernels it launched
-        kernels = [e for e in events if e.self_device_time_total > 0 and e.cpu_time_total == 0] or list(events)
+        kernels = kernel_events(prof) or list(events)
         total = sum(e.self_device_time_total for e in kernels)
         top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
         # which torch ops (with their input shapes) launch the time: eager copies are found here
@@ -153,11 +196,15 @@ def print_tables(sumi: list[dict], mfu: list[dict], profile: list[dict]) -> None
         s = r["sumi"]
         print(f"{r['size']:6} {s['L']:4d} {r['m']:3d} {s['B']:4d} {s['pairs_per_s']:13,.0f} "
               f"{r['susi']['pairs_per_s']:13,.0f} {r['speedup']:8.2f} {s['mfu']:6.1%} {s['peak_gib']:9.1f}")
-    print(f"\n{'size':6} {'impl':6} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'model TFLOP/s':>14} {'MFU':>6} "
-          f"{'peak GiB':>9}")
+    print(f"\n{'size':6} {'impl':6} {'graph':5} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'busy ms':>8} "
+          f"{'model TFLOP/s':>14} {'MFU':>6} {'peak GiB':>9}")
     for r in mfu:
-        print(f"{r['size']:6} {r['impl']:6} {r['L']:4d} {r['M']:3d} {r['B']:4d} {r['step_ms']:8.1f} "
-              f"{r['model_tflops']:14.1f} {r['mfu']:6.1%} {r['peak_gib']:9.1f}")
+        if "error" in r:
+            print(f"{r['size']:6} {r['impl']:12} m={r['M']}: {r['error']}")
+            continue
+        print(f"{r['size']:6} {r['impl']:6} {'yes' if r['graph'] else 'no':5} {r['L']:4d} {r['M']:3d} {r['B']:4d} "
+              f"{r['step_ms']:8.1f} {r['busy_ms']:8.1f} {r['model_tflops']:14.1f} {r['mfu']:6.1%} "
+              f"{r['peak_gib']:9.1f}")
     for p in profile:
         print(f"{p['share']:6.1%} {p['calls']:5d}  {p['op']}")
 
@@ -169,7 +216,9 @@ def main() -> None:
     ap.add_argument("--paper-batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impl", default="fused", help="attention path for the SUMI/SUSI table and the profile")
-    ap.add_argument("--mfu-impls", default="fused", help="attention paths timed at the paper config")
+    ap.add_argument("--mfu-impls", default="fused,fused:graph",
+                    help="attention paths timed at the paper config; ':graph' replays a CUDA graph of the step")
+    ap.add_argument("--graph", action="store_true", help="CUDA-graph the steps of the SUMI/SUSI table")
     ap.add_argument("--reference", action="store_true", help="also time the paper config with 'split' attention")
     ap.add_argument("--profile", action="store_true", help="profile the paper config, m = 8")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -186,7 +235,7 @@ def main() -> None:
 
     for item in filter(None, args.batch.split(",")):  # small model: SUMI at each m, SUSI = M = 1 at the same batch
         L, B = map(int, item.split(":"))
-        trainer = Trainer("small", L, args.impl)
+        trainer = Trainer("small", L, args.impl, args.graph)
         rows = {m: trainer.rate(B, m, args.steps) for m in sorted(set(ms) | {1})}
         for m in ms:
             result["sumi_vs_susi"].append({"size": "small", "m": m, "sumi": rows[m], "susi": rows[1],
@@ -194,12 +243,17 @@ def main() -> None:
         del trainer
         save()
 
-    for impl in args.mfu_impls.split(","):
-        trainer = Trainer("paper", 200, impl)
+    for item in args.mfu_impls.split(","):
+        impl, _, graph = item.partition(":")
+        trainer = Trainer("paper", 200, impl, graph == "graph")
         for m in (1, 8):
-            result["mfu"].append({"size": "paper", "impl": impl, **trainer.rate(args.paper_batch, m, args.steps)})
+            try:
+                result["mfu"].append({"size": "paper", "impl": impl, **trainer.rate(args.paper_batch, m, args.steps)})
+            except Exception as e:  # e.g. an op that cannot be captured: a result too
+                result["mfu"].append({"size": "paper", "impl": item, "M": m, "error": f"{type(e).__name__}: {e}"[:500]})
+                print(result["mfu"][-1], flush=True)
         save()
-        if args.profile and impl == args.impl:
+        if args.profile and impl == args.impl and not graph:
             result["profile_top_ops"] = trainer.profile(args.paper_batch, 8, args.out / "bench_train_profile.txt")
             save()
         del trainer

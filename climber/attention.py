@@ -70,12 +70,14 @@ def joint_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor
     return (key_valid[:, :, None, :] & causal_hist) | torch.eye(S, dtype=torch.bool, device=i.device)
 
 
-def history_mask(hist_mask: torch.Tensor) -> torch.Tensor:
-    """(B, K, L) -> allowed (B, K, L, L): causal over valid history, plus the diagonal."""
-    L = hist_mask.shape[-1]
-    i = torch.arange(L, device=hist_mask.device)
-    causal = i[None, :] <= i[:, None]
-    return (hist_mask[:, :, None, :] & causal) | torch.eye(L, dtype=torch.bool, device=i.device)
+def history_mask(hist_mask: torch.Tensor, n_hist: int | None = None) -> torch.Tensor:
+    """(B, K, S) -> allowed (B, K, S, S): causal over the valid keys among the first `n_hist`
+    (all by default), plus the diagonal. With candidates appended after n_hist history tokens
+    this is `joint_mask`."""
+    S = hist_mask.shape[-1]
+    i = torch.arange(S, device=hist_mask.device)
+    seen = (i[None, :] <= i[:, None]) & (i[None, :] < (S if n_hist is None else n_hist))
+    return (hist_mask[:, :, None, :] & seen) | torch.eye(S, dtype=torch.bool, device=i.device)
 
 
 def _softmax_attend(s: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -91,15 +93,19 @@ def joint_attention(q, k, v, bias, tau, allowed) -> torch.Tensor:
 
 @dataclass
 class HistoryInputs:
-    """Everything the causal history self-attention needs besides q, k, v and tau."""
+    """Everything the history self-attention needs besides q, k, v and tau. The sequence is S
+    tokens: n_hist history tokens, then (training's joint pass) the candidates, at position
+    n_hist with the request time, each seeing the history and itself."""
 
-    key_valid: torch.Tensor  # (B, K, L) bool, False on padding
-    time: torch.Tensor  # (B, K, L) event times in seconds
+    key_valid: torch.Tensor  # (B, K, S) bool, False on padding
+    time: torch.Tensor  # (B, K, S) event times in seconds
     scenario: torch.Tensor  # (B,) request scenario, selects the f_b tables
     pos_table: torch.Tensor  # (Kt, St, H, P): Kt = K (or 1: shared), St = n_scenarios (or 1)
     time_table: torch.Tensor  # (Kt, St, H, T)
-    bias: torch.Tensor | None = None  # (B, K, H, L, L) dense f_b
-    allowed: torch.Tensor | None = None  # (B, K, L, L) causal + padding mask, reference paths only
+    n_hist: int
+    bias: torch.Tensor | None = None  # (B, K, H, S, S) dense f_b, reference paths
+    allowed: torch.Tensor | None = None  # (B, K, S, S) mask, reference paths
+    fused: fused.FusedInputs | None = None  # the fused kernels' f_b and mask inputs
 
 
 def per_sample_table(table: torch.Tensor, scenario: torch.Tensor, k: int) -> torch.Tensor:
@@ -114,26 +120,30 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "split" if impl == "fused" and not fused.available(device) else impl
 
 
-def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str) -> HistoryInputs:
-    """Bundle the history's attention inputs (the dense bias, and for the reference paths the mask)."""
+def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str,
+                   n_hist: int | None = None) -> HistoryInputs:
+    """Bundle the attention inputs of a sequence whose first `n_hist` tokens (all by default)
+    are history: f_b densely (the fused kernels' own form, or for the reference paths a
+    tensor and the mask). Tokens after n_hist sit at position n_hist."""
     impl = resolve_impl(impl, time.device)
-    hist = HistoryInputs(hist_mask, time, scenario, pos_table, time_table)
-    B, K, L = hist_mask.shape
-    i = torch.arange(L, device=time.device)
-    pb = position_buckets(i[:, None] - i[None, :], pos_table.shape[-1])  # (L, L)
-    tb = time_buckets(time[..., :, None] - time[..., None, :], time_table.shape[-1])  # (B, K, L, L)
+    B, K, S = hist_mask.shape
+    n_hist = S if n_hist is None else n_hist
+    hist = HistoryInputs(hist_mask, time, scenario, pos_table, time_table, n_hist)
+    i = torch.arange(S, device=time.device).clamp(max=n_hist)
+    pb = position_buckets(i[:, None] - i[None, :], pos_table.shape[-1])  # (S, S)
+    tb = time_buckets(time[..., :, None] - time[..., None, :], time_table.shape[-1])  # (B, K, S, S)
     if impl == "fused":  # f_b once per step in the compute dtype, with a table-reducing backward
         H = pos_table.shape[2]
         dtype = torch.get_autocast_dtype("cuda") if time.is_cuda and torch.is_autocast_enabled("cuda") else \
             torch.float32
         tables = (per_sample_table(t, scenario, K).reshape(B * K, H, -1) for t in (pos_table, time_table))
-        bias = fused.dense_bias(*tables, pb, tb.reshape(B * K, L, L), dtype)
-        return dataclasses.replace(hist, bias=bias.view(B, K, H, L, L))
-    pos = per_sample_table(pos_table, scenario, K)[..., pb]  # (B, K, H, L, L)
+        fi = fused.prepare(*tables, pb, tb.reshape(B * K, S, S), hist_mask.reshape(B * K, S), n_hist, dtype)
+        return dataclasses.replace(hist, fused=fi)
+    pos = per_sample_table(pos_table, scenario, K)[..., pb]  # (B, K, H, S, S)
     tim = per_sample_table(time_table, scenario, K)  # (B, K, H, T)
     H = tim.shape[2]
-    tim = torch.gather(tim[:, :, :, None].expand(-1, -1, -1, L, -1), -1, tb[:, :, None].expand(-1, -1, H, -1, -1))
-    return dataclasses.replace(hist, bias=pos + tim, allowed=history_mask(hist_mask))
+    tim = torch.gather(tim[:, :, :, None].expand(-1, -1, -1, S, -1), -1, tb[:, :, None].expand(-1, -1, H, -1, -1))
+    return dataclasses.replace(hist, bias=pos + tim, allowed=history_mask(hist_mask, n_hist))
 
 
 def history_attention(qkv, hist: HistoryInputs, tau, impl: str = "split") -> torch.Tensor:
@@ -143,9 +153,8 @@ def history_attention(qkv, hist: HistoryInputs, tau, impl: str = "split") -> tor
     its gradient copied to contiguous); tau (B, K, H, 1, 1) -> (B, K, H, L, dh)."""
     impl = resolve_impl(impl, qkv.device)
     if impl == "fused":  # takes qkv blocks first: its transpose stays outside compiled graphs
-        K, B, L, _, H, _ = qkv.shape
-        inv = tau.reciprocal().reshape(B * K, H).float()
-        return fused.fused_attention(qkv, hist.bias.reshape(B * K, H, L, L), inv, hist.key_valid.reshape(B * K, L))
+        K, B, _, _, H, _ = qkv.shape
+        return fused.fused_attention(qkv, tau.reciprocal().reshape(B * K, H).float(), hist.fused)
     q, k, v = split_heads(qkv.transpose(0, 1))
     if impl == "sdpa":
         # temperature folded into q (scale=1); bias and mask folded into one additive mask

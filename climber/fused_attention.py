@@ -4,24 +4,29 @@ probability matrix in memory), with the SUMI history mask, the dynamic temperatu
 two more kernels build f_b densely and reduce its gradient.
 
 What the bias really needs: f_b(block, scenario) is shared by every layer of a block, so it
-is built densely once per step, (B*K, H, L, L) in the compute dtype, by `dense_bias` (a
-kernel reading the small tables, a position-bucket LUT and per-sample time-gap buckets), and each layer's
-kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table gathers per
-score element. Backward, each layer writes d bias = dS / tau for its tiles (every score
-element belongs to one program, so plain stores, no atomics); autograd sums the 12 layers'
-dense gradients and `dense_bias`'s backward reduces them to the tables once per step
-(per-bucket sums tile by tile in fp32). The dQ pass adds the exact d(1/tau) correction for a
-bf16 output.
+is built densely once per step, (B*K, H, S, S) in the compute dtype, by `prepare` (a kernel
+reading the small tables, a position-bucket LUT and per-sample time-gap buckets), and each
+layer's kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table
+gathers per score element. Backward, each layer adds d bias = dS / tau for its tiles into one
+fp32 buffer shared by the layers (every score element belongs to one program, so no atomics),
+and once every layer is done that sum is reduced to the tables, once per step (per-bucket
+sums tile by tile in fp32). A scalar "token" output of the bias build, taken by every layer,
+is what makes autograd run the reduction after the last layer. The dQ pass adds the exact
+d(1/tau) correction for a bf16 output.
 
-    s_ij = (q_i . k_j + bias_ij) / tau      allowed: j <= i and (key j valid or j == i)
+The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
+appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
 
-`fused_attention` takes the packed qkv projection blocks first, (K, B, L, 3, H, dh), as the
+    s_ij = (q_i . k_j + bias_ij) / tau
+    allowed: j <= i and ((j < n_hist and key j valid) or j == i)
+
+`fused_attention` takes the packed qkv projection blocks first, (K, B, S, 3, H, dh), as the
 model's BlockLinear leaves it (its transpose to (B, K, ...) happens here, outside compiled
-graphs); the kernels take any strides with dh contiguous, read q, k, v as views of it and write their gradients
-into one buffer with its strides; the output is stored (B, K, L, H, dh) in the input's
+graphs); the kernels take any strides with dh contiguous, read q, k, v as views of it and
+write their gradients into one buffer with its strides; the output is stored (B, K, S, H, dh) in the input's
 order of B and K, which the output projection reads as is. No layout copies in or out,
 forward or backward. Leading key tiles that are all padding (histories are left-padded)
-are skipped per sample.
+are skipped per sample, and so are the query tiles of key tiles only their own rows see.
 
 Correctness: `tests/test_attention_fast.py` checks outputs and the gradients of q, k, v, tau
 and both tables against the plain reference path, on the GPU and, through Triton's
@@ -31,6 +36,7 @@ interpreter (TRITON_INTERPRET=1), on CPU.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,20 +46,37 @@ try:
 except ImportError:  # CPU-only install: the fused path is GPU-only
     triton = None
 
-BLOCK = 64  # query and key tile (rows and columns); a power of two >= 16 for tl.dot
+BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
+# the attention kernels' (query rows, key columns, warps, pipeline stages); rows a multiple of
+# columns. Tuned on the H200 by `benchmarks/bench_attention.py --sweep`
+TILES = {"fwd": (64, 64, 4, 2), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
 
 
 def available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+@dataclass
+class FusedInputs:
+    """What the kernels need besides q, k, v and tau, built once per step by `prepare` and
+    shared by the layers."""
+
+    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype (no autograd: see `token`)
+    token: torch.Tensor  # scalar the layers take, so the table reduction runs after all of them
+    valid8: torch.Tensor  # (BK, S) int8 key validity
+    first: torch.Tensor  # (BK,) int32 first valid key
+    n_hist: int  # leading history tokens; later ones (candidates) are keys for their own row only
+    grad: dict = field(default_factory=dict)  # "dense": fp32 (BK, H, S, S) sum of the layers' d f_b
+
+
 class _DenseBias(torch.autograd.Function):
-    """(BK, H, P) position and (BK, H, T) time tables, (L, L) position buckets and (BK, L, L)
-    time buckets -> dense f_b (BK, H, L, L) in `dtype`; backward reduces the dense gradient,
-    which the fused kernels leave causal (zero above the diagonal), to the tables."""
+    """(BK, H, P) position and (BK, H, T) time tables, (S, S) position buckets and (BK, S, S)
+    time buckets -> dense f_b (BK, H, S, S) in `dtype` and the token; backward reduces the
+    layers' summed dense gradient, which the kernels leave causal (zero above the diagonal),
+    to the tables."""
 
     @staticmethod
-    def forward(ctx, pos, tim, pb, tb, dtype):
+    def forward(ctx, pos, tim, pb, tb, dtype, grad):
         BK, H, P = pos.shape
         L = pb.shape[0]
         pb, tb = pb.to(torch.int16).contiguous(), tb.to(torch.int16).contiguous()  # bucket ids < 2^15
@@ -63,12 +86,18 @@ class _DenseBias(torch.autograd.Function):
                                T=tim.shape[-1], BM=BLOCK, BN=BLOCK, num_warps=4)
         ctx.save_for_backward(pb, tb)
         ctx.sizes = P, tim.shape[-1]
-        return bias
+        ctx.grad = grad
+        ctx.mark_non_differentiable(bias)
+        ctx.set_materialize_grads(False)
+        return bias, pos.new_zeros(())
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, _, __):
         pb, tb = ctx.saved_tensors
         P, T = ctx.sizes
+        g = ctx.grad.pop("dense", None)  # consumed: a second backward starts from zero
+        if g is None:  # no layer ran backward
+            return None, None, None, None, None, None
         BK, H, L, _ = g.shape
         # per-bucket sums of g by one kernel that reads g once, tile by tile: neither scatter-adds
         # (B*K*H*L*L values into a few thousand entries serialise on atomics: 173 ms at B*K = 64,
@@ -77,30 +106,28 @@ class _DenseBias(torch.autograd.Function):
         n_tiles = triton.cdiv(L, BLOCK)
         dpos = torch.empty(BK * H, n_tiles, P, dtype=torch.float32, device=g.device)
         dtim = torch.empty(BK * H, n_tiles, T, dtype=torch.float32, device=g.device)
-        _bias_grad_kernel[(BK * H, n_tiles)](g.contiguous(), pb.contiguous(), tb.contiguous(), dpos, dtim, H, L,
-                                             P=P, T=T, PP=triton.next_power_of_2(P),
+        _bias_grad_kernel[(BK * H, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, PP=triton.next_power_of_2(P),
                                              TP=triton.next_power_of_2(T), BM=BLOCK, BN=BLOCK, num_warps=4)
-        return dpos.sum(1).view(BK, H, P), dtim.sum(1).view(BK, H, T), None, None, None
+        return dpos.sum(1).view(BK, H, P), dtim.sum(1).view(BK, H, T), None, None, None, None
 
 
-def dense_bias(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor,
-               dtype: torch.dtype) -> torch.Tensor:
-    return _DenseBias.apply(pos, tim, pb, tb, dtype)
-
-
-def _first_valid(valid: torch.Tensor) -> torch.Tensor:
-    """(BK, L) key validity -> (BK,) int32 index of the first valid key (L if none)."""
-    L = valid.shape[-1]
-    idx = torch.where(valid, torch.arange(L, device=valid.device), L)
-    return idx.min(dim=-1).values.to(torch.int32)
+def prepare(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor, valid: torch.Tensor,
+            n_hist: int, dtype: torch.dtype) -> FusedInputs:
+    """Per-sample tables pos (BK, H, P), tim (BK, H, T), position buckets pb (S, S), time
+    buckets tb (BK, S, S) and key validity (BK, S) -> the kernels' shared inputs."""
+    grad: dict = {}
+    bias, token = _DenseBias.apply(pos, tim, pb, tb, dtype, grad)
+    S = valid.shape[-1]
+    idx = torch.where(valid, torch.arange(S, device=valid.device), S)
+    first = idx.min(dim=-1).values.to(torch.int32)  # L if no valid key
+    return FusedInputs(bias, token, valid.to(torch.int8).contiguous(), first, n_hist, grad)
 
 
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, bias, inv_tau, valid):
-        """qkv (B, K, L, 3, H, dh) (any strides, dh contiguous); bias (B*K, H, L, L); inv_tau
-        (B*K, H) fp32; valid (B*K, L) bool -> (B, K, H, L, dh), stored (B, K, L, H, dh) in
-        qkv's order of B and K."""
+    def forward(ctx, qkv, inv_tau, token, fi: FusedInputs):
+        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32 -> (B, K,
+        H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K."""
         B, K, L, _, H, dh = qkv.shape
         if dh < 16 or dh & (dh - 1):
             raise ValueError(f"attention='fused' needs a power-of-two head dim >= 16, not {dh}")
@@ -108,17 +135,17 @@ class _FusedAttention(torch.autograd.Function):
         q, k, v = split_heads(qkv)
         out = _empty_heads(qkv)
         lse = torch.empty(B * K, H, L, dtype=torch.float32, device=qkv.device)
-        first = _first_valid(valid)
-        valid8 = valid.to(torch.int8).contiguous()
-        bias = bias.contiguous()
-        _fwd_kernel[_grid(q)](q, k, v, bias, inv_tau.contiguous(), valid8, first, out, lse, *_strides(q, out),
-                              K, H, L, **_meta(q))
-        ctx.save_for_backward(qkv, bias, inv_tau, valid8, first, out, lse)
+        inv_tau = inv_tau.contiguous()
+        _fwd_kernel[_grid(q, "fwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, out, lse, *_strides(q, out),
+                                     K, H, L, fi.n_hist, **_meta(q, "fwd"))
+        ctx.save_for_backward(qkv, inv_tau, out, lse)
+        ctx.fi = fi
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        qkv, bias, inv_tau, valid8, first, out, lse = ctx.saved_tensors
+        qkv, inv_tau, out, lse = ctx.saved_tensors
+        fi = ctx.fi
         q, k, v = split_heads(qkv)
         B, K, H, L, dh = q.shape
         dout = dout.to(q.dtype)
@@ -126,12 +153,20 @@ class _FusedAttention(torch.autograd.Function):
         delta = (dout.float() * out.float()).sum(-1).reshape(B * K, H, L)  # rowsum(dO O)
         dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
         dq, dk, dv = split_heads(dqkv)
-        dbias = torch.zeros_like(bias)
+        # d f_b, added to the other layers' (zeros before the first layer: key tiles seen by their
+        # own rows only leave the query tiles below them unwritten)
+        need_dbias = ctx.needs_input_grad[2]
+        if need_dbias and "dense" not in fi.grad:
+            fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=torch.float32, device=q.device)
+        dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        args = (q, k, v, bias, inv_tau.contiguous(), valid8, first, dout, lse, delta)
-        _bwd_dkdv_kernel[_grid(q)](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, **_meta(q))
-        _bwd_dq_kernel[_grid(q)](*args, dq, dinv, *_strides(q, dout, dq), K, H, L, **_meta(q))
-        return dqkv, dbias, dinv.to(inv_tau.dtype), None
+        args = (q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta)
+        _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, fi.n_hist,
+                                           DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
+        _bwd_dq_kernel[_grid(q, "dq")](*args, dq, dinv, *_strides(q, dout, dq), K, H, L, fi.n_hist,
+                                       **_meta(q, "dq"))
+        token_grad = torch.zeros((), device=q.device) if ctx.needs_input_grad[2] else None
+        return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 
 
 def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -153,25 +188,27 @@ def _strides(*xs: torch.Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:4]]
 
 
-def _grid(q: torch.Tensor) -> tuple[int, int]:
+def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
+    """(sample-block x head, tiles): query tiles for fwd and dq, key tiles for dkdv."""
     B, K, H, L, _ = q.shape
-    return B * K * H, triton.cdiv(L, BLOCK)
+    BM, BN, _, _ = TILES[kernel]
+    return B * K * H, triton.cdiv(L, BN if kernel == "dkdv" else BM)
 
 
-def _meta(q: torch.Tensor) -> dict:
+def _meta(q: torch.Tensor, kernel: str) -> dict:
     """Compile-time kernel arguments; fp32 inputs get exact (not tf32) dot products."""
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for bf16 inputs
-    return dict(DH=q.shape[-1], BM=BLOCK, BN=BLOCK, PREC=prec, num_warps=4, num_stages=2)
+    BM, BN, warps, stages = TILES[kernel]
+    return dict(DH=q.shape[-1], BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
 
 
 @torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
-def fused_attention(qkv, bias, inv_tau, valid) -> torch.Tensor:
-    """Causal history attention with temperature and dense bias; see the module docstring.
-    qkv (K, B, L, 3, H, dh) blocks first; bias (B*K, H, L, L); inv_tau (B*K, H) fp32; valid
-    (B*K, L) bool -> (B, K, H, L, dh)."""
+def fused_attention(qkv: torch.Tensor, inv_tau: torch.Tensor, fi: FusedInputs) -> torch.Tensor:
+    """Attention with temperature and dense bias under the SUMI mask; see the module docstring.
+    qkv (K, B, S, 3, H, dh) blocks first; inv_tau (B*K, H) fp32 -> (B, K, H, S, dh)."""
     if not available(qkv.device):
         raise RuntimeError("the fused attention kernels need a CUDA GPU and Triton")
-    return _FusedAttention.apply(qkv.transpose(0, 1), bias, inv_tau, valid)
+    return _FusedAttention.apply(qkv.transpose(0, 1), inv_tau, fi.token, fi)
 
 
 if triton is not None:
@@ -199,14 +236,16 @@ if triton is not None:
         tl.store(X + off + idx[:, None] * sl + dims[None, :], val.to(X.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
-    def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, PREC: tl.constexpr):
-        """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask."""
+    def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, NH, PREC: tl.constexpr):
+        """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask (keys from
+        NH on, the candidates, are seen by their own row only)."""
         col_ok = cols < L
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
         raw = qk + tl.load(bias_ptrs, mask=(rows[:, None] < L) & col_ok[None, :], other=0.0).to(tl.float32)
         key_ok = tl.load(valid_ptr + cols, mask=col_ok, other=0) != 0
         diag = rows[:, None] == cols[None, :]
-        ok = (cols[None, :] <= rows[:, None]) & (key_ok[None, :] | diag) & col_ok[None, :]
+        seen = key_ok & (cols < NH)
+        ok = (cols[None, :] <= rows[:, None]) & (seen[None, :] | diag) & col_ok[None, :]
         return raw, raw * inv, ok
 
     @triton.jit
@@ -259,7 +298,7 @@ if triton is not None:
 
     @triton.jit
     def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
-                    DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                    NH, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM query rows, sample-block b, head h): online softmax over the
         causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
         bh, b, h, row0, rows = _program(H, BM)
@@ -278,7 +317,7 @@ if triton is not None:
             kv_ok = cols < L
             k = _load_rows(K, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
@@ -294,10 +333,11 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqk, sqh, sql,
-                         sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, DH: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, PREC: tl.constexpr):
+                         sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
         """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
-        diagonal, d bias = dS / tau stored per tile, sum dS (q.k + bias) into d(1/tau)."""
+        diagonal, d bias = dS / tau added per tile to the other layers' (if DBIAS_GRAD), sum
+        dS (q.k + bias) into d(1/tau)."""
         bh, b, h, col0, cols = _program(H, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
@@ -306,8 +346,10 @@ if triton is not None:
         v = _load_rows(V, qo, cols, sql, dims, col_ok)
         inv = tl.load(INV + bh)
         lo = col0 // BM * BM
-        # keys that are all padding are seen by their own row only: the diagonal tile
-        hi = tl.where(col0 + BN <= tl.load(FIRST + b), tl.minimum(lo + BM, L), L)
+        # keys that are all padding, or all candidates, are seen by their own row only: the
+        # diagonal tile
+        own_only = (col0 + BN <= tl.load(FIRST + b)) | (col0 >= NH)
+        hi = tl.where(own_only, tl.minimum(lo + BM, L), L)  # BM a multiple of BN: one tile
         dk = tl.zeros([BN, DH], tl.float32)
         dv = tl.zeros([BN, DH], tl.float32)
         dinv = tl.zeros([BN], tl.float32)
@@ -321,14 +363,16 @@ if triton is not None:
             # scores transposed to (BN keys, BM queries) would save the transposes below; kept
             # in (BM, BN) so the mask logic is the forward's
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])  # d loss / d s
             dinv += tl.sum(ds * raw, axis=0)
             dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
-            tl.store(DBIAS + bh * L * L + rows[:, None] * L + cols[None, :], dsi.to(DBIAS.dtype.element_ty),
-                     mask=row_ok[:, None] & col_ok[None, :])
+            if DBIAS_GRAD:  # this program owns these entries: a plain read-modify-write
+                db_ptrs = DBIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+                db_ok = row_ok[:, None] & col_ok[None, :]
+                tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
             dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
         go = _offset(b, h, NK, sgb, sgk, sgh)
         _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
@@ -337,8 +381,8 @@ if triton is not None:
 
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, DINV, sqb, sqk, sqh, sql,
-                       sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, DH: tl.constexpr, BM: tl.constexpr,
-                       BN: tl.constexpr, PREC: tl.constexpr):
+                       sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM queries, b, h): dQ over the forward's key tiles, and the exact
         d(1/tau) correction: the dK/dV pass used delta = rowsum(dO O), which is D = sum_j P dP
         only up to O's rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
@@ -361,7 +405,7 @@ if triton is not None:
             k = _load_rows(K, qo, cols, sql, dims, kv_ok)
             v = _load_rows(V, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, PREC)
+            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
             pdp_sum += tl.sum(pdp, axis=1)

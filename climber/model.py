@@ -36,6 +36,7 @@ from torch import nn
 
 from climber.attention import (
     candidate_attention,
+    resolve_impl,
     history_attention,
     history_inputs,
     joint_attention,
@@ -277,10 +278,32 @@ class Climber(TokenEmbeddings):
             y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
         return self.head(self.with_user(y, user))
 
+    def forward_fused(self, b: dict) -> torch.Tensor:
+        """Training's fast path (attention="fused" on a GPU): the joint sequence [history;
+        candidates] through the fused kernels, whose mask is the SUMI one (causal history;
+        a candidate sees the history and itself), so each layer is one pass of batched
+        matmuls over L + M tokens; the same computation as `score(prefill(b))`."""
+        h = self.embed_history(b)
+        B, K, L, d = h.shape
+        M = b["cand_item"].shape[1]
+        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        # (K, B, L + M, d), BlockLinear's layout; candidates sit at position L at the request time
+        x = torch.cat([h.transpose(0, 1), c0[None, :, :].expand(K, B, M, d)], dim=2)
+        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
+        valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
+        seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
+        for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
+            x, _ = layer.history(x, seq, tau_l)
+        e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
+        return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
+
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        if self.cfg.attention == "joint":
+        impl = resolve_impl(self.cfg.attention, b["hist_item"].device)
+        if impl == "joint":
             return self.forward_joint(b)
+        if impl == "fused":
+            return self.forward_fused(b)
         return self.score(self.prefill(b), b["cand_item"], b["req_time"])
 
     # ---- the model reports itself --------------------------------------------------------------

@@ -48,19 +48,20 @@ def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
     return {n: x.to(device) for n, x in out.items()}
 
 
-def run(impl, x, grad=True, blocks_outer=False):
+def run(impl, x, grad=True, blocks_outer=False, n_hist=None):
     """history_attention on `x`, q, k, v packed (K, B, L, 3, H, dh), stored (B, K, ...) or,
-    `blocks_outer`, (K, B, ...) in memory (the model's layout, contiguous); returns the output
-    and the inputs that take gradients."""
+    `blocks_outer`, (K, B, ...) in memory (the model's layout, contiguous), the tokens from
+    `n_hist` on candidates; returns the output and the inputs that take gradients."""
     leaves = {n: x[n].clone().requires_grad_(grad) for n in ("q", "k", "v", "tau", "pos_table", "time_table")}
-    hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl)
+    hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl,
+                          n_hist)
     qkv = torch.stack([leaves[n].transpose(2, 3) for n in "qkv"], dim=3)
     qkv = qkv.transpose(0, 1).contiguous() if blocks_outer else qkv.transpose(0, 1)
     return history_attention(qkv, hist, leaves["tau"], impl), leaves
 
 
-def outputs_and_grads(impl, x, blocks_outer=False) -> dict[str, torch.Tensor]:
-    out, leaves = run(impl, x, blocks_outer=blocks_outer)
+def outputs_and_grads(impl, x, blocks_outer=False, n_hist=None) -> dict[str, torch.Tensor]:
+    out, leaves = run(impl, x, blocks_outer=blocks_outer, n_hist=n_hist)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
     (out.float() * g).sum().backward()
     return {"out": out.float(), **{n: p.grad.float() for n, p in leaves.items()}}
@@ -80,19 +81,45 @@ def test_fused_outputs_and_grads_match_reference_in_interpreter(shape, blocks_ou
 
 
 @interpreted
-def test_fused_model_gradients_match_reference_in_interpreter():
-    """The whole model, training mode: every parameter's gradient equals the split path's."""
+@pytest.mark.parametrize(("shape", "n_hist"), [(INTERPRETER_SHAPES[0], 30), (INTERPRETER_SHAPES[1], 64)])
+def test_fused_candidate_rows_match_reference_in_interpreter(shape, n_hist):
+    """Candidates appended after n_hist history tokens (training's joint pass): each sees the
+    valid history and itself. At n_hist = 64 whole key tiles are candidates, which the dK/dV
+    pass visits on their diagonal tile only."""
+    x = attention_inputs(*shape)
+    fast, ref = outputs_and_grads("fused", x, True, n_hist), outputs_and_grads("split", x, n_hist=n_hist)
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) < 1e-4, name
+
+
+def check_model_gradients(device: str) -> None:
+    """The whole model, training mode (the fused path runs the joint [history; candidates]
+    sequence): logits and every parameter's gradient equal the split path's."""
     torch.manual_seed(0)
     ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20))
     perturb(ref)
     fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20))
     fast.load_state_dict(ref.state_dict())
-    b = random_batch(ref.cfg, B=3, L=20, M=4, seed=2)
-    for m in (ref, fast):
-        m(b).square().mean().backward()
+    b = {k: v.to(device) for k, v in random_batch(ref.cfg, B=3, L=20, M=4, seed=2).items()}
+    logits = []
+    for m in (ref, fast):  # tiny_config has no dropout
+        logits.append(m.to(device)(b))
+        logits[-1].square().mean().backward()
+    assert relative_error(logits[1], logits[0]) < 1e-5
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         if p.grad is not None:
             assert relative_error(q.grad, p.grad) < 1e-4, name
+
+
+@interpreted
+def test_fused_model_gradients_match_reference_in_interpreter():
+    check_model_gradients("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fused_model_gradients_match_reference_on_gpu():
+    check_model_gradients("cuda")
 
 
 @interpreted
