@@ -3,9 +3,11 @@
 
 A step is what `climber.train` runs: bf16 autocast forward, per-task BCE over the candidates,
 backward, gradient clipping and fused AdamW. Batches are synthetic, random and built on the GPU
-(full-length histories, every candidate valid), so no data loader is timed. Each ATL's history
-pass is compiled once per shape with torch.compile and the compiled code is shared by the
-layers (regional compilation); candidate passes run eagerly (small: M x L attention).
+(full-length histories, every candidate valid), so no data loader is timed. Each ATL's
+self-attending pass is compiled once per shape with torch.compile and the compiled code is
+shared by the layers (regional compilation). With attention="fused" (the default here) a
+training step runs the joint [history; candidates] sequence through the fused kernels; the
+reference paths run the history, then the candidates eagerly.
 
 SUSI ("single user, single item"): each of a request's m candidates is its own sample with the
 full history, i.e. a SUMI batch with M = 1; at the same number of samples per step its
@@ -71,10 +73,11 @@ def synthetic_batch(cfg: ModelConfig, B: int, L: int, M: int, seed: int) -> dict
             "cand_mask": torch.ones(B, M, dtype=torch.bool, device="cuda"), "labels": ints(2, B, M, T).float()}
 
 
-def compile_history(model: Climber) -> None:
-    """Regional torch.compile: every layer's history pass, one compiled graph per shape."""
+def compile_layers(model: Climber, mode: str | None = None) -> None:
+    """Regional torch.compile: every layer's self-attending pass, one compiled graph per shape."""
     for layer in model.layers:
-        layer.history = torch.compile(layer.history, dynamic=False)
+        layer.sequence = torch.compile(layer.sequence, dynamic=False, mode=mode)
+        layer.history = torch.compile(layer.history, dynamic=False, mode=mode)
 
 
 def kernel_events(prof) -> list:
@@ -90,14 +93,14 @@ class Trainer:
     the whole step (forward, backward, clipping, AdamW) is captured once into a CUDA graph
     and replayed on static input buffers: no CPU launch cost per kernel."""
 
-    def __init__(self, size: str, L: int, impl: str, graph: bool = False):
+    def __init__(self, size: str, L: int, impl: str, graph: bool = False, compile_mode: str | None = None):
         gc.collect()  # earlier trainers (reference cycles through their compiled layers)
         torch.cuda.empty_cache()
         self.base = torch.cuda.memory_allocated()  # whatever is still held, left out of the peaks
         self.cfg = model_config(size, L, impl)
         torch.manual_seed(0)
         self.model = Climber(self.cfg).cuda().train()
-        compile_history(self.model)
+        compile_layers(self.model, compile_mode)
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True,
                                      capturable=graph)
         T = len(self.cfg.tasks)
@@ -196,13 +199,13 @@ def print_tables(sumi: list[dict], mfu: list[dict], profile: list[dict]) -> None
         s = r["sumi"]
         print(f"{r['size']:6} {s['L']:4d} {r['m']:3d} {s['B']:4d} {s['pairs_per_s']:13,.0f} "
               f"{r['susi']['pairs_per_s']:13,.0f} {r['speedup']:8.2f} {s['mfu']:6.1%} {s['peak_gib']:9.1f}")
-    print(f"\n{'size':6} {'impl':6} {'graph':5} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'busy ms':>8} "
+    print(f"\n{'size':6} {'impl':12} {'graph':5} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'busy ms':>8} "
           f"{'model TFLOP/s':>14} {'MFU':>6} {'peak GiB':>9}")
     for r in mfu:
         if "error" in r:
             print(f"{r['size']:6} {r['impl']:12} m={r['M']}: {r['error']}")
             continue
-        print(f"{r['size']:6} {r['impl']:6} {'yes' if r['graph'] else 'no':5} {r['L']:4d} {r['M']:3d} {r['B']:4d} "
+        print(f"{r['size']:6} {r['impl']:12} {'yes' if r['graph'] else 'no':5} {r['L']:4d} {r['M']:3d} {r['B']:4d} "
               f"{r['step_ms']:8.1f} {r['busy_ms']:8.1f} {r['model_tflops']:14.1f} {r['mfu']:6.1%} "
               f"{r['peak_gib']:9.1f}")
     for p in profile:
@@ -216,8 +219,10 @@ def main() -> None:
     ap.add_argument("--paper-batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impl", default="fused", help="attention path for the SUMI/SUSI table and the profile")
-    ap.add_argument("--mfu-impls", default="fused,fused:graph",
-                    help="attention paths timed at the paper config; ':graph' replays a CUDA graph of the step")
+    ap.add_argument("--mfu-impls", default="fused",
+                    help="attention paths timed at the paper config, each with options after colons: "
+                         "':graph' replays a CUDA graph of the step, any other a torch.compile mode")
+    ap.add_argument("--paper-ms", default="1,8", help="candidates per request at the paper config")
     ap.add_argument("--graph", action="store_true", help="CUDA-graph the steps of the SUMI/SUSI table")
     ap.add_argument("--reference", action="store_true", help="also time the paper config with 'split' attention")
     ap.add_argument("--profile", action="store_true", help="profile the paper config, m = 8")
@@ -244,16 +249,17 @@ def main() -> None:
         save()
 
     for item in args.mfu_impls.split(","):
-        impl, _, graph = item.partition(":")
-        trainer = Trainer("paper", 200, impl, graph == "graph")
-        for m in (1, 8):
+        impl, *opts = item.split(":")
+        graph = "graph" in opts
+        trainer = Trainer("paper", 200, impl, graph, next((o for o in opts if o != "graph"), None))
+        for m in map(int, args.paper_ms.split(",")):
             try:
-                result["mfu"].append({"size": "paper", "impl": impl, **trainer.rate(args.paper_batch, m, args.steps)})
+                result["mfu"].append({"size": "paper", "impl": item, **trainer.rate(args.paper_batch, m, args.steps)})
             except Exception as e:  # e.g. an op that cannot be captured: a result too
                 result["mfu"].append({"size": "paper", "impl": item, "M": m, "error": f"{type(e).__name__}: {e}"[:500]})
                 print(result["mfu"][-1], flush=True)
         save()
-        if args.profile and impl == args.impl and not graph:
+        if args.profile and item == args.impl:
             result["profile_top_ops"] = trainer.profile(args.paper_batch, 8, args.out / "bench_train_profile.txt")
             save()
         del trainer

@@ -116,14 +116,25 @@ class AdaptiveLayer(nn.Module):
         q, k, v = self._qkv(x)
         return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
 
-    def history(self, h, hist, tau):
-        """History states h (K, B, L, d), blocks first and contiguous -> the next ones, the same,
-        and this layer's (k, v) for the candidates. Blocks first in and out, so that under
-        torch.compile no graph input, output or output gradient is a transposed view."""
+    def _self_attend(self, h, hist, tau):
         x = h.transpose(0, 1)
         qkv = self._packed_qkv(x)
+        return self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1), qkv
+
+    def sequence(self, h, hist, tau):
+        """States h (K, B, S, d) of a self-attending sequence (history, or training's [history;
+        candidates]), blocks first and contiguous -> the next ones, the same. Blocks first in
+        and out, so that under torch.compile no graph input, output or output gradient is a
+        transposed view (its gradient would be copied), and nothing else is returned (an unused
+        output's zero gradient would still be added in)."""
+        return self._self_attend(h, hist, tau)[0]
+
+    def history(self, h, hist, tau):
+        """`sequence` on the history alone, also returning this layer's (k, v), (B, K, H, L, dh)
+        views, for the candidates (prefill)."""
+        h, qkv = self._self_attend(h, hist, tau)
         _, k, v = split_heads(qkv.transpose(0, 1))
-        return self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1), (k, v)
+        return h, (k, v)
 
     def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
         q, k, v = self._qkv(c)
@@ -293,7 +304,7 @@ class Climber(TokenEmbeddings):
         valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
         for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
-            x, _ = layer.history(x, seq, tau_l)
+            x = layer.sequence(x, seq, tau_l)
         e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
         return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
 
