@@ -21,9 +21,8 @@ flash time / variant time.
     python benchmarks/bench_attention.py --sweep [--shapes ...]   # tile configs of the kernels
 
 `--sweep` times each Triton kernel (fused-kernel's fwd+bwd under the profiler) for each
-(query rows, key columns, warps, stages) in SWEEP and both backward forms (two kernels, dK/dV
-and dQ; or one per sample-block and head), and prints the best per kernel; "all ms" is every
-kernel of the fwd+bwd, the delta = rowsum(dO O) of the two-kernel form included.
+(query rows, key columns, warps, stages) in SWEEP and prints the best per kernel; "all ms" is
+every kernel of the fwd+bwd (the small fills and the bias grad's zeros included).
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ from climber.attention import history_attention, history_inputs
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
          (64, 32, 4, 2), (128, 32, 4, 2), (32, 32, 4, 2)]
-KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel", "bwd": "_bwd_kernel"}
+KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 
 
 def environment(argv: list[str]) -> dict:
@@ -152,9 +151,9 @@ def sweep(x: dict, reps: int) -> list[dict]:
     """Per-kernel device time (ms, mean over `reps` profiled fwd+bwd runs) for each tile config."""
     from climber import fused_attention
 
-    default, backward = dict(fused_attention.TILES), fused_attention.BACKWARD
+    default = dict(fused_attention.TILES)
     rows = []
-    for tiles, fused_attention.BACKWARD in [(t, b) for b in ("two", "one") for t in SWEEP]:
+    for tiles in SWEEP:
         fused_attention.TILES.update({k: tiles for k in KERNELS})
         try:
             fwd, leaves = make_case("fused-kernel", x)
@@ -167,15 +166,13 @@ def sweep(x: dict, reps: int) -> list[dict]:
                     fwd().backward(grad)
                 torch.cuda.synchronize()
             times = {e.key: e.self_device_time_total / reps / 1e3 for e in prof.key_averages()}
-            row = {"tiles": tiles, "backward": fused_attention.BACKWARD,
-                   **{k: times.get(name, float("nan")) for k, name in KERNELS.items()},
+            row = {"tiles": tiles, **{k: times.get(name, float("nan")) for k, name in KERNELS.items()},
                    "all_ms": sum(e.self_device_time_total for e in prof.key_averages()) / reps / 1e3}
         except Exception as e:  # e.g. out of shared memory: a result too
-            row = {"tiles": tiles, "backward": fused_attention.BACKWARD, "error": f"{type(e).__name__}: {e}"[:200]}
+            row = {"tiles": tiles, "error": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         print(row, flush=True)
     fused_attention.TILES.update(default)
-    fused_attention.BACKWARD = backward
     return rows
 
 
@@ -191,13 +188,12 @@ def main() -> None:
         result = {"name": "bench_attention_sweep", **environment(sys.argv), "results": []}
         for shape in args.shapes.split(","):
             rows = sweep(problem(*map(int, shape.split("x"))), args.reps)
-            print(f"{shape}: {'backward':8} {'tiles':18} {'fwd ms':>8} {'dkdv ms':>8} {'dq ms':>8} {'bwd ms':>8} "
-                  f"{'all ms':>8}")
+            print(f"{shape}: {'tiles':18} {'fwd ms':>8} {'dkdv ms':>8} {'dq ms':>8} {'all ms':>8}")
             for r in rows:
-                print(f"{'':{len(shape)}}  {r['backward']:8} {str(r['tiles']):18} " + (r["error"] if "error" in r else
+                print(f"{'':{len(shape)}}  {str(r['tiles']):18} " + (r["error"] if "error" in r else
                       " ".join(f"{r[k]:8.3f}" for k in (*KERNELS, "all_ms"))))
             ok = [r for r in rows if "error" not in r]
-            best = {k: min((r for r in ok if r[k] == r[k]), key=lambda r: r[k])["tiles"] for k in KERNELS}
+            best = {k: min(ok, key=lambda r: r[k])["tiles"] for k in KERNELS} if ok else {}
             print(f"best: {best}")
             result["results"].append({"shape": shape, "rows": rows, "best": best})
         args.out.mkdir(parents=True, exist_ok=True)

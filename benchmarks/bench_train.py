@@ -73,11 +73,11 @@ def synthetic_batch(cfg: ModelConfig, B: int, L: int, M: int, seed: int) -> dict
             "cand_mask": torch.ones(B, M, dtype=torch.bool, device="cuda"), "labels": ints(2, B, M, T).float()}
 
 
-def compile_layers(model: Climber, mode: str | None = None) -> None:
+def compile_layers(model: Climber) -> None:
     """Regional torch.compile: every layer's self-attending pass, one compiled graph per shape."""
     for layer in model.layers:
-        layer.sequence = torch.compile(layer.sequence, dynamic=False, mode=mode)
-        layer.history = torch.compile(layer.history, dynamic=False, mode=mode)
+        layer.sequence = torch.compile(layer.sequence, dynamic=False)
+        layer.history = torch.compile(layer.history, dynamic=False)
 
 
 def kernel_events(prof) -> list:
@@ -89,47 +89,20 @@ def kernel_events(prof) -> list:
 
 
 class Trainer:
-    """One model + fused AdamW; `rate` times training steps on synthetic batches. With `graph`
-    the whole step (forward, backward, clipping, AdamW) is captured once into a CUDA graph
-    and replayed on static input buffers: no CPU launch cost per kernel."""
+    """One model + fused AdamW; `rate` times training steps on synthetic batches."""
 
-    def __init__(self, size: str, L: int, impl: str, graph: bool = False, compile_mode: str | None = None):
+    def __init__(self, size: str, L: int, impl: str):
         gc.collect()  # earlier trainers (reference cycles through their compiled layers)
         torch.cuda.empty_cache()
         self.base = torch.cuda.memory_allocated()  # whatever is still held, left out of the peaks
         self.cfg = model_config(size, L, impl)
         torch.manual_seed(0)
         self.model = Climber(self.cfg).cuda().train()
-        compile_layers(self.model, compile_mode)
-        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True,
-                                     capturable=graph)
+        compile_layers(self.model)
+        self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True)
         T = len(self.cfg.tasks)
         self.weights = torch.full((T,), 1.0 / T, device="cuda")
-        self.graph, self.static, self.cuda_graph = graph, None, None
 
-    def capture(self, b: dict) -> None:
-        """Warm up (compilation, autotuning) on a side stream, then capture one step."""
-        self.static = {k: v.clone() for k, v in b.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.step(self.static)
-        torch.cuda.current_stream().wait_stream(side)
-        self.cuda_graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)  # gradients are then allocated in the graph's pool
-        with torch.cuda.graph(self.cuda_graph):
-            self.step(self.static)
-
-    def run(self, b: dict) -> None:
-        """One training step on batch b (replayed from the graph if there is one)."""
-        if not self.graph:
-            return self.step(b)
-        if self.cuda_graph is None:
-            self.capture(b)
-        for k, v in b.items():
-            self.static[k].copy_(v, non_blocking=True)
-        self.cuda_graph.replay()
 
     def step(self, b: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -142,27 +115,26 @@ class Trainer:
     def rate(self, B: int, M: int, steps: int, warmup: int = 3) -> dict:
         L = self.cfg.seq_len
         batches = [synthetic_batch(self.cfg, B, L, M, seed) for seed in range(3)]
-        if self.graph:  # one graph per batch shape: a new M is a new trainer's
-            self.cuda_graph = None
         torch.cuda.reset_peak_memory_stats()
         for i in range(warmup):  # compilation happens here
-            self.run(batches[i % 3])
+            self.step(batches[i % 3])
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for i in range(steps):
-            self.run(batches[i % 3])
+            self.step(batches[i % 3])
         end.record()
         end.synchronize()
         s = start.elapsed_time(end) / 1e3 / steps
-        # device busy time per step: the kernels' summed durations (one stream) over a few steps
+        # device busy time per step: the kernels' summed durations (one stream) over a few steps;
+        # about step_ms when the GPU, not the CPU launching its kernels, is the bound
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for i in range(3):
-                self.run(batches[i % 3])
+                self.step(batches[i % 3])
             torch.cuda.synchronize()
         busy = sum(e.self_device_time_total for e in kernel_events(prof)) / 3 / 1e3
         flops = 3 * self.model.flops(L, M)["exact"] * B
-        row = {"L": L, "M": M, "B": B, "graph": self.graph, "step_ms": s * 1e3, "busy_ms": busy,
+        row = {"L": L, "M": M, "B": B, "step_ms": s * 1e3, "busy_ms": busy,
                "pairs_per_s": B * M / s, "requests_per_s": B / s, "model_tflops": flops / s / 1e12,
                "mfu": flops / s / PEAK_FLOPS, "peak_gib": (torch.cuda.max_memory_allocated() - self.base) / 2**30}
         print(f"d={self.cfg.d_model} {self.cfg.attention}: {row}", flush=True)
@@ -199,13 +171,13 @@ def print_tables(sumi: list[dict], mfu: list[dict], profile: list[dict]) -> None
         s = r["sumi"]
         print(f"{r['size']:6} {s['L']:4d} {r['m']:3d} {s['B']:4d} {s['pairs_per_s']:13,.0f} "
               f"{r['susi']['pairs_per_s']:13,.0f} {r['speedup']:8.2f} {s['mfu']:6.1%} {s['peak_gib']:9.1f}")
-    print(f"\n{'size':6} {'impl':12} {'graph':5} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'busy ms':>8} "
+    print(f"\n{'size':6} {'impl':6} {'L':>4} {'m':>3} {'B':>4} {'step ms':>8} {'busy ms':>8} "
           f"{'model TFLOP/s':>14} {'MFU':>6} {'peak GiB':>9}")
     for r in mfu:
         if "error" in r:
-            print(f"{r['size']:6} {r['impl']:12} m={r['M']}: {r['error']}")
+            print(f"{r['size']:6} {r['impl']:6} m={r['M']}: {r['error']}")
             continue
-        print(f"{r['size']:6} {r['impl']:12} {'yes' if r['graph'] else 'no':5} {r['L']:4d} {r['M']:3d} {r['B']:4d} "
+        print(f"{r['size']:6} {r['impl']:6} {r['L']:4d} {r['M']:3d} {r['B']:4d} "
               f"{r['step_ms']:8.1f} {r['busy_ms']:8.1f} {r['model_tflops']:14.1f} {r['mfu']:6.1%} "
               f"{r['peak_gib']:9.1f}")
     for p in profile:
@@ -219,11 +191,8 @@ def main() -> None:
     ap.add_argument("--paper-batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--impl", default="fused", help="attention path for the SUMI/SUSI table and the profile")
-    ap.add_argument("--mfu-impls", default="fused",
-                    help="attention paths timed at the paper config, each with options after colons: "
-                         "':graph' replays a CUDA graph of the step, any other a torch.compile mode")
+    ap.add_argument("--mfu-impls", default="fused", help="attention paths timed at the paper config")
     ap.add_argument("--paper-ms", default="1,8", help="candidates per request at the paper config")
-    ap.add_argument("--graph", action="store_true", help="CUDA-graph the steps of the SUMI/SUSI table")
     ap.add_argument("--reference", action="store_true", help="also time the paper config with 'split' attention")
     ap.add_argument("--profile", action="store_true", help="profile the paper config, m = 8")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -240,7 +209,7 @@ def main() -> None:
 
     for item in filter(None, args.batch.split(",")):  # small model: SUMI at each m, SUSI = M = 1 at the same batch
         L, B = map(int, item.split(":"))
-        trainer = Trainer("small", L, args.impl, args.graph)
+        trainer = Trainer("small", L, args.impl)
         rows = {m: trainer.rate(B, m, args.steps) for m in sorted(set(ms) | {1})}
         for m in ms:
             result["sumi_vs_susi"].append({"size": "small", "m": m, "sumi": rows[m], "susi": rows[1],
@@ -248,18 +217,16 @@ def main() -> None:
         del trainer
         save()
 
-    for item in args.mfu_impls.split(","):
-        impl, *opts = item.split(":")
-        graph = "graph" in opts
-        trainer = Trainer("paper", 200, impl, graph, next((o for o in opts if o != "graph"), None))
+    for impl in args.mfu_impls.split(","):
+        trainer = Trainer("paper", 200, impl)
         for m in map(int, args.paper_ms.split(",")):
             try:
-                result["mfu"].append({"size": "paper", "impl": item, **trainer.rate(args.paper_batch, m, args.steps)})
-            except Exception as e:  # e.g. an op that cannot be captured: a result too
-                result["mfu"].append({"size": "paper", "impl": item, "M": m, "error": f"{type(e).__name__}: {e}"[:500]})
+                result["mfu"].append({"size": "paper", "impl": impl, **trainer.rate(args.paper_batch, m, args.steps)})
+            except Exception as e:  # e.g. out of memory: a result too
+                result["mfu"].append({"size": "paper", "impl": impl, "M": m, "error": f"{type(e).__name__}: {e}"[:500]})
                 print(result["mfu"][-1], flush=True)
         save()
-        if args.profile and item == args.impl:
+        if args.profile and impl == args.impl:
             result["profile_top_ops"] = trainer.profile(args.paper_batch, 8, args.out / "bench_train_profile.txt")
             save()
         del trainer

@@ -49,8 +49,7 @@ except ImportError:  # CPU-only install: the fused path is GPU-only
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
 # the attention kernels' (query rows, key columns, warps, pipeline stages); rows a multiple of
 # columns. Tuned on the H200 by `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 3), "bwd": (64, 64, 4, 2)}
-BACKWARD = "one"  # "one": one kernel per (sample-block, head); "two": the dK/dV and dQ kernels
+TILES = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 3)}
 
 
 def available(device: torch.device) -> bool:
@@ -160,19 +159,12 @@ class _FusedAttention(torch.autograd.Function):
             fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=torch.float32, device=q.device)
         dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        if BACKWARD == "one":
-            dq_acc = torch.empty(B * K * H, L, dh, dtype=torch.float32, device=q.device)
-            row_acc = torch.empty(B * K * H, 3, L, dtype=torch.float32, device=q.device)
-            _bwd_kernel[(B * K * H,)](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, out, lse, dk, dv, dq,
-                                      dq_acc, row_acc, dbias, dinv, *_strides(q, dout, out, dk), K, H, L, fi.n_hist,
-                                      DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
-        else:
-            delta = (dout.float() * out.float()).sum(-1).reshape(B * K, H, L)  # rowsum(dO O)
-            args = (q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta)
-            _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L,
-                                               fi.n_hist, DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
-            _bwd_dq_kernel[_grid(q, "dq")](*args, dq, dinv, *_strides(q, dout, dq), K, H, L, fi.n_hist,
-                                           **_meta(q, "dq"))
+        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O), by the dQ pass
+        args = (q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta)
+        _bwd_dq_kernel[_grid(q, "dq")](*args, out, dq, dinv, *_strides(q, dout, out, dq), K, H, L, fi.n_hist,
+                                       **_meta(q, "dq"))
+        _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, fi.n_hist,
+                                           DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
         token_grad = torch.zeros((), device=q.device) if ctx.needs_input_grad[2] else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 
@@ -388,20 +380,23 @@ if triton is not None:
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DQ, DINV, sqb, sqk, sqh, sql,
-                       sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
+    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, OUT, DQ, DINV, sqb, sqk, sqh, sql,
+                       sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        """One program per (BM queries, b, h): dQ over the forward's key tiles, and the exact
-        d(1/tau) correction: the dK/dV pass used delta = rowsum(dO O), which is D = sum_j P dP
-        only up to O's rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
+        """One program per (BM queries, b, h), run before the dK/dV pass: delta = rowsum(dO O)
+        for its rows (stored for that pass), dQ over the forward's key tiles, and the exact
+        d(1/tau) correction: the dK/dV pass uses delta, which is D = sum_j P dP only up to O's
+        rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
         bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
         qo = _offset(b, h, NK, sqb, sqk, sqh)
         q = _load_rows(Q, qo, rows, sql, dims, row_ok)
         do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
+        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(DELTA + bh * L + rows, delta, mask=row_ok)
         lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
         inv = tl.load(INV + bh)
         lo = tl.minimum(tl.load(FIRST + b) // BN * BN, row0 // BN * BN)
         dq = tl.zeros([BM, DH], tl.float32)
@@ -421,87 +416,3 @@ if triton is not None:
             dq += tl.dot(((pdp - p * delta[:, None]) * inv).to(k.dtype), k, input_precision=PREC)
         _store_rows(DQ, dq, _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
         tl.atomic_add(DINV + bh, tl.sum(tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0), axis=0))
-
-    @triton.jit
-    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, O, LSE, DK, DV, DQ, DQ_ACC, ROW_ACC, DBIAS, DINV,
-                    sqb, sqk, sqh, sql, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L, NH,
-                    DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                    DBIAS_GRAD: tl.constexpr):
-        """The whole backward of one (sample-block b, head h) in one program: key tiles outer
-        (dK, dV in registers), their query tiles inner, each score tile computed once for dV,
-        dK, d bias, d(1/tau) and dQ. dQ and the per-row sums of the d(1/tau) correction (see
-        `_bwd_dq_kernel`) are added up across key tiles in fp32 scratch that only this program
-        touches (no atomics), then dQ is written and d(1/tau) stored. delta = rowsum(dO O) is
-        computed first, into the same scratch."""
-        bh = tl.program_id(0).to(tl.int64)
-        b, h = bh // H, bh % H
-        dims = tl.arange(0, DH)
-        qo, do_off = _offset(b, h, NK, sqb, sqk, sqh), _offset(b, h, NK, sdb, sdk, sdh)
-        go = _offset(b, h, NK, sgb, sgk, sgh)
-        acc, racc = DQ_ACC + bh * L * DH, ROW_ACC + bh * 3 * L  # (L, DH) dQ; (3, L) row sums, delta
-        inv = tl.load(INV + bh)
-        first = tl.load(FIRST + b)
-        for start in range(0, L, BM):
-            rows = start + tl.arange(0, BM)
-            row_ok = rows < L
-            tl.store(acc + rows[:, None] * DH + dims[None, :], tl.zeros([BM, DH], tl.float32), mask=row_ok[:, None])
-            tl.store(racc + rows, tl.zeros([BM], tl.float32), mask=row_ok)
-            tl.store(racc + L + rows, tl.zeros([BM], tl.float32), mask=row_ok)
-            do = _load_rows(DO, do_off, rows, sdl, dims, row_ok).to(tl.float32)
-            o = _load_rows(O, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok).to(tl.float32)
-            tl.store(racc + 2 * L + rows, tl.sum(do * o, axis=1), mask=row_ok)
-        tl.debug_barrier()
-        dinv = tl.zeros([BN], tl.float32)
-        for col0 in range(0, L, BN):
-            cols = col0 + tl.arange(0, BN)
-            col_ok = cols < L
-            k = _load_rows(K, qo, cols, sql, dims, col_ok)
-            v = _load_rows(V, qo, cols, sql, dims, col_ok)
-            lo = col0 // BM * BM
-            # keys that are all padding, or all candidates, are seen by their own row only
-            own_only = (col0 + BN <= first) | (col0 >= NH)
-            hi = tl.where(own_only, tl.minimum(lo + BM, L), L)  # BM a multiple of BN: one tile
-            dk = tl.zeros([BN, DH], tl.float32)
-            dv = tl.zeros([BN, DH], tl.float32)
-            for start in range(lo, hi, BM):
-                rows = start + tl.arange(0, BM)
-                row_ok = rows < L
-                q = _load_rows(Q, qo, rows, sql, dims, row_ok)
-                do = _load_rows(DO, do_off, rows, sdl, dims, row_ok)
-                lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
-                delta = tl.load(racc + 2 * L + rows, mask=row_ok, other=0.0)
-                bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-                raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
-                p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-                dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-                ds = p * (dp - delta[:, None])  # d loss / d s
-                dinv += tl.sum(ds * raw, axis=0)
-                dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
-                if DBIAS_GRAD:  # this program owns these entries: a plain read-modify-write
-                    db_ptrs = DBIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-                    db_ok = row_ok[:, None] & col_ok[None, :]
-                    tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
-                dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
-                tl.debug_barrier()  # the scratch rows were last written by other threads of this program
-                dq_ptrs = acc + rows[:, None] * DH + dims[None, :]
-                dq = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-                tl.store(dq_ptrs, dq + tl.dot(dsi.to(k.dtype), k, input_precision=PREC), mask=row_ok[:, None])
-                pdp_sum = tl.load(racc + rows, mask=row_ok, other=0.0) + tl.sum(p * dp, axis=1)
-                praw_sum = tl.load(racc + L + rows, mask=row_ok, other=0.0) + tl.sum(p * raw, axis=1)
-                tl.store(racc + rows, pdp_sum, mask=row_ok)
-                tl.store(racc + L + rows, praw_sum, mask=row_ok)
-            _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
-            _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
-        tl.debug_barrier()
-        corr = tl.zeros([BM], tl.float32)
-        for start in range(0, L, BM):
-            rows = start + tl.arange(0, BM)
-            row_ok = rows < L
-            dq = tl.load(acc + rows[:, None] * DH + dims[None, :], mask=row_ok[:, None], other=0.0)
-            _store_rows(DQ, dq, go, rows, sgl, dims, row_ok)
-            delta = tl.load(racc + 2 * L + rows, mask=row_ok, other=0.0)
-            pdp_sum = tl.load(racc + rows, mask=row_ok, other=0.0)
-            praw_sum = tl.load(racc + L + rows, mask=row_ok, other=0.0)
-            corr += tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0)
-        tl.store(DINV + bh, tl.sum(dinv, axis=0) + tl.sum(corr, axis=0))

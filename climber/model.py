@@ -36,12 +36,12 @@ from torch import nn
 
 from climber.attention import (
     candidate_attention,
-    resolve_impl,
     history_attention,
     history_inputs,
     joint_attention,
     joint_mask,
     position_buckets,
+    resolve_impl,
     split_heads,
     time_buckets,
 )
