@@ -217,7 +217,7 @@ def main() -> None:
         del trainer
         save()
 
-    for impl in args.mfu_impls.split(","):
+    for impl in filter(None, args.mfu_impls.split(",")):
         trainer = Trainer("paper", 200, impl)
         for m in map(int, args.paper_ms.split(",")):
             try:
