@@ -73,13 +73,6 @@ def synthetic_batch(cfg: ModelConfig, B: int, L: int, M: int, seed: int) -> dict
             "cand_mask": torch.ones(B, M, dtype=torch.bool, device="cuda"), "labels": ints(2, B, M, T).float()}
 
 
-def compile_layers(model: Climber) -> None:
-    """Regional torch.compile: every layer's self-attending pass, one compiled graph per shape."""
-    for layer in model.layers:
-        layer.sequence = torch.compile(layer.sequence, dynamic=False)
-        layer.history = torch.compile(layer.history, dynamic=False)
-
-
 def kernel_events(prof) -> list:
     """Device kernels of a profile: rows with device time launched by no recorded CPU op (with
     CPU ops recorded, an op's row also counts the kernels it launched), less the `## Call
@@ -98,7 +91,7 @@ class Trainer:
         self.cfg = model_config(size, L, impl)
         torch.manual_seed(0)
         self.model = Climber(self.cfg).cuda().train()
-        compile_layers(self.model)
+        self.model.compile_layers()
         self.opt = torch.optim.AdamW(param_groups(self.model, 0.01), lr=1e-4, betas=(0.9, 0.98), fused=True)
         T = len(self.cfg.tasks)
         self.weights = torch.full((T,), 1.0 / T, device="cuda")

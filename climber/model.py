@@ -317,6 +317,15 @@ class Climber(TokenEmbeddings):
             return self.forward_fused(b)
         return self.score(self.prefill(b), b["cand_item"], b["req_time"])
 
+    def compile_layers(self) -> None:
+        """Regional torch.compile (`climber train --compile`): each ATL's self-attending pass,
+        compiled once per input shape, the code shared by the layers (their weights are graph
+        inputs); the fused kernels and the f_b build stay outside. What
+        `benchmarks/bench_train.py` times."""
+        for layer in self.layers:
+            layer.sequence = torch.compile(layer.sequence, dynamic=False)
+            layer.history = torch.compile(layer.history, dynamic=False)
+
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:
         """Forward FLOPs for one request with L history tokens per block and M candidates.

@@ -177,7 +177,11 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         return _summary(out_dir, state)
 
     ddp = DistributedDataParallel(model) if distributed else model
-    step_fn = torch.compile(ddp) if cfg.compile else ddp
+    step_fn = ddp
+    if cfg.compile and hasattr(model, "compile_layers"):  # Climber: regional, per layer
+        model.compile_layers()
+    elif cfg.compile:
+        step_fn = torch.compile(ddp)
     train_req = data.requests("train")
     steps_per_epoch = math.ceil(len(train_req) // world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
