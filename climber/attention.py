@@ -14,7 +14,9 @@
   layer). The reference paths ("split", "sdpa") also get the dense mask.
 * The "fused" path (GPU training speed): Triton kernels in `climber/fused_attention.py`
   that read the dense bias tile by tile (FlashAttention-style, no (L, L) probabilities in
-  memory) and reduce its gradient to the tables once per step.
+  memory) and reduce its gradient to the tables once per step. `history_inputs(...,
+  n_hist=L)` describes a history followed by candidates (training's joint pass): the mask
+  then lets a token after n_hist see the history and itself only, i.e. `joint_mask`.
 
 Scores follow the paper: A = softmax((Q K^T + bias) / tau), tau a per-(sample, block, head)
 temperature replacing sqrt(d_head). Shapes: B batch, K blocks, H heads, L history, M candidates.

@@ -72,9 +72,10 @@ class ModelConfig:
     head_hidden: tuple[int, ...] = (256, 64)
     # "joint": the paper's literal masked [history; candidates] sequence (reference path);
     # "split": history prefill + candidate scoring in plain torch; "sdpa": split with
-    # scaled_dot_product_attention for the history; "fused": split with the Triton kernels of
-    # climber/fused_attention.py for the history (GPU training: FlashAttention-style, f_b read
-    # from the dense bias built once per step)
+    # scaled_dot_product_attention for the history; "fused": the Triton kernels of
+    # climber/fused_attention.py (GPU: FlashAttention-style with the SUMI mask, f_b read from
+    # the dense bias built once per step); training runs the joint sequence through them,
+    # prefill/serving the history. "split" where Triton cannot run
     attention: str = "split"
 
     def __post_init__(self) -> None:

@@ -22,7 +22,9 @@
 SUMI: candidates are appended after the history; history tokens never see candidates, so
 `prefill` encodes the history once (returning per-layer keys and values) and `score` runs all
 candidates against it. `forward` is exactly `score(prefill(...))` unless
-`attention="joint"`, which runs the paper's literal joint masked sequence instead.
+`attention="joint"`, which runs the paper's literal joint masked sequence instead, or
+"fused" on a GPU, which runs that joint sequence through the fused kernels (their mask skips
+the candidate-candidate scores), the fastest way to train.
 """
 
 from __future__ import annotations
