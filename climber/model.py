@@ -321,12 +321,14 @@ class Climber(TokenEmbeddings):
 
     def compile_layers(self) -> None:
         """Regional torch.compile (`climber train --compile`): each ATL's self-attending pass,
-        compiled once per input shape, the code shared by the layers (their weights are graph
-        inputs); the fused kernels and the f_b build stay outside. What
-        `benchmarks/bench_train.py` times."""
+        the code shared by the layers (their weights are graph inputs); the fused kernels and
+        the f_b build stay outside. What `benchmarks/bench_train.py` times. Shapes start static
+        and turn dynamic at the first change (torch's automatic dynamic shapes): real batches
+        vary in history length (trimmed to the batch's longest) and candidate count, and one
+        static graph per shape would soon exceed the recompile limit and fall back to eager."""
         for layer in self.layers:
-            layer.sequence = torch.compile(layer.sequence, dynamic=False)
-            layer.history = torch.compile(layer.history, dynamic=False)
+            layer.sequence = torch.compile(layer.sequence)
+            layer.history = torch.compile(layer.history)
 
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:
