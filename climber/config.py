@@ -114,6 +114,9 @@ class TrainConfig:
     lr: float = 1e-3
     # embedding tables' learning rate / lr: each row is updated only when its id is in the batch
     embedding_lr_mult: float = 1.0
+    # batches per window whose requests are sorted by history length before batching (0: off):
+    # less padding, so less compute per step (SumiData.bucket_by_length)
+    bucket_window: int = 0
     weight_decay: float = 0.01
     warmup_steps: int = 100
     grad_clip: float = 1.0
@@ -134,6 +137,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.lr <= 0 or self.embedding_lr_mult <= 0:
             raise ValueError("lr and embedding_lr_mult must be positive")
+        if self.bucket_window < 0:
+            raise ValueError("bucket_window must be >= 0")
         if self.patience < 1 or self.keep_checkpoints < 1:
             raise ValueError("patience and keep_checkpoints must be at least 1")
 

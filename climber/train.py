@@ -196,6 +196,9 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     while state["step"] < total and not state.get("stopped"):
         epoch = state["epoch"]
         order = np.random.default_rng([cfg.seed, epoch]).permutation(train_req)
+        if cfg.bucket_window:  # global batches (batch_size x world) of similar history lengths
+            order = data.bucket_by_length(order, cfg.batch_size * world, cfg.bucket_window, model_cfg.seq_len,
+                                          np.random.default_rng([cfg.seed, epoch, 1]))
         shard = order[rank::world][: len(order) // world]
         batches = loader(data, shard[state["step_in_epoch"] * cfg.batch_size :], cfg.batch_size, model_cfg,
                          cfg.num_workers, pin=amp)

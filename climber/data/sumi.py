@@ -272,6 +272,24 @@ class SumiData:
     def requests(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.a["req_split"] == SPLITS[split])
 
+    def bucket_by_length(self, order: np.ndarray, chunk: int, window: int, seq_len: int,
+                         rng: np.random.Generator) -> np.ndarray:
+        """`order` regrouped so that each run of `chunk` requests (a batch) holds similar
+        history lengths and candidate counts, which `batch` then pads little: within every
+        window of `window` chunks the requests are sorted by (events before the request,
+        capped at seq_len; candidates), cut into chunks, and the whole chunks shuffled (by
+        `rng`, so the order stays a pure function of the seed); a final partial chunk stays
+        last. The result is a permutation of `order`."""
+        a = self.a
+        hist = np.minimum(a["req_hist_end"][order] - a["user_offsets"][a["req_user"][order]], seq_len)
+        cands = a["req_cand_start"][order + 1] - a["req_cand_start"][order]
+        span = chunk * window
+        flat = np.concatenate([order[s : s + span][np.lexsort((cands[s : s + span], hist[s : s + span]))]
+                               for s in range(0, len(order), span)] or [order])
+        n = len(flat) // chunk
+        whole = flat[: n * chunk].reshape(n, chunk)[rng.permutation(n)].reshape(-1)
+        return np.concatenate([whole, flat[n * chunk :]])
+
     def _matches(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
         """(positions of matching events, prefix counts (N+1,)) for one strategy."""
         if spec not in self._strategy_cache:
