@@ -12,7 +12,7 @@ fp32 buffer shared by the layers (every score element belongs to one program, so
 and once every layer is done that sum is reduced to the tables, once per step (per-bucket
 sums tile by tile in fp32). A scalar "token" output of the bias build, taken by every layer,
 is what makes autograd run the reduction after the last layer. The dQ pass adds the exact
-d(1/tau) correction for a bf16 output.
+d(1/tau) correction for a bf16 output; it runs first and also computes delta = rowsum(dO O).
 
 The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
 appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
@@ -119,7 +119,7 @@ def prepare(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Te
     bias, token = _DenseBias.apply(pos, tim, pb, tb, dtype, grad)
     S = valid.shape[-1]
     idx = torch.where(valid, torch.arange(S, device=valid.device), S)
-    first = idx.min(dim=-1).values.to(torch.int32)  # L if no valid key
+    first = idx.min(dim=-1).values.to(torch.int32)  # S if no valid key
     return FusedInputs(bias, token, valid.to(torch.int8).contiguous(), first, n_hist, grad)
 
 
