@@ -94,18 +94,23 @@ def test_fused_candidate_rows_match_reference_in_interpreter(shape, n_hist):
 
 def check_model_gradients(device: str) -> None:
     """The whole model, training mode (the fused path runs the joint [history; candidates]
-    sequence): logits and every parameter's gradient equal the split path's."""
+    sequence): logits and every parameter's gradient equal the split path's, over two
+    backward passes of different batches accumulating (each pass sums its layers' d f_b
+    afresh)."""
     torch.manual_seed(0)
     ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20))
     perturb(ref)
     fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20))
     fast.load_state_dict(ref.state_dict())
-    b = {k: v.to(device) for k, v in random_batch(ref.cfg, B=3, L=20, M=4, seed=2).items()}
+    batches = [{k: v.to(device) for k, v in random_batch(ref.cfg, B=3, L=L, M=M, seed=s).items()}
+               for s, (L, M) in enumerate([(20, 4), (13, 6)], start=2)]
     logits = []
     for m in (ref, fast):  # tiny_config has no dropout
-        logits.append(m.to(device)(b))
-        logits[-1].square().mean().backward()
-    assert relative_error(logits[1], logits[0]) < 1e-5
+        for b in batches:
+            logits.append(m.to(device)(b))
+            logits[-1].square().mean().backward()
+    for got, want in zip(logits[2:], logits[:2]):
+        assert relative_error(got, want) < 1e-5
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         if p.grad is not None:
             assert relative_error(q.grad, p.grad) < 1e-4, name
