@@ -96,7 +96,6 @@ class Trainer:
         T = len(self.cfg.tasks)
         self.weights = torch.full((T,), 1.0 / T, device="cuda")
 
-
     def step(self, b: dict) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = masked_bce(self.model(b), b, self.weights)

@@ -64,18 +64,13 @@ def joint_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor
     (every row keeps its diagonal so padded rows never become all -inf).
     """
     B, K, L = hist_mask.shape
-    M = cand_mask.shape[1]
-    S = L + M
-    i = torch.arange(S, device=hist_mask.device)
-    key_valid = torch.cat([hist_mask, cand_mask[:, None, :].expand(B, K, M)], dim=-1)  # (B, K, S)
-    causal_hist = (i[None, :] < L) & (i[None, :] <= i[:, None])  # (S, S)
-    return (key_valid[:, :, None, :] & causal_hist) | torch.eye(S, dtype=torch.bool, device=i.device)
+    key_valid = torch.cat([hist_mask, cand_mask[:, None, :].expand(B, K, -1)], dim=-1)  # (B, K, S)
+    return history_mask(key_valid, n_hist=L)
 
 
 def history_mask(hist_mask: torch.Tensor, n_hist: int | None = None) -> torch.Tensor:
     """(B, K, S) -> allowed (B, K, S, S): causal over the valid keys among the first `n_hist`
-    (all by default), plus the diagonal. With candidates appended after n_hist history tokens
-    this is `joint_mask`."""
+    (all by default), plus the diagonal; `joint_mask` with candidates after n_hist tokens."""
     S = hist_mask.shape[-1]
     i = torch.arange(S, device=hist_mask.device)
     seen = (i[None, :] <= i[:, None]) & (i[None, :] < (S if n_hist is None else n_hist))

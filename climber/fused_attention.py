@@ -165,7 +165,7 @@ class _FusedAttention(torch.autograd.Function):
                                        **_meta(q, "dq"))
         _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, fi.n_hist,
                                            DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
-        token_grad = torch.zeros((), device=q.device) if ctx.needs_input_grad[2] else None
+        token_grad = torch.zeros((), device=q.device) if need_dbias else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 
 

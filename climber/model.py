@@ -40,8 +40,8 @@ from climber.attention import (
     candidate_attention,
     history_attention,
     history_inputs,
+    history_mask,
     joint_attention,
-    joint_mask,
     position_buckets,
     resolve_impl,
     split_heads,
@@ -266,18 +266,28 @@ class Climber(TokenEmbeddings):
             c = layer.candidates(c, kv, bias_hist, bias_self, tau_l, cache.hist_mask)
         return self._fuse_and_head(self.norm_out(c).permute(0, 2, 1, 3), c0, cache.scenario, cache.user)
 
+    def _joint_tokens(self, b: dict):
+        """The joint [history; candidates] sequence's parts: history embeddings h (B, K, L, d),
+        candidate embeddings c0 (B, M, d), and per token its time (candidates: the request's)
+        and key validity, (B, K, L + M)."""
+        h = self.embed_history(b)
+        B, K, _, _ = h.shape
+        M = b["cand_item"].shape[1]
+        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])
+        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
+        valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
+        return h, c0, t, valid
+
     def forward_joint(self, b: dict) -> torch.Tensor:
         """Reference path: the paper's literal [history; candidates] sequence with a SUMI mask."""
-        h = self.embed_history(b)
+        h, c0, t, valid = self._joint_tokens(b)
         B, K, L, _ = h.shape
-        M = b["cand_item"].shape[1]
-        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
+        M = c0.shape[1]
         x = torch.cat([h, c0[:, None].expand(B, K, M, -1)], dim=2)
         pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(x.device)
-        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
         bias = self._bias(b["req_scenario"], (pos[:, None] - pos[None, :])[None, None],
                           t[..., :, None] - t[..., None, :])
-        allowed = joint_mask(b["hist_mask"], b["cand_mask"])
+        allowed = history_mask(valid, n_hist=L)  # joint_mask
         for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
             x = layer.joint(x, bias, tau_l, allowed)
         return self._fuse_and_head(self.norm_out(x[:, :, L:]).permute(0, 2, 1, 3), c0, b["req_scenario"], b["user"])
@@ -296,14 +306,10 @@ class Climber(TokenEmbeddings):
         candidates] through the fused kernels, whose mask is the SUMI one (causal history;
         a candidate sees the history and itself), so each layer is one pass of batched
         matmuls over L + M tokens; the same computation as `score(prefill(b))`."""
-        h = self.embed_history(b)
-        B, K, L, d = h.shape
-        M = b["cand_item"].shape[1]
-        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])  # (B, M, d)
-        # (K, B, L + M, d), BlockLinear's layout; candidates sit at position L at the request time
-        x = torch.cat([h.transpose(0, 1), c0[None, :, :].expand(K, B, M, d)], dim=2)
-        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
-        valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
+        h, c0, t, valid = self._joint_tokens(b)
+        _, K, L, _ = h.shape
+        # (K, B, L + M, d), BlockLinear's layout; candidates sit at position L
+        x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
         for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
             x = layer.sequence(x, seq, tau_l)
