@@ -40,8 +40,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from climber.attention import history_attention, history_inputs
 
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
-SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
-         (64, 32, 4, 2), (128, 32, 4, 2), (32, 32, 4, 2)]
+SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
+         (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 2)]
 KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 
 

@@ -76,9 +76,21 @@ def synthetic_batch(cfg: ModelConfig, B: int, L: int, M: int, seed: int) -> dict
 def kernel_events(prof) -> list:
     """Device kernels of a profile: rows with device time launched by no recorded CPU op (with
     CPU ops recorded, an op's row also counts the kernels it launched), less the `## Call
-    CompiledFxGraph` annotation ranges, which span the kernels they contain."""
+    CompiledFxGraph` and `Optimizer.step` annotation ranges, which span the kernels they contain."""
     return [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.cpu_time_total == 0
-            and not e.key.startswith("## ")]
+            and not e.key.startswith("## ") and not e.key.startswith("Optimizer.")]
+
+
+def kernel_kind(name: str) -> str:
+    """A device kernel's kind, by its name, for the profile's summary."""
+    kinds = [("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
+             ("attention kernels", ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")),
+             ("f_b build and table reduction", ("_bias_fwd_kernel", "_bias_grad_kernel")),
+             ("compiled (inductor) kernels", ("triton_",)), ("optimizer", ("adam", "multi_tensor"))]
+    for kind, keys in kinds:
+        if any(k in name.lower() for k in keys):
+            return kind
+    return "other eager kernels"
 
 
 class Trainer:
@@ -146,10 +158,18 @@ class Trainer:
         events = prof.key_averages()
         kernels = kernel_events(prof) or list(events)
         total = sum(e.self_device_time_total for e in kernels)
-        top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+        ranked = sorted(kernels, key=lambda e: -e.self_device_time_total)
+        top = ranked[:15]
         # which torch ops (with their input shapes) launch the time: eager copies are found here
         by_op = prof.key_averages(group_by_input_shape=True)
-        path.write_text("Device kernels:\n" + events.table(sort_by="self_cuda_time_total", row_limit=40)
+        shares: dict[str, float] = {}
+        for e in kernels:
+            shares[kernel_kind(e.key)] = shares.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 2e3
+        lines = [f"{ms:8.2f} ms  {kind}" for kind, ms in sorted(shares.items(), key=lambda kv: -kv[1])]
+        lines += ["", "Every device kernel, ms per step:"]
+        lines += [f"{e.self_device_time_total / 2e3:8.3f} {e.count // 2:5d}  {e.key[:150]}" for e in ranked]
+        path.write_text("Device time per step by kind:\n" + "\n".join(lines) + "\n\nDevice kernels:\n"
+                        + events.table(sort_by="self_cuda_time_total", row_limit=40)
                         + "\nTorch ops by input shape (device time they launch):\n"
                         + by_op.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=40,
                                       max_shapes_column_width=120) + "\n")

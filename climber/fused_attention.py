@@ -8,9 +8,10 @@ is built densely once per step, (B*K, H, S, S) in the compute dtype, by `prepare
 reading the small tables, a position-bucket LUT and per-sample time-gap buckets), and each
 layer's kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table
 gathers per score element. Backward, each layer adds d bias = dS / tau for its tiles into one
-fp32 buffer shared by the layers (every score element belongs to one program, so no atomics),
-and once every layer is done that sum is reduced to the tables, once per step (per-bucket
-sums tile by tile in fp32). A scalar "token" output of the bias build, taken by every layer,
+buffer shared by the layers, in the compute dtype (every score element belongs to one program,
+so no atomics; bf16 halves this read-modify-write against fp32), and once every layer is done
+that sum is reduced to the tables, once per step (one-hot tensor-core dots accumulating in
+fp32, all heads of a chunk at once). A scalar "token" output of the bias build, taken by every layer,
 is what makes autograd run the reduction after the last layer. The dQ pass adds the exact
 d(1/tau) correction for a bf16 output; it runs first and also computes delta = rowsum(dO O).
 
@@ -47,9 +48,9 @@ except ImportError:  # CPU-only install: the fused path is GPU-only
     triton = None
 
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
-# the attention kernels' (query rows, key columns, warps, pipeline stages); rows a multiple of
-# columns. Tuned on the H200 by `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 3)}
+# the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
+# `benchmarks/bench_attention.py --sweep`
+TILES = {"fwd": (64, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (64, 64, 4, 3)}
 
 
 def available(device: torch.device) -> bool:
@@ -66,7 +67,7 @@ class FusedInputs:
     valid8: torch.Tensor  # (BK, S) int8 key validity
     first: torch.Tensor  # (BK,) int32 first valid key
     n_hist: int  # leading history tokens; later ones (candidates) are keys for their own row only
-    grad: dict = field(default_factory=dict)  # "dense": fp32 (BK, H, S, S) sum of the layers' d f_b
+    grad: dict = field(default_factory=dict)  # "dense": (BK, H, S, S) sum of the layers' d f_b, bias's dtype
 
 
 class _DenseBias(torch.autograd.Function):
@@ -99,16 +100,20 @@ class _DenseBias(torch.autograd.Function):
         if g is None:  # no layer ran backward
             return None, None, None, None, None, None
         BK, H, L, _ = g.shape
-        # per-bucket sums of g by one kernel that reads g once, tile by tile: neither scatter-adds
-        # (B*K*H*L*L values into a few thousand entries serialise on atomics: 173 ms at B*K = 64,
-        # L = 800 on an H200) nor one-hot matmuls (skinny (H, L*L) x (L*L, T) products per
-        # sample: 215 ms there) - against 3.5 ms for the attention's own forward and backward
+        # per-bucket sums of g by one kernel that reads g once, as one-hot matmuls on the tensor
+        # cores: the buckets do not depend on the head, so a chunk of score entries of all heads
+        # (H, C) times the chunk's one-hot buckets (C, P) gives every head's sums at once. Neither
+        # scatter-adds (B*K*H*L*L values into a few thousand entries serialise on atomics: 173 ms
+        # at B*K = 64, L = 800 on an H200), nor per-sample one-hot products over whole rows
+        # (215 ms there), nor per-bucket masked sums (2.9 ms a step at the paper config)
         n_tiles = triton.cdiv(L, BLOCK)
-        dpos = torch.empty(BK * H, n_tiles, P, dtype=torch.float32, device=g.device)
-        dtim = torch.empty(BK * H, n_tiles, T, dtype=torch.float32, device=g.device)
-        _bias_grad_kernel[(BK * H, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, PP=triton.next_power_of_2(P),
-                                             TP=triton.next_power_of_2(T), BM=BLOCK, BN=BLOCK, num_warps=4)
-        return dpos.sum(1).view(BK, H, P), dtim.sum(1).view(BK, H, T), None, None, None, None
+        dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
+        dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
+        _bias_grad_kernel[(BK, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, HP=max(16, triton.next_power_of_2(H)),
+                                         PP=max(16, triton.next_power_of_2(P)),
+                                         TP=max(16, triton.next_power_of_2(T)), BM=BLOCK, BN=BLOCK,
+                                         PREC="ieee" if g.dtype == torch.float32 else "tf32", num_warps=4)
+        return dpos.sum(1), dtim.sum(1), None, None, None, None
 
 
 def prepare(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor, valid: torch.Tensor,
@@ -156,7 +161,7 @@ class _FusedAttention(torch.autograd.Function):
         # own rows only leave the query tiles below them unwritten)
         need_dbias = ctx.needs_input_grad[2]
         if need_dbias and "dense" not in fi.grad:
-            fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=torch.float32, device=q.device)
+            fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=fi.bias.dtype, device=q.device)
         dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O), by the dQ pass
@@ -265,36 +270,43 @@ if triton is not None:
             tl.store(OUT + bh * L * L + idx, val.to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _bucket_sums(acc, ids, buckets, g, N: tl.constexpr):
-        """acc[n] += the sum of the tile g where buckets == n, for n < N."""
-        for n in tl.static_range(N):
-            acc += tl.where(ids == n, tl.sum(tl.where(buckets == n, g, 0.0)), 0.0)
-        return acc
+    def _one_hot(buckets, N: tl.constexpr, dtype: tl.constexpr):
+        """(C,) bucket ids -> (C, N) one-hot rows in `dtype` (ids >= N match nothing)."""
+        return (buckets[:, None] == tl.arange(0, N)[None, :]).to(dtype)
 
     @triton.jit
-    def _bias_grad_kernel(G, PB, TB, DPOS, DTIM, H, L, P: tl.constexpr, T: tl.constexpr, PP: tl.constexpr,
-                          TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-        """One program per (BM rows, sample-block x head): sums of the dense bias gradient per
-        position bucket and per time bucket over its rows' causal tiles, one partial per tile
-        row (summed in torch): deterministic, no atomics."""
-        bh, b, _, row0, rows = _program(H, BM)
-        row_ok = rows < L
-        p_ids, t_ids = tl.arange(0, PP), tl.arange(0, TP)
-        acc_p = tl.zeros([PP], tl.float32)
-        acc_t = tl.zeros([TP], tl.float32)
-        for start in range(0, tl.minimum(row0 + BM, L), BN):
-            cols = start + tl.arange(0, BN)
-            ok = row_ok[:, None] & (cols[None, :] < L)
-            idx = rows[:, None] * L + cols[None, :]
-            g = tl.load(G + bh * L * L + idx, mask=ok, other=0.0).to(tl.float32)
-            pb = tl.load(PB + idx, mask=ok, other=0)
-            tb = tl.load(TB + b * L * L + idx, mask=ok, other=0)
-            acc_p = _bucket_sums(acc_p, p_ids, pb, g, P)
-            acc_t = _bucket_sums(acc_t, t_ids, tb, g, T)
+    def _bias_grad_kernel(G, PB, TB, DPOS, DTIM, H, L, P: tl.constexpr, T: tl.constexpr, HP: tl.constexpr,
+                          PP: tl.constexpr, TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          PREC: tl.constexpr):
+        """One program per (sample-block b, BM rows): per-head sums of the dense bias gradient
+        per position bucket and per time bucket over its rows' causal tiles, one partial per
+        row tile (summed in torch): deterministic, no atomics. Rows are taken R at a time, so
+        each chunk is (heads, R * BN entries) against (R * BN, buckets) one-hot: a tensor-core
+        dot (heads padded to HP >= 16)."""
+        R: tl.constexpr = 256 // BN
+        b = tl.program_id(0).to(tl.int64)
         tile = tl.program_id(1)
-        n_tiles = tl.num_programs(1)
-        tl.store(DPOS + (bh * n_tiles + tile) * P + p_ids, acc_p, mask=p_ids < P)
-        tl.store(DTIM + (bh * n_tiles + tile) * T + t_ids, acc_t, mask=t_ids < T)
+        row0 = tile * BM
+        heads = tl.arange(0, HP)
+        c = tl.arange(0, R * BN)
+        acc_p = tl.zeros([HP, PP], tl.float32)
+        acc_t = tl.zeros([HP, TP], tl.float32)
+        for r0 in range(row0, tl.minimum(row0 + BM, L), R):
+            i = r0 + c // BN
+            for start in range(0, tl.minimum(r0 + R, L), BN):  # tiles up to the diagonal
+                j = start + c % BN
+                ok = (i < L) & (j < L)
+                idx = i * L + j
+                g = tl.load(G + ((b * H + heads[:, None]) * L) * L + idx[None, :],
+                            mask=(heads[:, None] < H) & ok[None, :], other=0.0)  # (HP, R * BN)
+                pb = tl.load(PB + idx, mask=ok, other=PP)
+                tb = tl.load(TB + b * L * L + idx, mask=ok, other=TP)
+                acc_p += tl.dot(g, _one_hot(pb, PP, g.dtype), input_precision=PREC)
+                acc_t += tl.dot(g, _one_hot(tb, TP, g.dtype), input_precision=PREC)
+        out = (b * tl.num_programs(1) + tile) * H + heads[:, None]
+        p_ids, t_ids = tl.arange(0, PP), tl.arange(0, TP)
+        tl.store(DPOS + out * P + p_ids[None, :], acc_p, mask=(heads[:, None] < H) & (p_ids[None, :] < P))
+        tl.store(DTIM + out * T + t_ids[None, :], acc_t, mask=(heads[:, None] < H) & (t_ids[None, :] < T))
 
     @triton.jit
     def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
@@ -349,7 +361,7 @@ if triton is not None:
         # keys that are all padding, or all candidates, are seen by their own row only: the
         # diagonal tile
         own_only = (col0 + BN <= tl.load(FIRST + b)) | (col0 >= NH)
-        hi = tl.where(own_only, tl.minimum(lo + BM, L), L)  # BM a multiple of BN: one tile
+        hi = tl.where(own_only, tl.minimum(col0 + BN, L), L)
         dk = tl.zeros([BN, DH], tl.float32)
         dv = tl.zeros([BN, DH], tl.float32)
         dinv = tl.zeros([BN], tl.float32)

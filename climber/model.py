@@ -70,11 +70,14 @@ class BlockLinear(nn.Module):
     def blocks_first(self, x: torch.Tensor) -> torch.Tensor:
         """(B, K, S, d_in) -> (K, B, S, d_out), contiguous."""
         B, K, S, d = x.shape
-        y = torch.bmm(x.transpose(0, 1).reshape(K, B * S, d), self.weight)
+        return self.mm(x.transpose(0, 1).reshape(K, B * S, d)).view(K, B, S, -1)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """(K, N, d_in) -> (K, N, d_out)."""
+        y = torch.bmm(x, self.weight)
         # a separate add, which torch.compile fuses into the next op; baddbmm would first write
         # the broadcast bias into a full-size output (a measured copy per map)
-        y = y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
-        return y.view(K, B, S, -1)
+        return y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
 
 
 class BlockRMSNorm(nn.Module):
@@ -84,6 +87,9 @@ class BlockRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d)
         return F.rms_norm(x, (x.shape[-1],)) * self.weight
+
+    def blocks_first(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, S, d)
+        return F.rms_norm(x, (x.shape[-1],)) * self.weight[:, None]
 
 
 class AdaptiveLayer(nn.Module):
@@ -130,6 +136,28 @@ class AdaptiveLayer(nn.Module):
         transposed view (its gradient would be copied), and nothing else is returned (an unused
         output's zero gradient would still be added in)."""
         return self._self_attend(h, hist, tau)[0]
+
+    def qkv_blocks_first(self, h: torch.Tensor) -> torch.Tensor:
+        """States h (K, B, S, d), contiguous -> packed qkv (K, B, S, 3, H, dh)."""
+        K, B, S, d = h.shape
+        return self.qkv.mm(self.norm1.blocks_first(h).view(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
+
+    def step(self, h, y, nxt: AdaptiveLayer | None):
+        """Training's fused pass, one compiled region per attention call: this layer's output
+        projection, residuals and FFN on states h (K, B, S, d) and the attention output y (B,
+        K, H, S, dh) stored (K, B, S, H, dh), then the next layer's norm and qkv projection ->
+        (next states, next packed qkv or None).
+
+        Everything stays blocks first, so no graph input, output or gradient is a transposed
+        view (AOT autograd would copy such a gradient to the traced layout), and each residual
+        state is made and read for the next qkv in one region, so the two parts of its gradient
+        are summed in that region's compiled backward, not by an eager add between graphs."""
+        K, B, S, d = h.shape
+        a = y.permute(1, 0, 3, 2, 4).reshape(K, B * S, d)  # a view: the kernel's output order
+        h = h + self.drop(self.proj.mm(a).view(K, B, S, d))
+        f = self.fc2.mm(F.gelu(self.fc1.mm(self.norm2.blocks_first(h).view(K, B * S, d))))
+        h = h + self.drop(f.view(K, B, S, d))
+        return h, (None if nxt is None else nxt.qkv_blocks_first(h))
 
     def history(self, h, hist, tau):
         """`sequence` on the history alone, also returning this layer's (k, v), (B, K, H, L, dh)
@@ -310,9 +338,14 @@ class Climber(TokenEmbeddings):
         _, K, L, _ = h.shape
         # (K, B, L + M, d), BlockLinear's layout; candidates sit at position L
         x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
+        if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
-        for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
-            x = layer.sequence(x, seq, tau_l)
+        layers = list(self.layers)
+        qkv = layers[0].qkv_blocks_first(x)
+        for i, (layer, tau_l) in enumerate(zip(layers, self._tau(b["req_scenario"]))):
+            y = history_attention(qkv, seq, tau_l, "fused")
+            x, qkv = layer.step(x, y, layers[i + 1] if i + 1 < len(layers) else None)
         e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
         return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
 
@@ -334,6 +367,7 @@ class Climber(TokenEmbeddings):
         static graph per shape would soon exceed the recompile limit and fall back to eager."""
         for layer in self.layers:
             layer.sequence = torch.compile(layer.sequence)
+            layer.step = torch.compile(layer.step)
             layer.history = torch.compile(layer.history)
 
     # ---- the model reports itself --------------------------------------------------------------

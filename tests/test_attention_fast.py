@@ -92,6 +92,19 @@ def test_fused_candidate_rows_match_reference_in_interpreter(shape, n_hist):
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
 
+@interpreted
+@pytest.mark.parametrize("tiles", [(16, 32, 4, 1), (32, 16, 4, 1)])
+def test_fused_any_tile_shape_matches_reference_in_interpreter(tiles, monkeypatch):
+    """Query tiles narrower or wider than key tiles (what the tile sweep picks from), with
+    candidates from n_hist = 40 on: whole key tiles of candidates and padding are visited on
+    their diagonal rows only, however many query tiles those rows span."""
+    monkeypatch.setattr(fused_attention, "TILES", {k: tiles for k in ("fwd", "dkdv", "dq")})
+    x = attention_inputs(*INTERPRETER_SHAPES[1])
+    fast, ref = outputs_and_grads("fused", x, True, n_hist=40), outputs_and_grads("split", x, n_hist=40)
+    for name in ref:
+        assert relative_error(fast[name], ref[name]) < 1e-4, name
+
+
 def check_model_gradients(device: str) -> None:
     """The whole model, training mode (the fused path runs the joint [history; candidates]
     sequence): logits and every parameter's gradient equal the split path's, over two
