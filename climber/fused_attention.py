@@ -301,12 +301,9 @@ if triton is not None:
                             mask=(heads[:, None] < H) & ok[None, :], other=0.0)  # (HP, R * BN)
                 pb = tl.load(PB + idx, mask=ok, other=PP)
                 tb = tl.load(TB + b * L * L + idx, mask=ok, other=TP)
-                # fp32 operands: bf16 values and 0/1 are exact in tf32, so the sums are exact
-                # fp32 sums either way (and Triton's CPU interpreter, which tests this, mishandles
-                # bf16 dot products)
-                g = g.to(tl.float32)
-                acc_p += tl.dot(g, _one_hot(pb, PP, tl.float32), input_precision=PREC)
-                acc_t += tl.dot(g, _one_hot(tb, TP, tl.float32), input_precision=PREC)
+                # products with 0/1 are exact; the sums accumulate in fp32
+                acc_p += tl.dot(g, _one_hot(pb, PP, g.dtype), input_precision=PREC)
+                acc_t += tl.dot(g, _one_hot(tb, TP, g.dtype), input_precision=PREC)
         out = (b * tl.num_programs(1) + tile) * H + heads[:, None]
         p_ids, t_ids = tl.arange(0, PP), tl.arange(0, TP)
         tl.store(DPOS + out * P + p_ids[None, :], acc_p, mask=(heads[:, None] < H) & (p_ids[None, :] < P))

@@ -124,19 +124,6 @@ class AdaptiveLayer(nn.Module):
         q, k, v = self._qkv(x)
         return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
 
-    def _self_attend(self, h, hist, tau):
-        x = h.transpose(0, 1)
-        qkv = self._packed_qkv(x)
-        return self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1), qkv
-
-    def sequence(self, h, hist, tau):
-        """States h (K, B, S, d) of a self-attending sequence (history, or training's [history;
-        candidates]), blocks first and contiguous -> the next ones, the same. Blocks first in
-        and out, so that under torch.compile no graph input, output or output gradient is a
-        transposed view (its gradient would be copied), and nothing else is returned (an unused
-        output's zero gradient would still be added in)."""
-        return self._self_attend(h, hist, tau)[0]
-
     def qkv_blocks_first(self, h: torch.Tensor) -> torch.Tensor:
         """States h (K, B, S, d), contiguous -> packed qkv (K, B, S, 3, H, dh)."""
         K, B, S, d = h.shape
@@ -160,9 +147,11 @@ class AdaptiveLayer(nn.Module):
         return h, (None if nxt is None else nxt.qkv_blocks_first(h))
 
     def history(self, h, hist, tau):
-        """`sequence` on the history alone, also returning this layer's (k, v), (B, K, H, L, dh)
-        views, for the candidates (prefill)."""
-        h, qkv = self._self_attend(h, hist, tau)
+        """History states h (K, B, L, d), blocks first and contiguous -> the next ones, the same,
+        and this layer's (k, v), (B, K, H, L, dh) views, for the candidates (prefill)."""
+        x = h.transpose(0, 1)
+        qkv = self._packed_qkv(x)
+        h = self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1)
         _, k, v = split_heads(qkv.transpose(0, 1))
         return h, (k, v)
 
@@ -359,14 +348,14 @@ class Climber(TokenEmbeddings):
         return self.score(self.prefill(b), b["cand_item"], b["req_time"])
 
     def compile_layers(self) -> None:
-        """Regional torch.compile (`climber train --compile`): each ATL's self-attending pass,
-        the code shared by the layers (their weights are graph inputs); the fused kernels and
-        the f_b build stay outside. What `benchmarks/bench_train.py` times. Shapes start static
-        and turn dynamic at the first change (torch's automatic dynamic shapes): real batches
-        vary in history length (trimmed to the batch's longest) and candidate count, and one
-        static graph per shape would soon exceed the recompile limit and fall back to eager."""
+        """Regional torch.compile (`climber train --compile`): the code between attention calls
+        (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
+        layers (their weights are graph inputs); the fused kernels and the f_b build stay
+        outside. What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at
+        the first change (torch's automatic dynamic shapes): real batches vary in history length
+        (trimmed to the batch's longest) and candidate count, and one static graph per shape
+        would soon exceed the recompile limit and fall back to eager."""
         for layer in self.layers:
-            layer.sequence = torch.compile(layer.sequence)
             layer.step = torch.compile(layer.step)
             layer.history = torch.compile(layer.history)
 

@@ -105,27 +105,37 @@ def test_fused_any_tile_shape_matches_reference_in_interpreter(tiles, monkeypatc
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
 
-@interpreted
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-def test_table_gradients_are_exact_bucket_sums_in_interpreter(dtype):
+def check_table_gradients(dtype: torch.dtype, device: str) -> None:
     """The layers' summed d f_b (lower triangular, in the compute dtype) reduces to the tables as
     exact per-head sums over each position and time bucket (one-hot tensor-core dots)."""
     g = torch.Generator().manual_seed(0)
     BK, H, S, P, T = 3, 3, 70, 32, 8
-    pos = torch.zeros(BK, H, P, requires_grad=True)
-    tim = torch.zeros(BK, H, T, requires_grad=True)
+    pos = torch.zeros(BK, H, P, device=device, requires_grad=True)
+    tim = torch.zeros(BK, H, T, device=device, requires_grad=True)
     pb, tb = torch.randint(0, P, (S, S), generator=g), torch.randint(0, T, (BK, S, S), generator=g)
     dense = torch.randn(BK, H, S, S, generator=g).tril().to(dtype)
     grad: dict = {}
-    _, token = fused_attention._DenseBias.apply(pos, tim, pb, tb, dtype, grad)
-    grad["dense"] = dense
+    _, token = fused_attention._DenseBias.apply(pos, tim, pb.to(device), tb.to(device), dtype, grad)
+    grad["dense"] = dense.to(device)
     token.backward()
     dense = dense.float()
     want_pos = torch.zeros(BK, H, P).index_add_(2, pb.flatten(), dense.reshape(BK, H, -1))
     want_tim = torch.stack([torch.zeros(H, T).index_add_(1, tb[b].flatten(), dense[b].reshape(H, -1))
                             for b in range(BK)])
-    torch.testing.assert_close(pos.grad, want_pos, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(tim.grad, want_tim, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pos.grad.cpu(), want_pos, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(tim.grad.cpu(), want_tim, rtol=1e-5, atol=1e-4)
+
+
+@interpreted
+def test_table_gradients_are_exact_bucket_sums_in_interpreter():
+    check_table_gradients(torch.float32, "cpu")  # the interpreter mishandles bf16 dot products
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_table_gradients_are_exact_bucket_sums_on_gpu(dtype):
+    check_table_gradients(dtype, "cuda")
 
 
 def check_model_gradients(device: str) -> None:
