@@ -138,16 +138,21 @@ def test_table_gradients_are_exact_bucket_sums_on_gpu(dtype):
     check_table_gradients(dtype, "cuda")
 
 
-def check_model_gradients(device: str) -> None:
+def check_model_gradients(device: str, compiled: bool = False) -> None:
     """The whole model, training mode (the fused path runs the joint [history; candidates]
     sequence): logits and every parameter's gradient equal the split path's, over two
     backward passes of different batches accumulating (each pass sums its layers' d f_b
-    afresh)."""
+    afresh). `compiled`: three layers under `compile_layers`, whose regions each end with the
+    next layer's qkv projection, so its weights must get their gradients through them; the
+    second batch's shapes make the graphs dynamic."""
     torch.manual_seed(0)
-    ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20))
+    layers = 3 if compiled else 2
+    ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20, n_layers=layers))
     perturb(ref)
-    fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20))
+    fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20, n_layers=layers))
     fast.load_state_dict(ref.state_dict())
+    if compiled:
+        fast.compile_layers()
     batches = [{k: v.to(device) for k, v in random_batch(ref.cfg, B=3, L=L, M=M, seed=s).items()}
                for s, (L, M) in enumerate([(20, 4), (13, 6)], start=2)]
     logits = []
@@ -159,6 +164,7 @@ def check_model_gradients(device: str) -> None:
         assert relative_error(got, want) < 1e-5
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         if p.grad is not None:
+            assert q.grad is not None, name
             assert relative_error(q.grad, p.grad) < 1e-4, name
 
 
@@ -167,10 +173,17 @@ def test_fused_model_gradients_match_reference_in_interpreter():
     check_model_gradients("cpu")
 
 
+@interpreted
+@pytest.mark.slow
+def test_compiled_fused_model_gradients_match_reference_in_interpreter():
+    check_model_gradients("cpu", compiled=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fused_model_gradients_match_reference_on_gpu():
-    check_model_gradients("cuda")
+@pytest.mark.parametrize("compiled", (False, True))
+def test_fused_model_gradients_match_reference_on_gpu(compiled):
+    check_model_gradients("cuda", compiled)
 
 
 @interpreted
