@@ -360,7 +360,7 @@ if triton is not None:
         inv = tl.load(INV + bh)
         lo = col0 // BM * BM
         # keys that are all padding, or all candidates, are seen by their own row only: the
-        # diagonal tile
+        # query tiles holding rows col0 .. col0 + BN - 1
         own_only = (col0 + BN <= tl.load(FIRST + b)) | (col0 >= NH)
         hi = tl.where(own_only, tl.minimum(col0 + BN, L), L)
         dk = tl.zeros([BN, DH], tl.float32)
