@@ -162,12 +162,14 @@ class Trainer:
         top = ranked[:15]
         # which torch ops (with their input shapes) launch the time: eager copies are found here
         by_op = prof.key_averages(group_by_input_shape=True)
+        n = len(batches)  # steps profiled
         shares: dict[str, float] = {}
         for e in kernels:
-            shares[kernel_kind(e.key)] = shares.get(kernel_kind(e.key), 0.0) + e.self_device_time_total / 2e3
+            kind = kernel_kind(e.key)
+            shares[kind] = shares.get(kind, 0.0) + e.self_device_time_total / n / 1e3
         lines = [f"{ms:8.2f} ms  {kind}" for kind, ms in sorted(shares.items(), key=lambda kv: -kv[1])]
         lines += ["", "Every device kernel, ms per step:"]
-        lines += [f"{e.self_device_time_total / 2e3:8.3f} {e.count // 2:5d}  {e.key[:150]}" for e in ranked]
+        lines += [f"{e.self_device_time_total / n / 1e3:8.3f} {e.count // n:5d}  {e.key[:150]}" for e in ranked]
         path.write_text("Device time per step by kind:\n" + "\n".join(lines) + "\n\nDevice kernels:\n"
                         + events.table(sort_by="self_cuda_time_total", row_limit=40)
                         + "\nTorch ops by input shape (device time they launch):\n"

@@ -112,7 +112,7 @@ class _DenseBias(torch.autograd.Function):
         _bias_grad_kernel[(BK, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, HP=max(16, triton.next_power_of_2(H)),
                                          PP=max(16, triton.next_power_of_2(P)),
                                          TP=max(16, triton.next_power_of_2(T)), BM=BLOCK, BN=BLOCK,
-                                         PREC="ieee" if g.dtype == torch.float32 else "tf32", num_warps=4)
+                                         PREC=_precision(g.dtype), num_warps=4)
         return dpos.sum(1), dtim.sum(1), None, None, None, None
 
 
@@ -201,10 +201,15 @@ def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
 
 
 def _meta(q: torch.Tensor, kernel: str) -> dict:
-    """Compile-time kernel arguments; fp32 inputs get exact (not tf32) dot products."""
-    prec = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32 is ignored for bf16 inputs
+    """Compile-time kernel arguments."""
     BM, BN, warps, stages = TILES[kernel]
-    return dict(DH=q.shape[-1], BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+    return dict(DH=q.shape[-1], BM=BM, BN=BN, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 inputs get exact (not tf32) products; tf32 is ignored for
+    bf16 inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @torch.compiler.disable  # opaque to torch.compile: the kernels are already fused

@@ -108,8 +108,7 @@ class AdaptiveLayer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) -> (K, B, S, 3, H, dh)
-        B, K, S, d = x.shape
-        return self.qkv.blocks_first(self.norm1(x)).view(K, B, S, 3, self.h, d // self.h)
+        return self.qkv_blocks_first(x.transpose(0, 1))
 
     def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
         return split_heads(self._packed_qkv(x).transpose(0, 1))
@@ -125,9 +124,10 @@ class AdaptiveLayer(nn.Module):
         return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
 
     def qkv_blocks_first(self, h: torch.Tensor) -> torch.Tensor:
-        """States h (K, B, S, d), contiguous -> packed qkv (K, B, S, 3, H, dh)."""
+        """States h (K, B, S, d) -> packed qkv (K, B, S, 3, H, dh), contiguous; no copy of h when
+        h is contiguous (training and prefill), one for the (B, K, ...) layouts of `_qkv`."""
         K, B, S, d = h.shape
-        return self.qkv.mm(self.norm1.blocks_first(h).view(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
+        return self.qkv.mm(self.norm1.blocks_first(h).reshape(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
 
     def step(self, h, y, nxt: AdaptiveLayer | None):
         """Training's fused pass, one compiled region per attention call: this layer's output
@@ -332,9 +332,8 @@ class Climber(TokenEmbeddings):
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
         layers = list(self.layers)
         qkv = layers[0].qkv_blocks_first(x)
-        for i, (layer, tau_l) in enumerate(zip(layers, self._tau(b["req_scenario"]))):
-            y = history_attention(qkv, seq, tau_l, "fused")
-            x, qkv = layer.step(x, y, layers[i + 1] if i + 1 < len(layers) else None)
+        for layer, nxt, tau_l in zip(layers, layers[1:] + [None], self._tau(b["req_scenario"])):
+            x, qkv = layer.step(x, history_attention(qkv, seq, tau_l, "fused"), nxt)
         e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
         return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
 
