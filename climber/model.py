@@ -85,11 +85,8 @@ class BlockRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(k, 1, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) or (K, N, d): weight (K, 1, d)
         return F.rms_norm(x, (x.shape[-1],)) * self.weight
-
-    def blocks_first(self, x: torch.Tensor) -> torch.Tensor:  # (K, B, S, d)
-        return F.rms_norm(x, (x.shape[-1],)) * self.weight[:, None]
 
 
 class AdaptiveLayer(nn.Module):
@@ -127,24 +124,31 @@ class AdaptiveLayer(nn.Module):
         """States h (K, B, S, d) -> packed qkv (K, B, S, 3, H, dh), contiguous; no copy of h when
         h is contiguous (training and prefill), one for the (B, K, ...) layouts of `_qkv`."""
         K, B, S, d = h.shape
-        return self.qkv.mm(self.norm1.blocks_first(h).reshape(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
+        return self.qkv_rows(h.reshape(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
+
+    def qkv_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """States h (K, N, d), N tokens per block -> packed qkv (K, N, 3 d)."""
+        return self.qkv.mm(self.norm1(h))
 
     def step(self, h, y, nxt: AdaptiveLayer | None):
         """Training's fused pass, one compiled region per attention call: this layer's output
-        projection, residuals and FFN on states h (K, B, S, d) and the attention output y (B,
+        projection, residuals and FFN on states h (K, B * S, d) and the attention output y (B,
         K, H, S, dh) stored (K, B, S, H, dh), then the next layer's norm and qkv projection ->
-        (next states, next packed qkv or None).
+        (next states, next packed qkv (K, B, S, 3, H, dh) or None).
 
         Everything stays blocks first, so no graph input, output or gradient is a transposed
         view (AOT autograd would copy such a gradient to the traced layout), and each residual
         state is made and read for the next qkv in one region, so the two parts of its gradient
-        are summed in that region's compiled backward, not by an eager add between graphs."""
-        K, B, S, d = h.shape
-        a = y.permute(1, 0, 3, 2, 4).reshape(K, B * S, d)  # a view: the kernel's output order
-        h = h + self.drop(self.proj.mm(a).view(K, B, S, d))
-        f = self.fc2.mm(F.gelu(self.fc1.mm(self.norm2.blocks_first(h).view(K, B * S, d))))
-        h = h + self.drop(f.view(K, B, S, d))
-        return h, (None if nxt is None else nxt.qkv_blocks_first(h))
+        are summed in that region's compiled backward, not by an eager add between graphs.
+        The states are 3-d, one token axis: the norm weights' and biases' gradients are then
+        sums over one axis, which inductor's dynamic-shape code indexes without dividing by
+        the symbolic sequence length per element (with (K, B, S, d) states those reductions
+        ran 3.7x slower once shapes turned dynamic; docs/design.md)."""
+        B, K, H, S, dh = y.shape
+        a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # a view: the kernel's output order
+        h = h + self.drop(self.proj.mm(a))
+        h = h + self.drop(self.fc2.mm(F.gelu(self.fc1.mm(self.norm2(h)))))
+        return h, (None if nxt is None else nxt.qkv_rows(h).view(K, B, S, 3, H, dh))
 
     def history(self, h, hist, tau):
         """History states h (K, B, L, d), blocks first and contiguous -> the next ones, the same,
@@ -332,9 +336,11 @@ class Climber(TokenEmbeddings):
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
         layers = list(self.layers)
         qkv = layers[0].qkv_blocks_first(x)
+        shape = x.shape
+        x = x.flatten(1, 2)  # (K, B * (L + M), d), as `step` takes the states
         for layer, nxt, tau_l in zip(layers, layers[1:] + [None], self._tau(b["req_scenario"])):
             x, qkv = layer.step(x, history_attention(qkv, seq, tau_l, "fused"), nxt)
-        e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
+        e = self.norm_out(x.view(shape)[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
         return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
 
     def forward(self, b: dict) -> torch.Tensor:
