@@ -35,8 +35,7 @@ def random_bits(shape: list[int], seed: torch.Tensor) -> torch.Tensor:
     for s in shape:
         n *= s
     words = torch.empty((n + 1) // 2, dtype=torch.int32, device=seed.device)
-    plane = triton.cdiv(words.numel(), 4)
-    _bits_kernel[(triton.cdiv(plane, BLOCK),)](seed, words, words.numel(), plane, BLOCK=BLOCK)
+    _bits_kernel[(triton.cdiv(words.numel(), 4 * BLOCK),)](seed, words, words.numel(), BLOCK=BLOCK)
     return words.view(torch.int16)[:n].view(shape)
 
 
@@ -60,13 +59,12 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _bits_kernel(SEED, OUT, n_words, plane, BLOCK: tl.constexpr):
-        """Word i + j * plane of OUT is word j of Philox(seed, counter i), j < 4: four
-        contiguous planes, so every store is coalesced."""
+    def _bits_kernel(SEED, OUT, n_words, BLOCK: tl.constexpr):
+        """Words 4 i .. 4 i + 3 of OUT are Philox(seed, counter i)."""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         r0, r1, r2, r3 = tl.randint4x(tl.load(SEED), i)
-        ok = i < plane
-        tl.store(OUT + i, r0.to(tl.int32, bitcast=True), mask=ok)
-        tl.store(OUT + plane + i, r1.to(tl.int32, bitcast=True), mask=ok & (plane + i < n_words))
-        tl.store(OUT + 2 * plane + i, r2.to(tl.int32, bitcast=True), mask=ok & (2 * plane + i < n_words))
-        tl.store(OUT + 3 * plane + i, r3.to(tl.int32, bitcast=True), mask=ok & (3 * plane + i < n_words))
+        w = 4 * i
+        tl.store(OUT + w, r0.to(tl.int32, bitcast=True), mask=w < n_words)
+        tl.store(OUT + w + 1, r1.to(tl.int32, bitcast=True), mask=w + 1 < n_words)
+        tl.store(OUT + w + 2, r2.to(tl.int32, bitcast=True), mask=w + 2 < n_words)
+        tl.store(OUT + w + 3, r3.to(tl.int32, bitcast=True), mask=w + 3 < n_words)
