@@ -48,7 +48,6 @@ from climber.attention import (
     time_buckets,
 )
 from climber.config import ModelConfig
-from climber.dropout import dropout
 from climber.embeddings import TokenEmbeddings
 
 
@@ -147,9 +146,8 @@ class AdaptiveLayer(nn.Module):
         ran 3.7x slower once shapes turned dynamic; docs/design.md)."""
         B, K, H, S, dh = y.shape
         a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # a view: the kernel's output order
-        p = self.drop.p
-        h = h + dropout(self.proj.mm(a), p, self.training)  # masks from 16-bit random numbers (dropout.py)
-        h = h + dropout(self.fc2.mm(F.gelu(self.fc1.mm(self.norm2(h)))), p, self.training)
+        h = h + self.drop(self.proj.mm(a))
+        h = h + self.drop(self.fc2.mm(F.gelu(self.fc1.mm(self.norm2(h)))))
         return h, (None if nxt is None else nxt.qkv_rows(h).view(K, B, S, 3, H, dh))
 
     def history(self, h, hist, tau):
