@@ -109,10 +109,9 @@ class _DenseBias(torch.autograd.Function):
         n_tiles = triton.cdiv(L, BLOCK)
         dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
         dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
-        _bias_grad_kernel[(BK, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, HP=max(16, triton.next_power_of_2(H)),
-                                         PP=max(16, triton.next_power_of_2(P)),
-                                         TP=max(16, triton.next_power_of_2(T)), BM=BLOCK, BN=BLOCK,
-                                         PREC=_precision(g.dtype), num_warps=4)
+        _bias_grad_kernel[(BK, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, HP=_dot_width(H), PP=_dot_width(P),
+                                         TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype),
+                                         num_warps=4)
         return dpos.sum(1), dtim.sum(1), None, None, None, None
 
 
@@ -204,6 +203,11 @@ def _meta(q: torch.Tensor, kernel: str) -> dict:
     """Compile-time kernel arguments."""
     BM, BN, warps, stages = TILES[kernel]
     return dict(DH=q.shape[-1], BM=BM, BN=BN, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
+
+
+def _dot_width(n: int) -> int:
+    """n padded to a tl.dot operand size: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _precision(dtype: torch.dtype) -> str:
