@@ -52,16 +52,17 @@ from climber.embeddings import TokenEmbeddings
 
 
 class BlockLinear(nn.Module):
-    """K independent linear maps applied to (B, K, S, d_in) in one batched matmul.
+    """K independent linear maps, no bias, applied to (B, K, S, d_in) in one batched matmul.
 
     History activations are (B, K, S, d) views of (K, B, S, d) memory (blocks first), so each
     map is one plain bmm over (K, B * S, d) with no layout copies in or out; other layouts
-    are copied to it first."""
+    are copied to it first. No bias (as PaLM and LLaMA): a bias's gradient is one more pass
+    over the map's output per step, and fc1's bias made the GELU input a second stored
+    activation beside the matmul's output (docs/design.md, "bias-free ATL")."""
 
     def __init__(self, k: int, d_in: int, d_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(k, d_in, d_out))
-        self.bias = nn.Parameter(torch.zeros(k, 1, d_out))
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,30 +75,37 @@ class BlockLinear(nn.Module):
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """(K, N, d_in) -> (K, N, d_out)."""
-        y = torch.bmm(x, self.weight)
-        # a separate add, which torch.compile fuses into the next op; baddbmm would first write
-        # the broadcast bias into a full-size output (a measured copy per map)
-        return y + self.bias.to(y.dtype)  # keep autocast's bf16: an fp32 bias would promote y
+        return torch.bmm(x, self.weight)
 
 
 class BlockRMSNorm(nn.Module):
+    """RMSNorm with a gain per block: the stack's output norm (the ATL's own norms feed a linear
+    map, which absorbs a gain, so they have none: `rms_norm`)."""
+
     def __init__(self, k: int, d: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(k, 1, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) or (K, N, d): weight (K, 1, d)
-        return F.rms_norm(x, (x.shape[-1],)) * self.weight
+        return rms_norm(x) * self.weight
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last axis without a gain. Before a linear map a gain g is redundant,
+    norm(x) * g @ W = norm(x) @ (diag(g) W), and its gradient is a sum over every token per
+    step, one more pass over the layer's states (docs/design.md, "bias-free ATL")."""
+    return F.rms_norm(x, (x.shape[-1],))
 
 
 class AdaptiveLayer(nn.Module):
-    """One ATL for all K blocks at once: pre-norm attention and GELU FFN, each with a residual."""
+    """One ATL for all K blocks at once: pre-norm attention and GELU FFN, each with a residual;
+    bias-free maps and gain-free norms (see `BlockLinear`, `rms_norm`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         K, d = cfg.n_blocks, cfg.d_model
         self.h = cfg.n_heads
         self.impl = cfg.attention
-        self.norm1, self.norm2 = BlockRMSNorm(K, d), BlockRMSNorm(K, d)
         self.qkv = BlockLinear(K, d, 3 * d)
         self.proj = BlockLinear(K, d, d)
         self.fc1 = BlockLinear(K, d, cfg.ffn_mult * d)
@@ -114,7 +122,7 @@ class AdaptiveLayer(nn.Module):
         """Residual add of the attention output y (B, K, H, S, dh), then the FFN."""
         B, K, H, S, dh = y.shape
         x = x + self.drop(self.proj(y.transpose(2, 3).reshape(B, K, S, H * dh)))
-        return x + self.drop(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        return x + self.drop(self.fc2(F.gelu(self.fc1(rms_norm(x)))))
 
     def joint(self, x, bias, tau, allowed):
         q, k, v = self._qkv(x)
@@ -128,7 +136,7 @@ class AdaptiveLayer(nn.Module):
 
     def qkv_rows(self, h: torch.Tensor) -> torch.Tensor:
         """States h (K, N, d), N tokens per block -> packed qkv (K, N, 3 d)."""
-        return self.qkv.mm(self.norm1(h))
+        return self.qkv.mm(rms_norm(h))
 
     def step(self, h, y, nxt: AdaptiveLayer | None):
         """Training's fused pass, one compiled region per attention call: this layer's output
@@ -147,7 +155,7 @@ class AdaptiveLayer(nn.Module):
         B, K, H, S, dh = y.shape
         a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # a view: the kernel's output order
         h = h + self.drop(self.proj.mm(a))
-        h = h + self.drop(self.fc2.mm(F.gelu(self.fc1.mm(self.norm2(h)))))
+        h = h + self.drop(self.fc2.mm(F.gelu(self.fc1.mm(rms_norm(h)))))
         return h, (None if nxt is None else nxt.qkv_rows(h).view(K, B, S, 3, H, dh))
 
     def history(self, h, hist, tau):
