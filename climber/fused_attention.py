@@ -50,7 +50,7 @@ except ImportError:  # CPU-only install: the fused path is GPU-only
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
 # the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
 # `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (64, 64, 4, 3)}
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 128, 4, 3)}
 
 
 def available(device: torch.device) -> bool:
@@ -163,12 +163,18 @@ class _FusedAttention(torch.autograd.Function):
             fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=fi.bias.dtype, device=q.device)
         dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O), by the dQ pass
-        args = (q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta)
-        _bwd_dq_kernel[_grid(q, "dq")](*args, out, dq, dinv, *_strides(q, dout, out, dq), K, H, L, fi.n_hist,
-                                       **_meta(q, "dq"))
-        _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, fi.n_hist,
-                                           DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
+        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O)
+        _bwd_delta_kernel[_grid(q, "fwd")](dout, out, delta, *_strides(dout, out), K, H, L, DH=dh,
+                                           BM=TILES["fwd"][0])
+        # dQ is summed over the key tiles in fp32 (atomic adds), and so are each row's sum_j P dP
+        # and sum_j P (q.k + bias), for the exact d(1/tau) (see `_bwd_kernel`)
+        dq32 = torch.zeros(B * K, H, L, dh, dtype=torch.float32, device=q.device)
+        rows = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
+        _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq32,
+                                     dbias, dinv, rows, *_strides(q, dout, dk), K, H, L, fi.n_hist,
+                                     DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
+        dq.copy_(dq32.view(B, K, H, L, dh))
+        dinv += ((delta - rows[0]) * rows[1]).sum(-1)
         token_grad = torch.zeros((), device=q.device) if need_dbias else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 
@@ -193,10 +199,10 @@ def _strides(*xs: torch.Tensor) -> list[int]:
 
 
 def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
-    """(sample-block x head, tiles): query tiles for fwd and dq, key tiles for dkdv."""
+    """(sample-block x head, tiles): query tiles for fwd, key tiles for bwd."""
     B, K, H, L, _ = q.shape
     BM, BN, _, _ = TILES[kernel]
-    return B * K * H, triton.cdiv(L, BN if kernel == "dkdv" else BM)
+    return B * K * H, triton.cdiv(L, BN if kernel == "bwd" else BM)
 
 
 def _meta(q: torch.Tensor, kernel: str) -> dict:
@@ -354,12 +360,26 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqk, sqh, sql,
-                         sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
-        """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
-        diagonal, d bias = dS / tau added per tile to the other layers' (if DBIAS_GRAD), sum
-        dS (q.k + bias) into d(1/tau)."""
+    def _bwd_delta_kernel(DO, OUT, DELTA, sdb, sdk, sdh, sdl, sob, sok, soh, sol, NK, H, L, DH: tl.constexpr,
+                          BM: tl.constexpr):
+        """delta = rowsum(dO O) for BM rows of (b, h)."""
+        bh, b, h, row0, rows = _program(H, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
+        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        tl.store(DELTA + bh * L + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DQ, DBIAS, DINV, ROWS, sqb, sqk, sqh,
+                    sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
+        """One program per (BN keys, b, h), over the query tiles at or below the diagonal: dK and
+        dV, dQ added (fp32, atomic) into DQ (BK, H, L, DH), d bias = dS / tau added per tile to
+        the other layers' (if DBIAS_GRAD), sum dS (q.k + bias) into d(1/tau). dS uses delta =
+        rowsum(dO O), which is D = sum_j P dP only up to O's rounding (bf16): each row's D and
+        sum_j P (q.k + bias) are added into ROWS (2, BK, H, L) for the exact d(1/tau)
+        correction sum_i (delta_i - D_i) sum_j P (q.k + bias), made in torch."""
         bh, b, h, col0, cols = _program(H, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
@@ -375,6 +395,7 @@ if triton is not None:
         dk = tl.zeros([BN, DH], tl.float32)
         dv = tl.zeros([BN, DH], tl.float32)
         dinv = tl.zeros([BN], tl.float32)
+        n_rows = tl.num_programs(0) * L
         for start in range(lo, hi, BM):
             rows = start + tl.arange(0, BM)
             row_ok = rows < L
@@ -388,53 +409,21 @@ if triton is not None:
             raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])  # d loss / d s
+            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = pdp - p * delta[:, None]  # d loss / d s
             dinv += tl.sum(ds * raw, axis=0)
             dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
             if DBIAS_GRAD:  # this program owns these entries: a plain read-modify-write
                 db_ptrs = DBIAS + bh * L * L + rows[:, None] * L + cols[None, :]
                 db_ok = row_ok[:, None] & col_ok[None, :]
                 tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
-            dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
+            dsi = dsi.to(q.dtype)
+            dk += tl.dot(tl.trans(dsi), q, input_precision=PREC)
+            tl.atomic_add(DQ + (bh * L + rows[:, None]) * DH + dims[None, :], tl.dot(dsi, k, input_precision=PREC),
+                          mask=row_ok[:, None], sem="relaxed")
+            tl.atomic_add(ROWS + bh * L + rows, tl.sum(pdp, axis=1), mask=row_ok, sem="relaxed")
+            tl.atomic_add(ROWS + n_rows + bh * L + rows, tl.sum(p * raw, axis=1), mask=row_ok, sem="relaxed")
         go = _offset(b, h, NK, sgb, sgk, sgh)
         _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
         _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
-
-    @triton.jit
-    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, OUT, DQ, DINV, sqb, sqk, sqh, sql,
-                       sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        """One program per (BM queries, b, h), run before the dK/dV pass: delta = rowsum(dO O)
-        for its rows (stored for that pass), dQ over the forward's key tiles, and the exact
-        d(1/tau) correction: the dK/dV pass uses delta, which is D = sum_j P dP only up to O's
-        rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
-        bh, b, h, row0, rows = _program(H, BM)
-        dims = tl.arange(0, DH)
-        row_ok = rows < L
-        qo = _offset(b, h, NK, sqb, sqk, sqh)
-        q = _load_rows(Q, qo, rows, sql, dims, row_ok)
-        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
-        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        tl.store(DELTA + bh * L + rows, delta, mask=row_ok)
-        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
-        inv = tl.load(INV + bh)
-        lo = tl.minimum(tl.load(FIRST + b) // BN * BN, row0 // BN * BN)
-        dq = tl.zeros([BM, DH], tl.float32)
-        pdp_sum = tl.zeros([BM], tl.float32)
-        praw_sum = tl.zeros([BM], tl.float32)
-        for start in range(lo, tl.minimum(row0 + BM, L), BN):
-            cols = start + tl.arange(0, BN)
-            kv_ok = cols < L
-            k = _load_rows(K, qo, cols, sql, dims, kv_ok)
-            v = _load_rows(V, qo, cols, sql, dims, kv_ok)
-            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
-            p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
-            pdp_sum += tl.sum(pdp, axis=1)
-            praw_sum += tl.sum(p * raw, axis=1)
-            dq += tl.dot(((pdp - p * delta[:, None]) * inv).to(k.dtype), k, input_precision=PREC)
-        _store_rows(DQ, dq, _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
-        tl.atomic_add(DINV + bh, tl.sum(tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0), axis=0))
