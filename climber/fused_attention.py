@@ -1,5 +1,5 @@
 """Fused history attention for GPU training (PAPER.md 2.3, ATL; issue 5): one Triton kernel
-forward and two backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
+forward and one backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
 probability matrix in memory), with the SUMI history mask, the dynamic temperature and f_b;
 two more kernels build f_b densely and reduce its gradient.
 
@@ -12,8 +12,13 @@ buffer shared by the layers, in the compute dtype (every score element belongs t
 so no atomics; bf16 halves this read-modify-write against fp32), and once every layer is done
 that sum is reduced to the tables, once per step (one-hot tensor-core dots accumulating in
 fp32, all heads of a chunk at once). A scalar "token" output of the bias build, taken by every layer,
-is what makes autograd run the reduction after the last layer. The dQ pass adds the exact
-d(1/tau) correction for a bf16 output; it runs first and also computes delta = rowsum(dO O).
+is what makes autograd run the reduction after the last layer.
+
+The backward is one pass over the key tiles (each program owns BN keys and walks the query
+tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
+an fp32 buffer by atomic adds (a row's key tiles are few, so they rarely collide), which
+saves the second pass's recomputation of q.k, the bias read, exp and dO.V. The exact d(1/tau)
+for a bf16 output needs each row's sum_j P dP, summed the same way.
 
 The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
 appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
