@@ -16,9 +16,11 @@ is what makes autograd run the reduction after the last layer.
 
 The backward is one pass over the key tiles (each program owns BN keys and walks the query
 tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
-an fp32 buffer by atomic adds (a row's key tiles are few, so they rarely collide), which
-saves the second pass's recomputation of q.k, the bias read, exp and dO.V. The exact d(1/tau)
-for a bf16 output needs each row's sum_j P dP, summed the same way.
+dqkv by atomic adds in its dtype (a row sees few key tiles, so the adds rarely collide and
+round a few times at most; the pass computing delta = rowsum(dO O) zeroes dQ first). That
+saves a second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32
+buffer to zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP,
+summed the same way (fp32).
 
 The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
 appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
@@ -169,16 +171,14 @@ class _FusedAttention(torch.autograd.Function):
         dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O)
-        _bwd_delta_kernel[_grid(q, "fwd")](dout, out, delta, *_strides(dout, out), K, H, L, DH=dh,
+        _bwd_delta_kernel[_grid(q, "fwd")](dout, out, delta, dq, *_strides(dout, out, dq), K, H, L, DH=dh,
                                            BM=TILES["fwd"][0])
-        # dQ is summed over the key tiles in fp32 (atomic adds), and so are each row's sum_j P dP
-        # and sum_j P (q.k + bias), for the exact d(1/tau) (see `_bwd_kernel`)
-        dq32 = torch.zeros(B * K, H, L, dh, dtype=torch.float32, device=q.device)
+        # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
+        # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
         rows = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
-        _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq32,
+        _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq,
                                      dbias, dinv, rows, *_strides(q, dout, dk), K, H, L, fi.n_hist,
                                      DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
-        dq.copy_(dq32.view(B, K, H, L, dh))
         dinv += ((delta - rows[0]) * rows[1]).sum(-1)
         token_grad = torch.zeros((), device=q.device) if need_dbias else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
@@ -365,22 +365,23 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _bwd_delta_kernel(DO, OUT, DELTA, sdb, sdk, sdh, sdl, sob, sok, soh, sol, NK, H, L, DH: tl.constexpr,
-                          BM: tl.constexpr):
-        """delta = rowsum(dO O) for BM rows of (b, h)."""
+    def _bwd_delta_kernel(DO, OUT, DELTA, DQ, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
+                          DH: tl.constexpr, BM: tl.constexpr):
+        """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ zeroed."""
         bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
         do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
         o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
         tl.store(DELTA + bh * L + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
+        _store_rows(DQ, tl.zeros([BM, DH], tl.float32), _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
 
     @triton.jit
     def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DQ, DBIAS, DINV, ROWS, sqb, sqk, sqh,
                     sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
         """One program per (BN keys, b, h), over the query tiles at or below the diagonal: dK and
-        dV, dQ added (fp32, atomic) into DQ (BK, H, L, DH), d bias = dS / tau added per tile to
+        dV, dQ added (atomic, in dQ's dtype) into DQ, d bias = dS / tau added per tile to
         the other layers' (if DBIAS_GRAD), sum dS (q.k + bias) into d(1/tau). dS uses delta =
         rowsum(dO O), which is D = sum_j P dP only up to O's rounding (bf16): each row's D and
         sum_j P (q.k + bias) are added into ROWS (2, BK, H, L) for the exact d(1/tau)
@@ -401,6 +402,7 @@ if triton is not None:
         dv = tl.zeros([BN, DH], tl.float32)
         dinv = tl.zeros([BN], tl.float32)
         n_rows = tl.num_programs(0) * L
+        go = _offset(b, h, NK, sgb, sgk, sgh)
         for start in range(lo, hi, BM):
             rows = start + tl.arange(0, BM)
             row_ok = rows < L
@@ -424,11 +426,10 @@ if triton is not None:
                 tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
             dsi = dsi.to(q.dtype)
             dk += tl.dot(tl.trans(dsi), q, input_precision=PREC)
-            tl.atomic_add(DQ + (bh * L + rows[:, None]) * DH + dims[None, :], tl.dot(dsi, k, input_precision=PREC),
-                          mask=row_ok[:, None], sem="relaxed")
+            dq = tl.dot(dsi, k, input_precision=PREC).to(DQ.dtype.element_ty)
+            tl.atomic_add(DQ + go + rows[:, None] * sgl + dims[None, :], dq, mask=row_ok[:, None], sem="relaxed")
             tl.atomic_add(ROWS + bh * L + rows, tl.sum(pdp, axis=1), mask=row_ok, sem="relaxed")
             tl.atomic_add(ROWS + n_rows + bh * L + rows, tl.sum(p * raw, axis=1), mask=row_ok, sem="relaxed")
-        go = _offset(b, h, NK, sgb, sgk, sgh)
         _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
         _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
