@@ -57,7 +57,7 @@ except ImportError:  # CPU-only install: the fused path is GPU-only
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
 # the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
 # `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 128, 4, 3)}
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2)}
 
 
 def available(device: torch.device) -> bool:
