@@ -375,10 +375,11 @@ class Climber(TokenEmbeddings):
         """Regional torch.compile (`climber train --compile`): the code between attention calls
         (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
         layers (their weights are graph inputs), and the fused pass's inputs (`fused_front`);
-        the fused kernels and the f_b build stay outside. What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at
-        the first change (torch's automatic dynamic shapes): real batches vary in history length
-        (trimmed to the batch's longest) and candidate count, and one static graph per shape
-        would soon exceed the recompile limit and fall back to eager."""
+        the fused kernels and the f_b build stay outside. What `benchmarks/bench_train.py`
+        times. Shapes start static and turn dynamic at the first change (torch's automatic
+        dynamic shapes): real batches vary in history length (trimmed to the batch's longest)
+        and candidate count, and one static graph per shape would soon exceed the recompile
+        limit and fall back to eager."""
         self.fused_front = torch.compile(self.fused_front)
         for layer in self.layers:
             layer.step = torch.compile(layer.step)
