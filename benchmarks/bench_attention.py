@@ -42,7 +42,7 @@ from climber.attention import history_attention, history_inputs
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
          (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 2)]
-KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel", "delta": "_bwd_delta_kernel"}
 
 
 def environment(argv: list[str]) -> dict:
@@ -188,7 +188,7 @@ def main() -> None:
         result = {"name": "bench_attention_sweep", **environment(sys.argv), "results": []}
         for shape in args.shapes.split(","):
             rows = sweep(problem(*map(int, shape.split("x"))), args.reps)
-            print(f"{shape}: {'tiles':18} {'fwd ms':>8} {'dkdv ms':>8} {'dq ms':>8} {'all ms':>8}")
+            print(f"{shape}: {'tiles':18} {'fwd ms':>8} {'bwd ms':>8} {'delta ms':>8} {'all ms':>8}")
             for r in rows:
                 print(f"{'':{len(shape)}}  {str(r['tiles']):18} " + (r["error"] if "error" in r else
                       " ".join(f"{r[k]:8.3f}" for k in (*KERNELS, "all_ms"))))

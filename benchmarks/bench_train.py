@@ -84,7 +84,7 @@ def kernel_events(prof) -> list:
 def kernel_kind(name: str) -> str:
     """A device kernel's kind, by its name, for the profile's summary."""
     kinds = [("matmul (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma")),
-             ("attention kernels", ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")),
+             ("attention kernels", ("_fwd_kernel", "_bwd_delta_kernel", "_bwd_kernel")),
              ("f_b build and table reduction", ("_bias_fwd_kernel", "_bias_grad_kernel")),
              ("compiled (inductor) kernels", ("triton_",)), ("optimizer", ("adam", "multi_tensor"))]
     for kind, keys in kinds:

@@ -118,17 +118,19 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 
 
 def history_inputs(hist_mask, time, scenario, pos_table, time_table, impl: str,
-                   n_hist: int | None = None) -> HistoryInputs:
+                   n_hist: int | None = None, tb: torch.Tensor | None = None) -> HistoryInputs:
     """Bundle the attention inputs of a sequence whose first `n_hist` tokens (all by default)
     are history: f_b densely (the fused kernels' own form, or for the reference paths a
-    tensor and the mask). Tokens after n_hist sit at position n_hist."""
+    tensor and the mask). Tokens after n_hist sit at position n_hist. `tb`: the time buckets
+    of `time` if already made (`Climber.fused_front`)."""
     impl = resolve_impl(impl, time.device)
     B, K, S = hist_mask.shape
     n_hist = S if n_hist is None else n_hist
     hist = HistoryInputs(hist_mask, time, scenario, pos_table, time_table, n_hist)
     i = torch.arange(S, device=time.device).clamp(max=n_hist)
     pb = position_buckets(i[:, None] - i[None, :], pos_table.shape[-1])  # (S, S)
-    tb = time_buckets(time[..., :, None] - time[..., None, :], time_table.shape[-1])  # (B, K, S, S)
+    if tb is None:
+        tb = time_buckets(time[..., :, None] - time[..., None, :], time_table.shape[-1])  # (B, K, S, S)
     if impl == "fused":  # f_b once per step in the compute dtype, with a table-reducing backward
         H = pos_table.shape[2]
         dtype = torch.get_autocast_dtype("cuda") if time.is_cuda and torch.is_autocast_enabled("cuda") else \

@@ -1,5 +1,5 @@
 """Fused history attention for GPU training (PAPER.md 2.3, ATL; issue 5): one Triton kernel
-forward and two backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
+forward and one backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
 probability matrix in memory), with the SUMI history mask, the dynamic temperature and f_b;
 two more kernels build f_b densely and reduce its gradient.
 
@@ -12,8 +12,15 @@ buffer shared by the layers, in the compute dtype (every score element belongs t
 so no atomics; bf16 halves this read-modify-write against fp32), and once every layer is done
 that sum is reduced to the tables, once per step (one-hot tensor-core dots accumulating in
 fp32, all heads of a chunk at once). A scalar "token" output of the bias build, taken by every layer,
-is what makes autograd run the reduction after the last layer. The dQ pass adds the exact
-d(1/tau) correction for a bf16 output; it runs first and also computes delta = rowsum(dO O).
+is what makes autograd run the reduction after the last layer.
+
+The backward is one pass over the key tiles (each program owns BN keys and walks the query
+tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
+dqkv by atomic adds in its dtype (a row sees few key tiles, so the adds rarely collide and
+round a few times at most; the pass computing delta = rowsum(dO O) zeroes dQ first). That
+saves a second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32
+buffer to zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP,
+summed the same way (fp32).
 
 The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
 appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
@@ -50,7 +57,7 @@ except ImportError:  # CPU-only install: the fused path is GPU-only
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
 # the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
 # `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "dkdv": (32, 128, 4, 3), "dq": (64, 64, 4, 3)}
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2)}
 
 
 def available(device: torch.device) -> bool:
@@ -163,12 +170,16 @@ class _FusedAttention(torch.autograd.Function):
             fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=fi.bias.dtype, device=q.device)
         dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O), by the dQ pass
-        args = (q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta)
-        _bwd_dq_kernel[_grid(q, "dq")](*args, out, dq, dinv, *_strides(q, dout, out, dq), K, H, L, fi.n_hist,
-                                       **_meta(q, "dq"))
-        _bwd_dkdv_kernel[_grid(q, "dkdv")](*args, dk, dv, dbias, dinv, *_strides(q, dout, dk), K, H, L, fi.n_hist,
-                                           DBIAS_GRAD=need_dbias, **_meta(q, "dkdv"))
+        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O)
+        _bwd_delta_kernel[_grid(q, "fwd")](dout, out, delta, dq, *_strides(dout, out, dq), K, H, L, DH=dh,
+                                           BM=TILES["fwd"][0])
+        # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
+        # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
+        rows = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
+        _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq,
+                                     dbias, dinv, rows, *_strides(q, dout, dk), K, H, L, fi.n_hist,
+                                     DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
+        dinv += ((delta - rows[0]) * rows[1]).sum(-1)
         token_grad = torch.zeros((), device=q.device) if need_dbias else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 
@@ -193,10 +204,10 @@ def _strides(*xs: torch.Tensor) -> list[int]:
 
 
 def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
-    """(sample-block x head, tiles): query tiles for fwd and dq, key tiles for dkdv."""
+    """(sample-block x head, tiles): query tiles for fwd, key tiles for bwd."""
     B, K, H, L, _ = q.shape
     BM, BN, _, _ = TILES[kernel]
-    return B * K * H, triton.cdiv(L, BN if kernel == "dkdv" else BM)
+    return B * K * H, triton.cdiv(L, BN if kernel == "bwd" else BM)
 
 
 def _meta(q: torch.Tensor, kernel: str) -> dict:
@@ -253,9 +264,10 @@ if triton is not None:
     def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, NH, PREC: tl.constexpr):
         """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask (keys from
         NH on, the candidates, are seen by their own row only)."""
-        col_ok = cols < L
+        col_ok = (cols >= 0) & (cols < L)  # the forward's tiles start before 0 (see `_fwd_kernel`)
+        row_ok = (rows >= 0) & (rows < L)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        raw = qk + tl.load(bias_ptrs, mask=(rows[:, None] < L) & col_ok[None, :], other=0.0).to(tl.float32)
+        raw = qk + tl.load(bias_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
         key_ok = tl.load(valid_ptr + cols, mask=col_ok, other=0) != 0
         diag = rows[:, None] == cols[None, :]
         seen = key_ok & (cols < NH)
@@ -322,21 +334,27 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
                     NH, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM query rows, sample-block b, head h): online softmax over the
-        causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
+        causal key tiles from the first tile holding a valid key (or the diagonal tile). Tiles
+        (of rows and of keys) start at -shift, so that the partial tile (L not a multiple of BM)
+        is the first, which sees one key tile, not the last, which sees them all (at L = 208,
+        BM = 64: 8 tile steps per (b, h) rather than 10)."""
         bh, b, h, row0, rows = _program(H, BM)
+        shift = (BM - L % BM) % BM
+        row0 -= shift
+        rows -= shift
         dims = tl.arange(0, DH)
-        row_ok = rows < L
+        row_ok = (rows >= 0) & (rows < L)
         qo = _offset(b, h, NK, sqb, sqk, sqh)  # q, k and v share strides (views of one qkv)
         q = _load_rows(Q, qo, rows, sql, dims, row_ok)
         inv = tl.load(INV + bh)
         first = tl.load(FIRST + b)
-        lo = tl.minimum(first // BN * BN, row0 // BN * BN)
+        lo = tl.minimum((first + shift) // BN * BN, (row0 + shift) // BN * BN) - shift
         m = tl.full([BM], float("-inf"), tl.float32)
         s_sum = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DH], tl.float32)
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
-            kv_ok = cols < L
+            kv_ok = (cols >= 0) & (cols < L)
             k = _load_rows(K, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
@@ -354,12 +372,27 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DBIAS, DINV, sqb, sqk, sqh, sql,
-                         sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
-        """One program per (BN keys, b, h): dK, dV over the query tiles at or below the
-        diagonal, d bias = dS / tau added per tile to the other layers' (if DBIAS_GRAD), sum
-        dS (q.k + bias) into d(1/tau)."""
+    def _bwd_delta_kernel(DO, OUT, DELTA, DQ, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
+                          DH: tl.constexpr, BM: tl.constexpr):
+        """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ zeroed."""
+        bh, b, h, row0, rows = _program(H, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
+        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        tl.store(DELTA + bh * L + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
+        _store_rows(DQ, tl.zeros([BM, DH], tl.float32), _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DQ, DBIAS, DINV, ROWS, sqb, sqk, sqh,
+                    sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
+        """One program per (BN keys, b, h), over the query tiles at or below the diagonal: dK and
+        dV, dQ added (atomic, in dQ's dtype) into DQ, d bias = dS / tau added per tile to
+        the other layers' (if DBIAS_GRAD), sum dS (q.k + bias) into d(1/tau). dS uses delta =
+        rowsum(dO O), which is D = sum_j P dP only up to O's rounding (bf16): each row's D and
+        sum_j P (q.k + bias) are added into ROWS (2, BK, H, L) for the exact d(1/tau)
+        correction sum_i (delta_i - D_i) sum_j P (q.k + bias), made in torch."""
         bh, b, h, col0, cols = _program(H, BN)
         dims = tl.arange(0, DH)
         col_ok = cols < L
@@ -375,6 +408,8 @@ if triton is not None:
         dk = tl.zeros([BN, DH], tl.float32)
         dv = tl.zeros([BN, DH], tl.float32)
         dinv = tl.zeros([BN], tl.float32)
+        n_rows = tl.num_programs(0) * L
+        go = _offset(b, h, NK, sgb, sgk, sgh)
         for start in range(lo, hi, BM):
             rows = start + tl.arange(0, BM)
             row_ok = rows < L
@@ -388,53 +423,20 @@ if triton is not None:
             raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
             p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])  # d loss / d s
+            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = pdp - p * delta[:, None]  # d loss / d s
             dinv += tl.sum(ds * raw, axis=0)
             dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
             if DBIAS_GRAD:  # this program owns these entries: a plain read-modify-write
                 db_ptrs = DBIAS + bh * L * L + rows[:, None] * L + cols[None, :]
                 db_ok = row_ok[:, None] & col_ok[None, :]
                 tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
-            dk += tl.dot(tl.trans(dsi.to(q.dtype)), q, input_precision=PREC)
-        go = _offset(b, h, NK, sgb, sgk, sgh)
+            dsi = dsi.to(q.dtype)
+            dk += tl.dot(tl.trans(dsi), q, input_precision=PREC)
+            dq = tl.dot(dsi, k, input_precision=PREC).to(DQ.dtype.element_ty)
+            tl.atomic_add(DQ + go + rows[:, None] * sgl + dims[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+            tl.atomic_add(ROWS + bh * L + rows, tl.sum(pdp, axis=1), mask=row_ok, sem="relaxed")
+            tl.atomic_add(ROWS + n_rows + bh * L + rows, tl.sum(p * raw, axis=1), mask=row_ok, sem="relaxed")
         _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
         _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
-
-    @triton.jit
-    def _bwd_dq_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, OUT, DQ, DINV, sqb, sqk, sqh, sql,
-                       sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-        """One program per (BM queries, b, h), run before the dK/dV pass: delta = rowsum(dO O)
-        for its rows (stored for that pass), dQ over the forward's key tiles, and the exact
-        d(1/tau) correction: the dK/dV pass uses delta, which is D = sum_j P dP only up to O's
-        rounding (bf16); adds sum_i (delta_i - D_i) sum_j P (q.k + bias)."""
-        bh, b, h, row0, rows = _program(H, BM)
-        dims = tl.arange(0, DH)
-        row_ok = rows < L
-        qo = _offset(b, h, NK, sqb, sqk, sqh)
-        q = _load_rows(Q, qo, rows, sql, dims, row_ok)
-        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
-        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        tl.store(DELTA + bh * L + rows, delta, mask=row_ok)
-        lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
-        inv = tl.load(INV + bh)
-        lo = tl.minimum(tl.load(FIRST + b) // BN * BN, row0 // BN * BN)
-        dq = tl.zeros([BM, DH], tl.float32)
-        pdp_sum = tl.zeros([BM], tl.float32)
-        praw_sum = tl.zeros([BM], tl.float32)
-        for start in range(lo, tl.minimum(row0 + BM, L), BN):
-            cols = start + tl.arange(0, BN)
-            kv_ok = cols < L
-            k = _load_rows(K, qo, cols, sql, dims, kv_ok)
-            v = _load_rows(V, qo, cols, sql, dims, kv_ok)
-            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
-            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
-            p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
-            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
-            pdp_sum += tl.sum(pdp, axis=1)
-            praw_sum += tl.sum(p * raw, axis=1)
-            dq += tl.dot(((pdp - p * delta[:, None]) * inv).to(k.dtype), k, input_precision=PREC)
-        _store_rows(DQ, dq, _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
-        tl.atomic_add(DINV + bh, tl.sum(tl.where(row_ok, (delta - pdp_sum) * praw_sum, 0.0), axis=0))

@@ -330,18 +330,29 @@ class Climber(TokenEmbeddings):
             y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
         return self.head(self.with_user(y, user))
 
+    def fused_front(self, b: dict):
+        """`forward_fused`'s inputs, one compiled region under `compile_layers` (eager, the
+        embedding sums, the joint sequence's copy and cast and the (B, K, S, S) time-gap
+        buckets are some 20 memory-bound kernels, and the embedding tables' backward a sort):
+        the joint sequence x (K, B, L + M, d) in the compute dtype, BlockLinear's layout with the
+        candidates at position L; candidate embeddings c0 (B, M, d); per token its time and key
+        validity (B, K, L + M); time buckets (B, K, L + M, L + M) int16."""
+        h, c0, t, valid = self._joint_tokens(b)
+        K = h.shape[1]
+        x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
+        if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        tb = time_buckets(t[..., :, None] - t[..., None, :], self.time_bias.shape[-1]).to(torch.int16)
+        return x, c0, t, valid, tb
+
     def forward_fused(self, b: dict) -> torch.Tensor:
         """Training's fast path (attention="fused" on a GPU): the joint sequence [history;
         candidates] through the fused kernels, whose mask is the SUMI one (causal history;
         a candidate sees the history and itself), so each layer is one pass of batched
         matmuls over L + M tokens; the same computation as `score(prefill(b))`."""
-        h, c0, t, valid = self._joint_tokens(b)
-        _, K, L, _ = h.shape
-        # (K, B, L + M, d), BlockLinear's layout; candidates sit at position L
-        x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
-        if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L)
+        x, c0, t, valid, tb = self.fused_front(b)
+        L = b["hist_item"].shape[-1]
+        seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L, tb=tb)
         layers = list(self.layers)
         qkv = layers[0].qkv_blocks_first(x)
         shape = x.shape
@@ -363,11 +374,13 @@ class Climber(TokenEmbeddings):
     def compile_layers(self) -> None:
         """Regional torch.compile (`climber train --compile`): the code between attention calls
         (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
-        layers (their weights are graph inputs); the fused kernels and the f_b build stay
-        outside. What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at
-        the first change (torch's automatic dynamic shapes): real batches vary in history length
-        (trimmed to the batch's longest) and candidate count, and one static graph per shape
-        would soon exceed the recompile limit and fall back to eager."""
+        layers (their weights are graph inputs), and the fused pass's inputs (`fused_front`);
+        the fused kernels and the f_b build stay outside. What `benchmarks/bench_train.py`
+        times. Shapes start static and turn dynamic at the first change (torch's automatic
+        dynamic shapes): real batches vary in history length (trimmed to the batch's longest)
+        and candidate count, and one static graph per shape would soon exceed the recompile
+        limit and fall back to eager."""
+        self.fused_front = torch.compile(self.fused_front)
         for layer in self.layers:
             layer.step = torch.compile(layer.step)
             layer.history = torch.compile(layer.history)

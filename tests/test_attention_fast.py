@@ -98,7 +98,7 @@ def test_fused_any_tile_shape_matches_reference_in_interpreter(tiles, monkeypatc
     """Query tiles narrower or wider than key tiles (what the tile sweep picks from), with
     candidates from n_hist = 40 on: whole key tiles of candidates and padding are visited on
     their diagonal rows only, however many query tiles those rows span."""
-    monkeypatch.setattr(fused_attention, "TILES", {k: tiles for k in ("fwd", "dkdv", "dq")})
+    monkeypatch.setattr(fused_attention, "TILES", {k: tiles for k in ("fwd", "bwd")})
     x = attention_inputs(*INTERPRETER_SHAPES[1])
     fast, ref = outputs_and_grads("fused", x, True, n_hist=40), outputs_and_grads("split", x, n_hist=40)
     for name in ref:
@@ -165,7 +165,12 @@ def check_model_gradients(device: str, compiled: bool = False) -> None:
     for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
         if p.grad is not None:
             assert q.grad is not None, name
-            assert relative_error(q.grad, p.grad) < 1e-4, name
+            # d log_tau = sum_ij dS_ij (q.k + bias)_ij / tau: each row's dS sums to zero, so its
+            # terms cancel and the rounding of the (differently fused) compiled states shows
+            # up ~100x magnified (1.3e-4 measured on the H200); an error in the temperature's
+            # gradient would be O(1)
+            tol = 1e-3 if compiled and name == "log_tau" else 1e-4
+            assert relative_error(q.grad, p.grad) < tol, name
 
 
 @interpreted
