@@ -264,10 +264,9 @@ if triton is not None:
     def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, NH, PREC: tl.constexpr):
         """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask (keys from
         NH on, the candidates, are seen by their own row only)."""
-        col_ok = (cols >= 0) & (cols < L)  # the forward's tiles start before 0 (see `_fwd_kernel`)
-        row_ok = (rows >= 0) & (rows < L)
+        col_ok = cols < L
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        raw = qk + tl.load(bias_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        raw = qk + tl.load(bias_ptrs, mask=(rows[:, None] < L) & col_ok[None, :], other=0.0).to(tl.float32)
         key_ok = tl.load(valid_ptr + cols, mask=col_ok, other=0) != 0
         diag = rows[:, None] == cols[None, :]
         seen = key_ok & (cols < NH)
@@ -334,27 +333,21 @@ if triton is not None:
     def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
                     NH, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
         """One program per (BM query rows, sample-block b, head h): online softmax over the
-        causal key tiles from the first tile holding a valid key (or the diagonal tile). Tiles
-        (of rows and of keys) start at -shift, so that the partial tile (L not a multiple of BM)
-        is the first, which sees one key tile, not the last, which sees them all (at L = 208,
-        BM = 64: 8 tile steps per (b, h) rather than 10)."""
+        causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
         bh, b, h, row0, rows = _program(H, BM)
-        shift = (BM - L % BM) % BM
-        row0 -= shift
-        rows -= shift
         dims = tl.arange(0, DH)
-        row_ok = (rows >= 0) & (rows < L)
+        row_ok = rows < L
         qo = _offset(b, h, NK, sqb, sqk, sqh)  # q, k and v share strides (views of one qkv)
         q = _load_rows(Q, qo, rows, sql, dims, row_ok)
         inv = tl.load(INV + bh)
         first = tl.load(FIRST + b)
-        lo = tl.minimum((first + shift) // BN * BN, (row0 + shift) // BN * BN) - shift
+        lo = tl.minimum(first // BN * BN, row0 // BN * BN)
         m = tl.full([BM], float("-inf"), tl.float32)
         s_sum = tl.zeros([BM], tl.float32)
         acc = tl.zeros([BM, DH], tl.float32)
         for start in range(lo, tl.minimum(row0 + BM, L), BN):
             cols = start + tl.arange(0, BN)
-            kv_ok = (cols >= 0) & (cols < L)
+            kv_ok = cols < L
             k = _load_rows(K, qo, cols, sql, dims, kv_ok)
             bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
             _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
