@@ -16,8 +16,8 @@ is what makes autograd run the reduction after the last layer.
 
 The backward is one pass over the key tiles (each program owns BN keys and walks the query
 tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
-dqkv by atomic adds in its dtype (a row sees few key tiles, so the adds rarely collide and
-round a few times at most; the pass computing delta = rowsum(dO O) zeroes dQ first). That
+dqkv by atomic adds in its dtype (a bf16 dQ is rounded once per key tile that sees its row,
+4 at L = 208, not once; the pass computing delta = rowsum(dO O) zeroes dQ first). That
 saves a second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32
 buffer to zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP,
 summed the same way (fp32).
