@@ -42,7 +42,7 @@ from climber.attention import history_attention, history_inputs
 VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
 SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
          (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 2)]
-KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel", "delta": "_bwd_delta_kernel"}
+KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel", "delta": "_bwd_delta_kernel"}  # delta: on fwd's row tiles
 
 
 def environment(argv: list[str]) -> dict:
@@ -154,7 +154,7 @@ def sweep(x: dict, reps: int) -> list[dict]:
     default = dict(fused_attention.TILES)
     rows = []
     for tiles in SWEEP:
-        fused_attention.TILES.update({k: tiles for k in KERNELS})
+        fused_attention.TILES.update({k: tiles for k in default})
         try:
             fwd, leaves = make_case("fused-kernel", x)
             grad = torch.randn_like(fwd())

@@ -175,11 +175,11 @@ class _FusedAttention(torch.autograd.Function):
                                            BM=TILES["fwd"][0])
         # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
         # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
-        rows = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
+        row_sums = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
         _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq,
-                                     dbias, dinv, rows, *_strides(q, dout, dk), K, H, L, fi.n_hist,
+                                     dbias, dinv, row_sums, *_strides(q, dout, dk), K, H, L, fi.n_hist,
                                      DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
-        dinv += ((delta - rows[0]) * rows[1]).sum(-1)
+        dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
         token_grad = torch.zeros((), device=q.device) if need_dbias else None
         return dqkv, dinv.to(inv_tau.dtype), token_grad, None
 

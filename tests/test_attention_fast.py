@@ -84,7 +84,7 @@ def test_fused_outputs_and_grads_match_reference_in_interpreter(shape, blocks_ou
 @pytest.mark.parametrize(("shape", "n_hist"), [(INTERPRETER_SHAPES[0], 30), (INTERPRETER_SHAPES[1], 64)])
 def test_fused_candidate_rows_match_reference_in_interpreter(shape, n_hist):
     """Candidates appended after n_hist history tokens (training's joint pass): each sees the
-    valid history and itself. At n_hist = 64 whole key tiles are candidates, which the dK/dV
+    valid history and itself. At n_hist = 64 whole key tiles are candidates, which the backward
     pass visits on their diagonal tile only."""
     x = attention_inputs(*shape)
     fast, ref = outputs_and_grads("fused", x, True, n_hist), outputs_and_grads("split", x, n_hist=n_hist)
