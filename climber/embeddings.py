@@ -11,9 +11,40 @@ comparison isolate the architecture.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from climber.config import ModelConfig
+
+SMALL_TABLE = 256  # `lookup`: tables of at most this many rows get their gradient by a matmul
+
+
+def lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.embedding(ids, weight)`, whose gradient, for a small table, is one matmul.
+
+    A lookup's backward adds each token's gradient into its row. With a few rows (actions,
+    behaviour flags, scenarios, small side features) every token's adds go to the same rows
+    and serialise on atomics (about 1.9 ms a step at the paper config on an H200, where
+    inductor compiles them as atomic adds; docs/design.md); one-hot(ids)^T @ grad, a (rows,
+    tokens) by (tokens, d) GEMM, does the same sums at once, deterministically."""
+    if len(weight) > SMALL_TABLE:
+        return F.embedding(ids, weight)
+    return _SmallLookup.apply(ids, weight)
+
+
+class _SmallLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.rows, ctx.dtype = len(weight), weight.dtype
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        rows = ctx.rows + -ctx.rows % 16  # whole 16-row tiles for the tensor cores
+        hot = (ids.reshape(-1, 1) == torch.arange(rows, device=ids.device)).to(grad.dtype)  # (tokens, rows)
+        return None, (hot.T @ grad.reshape(-1, grad.shape[-1]))[: ctx.rows].to(ctx.dtype)
 
 
 class TokenEmbeddings(nn.Module):
@@ -37,15 +68,18 @@ class TokenEmbeddings(nn.Module):
         e = self.item_emb(item)
         feats = self.item_features[item]
         for f, emb in enumerate(self.item_feat_emb):
-            e = e + emb(feats[..., f])
+            e = e + lookup(feats[..., f], emb.weight)
         return e
 
     def embed_history(self, b: dict) -> torch.Tensor:
-        """History tokens (B, [K,] L, d) from hist_* of shape (B, [K,] L)."""
+        """History tokens (B, [K,] L, d) from hist_* of shape (B, [K,] L): the item plus its
+        action, one flag per task and its scenario, three small tables looked up as one."""
         T = len(self.cfg.tasks)
+        na, nf = self.cfg.n_actions, 2 * T
         flags = b["hist_labels"] + 2 * torch.arange(T, device=b["hist_labels"].device)
-        return (self.embed_items(b["hist_item"]) + self.action_emb(b["hist_action"])
-                + self.flag_emb(flags).sum(-2) + self.scenario_emb(b["hist_scenario"]))
+        rows = torch.cat([b["hist_action"][..., None], flags + na, b["hist_scenario"][..., None] + na + nf], -1)
+        events = torch.cat([self.action_emb.weight, self.flag_emb.weight, self.scenario_emb.weight])
+        return self.embed_items(b["hist_item"]) + lookup(rows, events).sum(-2)
 
     def embed_candidates(self, item: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         """Candidate tokens (B, M, d) for items (B, M) of requests in `scenario` (B,)."""

@@ -6,10 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from climber.attention import history_mask, joint_mask, log_bucket
-from climber.model import Climber
+from climber.embeddings import SMALL_TABLE, lookup
+from climber.model import Climber, gelu
 from tests.helpers import perturb, random_batch, tiny_config
 
 IMPLS = ("joint", "split", "sdpa")
@@ -168,3 +170,45 @@ def test_param_counts_split_embedding_and_dense():
     pc = model.param_counts()
     assert pc["embedding"] + pc["dense"] == sum(p.numel() for p in model.parameters())
     assert pc["embedding"] >= model.item_emb.weight.numel()
+
+
+@pytest.mark.parametrize("rows", (3, 11, 16, SMALL_TABLE + 1))
+@pytest.mark.parametrize("compiled", (False, True))
+def test_small_table_lookup_gradient_equals_embedding_gradient(rows, compiled):
+    """`lookup` (one-hot matmul gradient for small tables, plain lookup above SMALL_TABLE rows):
+    the same values and the same table gradient as F.embedding, repeated ids included, in the
+    table's dtype when the backward runs under autocast; an out-of-range id is an IndexError."""
+    torch.manual_seed(0)
+    w = torch.randn(rows, 8, requires_grad=True)
+    ids = torch.randint(0, rows, (5, 7, 3))
+    ids[0, 0] = 1  # a repeated id
+    g = torch.randn(5, 7, 3, 8)
+    fn = torch.compile(lookup) if compiled else lookup
+    out = fn(ids, w)
+    out.backward(g)
+    ours, w.grad = w.grad, None
+    ref = F.embedding(ids, w)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(ours, w.grad, rtol=1e-6, atol=1e-5)
+    ref_grad, w.grad = w.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward run under autocast: a bf16 matmul
+        lookup(ids, w).backward(g)
+    assert w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, ref_grad, rtol=2e-2, atol=5e-2)
+    with pytest.raises(IndexError):
+        lookup(torch.tensor([rows]), w)
+
+
+def test_compiled_gelu_is_the_tanh_form():
+    """`gelu` compiled (x sigmoid(2 u)) and eager (F.gelu, tanh form) are one function: values
+    and gradients agree to fp32 rounding, and both stay within 5e-4 of exact (erf) GELU."""
+    x = torch.linspace(-8, 8, 4001, requires_grad=True)
+    g = torch.randn(4001)
+    fast = torch.compile(gelu)(x)
+    (dfast,) = torch.autograd.grad(fast, x, g)
+    eager = gelu(x)
+    (deager,) = torch.autograd.grad(eager, x, g)
+    torch.testing.assert_close(fast, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dfast, deager, rtol=1e-5, atol=1e-5)
+    assert (eager - F.gelu(x)).abs().max() < 5e-4
