@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from climber import fused_attention as fused
 from climber.attention import (
     candidate_attention,
     history_attention,
@@ -352,31 +353,41 @@ class Climber(TokenEmbeddings):
         buckets are some 20 memory-bound kernels, and the embedding tables' backward a sort):
         the joint sequence x (K, B, L + M, d) in the compute dtype, BlockLinear's layout with the
         candidates at position L; candidate embeddings c0 (B, M, d); per token its time and key
-        validity (B, K, L + M); time buckets (B, K, L + M, L + M) int16."""
+        validity (B, K, L + M); time buckets (B, K, L + M, L + M) int16; every layer's 1 / tau
+        (N_L, B * K, H) fp32 (one small kernel and its backward, not a few per layer)."""
         h, c0, t, valid = self._joint_tokens(b)
         K = h.shape[1]
         x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
         if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         tb = time_buckets(t[..., :, None] - t[..., None, :], self.time_bias.shape[-1]).to(torch.int16)
-        return x, c0, t, valid, tb
+        B, K = valid.shape[:2]
+        inv_tau = self._tau(b["req_scenario"]).reciprocal().reshape(len(self.layers), B * K, -1).float()
+        return x, c0, t, valid, tb, inv_tau
+
+    def fused_readout(self, x: torch.Tensor, L: int, c0: torch.Tensor, scenario: torch.Tensor,
+                      user: torch.Tensor) -> torch.Tensor:
+        """`forward_fused`'s end, one compiled region under `compile_layers` (eager, the output
+        norm, BGF, head and their backward are some 200 small kernels, whose launches left the
+        GPU idle): last states x (K, B, L + M, d) -> logits (B, M, T)."""
+        e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
+        return self._fuse_and_head(e, c0, scenario, user)
 
     def forward_fused(self, b: dict) -> torch.Tensor:
         """Training's fast path (attention="fused" on a GPU): the joint sequence [history;
         candidates] through the fused kernels, whose mask is the SUMI one (causal history;
         a candidate sees the history and itself), so each layer is one pass of batched
         matmuls over L + M tokens; the same computation as `score(prefill(b))`."""
-        x, c0, t, valid, tb = self.fused_front(b)
+        x, c0, t, valid, tb, inv_tau = self.fused_front(b)
         L = b["hist_item"].shape[-1]
         seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L, tb=tb)
         layers = list(self.layers)
         qkv = layers[0].qkv_blocks_first(x)
         shape = x.shape
         x = x.flatten(1, 2)  # (K, B * (L + M), d), as `step` takes the states
-        for layer, nxt, tau_l in zip(layers, layers[1:] + [None], self._tau(b["req_scenario"])):
-            x, qkv = layer.step(x, history_attention(qkv, seq, tau_l, "fused"), nxt)
-        e = self.norm_out(x.view(shape)[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
-        return self._fuse_and_head(e, c0, b["req_scenario"], b["user"])
+        for layer, nxt, inv in zip(layers, layers[1:] + [None], inv_tau.unbind(0)):
+            x, qkv = layer.step(x, fused.fused_attention(qkv, inv, seq.fused), nxt)
+        return self.fused_readout(x.view(shape), L, c0, b["req_scenario"], b["user"])
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
@@ -390,13 +401,14 @@ class Climber(TokenEmbeddings):
     def compile_layers(self) -> None:
         """Regional torch.compile (`climber train --compile`): the code between attention calls
         (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
-        layers (their weights are graph inputs), and the fused pass's inputs (`fused_front`);
-        the fused kernels and the f_b build stay outside. What `benchmarks/bench_train.py`
-        times. Shapes start static and turn dynamic at the first change (torch's automatic
-        dynamic shapes): real batches vary in history length (trimmed to the batch's longest)
-        and candidate count, and one static graph per shape would soon exceed the recompile
-        limit and fall back to eager."""
+        layers (their weights are graph inputs), and the fused pass's inputs and readout
+        (`fused_front`, `fused_readout`); the fused kernels and the f_b build stay outside.
+        What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at the
+        first change (torch's automatic dynamic shapes): real batches vary in history length
+        (trimmed to the batch's longest) and candidate count, and one static graph per shape
+        would soon exceed the recompile limit and fall back to eager."""
         self.fused_front = torch.compile(self.fused_front)
+        self.fused_readout = torch.compile(self.fused_readout)
         for layer in self.layers:
             layer.step = torch.compile(layer.step)
             layer.history = torch.compile(layer.history)

@@ -166,10 +166,10 @@ def check_model_gradients(device: str, compiled: bool = False) -> None:
         if p.grad is not None:
             assert q.grad is not None, name
             # d log_tau = sum_ij dS_ij (q.k + bias)_ij / tau: each row's dS sums to zero, so its
-            # terms cancel and the rounding of the (differently fused) compiled states shows
-            # up ~100x magnified (1.3e-4 measured on the H200); an error in the temperature's
-            # gradient would be O(1)
-            tol = 1e-3 if compiled and name == "log_tau" else 1e-4
+            # terms cancel and the rounding of the two paths' states shows up ~100x magnified
+            # (1.3e-4 measured compiled on the H200, 1.1e-4 in the interpreter); an error in the
+            # temperature's gradient would be O(1)
+            tol = 1e-3 if name == "log_tau" else 1e-4
             assert relative_error(q.grad, p.grad) < tol, name
 
 
