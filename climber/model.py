@@ -365,14 +365,6 @@ class Climber(TokenEmbeddings):
         inv_tau = self._tau(b["req_scenario"]).reciprocal().reshape(len(self.layers), B * K, -1).float()
         return x, c0, t, valid, tb, inv_tau
 
-    def fused_readout(self, x: torch.Tensor, L: int, c0: torch.Tensor, scenario: torch.Tensor,
-                      user: torch.Tensor) -> torch.Tensor:
-        """`forward_fused`'s end, one compiled region under `compile_layers` (eager, the output
-        norm, BGF, head and their backward are some 200 small kernels, whose launches left the
-        GPU idle): last states x (K, B, L + M, d) -> logits (B, M, T)."""
-        e = self.norm_out(x[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
-        return self._fuse_and_head(e, c0, scenario, user)
-
     def forward_fused(self, b: dict) -> torch.Tensor:
         """Training's fast path (attention="fused" on a GPU): the joint sequence [history;
         candidates] through the fused kernels, whose mask is the SUMI one (causal history;
@@ -387,7 +379,8 @@ class Climber(TokenEmbeddings):
         x = x.flatten(1, 2)  # (K, B * (L + M), d), as `step` takes the states
         for layer, nxt, inv in zip(layers, layers[1:] + [None], inv_tau.unbind(0)):
             x, qkv = layer.step(x, fused.fused_attention(qkv, inv, seq.fused), nxt)
-        return self.fused_readout(x.view(shape), L, c0, b["req_scenario"], b["user"])
+        e = self.norm_out(x.view(shape)[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
+        return self._fuse_and_head(e.contiguous(), c0, b["req_scenario"], b["user"])
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
@@ -401,14 +394,16 @@ class Climber(TokenEmbeddings):
     def compile_layers(self) -> None:
         """Regional torch.compile (`climber train --compile`): the code between attention calls
         (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
-        layers (their weights are graph inputs), and the fused pass's inputs and readout
-        (`fused_front`, `fused_readout`); the fused kernels and the f_b build stay outside.
+        layers (their weights are graph inputs), the fused pass's inputs (`fused_front`) and
+        the readout, BGF and head (`_fuse_and_head`: eager, some 200 small kernels forward and
+        backward, whose launches left the GPU idle); the fused kernels and the f_b build stay
+        outside.
         What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at the
         first change (torch's automatic dynamic shapes): real batches vary in history length
         (trimmed to the batch's longest) and candidate count, and one static graph per shape
         would soon exceed the recompile limit and fall back to eager."""
         self.fused_front = torch.compile(self.fused_front)
-        self.fused_readout = torch.compile(self.fused_readout)
+        self._fuse_and_head = torch.compile(self._fuse_and_head)
         for layer in self.layers:
             layer.step = torch.compile(layer.step)
             layer.history = torch.compile(layer.history)
