@@ -361,8 +361,7 @@ class Climber(TokenEmbeddings):
         if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         tb = time_buckets(t[..., :, None] - t[..., None, :], self.time_bias.shape[-1]).to(torch.int16)
-        B, K = valid.shape[:2]
-        inv_tau = self._tau(b["req_scenario"]).reciprocal().reshape(len(self.layers), B * K, -1).float()
+        inv_tau = self._tau(b["req_scenario"]).reciprocal().reshape(len(self.layers), -1, self.cfg.n_heads).float()
         return x, c0, t, valid, tb, inv_tau
 
     def forward_fused(self, b: dict) -> torch.Tensor:
@@ -394,14 +393,13 @@ class Climber(TokenEmbeddings):
     def compile_layers(self) -> None:
         """Regional torch.compile (`climber train --compile`): the code between attention calls
         (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
-        layers (their weights are graph inputs), the fused pass's inputs (`fused_front`) and
-        the readout, BGF and head (`_fuse_and_head`: eager, some 200 small kernels forward and
+        layers (their weights are graph inputs), the fused pass's inputs (`fused_front`), and
+        the fusion and head (`_fuse_and_head`; eager, some 200 small kernels forward and
         backward, whose launches left the GPU idle); the fused kernels and the f_b build stay
-        outside.
-        What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic at the
-        first change (torch's automatic dynamic shapes): real batches vary in history length
-        (trimmed to the batch's longest) and candidate count, and one static graph per shape
-        would soon exceed the recompile limit and fall back to eager."""
+        outside. What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic
+        at the first change (torch's automatic dynamic shapes): real batches vary in history
+        length (trimmed to the batch's longest) and candidate count, and one static graph per
+        shape would soon exceed the recompile limit and fall back to eager."""
         self.fused_front = torch.compile(self.fused_front)
         self._fuse_and_head = torch.compile(self._fuse_and_head)
         for layer in self.layers:
