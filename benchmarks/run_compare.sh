@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Table 2 (PAPER.md section 4) on the five public data sets, on one GPU: Climber, its two
+# Table 2 (docs/paper.md section 4) on the five public data sets, on one GPU: Climber, its two
 # ablations (MSE only; without BGF) and the DLRM, DIN, TWIN, Transformer and HSTU baselines,
 # 3 seeds each, through `climber compare` (climber/compare.py).
 #
-#   benchmarks/run_compare.sh DATA_ROOT OUT
+#   benchmarks/run_compare.sh DATA_ROOT [OUT]     (default OUT: benchmarks/results/table2)
 #
 # DATA_ROOT holds the prepared data dirs ml-100k kuairand lastfm beauty grocery (`climber
-# prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json}.
+# prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json} and the
+# training logs to OUT/<dataset>/log_<model>.txt. The committed records are benchmarks/results/table2/
+# (this script's defaults) and benchmarks/results/table2/embedding-lr-10x/ (EXTRA="--embedding-lr-mult 10",
+# see that folder's README).
 #
 # Budget, the same for every model of a data set (preset small: 4 blocks x 50 events, d 64,
 # 2 heads, 2 layers; lr 1e-3, warm-up 50 steps then cosine, validation once per epoch, early
@@ -29,7 +32,8 @@
 # Time, estimated from H200 measurements (one process alone: Climber 26-37 steps/s, its
 # ablations 35-39, the baselines 44-75; 8 processes at once at batch 1024: the Climber
 # variants ~10 steps/s each, the baselines 40-80): about 7 minutes (6-8), the Climber
-# variants being most of it, per learning rate; not yet timed end to end. A last `climber
+# variants being most of it, per learning rate. Measured: 1,266 s for all 240 runs with JOBS=6
+# on one H200. A last `climber
 # compare` per data set, with all models, finds every run finished and only writes the table;
 # it is the command recorded in compare.md (run alone, it would train the same runs one after
 # another). Rerunning this script skips finished runs and resumes interrupted ones.
@@ -41,9 +45,10 @@
 # script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2 --device cpu".
 set -euo pipefail
 
-ROOT=$(realpath "${1:?usage: $0 DATA_ROOT OUT}")
-mkdir -p "${2:?usage: $0 DATA_ROOT OUT}"
-OUT=$(realpath "$2")
+ROOT=$(realpath "${1:?usage: $0 DATA_ROOT [OUT]}")
+OUT=${2:-$(dirname "$0")/results/table2}
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
 cd "$(dirname "$0")/.."  # the repository root: `python -m climber` runs from the checkout
 JOBS=${JOBS:-8}
 GPUS=${GPUS:-1}

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Scaling grid on synthetic data on one GPU (PAPER.md section 4; docs/scaling.md): generate a
+# Scaling grid on synthetic data on one GPU (docs/paper.md section 4; docs/scaling.md): generate a
 # synthetic log with long histories, sweep Climber, Transformer and DLRM over lengths
 # {50,100,200,400} x layers {1,2,4,8} (DLRM has no layers: lengths only; 36 runs, 1 epoch each,
 # d_model 64), fit the curves and plan sizes for a few FLOPs budgets.
 #
 # Sized for ~8 minutes on one H200, from an estimate, not a measurement: the L^2 attention of
-# the plain `split` path dominates (bench_attention.txt: ~3.2e-10 s per attention score, forward
-# and backward), about 10 ms per training request for the whole grid, so ~30k training requests
+# the plain PyTorch path dominates (measured at ~3.2e-10 s per attention score, forward and
+# backward), about 10 ms per training request for the whole grid, so ~30k training requests
 # (200 users, median 1,000 events) take ~5-6 minutes, plus ~5 s of overhead per run.
 #
 # Resumable: the data, run directories and results file live in WORK (default
 # /tmp/scaling_synthetic_gpu), so on the same machine a second call skips finished runs; the
 # results file is copied to OUT after every run, and the fit and plans are written to OUT.
 #
-#   bash benchmarks/run_scaling_gpu.sh [OUT]     (default OUT: benchmarks/results/scaling_synthetic_gpu)
+#   bash benchmarks/run_scaling_gpu.sh [OUT]     (default OUT: benchmarks/results/scaling/synthetic-gpu)
 #
 # It calls the library functions behind `climber prepare synthetic` and `climber scale
 # sweep|fit|plan` instead of the `climber` command, because the command imports the serving
@@ -22,7 +22,7 @@
 # WORKERS=0 PYTHON=.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-benchmarks/results/scaling_synthetic_gpu}
+OUT=${1:-benchmarks/results/scaling/synthetic-gpu}
 WORK=${WORK:-/tmp/scaling_synthetic_gpu}
 PYTHON=${PYTHON:-python3}
 export USERS=${USERS:-200} EVENTS=${EVENTS:-1000} ITEMS=${ITEMS:-20000} TOPICS=${TOPICS:-50} SEED=${SEED:-0}
