@@ -17,40 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-from climber.config import ModelConfig, TrainConfig, model_config
+from climber.config import ModelConfig, TrainConfig, add_dataclass_flags, model_config, pick_fields
 from climber.data import synthetic as synthetic_data
 from climber.data.datasets import DATASETS
 from climber.data.events import DataError
 from climber.data.sumi import PrepareConfig, SumiData, prepare
 from climber.data.synthetic import SyntheticConfig
+from climber.runtime import Runtime
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
                 "user_feature_cards"}
 COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `climber compare`
-
-
-def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = None if defaults_none else f.default
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif f.type.startswith("tuple"):
-            elem = float if "float" in f.type else int if "int" in f.type else str
-            p.add_argument(flag, nargs="*", type=elem, default=default)
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=default)
-
-
-def pick_fields(ns: argparse.Namespace, cls, skip=()) -> dict:
-    out = {}
-    for f in dataclasses.fields(cls):
-        v = getattr(ns, f.name, None)
-        if f.name not in skip and v is not None:
-            out[f.name] = tuple(v) if isinstance(v, list) else v
-    return out
 
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
@@ -96,6 +73,7 @@ def _train(ns, data_dir: Path, out: Path) -> dict:
     strategies = tuple(ns.strategies) if ns.strategies else tuple(data.meta["strategies"])
     mcfg = model_config(ns.preset, data.vocab, strategies, **arch)
     tcfg = TrainConfig(**pick_fields(ns, TrainConfig))
+    runtime = Runtime(**pick_fields(ns, Runtime))
     model = build_model(mcfg, data, tcfg.seed)
     pc = model.param_counts()
     fl = model.flops(mcfg.seq_len, data.meta["prepare"]["max_candidates"])
@@ -103,7 +81,7 @@ def _train(ns, data_dir: Path, out: Path) -> dict:
         print(f"{mcfg.arch} {ns.preset}: {mcfg.n_blocks} blocks {mcfg.strategies}, L={mcfg.seq_len}, d={mcfg.d_model}, "
               f"{mcfg.n_layers} layers; params {pc['dense']:,} dense + {pc['embedding']:,} embedding; "
               f"{fl['exact']:.3g} FLOPs/request (paper form {fl['paper']:.3g})")
-    return train(data_dir, out, mcfg, tcfg)
+    return train(data_dir, out, mcfg, tcfg, runtime)
 
 
 def cmd_train(ns) -> None:
@@ -115,7 +93,7 @@ def cmd_train(ns) -> None:
 def cmd_evaluate(ns) -> None:
     from climber.evaluate import evaluate, report, save_results
 
-    res = evaluate(ns.checkpoint, ns.data, ns.split, device=ns.device)
+    res = evaluate(ns.checkpoint, ns.data, ns.split, runtime=Runtime(**pick_fields(ns, Runtime)))
     print(report(res))
     out = ns.output or Path(ns.checkpoint).parent / f"results_{ns.split}.json"
     save_results(res, out)
@@ -128,7 +106,7 @@ def cmd_compare(ns) -> None:
     budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", "lr"}))
     compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, ns.lrs,
             pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
-            command=shlex.join(["climber", *sys.argv[1:]]))
+            command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)))
 
 
 def cmd_run(ns) -> None:
@@ -142,7 +120,7 @@ def cmd_run(ns) -> None:
     ns.strategies = None
     run_dir = ns.work / "runs" / f"{ns.source}-{ns.preset}"
     _train(ns, data_dir, run_dir)
-    res = evaluate(run_dir / "best", data_dir, "test", device=ns.device)
+    res = evaluate(run_dir / "best", data_dir, "test", runtime=Runtime(**pick_fields(ns, Runtime, skip={"compile"})))
     print()
     print(report(res))
     save_results(res, run_dir / "results_test.json")
@@ -156,7 +134,7 @@ def cmd_scale_sweep(ns) -> None:
     grid = Grid(tuple(ns.models), tuple(ns.lengths), tuple(ns.layers), tuple(ns.widths or ()), ns.preset)
     t0 = time.time()
     rows = sweep(ns.data, ns.out, grid, TrainConfig(**pick_fields(ns, TrainConfig)), ns.runs,
-                 tuple(ns.strategies) if ns.strategies else None)
+                 tuple(ns.strategies) if ns.strategies else None, runtime=Runtime(**pick_fields(ns, Runtime)))
     print(f"{len(rows)} rows in {ns.out} ({time.time() - t0:.0f}s)")
 
 
@@ -212,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--preset", default="small")
         add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS, defaults_none=True)
         add_dataclass_flags(p, TrainConfig)
+        add_dataclass_flags(p, Runtime)
         p.set_defaults(fn=fn)
         if name == "run":  # the quick start fits in minutes on a laptop CPU (best epoch on ML-100K: 3-5)
             p.set_defaults(epochs=4)
@@ -220,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. runs/x/best")
     p.add_argument("--data", type=Path, help="prepared data (default: the one it was trained on)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"))
-    p.add_argument("--device", default="auto")
+    add_dataclass_flags(p, Runtime, skip={"compile"})
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
 
@@ -236,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small")
     add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED, defaults_none=True)
     add_dataclass_flags(p, TrainConfig, skip={"seed", "lr"})
+    add_dataclass_flags(p, Runtime)
     p.set_defaults(fn=cmd_compare)
 
     scale = sub.add_parser("scale", help="scaling laws: sweep a size grid, fit curves, plan a size (PAPER.md 4)")
@@ -251,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--strategies", nargs="*", help="extraction strategies (default: the data set's)")
     add_dataclass_flags(p, TrainConfig)
+    add_dataclass_flags(p, Runtime)
     p.set_defaults(fn=cmd_scale_sweep)
     for name, fn, hlp in (("fit", cmd_scale_fit, "AUC vs FLOPs / length / layers fits, crossovers, plots, report"),
                           ("plan", cmd_scale_plan, "recommend (length, layers, width) for a FLOPs budget")):

@@ -35,7 +35,8 @@ from climber.data.sumi import SumiData
 from climber.evaluate import popularity_scores
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
-from climber.train import predict, resolve_device, train
+from climber.runtime import Runtime, apply, resolve_device
+from climber.train import predict, train
 
 # model name -> ModelConfig fields; table rows follow the paper's Table 2 order
 MODELS: dict[str, dict] = {
@@ -54,8 +55,9 @@ METRICS = ("auc", "gauc", "logloss")
 
 def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequence[int], preset: str = "small",
             train_cfg: TrainConfig | None = None, lrs: Sequence[float] = (), model_overrides: dict | None = None,
-            command: str = "") -> dict:
+            command: str = "", runtime: Runtime | None = None) -> dict:
     """Train (or skip) every (model, lr, seed) run, test the picked ones, write and return the report."""
+    runtime = runtime or Runtime()
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models or not seeds:
         raise ValueError(f"need models from {list(MODELS)} (unknown: {unknown}) and at least one seed")
@@ -66,17 +68,17 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     # FLOPs at the typical request: the mean candidate count (implicit data sets add sampled
     # negatives, so prepare's max_candidates is not the number of candidates)
     n_cand = max(1, round(float(np.diff(data.a["req_cand_start"]).mean())))
-    device = resolve_device(train_cfg.device)
+    device = resolve_device(runtime.device)
     shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
     rows = []
     for name in sorted(models, key=list(MODELS).index):
         mcfg = replace(shared, **MODELS[name])
         runs = {lr: [_run(data_dir, out_dir / "runs" / name / f"lr{lr:g}" / f"seed{s}", mcfg,
-                          replace(train_cfg, lr=lr, seed=s), name) for s in seeds] for lr in grid}
+                          replace(train_cfg, lr=lr, seed=s), name, runtime) for s in seeds] for lr in grid}
         # model selection on validation only: the grid value with the best mean validation AUC
         valid_auc = {lr: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for lr, rs in runs.items()}
         lr = max(grid, key=lambda x: valid_auc[x])
-        tests = [_test(data, r, device, train_cfg.batch_size * 2) for r in runs[lr]]
+        tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[lr]]
         model = make_model(mcfg)
         rows.append({
             "model": name, "config": MODELS[name], "lr": lr, "seeds": list(seeds),
@@ -105,7 +107,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     return report
 
 
-def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, name: str) -> dict:
+def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, name: str, runtime: Runtime) -> dict:
     """Train one run unless `run_dir/run.json` says it finished under this exact config."""
     done = run_dir / "run.json"
     config = json.loads(json.dumps({"model": asdict(mcfg), "train": asdict(tcfg)}))  # tuples -> lists, as saved
@@ -117,7 +119,7 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
         return saved
     print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: training into {run_dir}")
     t0 = time.time()
-    summary = train(data_dir, run_dir, mcfg, tcfg, progress=False)
+    summary = train(data_dir, run_dir, mcfg, tcfg, runtime, progress=False)
     result = {"config": config, "run_dir": str(run_dir), "valid": summary["best_valid"], "steps": summary["steps"],
               "best_step": summary["best_step"], "early_stopped": summary["early_stopped"],
               "train_seconds": time.time() - t0}
@@ -125,12 +127,13 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     return result
 
 
-def _test(data: SumiData, run: dict, device: torch.device, batch_size: int) -> dict:
+def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> dict:
     """Test metrics of a run's best validation checkpoint, computed once and kept in test.json."""
     path = Path(run["run_dir"]) / "test.json"
     if not path.exists():
         model, _ = checkpoint.load_model(Path(run["run_dir"]) / "best")
-        res = evaluate_predictions(*predict(model.to(device), data, "test", batch_size, device), data.tasks)
+        device = apply(model, runtime)
+        res = evaluate_predictions(*predict(model, data, "test", batch_size, device), data.tasks)
         path.write_text(json.dumps(res, indent=2) + "\n")
     return json.loads(path.read_text())
 

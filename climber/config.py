@@ -3,18 +3,18 @@
 `ModelConfig` holds everything the model needs (including vocabulary sizes, which come from
 the prepared data), `TrainConfig` everything the training loop needs. Presets are small
 functions: `tiny` for tests, then a size ladder for scaling work. Every DECIDE point of
-PAPER.md is a field here; `docs/design.md` gives the reasons for the defaults.
+docs/paper.md is a field here; `docs/design.md` gives the reasons for the defaults.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 STRATEGY_KINDS = ("recent", "pos", "neg", "scenario", "action")
-ATTENTION_IMPLS = ("joint", "split", "sdpa", "fused")
 ARCHS = ("climber", "dlrm", "din", "twin", "transformer", "hstu")
 
 
@@ -70,13 +70,6 @@ class ModelConfig:
     target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
     se_reduction: int = 4
     head_hidden: tuple[int, ...] = (256, 64)
-    # "joint": the paper's literal masked [history; candidates] sequence (reference path);
-    # "split": history prefill + candidate scoring in plain torch; "sdpa": split with
-    # scaled_dot_product_attention for the history; "fused": the Triton kernels of
-    # climber/fused_attention.py (GPU: FlashAttention-style with the SUMI mask, f_b read from
-    # the dense bias built once per step); training runs the joint sequence through them,
-    # prefill/serving the history. "split" where Triton cannot run
-    attention: str = "split"
 
     def __post_init__(self) -> None:
         for s in self.strategies:
@@ -89,8 +82,6 @@ class ModelConfig:
             raise ValueError("seq_len, n_layers and bucket counts must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, not {self.attention!r}")
         if not self.tasks:
             raise ValueError("need at least one task")
         if self.arch not in ARCHS:
@@ -107,7 +98,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training loop settings; the model knows nothing of these."""
+    """Training loop settings; the model knows nothing of these (nor of the device, kernels and
+    compilation: `climber.runtime.Runtime`)."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -128,8 +120,6 @@ class TrainConfig:
     log_every: int = 10  # steps between logged losses (each costs a host sync)
     task_weights: tuple[float, ...] = ()  # empty = equal weights
     num_workers: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
@@ -143,13 +133,44 @@ class TrainConfig:
             raise ValueError("patience and keep_checkpoints must be at least 1")
 
 
+def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:
+    """One command-line flag per field of the config dataclass `cls`, typed from its annotation."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if defaults_none else f.default
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.type.startswith("tuple"):
+            elem = float if "float" in f.type else int if "int" in f.type else str
+            p.add_argument(flag, nargs="*", type=elem, default=default)
+        else:
+            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str), default=default)
+
+
+def pick_fields(ns: argparse.Namespace, cls, skip=()) -> dict:
+    """The fields of `cls` that were given (not None) in parsed arguments `ns`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name, None)
+        if f.name not in skip and v is not None:
+            out[f.name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+RETIRED_FIELDS = {"attention", "device", "compile"}  # runtime settings older run configs saved
+
+
 def from_dict(cls, d: dict):
-    """Build a config dataclass from a dict, turning JSON lists back into tuples."""
+    """Build a config dataclass from a dict, turning JSON lists back into tuples; runtime
+    settings saved by older versions are dropped."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k not in RETIRED_FIELDS}
     unknown = set(d) - set(names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")

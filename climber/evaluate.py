@@ -13,7 +13,8 @@ import numpy as np
 from climber import checkpoint
 from climber.data.sumi import SPLITS, SumiData
 from climber.metrics import evaluate_predictions, format_table
-from climber.train import predict, resolve_device
+from climber.runtime import Runtime, apply
+from climber.train import predict
 
 
 def popularity_scores(data: SumiData, split: str, smoothing: float = 10.0) -> tuple[np.ndarray, ...]:
@@ -39,11 +40,13 @@ def popularity_scores(data: SumiData, split: str, smoothing: float = 10.0) -> tu
 
 
 def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", batch_size: int = 256,
-             device: str = "auto") -> dict:
+             runtime: Runtime | None = None) -> dict:
+    """Metrics of a checkpoint on `split` (any attention backend: the runtime's)."""
+    runtime = runtime or Runtime()
     model, config = checkpoint.load_model(ckpt_dir)
     data = SumiData(Path(data_dir or config["data"]))
-    dev = resolve_device(device)
-    users, labels, probs = predict(model.to(dev), data, split, batch_size, dev)
+    dev = apply(model, runtime)
+    users, labels, probs = predict(model, data, split, batch_size, dev)
     results = {
         "model": evaluate_predictions(users, labels, probs, data.tasks),
         "popularity": evaluate_predictions(*popularity_scores(data, split), data.tasks),

@@ -1,30 +1,33 @@
-"""The Climber ranking model (PAPER.md section 2), in reading order.
+"""The Climber ranking model (docs/paper.md section 2), in reading order.
 
 1. Embeddings (`embeddings.py`, shared with the baselines): item id + item side features;
    history tokens add their action, their behaviour flags (one embedding per task and label)
    and scenario; candidate tokens add a target embedding and the request's scenario.
 2. Multi-scale sequence extraction (MSE) happens in the data layer (`data/sumi.py`): each of
    the N_b = K strategies yields a sub-sequence, so inputs arrive as (B, K, L).
-3. Adaptive Transformer Layers (ATL): K parallel homogeneous blocks with separate weights,
-   stacked along a block dimension and run as one batched computation. Attention is
-   softmax((Q K^T + f_b) / f_tc): f_tc a learned temperature per (layer, block, scenario,
-   head) initialised at sqrt(d_head); f_b a bucketed relative position + time-gap bias per
-   (block, scenario, head), shared by the layers of a block.
+3. Adaptive Transformer Layers (ATL, `AdaptiveLayer`): K parallel homogeneous blocks with
+   separate weights, stacked along a block dimension and run as one batched computation.
+   Attention is softmax((Q K^T + f_b) / f_tc): f_tc a learned temperature per (layer, block,
+   scenario, head) initialised at sqrt(d_head); f_b a bucketed relative position + time-gap
+   bias per (block, scenario, head), shared by the layers of a block. The attention itself is
+   a backend's (`climber/ops`: the plain-PyTorch reference, or Triton kernels), picked by the
+   runtime (`climber/runtime.py`), not by the config: the model is the same math on either.
 4. Block readout: the last layer's hidden state at each candidate token, E (B, M, K, d).
 5. Bit-wise gating fusion (BGF): one ATL across the K block vectors (no bias, temperature
    from the scenario), then an element-wise squeeze-and-excitation gate.
 6. Multi-task head: an MLP to one logit per task. With `target_product` (our addition, in the
-   room PAPER.md 5 leaves for the readout) it also sees c * E_k, the candidate embedding times
-   each block output: softmax attention returns a convex mix of history values and so drops
-   how strongly the candidate matches the history, and an MLP learns products poorly; DLRM's
-   dot products and HSTU's gating carry that signal (docs/design.md).
+   room docs/paper.md 5 leaves for the readout) it also sees c * E_k, the candidate embedding
+   times each block output: softmax attention returns a convex mix of history values and so
+   drops how strongly the candidate matches the history, and an MLP learns products poorly;
+   DLRM's dot products and HSTU's gating carry that signal (docs/design.md).
 
-SUMI: candidates are appended after the history; history tokens never see candidates, so
-`prefill` encodes the history once (returning per-layer keys and values) and `score` runs all
-candidates against it. `forward` is exactly `score(prefill(...))` unless
-`attention="joint"`, which runs the paper's literal joint masked sequence instead, or
-"fused" on a GPU, which runs that joint sequence through the fused kernels (their mask skips
-the candidate-candidate scores), the fastest way to train.
+SUMI ("single user, multiple items", section 3.1): candidates are appended after the history;
+history tokens never see candidates, and a candidate sees the history and itself. `forward`
+(training and evaluation) runs that joint [history; candidates] sequence, one attention call per
+layer. Serving splits it (section 3.2): `prefill` encodes the history once into a
+`HistoryCache` (every layer's keys and values), `score` runs any number of candidates against
+it, and `extend` folds a new history event into it without recomputing the old ones.
+`forward(b) == score(prefill(b))` up to rounding (tests/test_model.py).
 """
 
 from __future__ import annotations
@@ -36,47 +39,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from climber import fused_attention as fused
-from climber.attention import (
-    candidate_attention,
-    history_attention,
-    history_inputs,
-    history_mask,
-    joint_attention,
-    position_buckets,
-    resolve_impl,
-    split_heads,
-    time_buckets,
-)
+from climber import ops
 from climber.config import ModelConfig
 from climber.embeddings import TokenEmbeddings
+from climber.ops.reference import attend_cached, bias, position_buckets, time_buckets
 
 
 class BlockLinear(nn.Module):
-    """K independent linear maps, no bias, applied to (B, K, S, d_in) in one batched matmul.
+    """K independent linear maps, no bias, one batched matmul over blocks-first rows.
 
-    History activations are (B, K, S, d) views of (K, B, S, d) memory (blocks first), so each
-    map is one plain bmm over (K, B * S, d) with no layout copies in or out; other layouts
-    are copied to it first. No bias (as PaLM and LLaMA): a bias's gradient is one more pass
-    over the map's output per step, and fc1's bias made the GELU input a second stored
-    activation beside the matmul's output (docs/design.md, "bias-free ATL")."""
+    States are kept blocks first, (K, B * S, d), so each map is one plain bmm with no layout
+    copies in or out. No bias (as PaLM and LLaMA): a bias's gradient is one more pass over the
+    map's output per step, and fc1's bias made the GELU input a second stored activation beside
+    the matmul's output (docs/design.md, "bias-free ATL")."""
 
     def __init__(self, k: int, d_in: int, d_out: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(k, d_in, d_out))
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks_first(x).transpose(0, 1)
-
-    def blocks_first(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, K, S, d_in) -> (K, B, S, d_out), contiguous."""
-        B, K, S, d = x.shape
-        return self.mm(x.transpose(0, 1).reshape(K, B * S, d)).view(K, B, S, -1)
-
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """(K, N, d_in) -> (K, N, d_out)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, N, d_in) -> (K, N, d_out)
         return torch.bmm(x, self.weight)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm over the last axis without a gain. Before a linear map a gain g is redundant,
+    norm(x) * g @ W = norm(x) @ (diag(g) W), and its gradient is a sum over every token per
+    step, one more pass over the layer's states (docs/design.md, "bias-free ATL")."""
+    return F.rms_norm(x, (x.shape[-1],))
 
 
 class BlockRMSNorm(nn.Module):
@@ -87,106 +77,45 @@ class BlockRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(k, 1, d))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) or (K, N, d): weight (K, 1, d)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (K, N, d): weight (K, 1, d)
         return rms_norm(x) * self.weight
-
-
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last axis without a gain. Before a linear map a gain g is redundant,
-    norm(x) * g @ W = norm(x) @ (diag(g) W), and its gradient is a sum over every token per
-    step, one more pass over the layer's states (docs/design.md, "bias-free ATL")."""
-    return F.rms_norm(x, (x.shape[-1],))
 
 
 GELU_2U = math.sqrt(8 / math.pi)  # 2 sqrt(2 / pi): `gelu`'s sigmoid argument is 2 u
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU in its tanh form, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3): the
-    ATL's and BGF's activation. Compiled, as x sigmoid(2 u), the same function: inductor makes
-    sigmoid one exp and one division, while erf (exact GELU) and tanh are long libdevice
-    polynomials, which made the FFN's activation compute-bound. On the H200 at the paper
-    step's FFN shape, forward + backward: erf 0.73 ms, tanh 0.58, this 0.51, a copy 0.41
-    (docs/design.md). The tanh form differs from erf's by at most 4.7e-4 (mean 1.5e-4 on
-    N(0, 9)), a tenth of a bf16 rounding."""
-    if torch.compiler.is_compiling():
-        return x * torch.sigmoid(GELU_2U * x * (1 + 0.044715 * x * x))
-    return F.gelu(x, approximate="tanh")
+    """GELU in its tanh form, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), written
+    as x sigmoid(2 u), the same function: compiled, sigmoid is one exp and one division, while
+    erf (exact GELU) and tanh are long libdevice polynomials that made the FFN's activation
+    compute-bound (docs/performance.md). It differs from erf GELU by at most 4.7e-4."""
+    return x * torch.sigmoid(GELU_2U * x * (1 + 0.044715 * x * x))
 
 
 class AdaptiveLayer(nn.Module):
     """One ATL for all K blocks at once: pre-norm attention and GELU FFN, each with a residual;
-    bias-free maps and gain-free norms (see `BlockLinear`, `rms_norm`)."""
+    bias-free maps and gain-free norms (`BlockLinear`, `rms_norm`). The attention between `qkv`
+    and `forward` is the backend's (`Climber.encode`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         K, d = cfg.n_blocks, cfg.d_model
-        self.h = cfg.n_heads
-        self.impl = cfg.attention
-        self.qkv = BlockLinear(K, d, 3 * d)
+        self.qkv = BlockLinear(K, d, 3 * d)  # normed states (K, N, d) -> packed q, k, v (K, N, 3 d)
         self.proj = BlockLinear(K, d, d)
         self.fc1 = BlockLinear(K, d, cfg.ffn_mult * d)
         self.fc2 = BlockLinear(K, cfg.ffn_mult * d, d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _packed_qkv(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, S, d) -> (K, B, S, 3, H, dh)
-        return self.qkv_blocks_first(x.transpose(0, 1))
-
-    def _qkv(self, x: torch.Tensor):  # (B, K, S, d) -> 3 x (B, K, H, S, dh)
-        return split_heads(self._packed_qkv(x).transpose(0, 1))
-
-    def _merge(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Residual add of the attention output y (B, K, H, S, dh), then the FFN."""
-        B, K, H, S, dh = y.shape
-        x = x + self.drop(self.proj(y.transpose(2, 3).reshape(B, K, S, H * dh)))
-        return x + self.drop(self.fc2(gelu(self.fc1(rms_norm(x)))))
-
-    def joint(self, x, bias, tau, allowed):
-        q, k, v = self._qkv(x)
-        return self._merge(x, joint_attention(q, k, v, bias, tau, allowed))
-
-    def qkv_blocks_first(self, h: torch.Tensor) -> torch.Tensor:
-        """States h (K, B, S, d) -> packed qkv (K, B, S, 3, H, dh), contiguous; no copy of h when
-        h is contiguous (training and prefill), one for the (B, K, ...) layouts of `_qkv`."""
-        K, B, S, d = h.shape
-        return self.qkv_rows(h.reshape(K, B * S, d)).view(K, B, S, 3, self.h, d // self.h)
-
-    def qkv_rows(self, h: torch.Tensor) -> torch.Tensor:
-        """States h (K, N, d), N tokens per block -> packed qkv (K, N, 3 d)."""
-        return self.qkv.mm(rms_norm(h))
-
-    def step(self, h, y, nxt: AdaptiveLayer | None):
-        """Training's fused pass, one compiled region per attention call: this layer's output
-        projection, residuals and FFN on states h (K, B * S, d) and the attention output y (B,
-        K, H, S, dh) stored (K, B, S, H, dh), then the next layer's norm and qkv projection ->
-        (next states, next packed qkv (K, B, S, 3, H, dh) or None).
-
-        Everything stays blocks first, so no graph input, output or gradient is a transposed
-        view (AOT autograd would copy such a gradient to the traced layout), and each residual
-        state is made and read for the next qkv in one region, so the two parts of its gradient
-        are summed in that region's compiled backward, not by an eager add between graphs.
-        The states are 3-d, one token axis: the norm weights' and biases' gradients are then
-        sums over one axis, which inductor's dynamic-shape code indexes without dividing by
-        the symbolic sequence length per element (with (K, B, S, d) states those reductions
-        ran 3.7x slower once shapes turned dynamic; docs/design.md)."""
-        B, K, H, S, dh = y.shape
-        a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # a view: the kernel's output order
-        h = h + self.drop(self.proj.mm(a))
-        h = h + self.drop(self.fc2.mm(gelu(self.fc1.mm(rms_norm(h)))))
-        return h, (None if nxt is None else nxt.qkv_rows(h).view(K, B, S, 3, H, dh))
-
-    def history(self, h, hist, tau):
-        """History states h (K, B, L, d), blocks first and contiguous -> the next ones, the same,
-        and this layer's (k, v), (B, K, H, L, dh) views, for the candidates (prefill)."""
-        x = h.transpose(0, 1)
-        qkv = self._packed_qkv(x)
-        h = self._merge(x, history_attention(qkv, hist, tau, self.impl)).transpose(0, 1)
-        _, k, v = split_heads(qkv.transpose(0, 1))
-        return h, (k, v)
-
-    def candidates(self, c, kv, bias_hist, bias_self, tau, hist_mask):
-        q, k, v = self._qkv(c)
-        return self._merge(c, candidate_attention(q, k, v, *kv, bias_hist, bias_self, tau, hist_mask))
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything after the attention: states h (K, N, d) and the attention output y (B, K,
+        H, S, dh), N = B * S -> (the next states, and their norm, the next layer's attention
+        input). Ending on the next norm puts each state and every read of it in this one
+        function: compiled (`climber/runtime.py`), the two parts of its gradient are summed
+        inside one graph's backward, not by an eager add between graphs."""
+        a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # (K, B, S, H * dh); a view of the kernels' output
+        h = h + self.drop(self.proj(a))
+        h = h + self.drop(self.fc2(gelu(self.fc1(rms_norm(h)))))
+        return h, rms_norm(h)
 
 
 class BitwiseGatingFusion(nn.Module):
@@ -218,13 +147,85 @@ class BitwiseGatingFusion(nn.Module):
 
 @dataclass
 class HistoryCache:
-    """What `prefill` returns: per-layer history keys/values and what candidates need."""
+    """The KV cache: what `prefill` returns and `score` and `extend` take. Each block's history
+    is right-aligned (left-padded), so padding columns can be added or dropped on the left
+    without changing any relative position."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, K, H, L, dh) each
     hist_mask: torch.Tensor  # (B, K, L)
     hist_time: torch.Tensor  # (B, K, L)
     scenario: torch.Tensor  # (B,) request scenario the cache was computed under
     user: torch.Tensor  # (B,)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for kv in self.kv for t in kv] + [self.hist_mask, self.hist_time, self.scenario, self.user]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def pad_left(self, n: int) -> HistoryCache:
+        """`n` more padding columns before every block's oldest token (masked out everywhere)."""
+        if n == 0:
+            return self
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return torch.cat([t.new_zeros(*t.shape[:dim], n, *t.shape[dim:][1:]), t], dim=dim)
+
+        return HistoryCache([(pad(k, -2), pad(v, -2)) for k, v in self.kv], pad(self.hist_mask, -1),
+                            pad(self.hist_time, -1), self.scenario, self.user)
+
+    @staticmethod
+    def stack(caches: list[HistoryCache]) -> HistoryCache:
+        """One batch from several caches, each left-padded to the longest history."""
+        if len(caches) == 1:
+            return caches[0]
+        L = max(c.hist_mask.shape[-1] for c in caches)
+        cs = [c.pad_left(L - c.hist_mask.shape[-1]) for c in caches]
+        kv = [tuple(torch.cat([c.kv[i][j] for c in cs]) for j in range(2)) for i in range(len(cs[0].kv))]
+        return HistoryCache(kv, *(torch.cat([getattr(c, f) for c in cs]) for f in
+                                  ("hist_mask", "hist_time", "scenario", "user")))
+
+    def replace_blocks(self, other: HistoryCache, blocks: torch.Tensor) -> HistoryCache:
+        """This cache with the blocks where `blocks` (B, K) is set taken from `other` (same
+        requests, e.g. a fresh prefill of those blocks), both padded to the longer history."""
+        L = max(self.hist_mask.shape[-1], other.hist_mask.shape[-1])
+        a, b = self.pad_left(L - self.hist_mask.shape[-1]), other.pad_left(L - other.hist_mask.shape[-1])
+        m3, m5 = blocks[..., None], blocks[..., None, None, None]
+        kv = [(torch.where(m5, kb, ka), torch.where(m5, vb, va)) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)]
+        return HistoryCache(kv, torch.where(m3, b.hist_mask, a.hist_mask), torch.where(m3, b.hist_time, a.hist_time),
+                            a.scenario, a.user)
+
+    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], time: torch.Tensor,
+               blocks: torch.Tensor) -> HistoryCache:
+        """One new token per request, with per-layer keys and values (B, K, H, 1, dh) and time
+        (B,), appended to the blocks where `blocks` (B, K) is set: their oldest column (padding:
+        `Climber.extend` makes room) leaves. The other blocks are unchanged."""
+
+        def shift_in(old: torch.Tensor, new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return torch.where(m, torch.cat([old[..., 1:], new], dim=-1), old)
+
+        def shift_in_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # (B, K, H, L, dh)
+            return torch.where(blocks[..., None, None, None], torch.cat([old[..., 1:, :], new], dim=-2), old)
+
+        m = blocks[..., None]
+        return HistoryCache([(shift_in_rows(kc, k), shift_in_rows(vc, v)) for (kc, vc), (k, v) in
+                             zip(self.kv, kv, strict=True)],
+                            shift_in(self.hist_mask, torch.ones_like(self.hist_mask[..., :1]), m),
+                            shift_in(self.hist_time, time[:, None, None].expand_as(self.hist_time[..., :1]), m),
+                            self.scenario, self.user)
+
+
+def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed (K, B, S, 3, H, dh) -> q, k, v (B, K, H, S, dh), views."""
+    return qkv.permute(3, 1, 0, 4, 2, 5).unbind(0)
+
+
+def _buckets(t: torch.Tensor, n_hist: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """f_b's bucket ids for a sequence with token times t (B, K, S), the first n_hist history and
+    the rest candidates, all at position n_hist: position buckets (S, S), time buckets (B, K, S, S)
+    int16 (query minus key)."""
+    i = torch.arange(t.shape[-1], device=t.device).clamp(max=n_hist)
+    pb = position_buckets(i[:, None] - i[None, :], cfg.pos_buckets)
+    return pb, time_buckets(t[..., :, None] - t[..., None, :], cfg.time_buckets).to(torch.int16)
 
 
 class Climber(TokenEmbeddings):
@@ -250,6 +251,10 @@ class Climber(TokenEmbeddings):
         for layer in self.layers:  # residual branches scaled for depth
             for lin in (layer.proj, layer.fc2):
                 nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        # set by the runtime (climber/runtime.py), not saved: the attention backend, and the dtype
+        # of the residual stream (None: the embeddings'; bf16 under autocast halves its traffic)
+        self.attention: ops.Attention = ops.REFERENCE
+        self.stream_dtype: torch.dtype | None = None
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -260,86 +265,72 @@ class Climber(TokenEmbeddings):
             nn.init.zeros_(m.bias)
 
     # ---- 3. adaptive attention parameters -----------------------------------------------------
-    def _tau(self, scenario: torch.Tensor) -> torch.Tensor:
-        """(n_layers, B, K, H, 1, 1) dynamic temperatures f_tc(layer, block, scenario)."""
-        K = self.cfg.n_blocks
+    def _tables(self, scenario: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_b's tables for each request: position (B, K, H, P) and time (B, K, H, T)."""
         s = scenario if self.cfg.adaptive else torch.zeros_like(scenario)
-        tau = self.log_tau[:, :, s].exp().permute(0, 2, 1, 3)  # (N_L, B, K or 1, H)
-        return tau.expand(-1, -1, K, -1)[..., None, None]
+        K = self.cfg.n_blocks
+        return tuple(t[:, s].transpose(0, 1).expand(-1, K, -1, -1) for t in (self.pos_bias, self.time_bias))
 
-    def _bias(self, scenario, rel_pos, dt) -> torch.Tensor:
-        """f_b(block, scenario): rel_pos, dt broadcastable to (B, K, Sq, Sk) -> (B, K, H, Sq, Sk)."""
-        cfg = self.cfg
-        s = scenario if cfg.adaptive else torch.zeros_like(scenario)
-        blk = torch.arange(self.pos_bias.shape[0], device=s.device)
-        pb = position_buckets(rel_pos, cfg.pos_buckets)
-        tb = time_buckets(dt, cfg.time_buckets)
-        B = s.shape[0]
-        idx_b = s.view(B, 1, 1, 1, 1)
-        idx_k = blk.view(1, -1, 1, 1, 1)
-        idx_h = torch.arange(cfg.n_heads, device=s.device).view(1, 1, -1, 1, 1)
-        bias = self.pos_bias[idx_k, idx_b, idx_h, pb[:, :, None]] + self.time_bias[idx_k, idx_b, idx_h, tb[:, :, None]]
-        return bias.expand(-1, cfg.n_blocks, -1, -1, -1)
+    def _inv_tau(self, scenario: torch.Tensor) -> torch.Tensor:
+        """1 / f_tc(layer, block, scenario, head) for each request: (N_L, B, K, H), fp32."""
+        s = scenario if self.cfg.adaptive else torch.zeros_like(scenario)
+        inv = (-self.log_tau[:, :, s]).exp().transpose(1, 2)  # (N_L, B, K or 1, H)
+        return inv.expand(-1, -1, self.cfg.n_blocks, -1)
 
-    # ---- SUMI: prefill the history once, then score all candidates ------------------------------
-    def prefill(self, b: dict) -> HistoryCache:
-        """Encode the history through every layer of every block; keep each layer's keys/values."""
-        h = self.embed_history(b).transpose(0, 1).contiguous()  # (K, B, L, d): BlockLinear's layout
-        t = b["hist_time"]
-        # f_b built densely once, shared by the layers (tables + times -> (B, K, H, L, L))
-        hist = history_inputs(b["hist_mask"], t, b["req_scenario"], self.pos_bias, self.time_bias, self.cfg.attention)
-        tau = self._tau(b["req_scenario"])
+    # ---- the ATL stack over a sequence, and over new tokens against a cache ---------------------
+    def encode(self, x, valid, pb, tb, inv_tau, n_hist: int, scenario, keep_kv: bool = False):
+        """The ATL stack over a SUMI sequence: states x (K, B, S, d), blocks first; key validity
+        (B, K, S); f_b's bucket ids pb (S, S) and tb (B, K, S, S) (`_buckets`); 1 / tau (N_L, B,
+        K, H); the first n_hist tokens history, the rest candidates -> (final states (K, B, S,
+        d), each layer's keys and values (B, K, H, S, dh) if keep_kv). f_b and the mask are
+        prepared once, by the attention backend, for all layers."""
+        K, B, S, d = x.shape
+        H = self.cfg.n_heads
+        h = x.reshape(K, B * S, d)
+        n = rms_norm(h)
+        seq, kv = None, []
+        for layer, inv in zip(self.layers, inv_tau):
+            qkv = layer.qkv(n).view(K, B, S, 3, H, d // H)
+            if seq is None:  # f_b in the projections' dtype (the compute dtype under autocast)
+                seq = self.attention.prepare(*self._tables(scenario), pb, tb, valid, n_hist, qkv.dtype)
+            y, seq = self.attention.attend(qkv, inv, seq)
+            if keep_kv:
+                kv.append(_heads(qkv)[1:])
+            h, n = layer(h, y)
+        return h.view(K, B, S, d), kv
+
+    def _through_cache(self, x: torch.Tensor, cache: HistoryCache, t: torch.Tensor):
+        """New tokens x (K, B, M, d), each at the position after the cache's newest and at time
+        t (B,), through every layer against the cache: each sees the valid cached tokens and
+        itself -> (final states (K, B, M, d), each layer's keys and values (B, K, H, M, dh))."""
+        K, B, M, d = x.shape
+        H, L = self.cfg.n_heads, cache.hist_mask.shape[-1]
+        pos, tim = self._tables(cache.scenario)
+        rel = L - torch.arange(L, device=x.device)
+        hist_bias = bias(pos, tim, position_buckets(rel, self.cfg.pos_buckets)[None],
+                         time_buckets(t[:, None, None, None] - cache.hist_time[:, :, None], self.cfg.time_buckets))
+        zero = torch.zeros(1, 1, dtype=torch.long, device=x.device)
+        self_bias = bias(pos, tim, zero, zero.expand(B, K, 1, 1))  # (B, K, H, 1, 1)
+        h = x.reshape(K, B * M, d)
+        n = rms_norm(h)
         kv = []
-        for layer, tau_l in zip(self.layers, tau):
-            h, kv_l = layer.history(h, hist, tau_l)
-            kv.append(kv_l)
-        return HistoryCache(kv, b["hist_mask"], t, b["req_scenario"], b["user"])
+        for layer, inv, (k_hist, v_hist) in zip(self.layers, self._inv_tau(cache.scenario), cache.kv, strict=True):
+            q, k, v = _heads(layer.qkv(n).view(K, B, M, 3, H, d // H))
+            y = attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias, cache.hist_mask)
+            kv.append((k, v))
+            h, n = layer(h, y)
+        return h.view(K, B, M, d), kv
 
-    def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
-        """Logits (B, M, T) for candidates (B, M) against a prefilled history."""
-        B, M = cand_item.shape
-        K, L = self.cfg.n_blocks, cache.hist_mask.shape[-1]
-        c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
-        c = c0[:, None].expand(B, K, M, -1)
-        # every candidate sits at position L with the request's time
-        rel = (L - torch.arange(L, device=c.device)).view(1, 1, 1, L)
-        dt = (req_time[:, None, None] - cache.hist_time)[:, :, None, :]  # (B, K, 1, L)
-        bias_hist = self._bias(cache.scenario, rel, dt)
-        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=c.device)
-        bias_self = self._bias(cache.scenario, zero, zero)
-        tau = self._tau(cache.scenario)
-        for layer, tau_l, kv in zip(self.layers, tau, cache.kv):
-            c = layer.candidates(c, kv, bias_hist, bias_self, tau_l, cache.hist_mask)
-        return self._fuse_and_head(self.norm_out(c).permute(0, 2, 1, 3), c0, cache.scenario, cache.user)
+    # ---- 4-6. block readout, fusion and head ---------------------------------------------------
+    def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """Last-layer states at the candidates h (K, B, M, d) and candidate embeddings c (B, M, d)
+        -> logits (B, M, T)."""
+        K, B, M, d = h.shape
+        e = self.norm_out(h.reshape(K, B * M, d)).view(K, B, M, d).permute(1, 2, 0, 3)  # (B, M, K, d)
+        return self.fuse_and_head(e.contiguous(), c, scenario, user)
 
-    def _joint_tokens(self, b: dict):
-        """The joint [history; candidates] sequence's parts: history embeddings h (B, K, L, d),
-        candidate embeddings c0 (B, M, d), and per token its time (candidates: the request's)
-        and key validity, (B, K, L + M)."""
-        h = self.embed_history(b)
-        B, K, _, _ = h.shape
-        M = b["cand_item"].shape[1]
-        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])
-        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
-        valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
-        return h, c0, t, valid
-
-    def forward_joint(self, b: dict) -> torch.Tensor:
-        """Reference path: the paper's literal [history; candidates] sequence with a SUMI mask."""
-        h, c0, t, valid = self._joint_tokens(b)
-        B, K, L, _ = h.shape
-        M = c0.shape[1]
-        x = torch.cat([h, c0[:, None].expand(B, K, M, -1)], dim=2)
-        pos = torch.cat([torch.arange(L), torch.full((M,), L)]).to(x.device)
-        bias = self._bias(b["req_scenario"], (pos[:, None] - pos[None, :])[None, None],
-                          t[..., :, None] - t[..., None, :])
-        allowed = history_mask(valid, n_hist=L)  # joint_mask
-        for layer, tau_l in zip(self.layers, self._tau(b["req_scenario"])):
-            x = layer.joint(x, bias, tau_l, allowed)
-        return self._fuse_and_head(self.norm_out(x[:, :, L:]).permute(0, 2, 1, 3), c0, b["req_scenario"], b["user"])
-
-    def _fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor,
-                       user: torch.Tensor) -> torch.Tensor:
+    def fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor,
+                      user: torch.Tensor) -> torch.Tensor:
         """Block outputs e (B, M, K, d) and candidate embeddings c (B, M, d) -> logits (B, M, T)."""
         B, M, K, d = e.shape
         y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
@@ -347,64 +338,61 @@ class Climber(TokenEmbeddings):
             y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
         return self.head(self.with_user(y, user))
 
-    def fused_front(self, b: dict):
-        """`forward_fused`'s inputs, one compiled region under `compile_layers` (eager, the
-        embedding sums, the joint sequence's copy and cast and the (B, K, S, S) time-gap
-        buckets are some 20 memory-bound kernels, and the embedding tables' backward a sort):
-        the joint sequence x (K, B, L + M, d) in the compute dtype, BlockLinear's layout with the
-        candidates at position L; candidate embeddings c0 (B, M, d); per token its time and key
-        validity (B, K, L + M); time buckets (B, K, L + M, L + M) int16; every layer's 1 / tau
-        (N_L, B * K, H) fp32 (one small kernel and its backward, not a few per layer)."""
-        h, c0, t, valid = self._joint_tokens(b)
-        K = h.shape[1]
+    # ---- SUMI training and evaluation: the joint [history; candidates] sequence ----------------
+    def front(self, b: dict):
+        """`encode`'s inputs for the joint sequence, candidates from position L on at the request's
+        time: states x (K, B, L + M, d), key validity (B, K, L + M), f_b's bucket ids, every
+        layer's 1 / tau; and the candidate embeddings c0 (B, M, d). One region for the runtime to
+        compile: eager, the embedding sums, the sequence's copy and the (B, K, S, S) time buckets
+        are some 20 memory-bound kernels."""
+        h = self.embed_history(b)  # (B, K, L, d)
+        B, K, _, _ = h.shape
+        M = b["cand_item"].shape[1]
+        c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])
         x = torch.cat([h.transpose(0, 1), c0[None].expand(K, -1, -1, -1)], dim=2)
-        if torch.is_autocast_enabled(x.device.type):  # residual stream in the compute dtype (design.md)
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        tb = time_buckets(t[..., :, None] - t[..., None, :], self.time_bias.shape[-1]).to(torch.int16)
-        inv_tau = self._tau(b["req_scenario"]).reciprocal().reshape(len(self.layers), -1, self.cfg.n_heads).float()
-        return x, c0, t, valid, tb, inv_tau
-
-    def forward_fused(self, b: dict) -> torch.Tensor:
-        """Training's fast path (attention="fused" on a GPU): the joint sequence [history;
-        candidates] through the fused kernels, whose mask is the SUMI one (causal history;
-        a candidate sees the history and itself), so each layer is one pass of batched
-        matmuls over L + M tokens; the same computation as `score(prefill(b))`."""
-        x, c0, t, valid, tb, inv_tau = self.fused_front(b)
-        L = b["hist_item"].shape[-1]
-        seq = history_inputs(valid, t, b["req_scenario"], self.pos_bias, self.time_bias, "fused", n_hist=L, tb=tb)
-        layers = list(self.layers)
-        qkv = layers[0].qkv_blocks_first(x)
-        shape = x.shape
-        x = x.flatten(1, 2)  # (K, B * (L + M), d), as `step` takes the states
-        for layer, nxt, inv in zip(layers, layers[1:] + [None], inv_tau.unbind(0)):
-            x, qkv = layer.step(x, fused.fused_attention(qkv, inv, seq.fused), nxt)
-        e = self.norm_out(x.view(shape)[:, :, L:].transpose(0, 1)).permute(0, 2, 1, 3)  # (B, M, K, d)
-        return self._fuse_and_head(e.contiguous(), c0, b["req_scenario"], b["user"])
+        if self.stream_dtype is not None:
+            x = x.to(self.stream_dtype)
+        valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
+        t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
+        return (x, valid, *_buckets(t, b["hist_item"].shape[-1], self.cfg), self._inv_tau(b["req_scenario"])), c0
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        impl = resolve_impl(self.cfg.attention, b["hist_item"].device)
-        if impl == "joint":
-            return self.forward_joint(b)
-        if impl == "fused":
-            return self.forward_fused(b)
-        return self.score(self.prefill(b), b["cand_item"], b["req_time"])
+        inputs, c0 = self.front(b)
+        L = b["hist_item"].shape[-1]
+        h, _ = self.encode(*inputs, L, b["req_scenario"])
+        return self.readout(h[:, :, L:], c0, b["req_scenario"], b["user"])
 
-    def compile_layers(self) -> None:
-        """Regional torch.compile (`climber train --compile`): the code between attention calls
-        (`AdaptiveLayer.step` for the fused training pass, `history` for prefill), shared by the
-        layers (their weights are graph inputs), the fused pass's inputs (`fused_front`), and
-        the fusion and head (`_fuse_and_head`; eager, some 200 small kernels forward and
-        backward, whose launches left the GPU idle); the fused kernels and the f_b build stay
-        outside. What `benchmarks/bench_train.py` times. Shapes start static and turn dynamic
-        at the first change (torch's automatic dynamic shapes): real batches vary in history
-        length (trimmed to the batch's longest) and candidate count, and one static graph per
-        shape would soon exceed the recompile limit and fall back to eager."""
-        self.fused_front = torch.compile(self.fused_front)
-        self._fuse_and_head = torch.compile(self._fuse_and_head)
-        for layer in self.layers:
-            layer.step = torch.compile(layer.step)
-            layer.history = torch.compile(layer.history)
+    # ---- SUMI serving: prefill the history once, score candidates, extend with new events ------
+    def prefill(self, b: dict) -> HistoryCache:
+        """Encode the history (hist_* (B, K, L), req_scenario, user) through every layer of every
+        block; keep each layer's keys and values."""
+        x = self.embed_history(b).transpose(0, 1).contiguous()  # (K, B, L, d)
+        L, s = x.shape[2], b["req_scenario"]
+        _, kv = self.encode(x, b["hist_mask"], *_buckets(b["hist_time"], L, self.cfg), self._inv_tau(s), L, s,
+                            keep_kv=True)
+        return HistoryCache(kv, b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"])
+
+    def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
+        """Logits (B, M, T) for candidates (B, M) at request times (B,) against a prefilled history."""
+        K = self.cfg.n_blocks
+        c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
+        h, _ = self._through_cache(c0[None].expand(K, -1, -1, -1), cache, req_time)
+        return self.readout(h, c0, cache.scenario, cache.user)
+
+    def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
+        """Fold one new history event per request into the cache, in the blocks where `blocks` (B,
+        K) is set (those whose extraction strategy selects it): the event runs through every
+        layer against the cached tokens and itself, exactly its row in a prefill from scratch
+        (history attention is causal and positions enter only relative to the query), and its
+        keys and values are appended. `event`: hist_* of shape (B, K, 1), the same event in every
+        block. A block with no padding left gets a padding column first."""
+        if (cache.hist_mask[..., 0] & blocks).any():
+            cache = cache.pad_left(1)
+        x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
+        t = event["hist_time"][:, 0, 0]
+        _, kv = self._through_cache(x, cache, t)
+        return cache.append(kv, t, blocks)
 
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:
@@ -412,9 +400,10 @@ class Climber(TokenEmbeddings):
 
         paper: the paper's C ~ length x layers form, 2 x (dense ATL weights) x tokens x layers x
             blocks, attention scores neglected: 2 * K * N_L * (L + M) * (4 d^2 + 2 d f).
-        exact: every matmul as executed by this config's attention path (2 FLOPs per
-            multiply-add, as torch's FlopCounterMode counts): the ATL projections and FFN, the
-            attention matmuls ((L+M)^2 for the joint reference, L^2 + M L split), BGF and head.
+        exact: every matmul of the reference computation (2 FLOPs per multiply-add, as torch's
+            FlopCounterMode counts): the ATL projections and FFN, the attention matmuls (L^2 for
+            the history rows, M L for the candidates' rows; their own key is an elementwise
+            product), BGF and head. The Triton kernels skip the masked half of the L^2 scores.
         per_candidate: exact / M.
         """
         cfg = self.cfg
@@ -422,8 +411,7 @@ class Climber(TokenEmbeddings):
         S = L + M
         dense_tok = 4 * d * d + 2 * d * f  # qkv + proj + fc1 + fc2 weights per token
         paper = 2 * K * NL * S * dense_tok
-        att = S * S if cfg.attention == "joint" else L * L + M * L
-        exact = K * NL * (2 * S * dense_tok + 2 * 2 * att * d)
+        exact = K * NL * (2 * S * dense_tok + 2 * 2 * (L * L + M * L) * d)
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)

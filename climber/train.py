@@ -1,6 +1,6 @@
 """Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP).
 
-`train(data_dir, out_dir, model_cfg, train_cfg)` runs seeded training on SUMI samples with
+`train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
 AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
 validation (AUC/GAUC/LogLoss), early stopping on mean validation AUC, and atomic checkpoints
 (`checkpoint.py`). Run it again on the same `out_dir` and it resumes from the last
@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +29,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from climber import checkpoint
-from climber.config import ModelConfig, TrainConfig
+from climber.config import ModelConfig, TrainConfig, from_dict
 from climber.data.sumi import SumiData
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device; plain 'cuda' gets an explicit index (the
-    local rank under torchrun, else 0), which torch.cuda.set_device requires."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
+from climber.runtime import Runtime, autocast, resolve_device
+from climber.runtime import apply as apply_runtime
 
 
 class RequestBatches(torch.utils.data.Dataset):
@@ -89,10 +81,9 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
     model.eval()
     cfg = model.cfg
     users, labels, probs = [], [], []
-    amp = device.type == "cuda"
     for b in loader(data, data.requests(split), batch_size, cfg, workers):
         b = to_device(b, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device):
             p = torch.sigmoid(model(b).float())
         m = b["cand_mask"]
         users.append(b["user"][:, None].expand_as(m)[m].cpu())
@@ -134,138 +125,174 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, progress: bool = True) -> dict:
+@dataclass
+class Run:
+    """A training run, set up: what the loop needs."""
+
+    out_dir: Path
+    data: SumiData
+    model: torch.nn.Module  # unwrapped: checkpoints and validation use it
+    step_fn: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    run_config: dict
+    device: torch.device
+    rank: int
+    world: int
+    state: dict  # the loop's position and early-stopping record, saved with each checkpoint
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig,
+          runtime: Runtime | None = None, progress: bool = True) -> dict:
     """Train (or resume) into `out_dir`; returns a summary with the best validation metrics."""
+    runtime = runtime or Runtime()
+    run = setup(data_dir, out_dir, model_cfg, cfg, runtime)
+    if not run.state.get("done"):
+        loop(run, progress)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return _summary(run.out_dir, run.state)
+
+
+def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Runtime) -> Run:
+    """Process group (under torchrun), model on its device with the runtime applied, optimizer,
+    and the state of the latest checkpoint if `out_dir` holds one (same config required)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = resolve_device(cfg.device)
+    device = resolve_device(runtime.device)
     if distributed and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    main = rank == 0
     out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
     data = SumiData(data_dir)
-    run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "data": str(Path(data_dir).resolve()),
-                  "dataset": data.meta["name"], "tasks": list(data.tasks)}
-
-    model = build_model(model_cfg, data, cfg.seed).to(device)
+    run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
+                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks)}
+    model = build_model(model_cfg, data, cfg.seed)
+    apply_runtime(model, runtime)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult), lr=cfg.lr, betas=(0.9, 0.98),
                             fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "bad_evals": 0, "best_step": -1}
-    last = checkpoint.latest_step_dir(ckpt_root)
+    last = checkpoint.latest_step_dir(out_dir / "checkpoints")
     if last is not None:
         saved = checkpoint.read_config(last)
-        now = json.loads(json.dumps(run_config))  # tuples -> lists, as saved
-        if saved["model"] != now["model"] or saved["train"] != now["train"]:
+        # the runtime (device, attention backend, compile) may change between runs; the math may not
+        if from_dict(ModelConfig, saved["model"]) != model_cfg or from_dict(TrainConfig, saved["train"]) != cfg:
             raise ValueError(f"{out_dir} holds a run with a different config; use another --out or delete it")
-        model.load_state_dict(load_file(last / "model.safetensors"))
+        model.load_state_dict(load_file(last / "model.safetensors", device=str(device)))
         ts = checkpoint.load_train_state(last)
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         state = ts["loop"]
-        if main:
+        if rank == 0:
             for name in ("train_log.csv", "valid_log.csv"):
                 _truncate_log(out_dir / name, state["step"])
             print(f"resuming from {last} (step {state['step']}, epoch {state['epoch']})")
-    elif main:
+    elif rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
-    if state.get("done"):
-        return _summary(out_dir, state)
+    step_fn = DistributedDataParallel(model) if distributed else model
+    return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state)
 
-    ddp = DistributedDataParallel(model) if distributed else model
-    step_fn = ddp
-    if cfg.compile and hasattr(model, "compile_layers"):  # Climber: regional, per layer
-        model.compile_layers()
-    elif cfg.compile:
-        step_fn = torch.compile(ddp)
+
+def loop(run: Run, progress: bool = True) -> None:
+    """Optimizer steps from `run.state` on, validating, checkpointing and stopping early as the
+    config says. Batches are a pure function of (seed, epoch, step), so a resumed run continues
+    exactly where the checkpoint left off."""
+    cfg, data, state, device = run.cfg, run.data, run.state, run.device
+    model_cfg = run.model.cfg
     train_req = data.requests("train")
-    steps_per_epoch = math.ceil(len(train_req) // world / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train_req) // run.world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     eval_every = cfg.eval_every or steps_per_epoch
     ckpt_every = cfg.checkpoint_every or eval_every
     weights = torch.tensor(cfg.task_weights or [1.0 / len(data.tasks)] * len(data.tasks), device=device)
-    amp = device.type == "cuda"
-    log_path = out_dir / "train_log.csv"
-    bar = tqdm(total=total, initial=state["step"], disable=not (main and progress), desc="train", unit="step")
+    log_path = run.out_dir / "train_log.csv"
+    bar = tqdm(total=total, initial=state["step"], disable=not (run.main and progress), desc="train", unit="step")
     t0 = time.time()
 
     while state["step"] < total and not state.get("stopped"):
         epoch = state["epoch"]
         order = np.random.default_rng([cfg.seed, epoch]).permutation(train_req)
         if cfg.bucket_window:  # global batches (batch_size x world) of similar history lengths
-            order = data.bucket_by_length(order, cfg.batch_size * world, cfg.bucket_window, model_cfg.seq_len,
+            order = data.bucket_by_length(order, cfg.batch_size * run.world, cfg.bucket_window, model_cfg.seq_len,
                                           np.random.default_rng([cfg.seed, epoch, 1]))
-        shard = order[rank::world][: len(order) // world]
+        shard = order[run.rank::run.world][: len(order) // run.world]
         batches = loader(data, shard[state["step_in_epoch"] * cfg.batch_size :], cfg.batch_size, model_cfg,
-                         cfg.num_workers, pin=amp)
-        model.train()
+                         cfg.num_workers, pin=device.type == "cuda")
+        run.model.train()
         for b in batches:
             b = to_device(b, device)
-            for g in opt.param_groups:
+            for g in run.opt.param_groups:
                 g["lr"] = lr_at(state["step"], total, cfg) * g.get("lr_mult", 1.0)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = masked_bce(step_fn(b), b, weights)
-            opt.zero_grad(set_to_none=True)
+            with autocast(device):
+                loss = masked_bce(run.step_fn(b), b, weights)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            run.opt.step()
             state["step"] += 1
             state["step_in_epoch"] += 1
             if state["step_in_epoch"] >= steps_per_epoch:
                 state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             bar.update(1)
-            if main and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
+            if run.main and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
                 lv = loss.item()  # the only host sync of the step, every log_every steps
                 bar.set_postfix(loss=f"{lv:.4f}")
                 _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
-                                "lr": opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0})
+                                "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0})
             at_end = state["step"] >= total
             if state["step"] % eval_every == 0 or at_end:
-                _validate(model, data, cfg, device, state, out_dir, run_config, main, epoch)
+                _validate(run, epoch)
             if state["step"] % ckpt_every == 0 or at_end or state.get("stopped"):
                 state["done"] = at_end or bool(state.get("stopped"))
-                if main:
-                    checkpoint.save(ckpt_root / f"{checkpoint.STEP_PREFIX}{state['step']:08d}", model, run_config,
-                                    {"optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "loop": dict(state)})
-                    checkpoint.prune(ckpt_root, cfg.keep_checkpoints)
-                if distributed:
-                    dist.barrier()
-            if at_end or state.get("stopped"):
-                break
-            if state["step_in_epoch"] == 0:
+                save_checkpoint(run)
+            if at_end or state.get("stopped") or state["step_in_epoch"] == 0:
                 break
     bar.close()
-    if distributed:
+
+
+def save_checkpoint(run: Run) -> None:
+    """The model, optimizer, RNG and loop state as checkpoints/step-N (rank 0), the oldest pruned."""
+    if run.main:
+        root = run.out_dir / "checkpoints"
+        checkpoint.save(root / f"{checkpoint.STEP_PREFIX}{run.state['step']:08d}", run.model, run.run_config,
+                        {"optimizer": run.opt.state_dict(), "rng": torch.get_rng_state(), "loop": dict(run.state)})
+        checkpoint.prune(root, run.cfg.keep_checkpoints)
+    if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
-    return _summary(out_dir, state)
 
 
-def _validate(model, data, cfg, device, state, out_dir, run_config, main, epoch) -> None:
-    if main:
-        users, labels, probs = predict(model, data, "valid", cfg.batch_size * 2, device)
-        res = evaluate_predictions(users, labels, probs, data.tasks)
+def _validate(run: Run, epoch: int) -> None:
+    """Validation AUC on rank 0: the best model saved as best/, early stopping after
+    `patience` validations without a gain; every rank learns whether to stop."""
+    state = run.state
+    if run.main:
+        users, labels, probs = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device)
+        res = evaluate_predictions(users, labels, probs, run.data.tasks)
         auc = res["mean"]["auc"]
         row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
                                                                            for k, v in r.items()}}
-        _log(out_dir / "valid_log.csv", row)
+        _log(run.out_dir / "valid_log.csv", row)
         if auc > state["best_auc"]:
             state.update(best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
-            checkpoint.save(out_dir / "best", model, run_config)
+            checkpoint.save(run.out_dir / "best", run.model, run.run_config)
         else:
             state["bad_evals"] += 1
-            if state["bad_evals"] >= cfg.patience:
+            if state["bad_evals"] >= run.cfg.patience:
                 state["stopped"] = True
         tqdm.write(f"step {state['step']}: valid AUC {auc:.4f} GAUC {res['mean']['gauc']:.4f} "
                    f"LogLoss {res['mean']['logloss']:.4f} (best {state['best_auc']:.4f})")
-        model.train()
-    if dist.is_initialized():  # every rank learns whether to stop
-        flag = torch.tensor([int(bool(state.get("stopped")))], device=device)
+        run.model.train()
+    if dist.is_initialized():
+        flag = torch.tensor([int(bool(state.get("stopped")))], device=run.device)
         dist.broadcast(flag, 0)
         state["stopped"] = bool(flag.item())
 

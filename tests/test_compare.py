@@ -17,7 +17,7 @@ from climber.data.sumi import PrepareConfig, SumiData, prepare
 from tests.helpers import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = TrainConfig(epochs=1, batch_size=16, warmup_steps=1, device="cpu")
+TINY = TrainConfig(epochs=1, batch_size=16, warmup_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
     again = compare_mod.compare(data_dir, out, ["climber", "dlrm"], [0, 1], "tiny", TINY)
     assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in report["rows"]]
     with pytest.raises(ValueError, match="different config"):  # a changed budget never reuses old runs
-        compare_mod.compare(data_dir, out, ["dlrm"], [0], "tiny", TrainConfig(epochs=2, batch_size=16, device="cpu"))
+        compare_mod.compare(data_dir, out, ["dlrm"], [0], "tiny", TrainConfig(epochs=2, batch_size=16))
 
 
 def test_learning_rate_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_path):

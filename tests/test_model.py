@@ -1,4 +1,5 @@
-"""Model properties on CPU with a tiny config: SUMI equivalence, masks, adaptivity, FLOPs."""
+"""Model properties on CPU with a tiny config: SUMI equivalence, the KV cache, masks,
+adaptivity, FLOPs."""
 
 from __future__ import annotations
 
@@ -9,17 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from climber.attention import history_mask, joint_mask, log_bucket
+from climber.baselines.common import joint_mask
 from climber.embeddings import SMALL_TABLE, lookup
-from climber.model import Climber, gelu
+from climber.model import Climber, HistoryCache, gelu
+from climber.ops.reference import log_bucket, sumi_mask
 from tests.helpers import perturb, random_batch, tiny_config
 
-IMPLS = ("joint", "split", "sdpa")
 
-
-def make(impl="split", **kw):
+def make(**kw):
     torch.manual_seed(0)
-    model = Climber(tiny_config(attention=impl, **kw)).eval()
+    model = Climber(tiny_config(**kw)).eval()
     perturb(model)
     return model
 
@@ -32,9 +32,8 @@ def select(b: dict, cols) -> dict:
     return out
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_candidates_scored_together_equal_scored_alone(impl):
-    model = make(impl)
+def test_candidates_scored_together_equal_scored_alone():
+    model = make()
     b = random_batch(model.cfg, B=4, M=6, full=True)
     together = model(b)
     for j in range(6):
@@ -42,49 +41,84 @@ def test_candidates_scored_together_equal_scored_alone(impl):
         torch.testing.assert_close(alone[:, 0], together[:, j], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_permuting_candidates_permutes_scores(impl):
-    model = make(impl)
+def test_permuting_candidates_permutes_scores():
+    model = make()
     b = random_batch(model.cfg, B=4, M=6)
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(model(select(b, perm)), model(b)[:, perm], atol=1e-5, rtol=1e-5)
 
 
-def test_joint_history_rows_ignore_candidates():
-    """In the joint reference path, changing candidates leaves every history hidden state intact."""
-    model = make("joint")
-    states = []
-    last, run = model.layers[-1], model.layers[-1].joint
-    last.joint = lambda *a: states.append(run(*a)) or states[-1]  # record the last layer's output
+def test_history_states_ignore_candidates():
+    """In the joint sequence, changing the candidates leaves every history state intact."""
+    model = make()
     b = random_batch(model.cfg, B=3, M=4, full=True)
     other = dict(b, cand_item=torch.randint(2, model.cfg.n_items, b["cand_item"].shape))
-    model.forward_joint(b)
-    model.forward_joint(other)
     L = b["hist_item"].shape[-1]
+    states = [model.encode(*model.front(x)[0], L, x["req_scenario"])[0] for x in (b, other)]
     torch.testing.assert_close(states[0][:, :, :L], states[1][:, :, :L], atol=0, rtol=0)
     assert not torch.equal(states[0][:, :, L:], states[1][:, :, L:])
 
 
-@pytest.mark.parametrize("impl", ("split", "sdpa"))
-def test_fast_paths_match_joint_reference_outputs_and_grads(impl):
-    ref, fast = make("joint", dropout=0.0), make(impl, dropout=0.0)
-    fast.load_state_dict(ref.state_dict())
+def test_forward_equals_score_of_prefill_outputs_and_grads():
+    """Training's joint pass and serving's prefill + score are one computation."""
+    ref, split = make(dropout=0.0), make(dropout=0.0)
     b = random_batch(ref.cfg, B=5, M=4, seed=7)
-    out_r, out_f = ref(b), fast(b)
+    out_r, out_s = ref(b), split.score(split.prefill(b), b["cand_item"], b["req_time"])
     m = b["cand_mask"]
-    torch.testing.assert_close(out_f[m], out_r[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s[m], out_r[m], atol=1e-5, rtol=1e-5)
     out_r[m].square().sum().backward()
-    out_f[m].square().sum().backward()
-    for (name, pr), pf in zip(ref.named_parameters(), fast.parameters()):
+    out_s[m].square().sum().backward()
+    for (name, pr), ps in zip(ref.named_parameters(), split.parameters()):
         if pr.grad is not None:
             scale = pr.grad.abs().max().item()  # fp32 round-off grows with gradient size
-            torch.testing.assert_close(pf.grad, pr.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
+            torch.testing.assert_close(ps.grad, pr.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
+
+
+def test_extend_equals_prefill_of_the_longer_history():
+    """`extend` folds one event into the chosen blocks; scores equal a prefill from scratch of
+    the history with that event appended to those blocks (including a block with no padding
+    left, which gets a column first)."""
+    model = make()
+    b = random_batch(model.cfg, B=2, L=6, M=3, seed=4)
+    b["hist_mask"][0, 0] = True  # block 0 of request 0 is full
+    blocks = torch.tensor([[True, False, True], [False, True, True]])
+    t_new = b["hist_time"].amax((1, 2)) + 5
+    event = {"hist_item": torch.tensor([7, 9]), "hist_time": t_new, "hist_action": torch.tensor([1, 2]),
+             "hist_scenario": torch.tensor([0, 1]), "hist_labels": torch.tensor([[1, 0], [0, 1]])}
+    ev = {k: v.view(2, 1, 1, *v.shape[1:]).expand(2, 3, 1, *v.shape[1:]) for k, v in event.items()}
+    extended = model.extend(model.prefill(b), ev, blocks)
+    longer = {}  # the history with the event appended where `blocks` says, one column longer
+    for k in ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_labels", "hist_mask"):
+        old = b[k]
+        new = ev[k] if k != "hist_mask" else torch.ones(2, 3, 1, dtype=torch.bool)
+        shifted = torch.cat([old, new], dim=2)
+        kept = torch.cat([torch.zeros_like(old[:, :, :1]), old], dim=2)
+        m = blocks.view(2, 3, *([1] * (old.dim() - 2)))
+        longer[k] = torch.where(m, shifted, kept)
+    longer.update(req_scenario=b["req_scenario"], user=b["user"])
+    want = model.score(model.prefill(longer), b["cand_item"], b["req_time"] + 10)
+    got = model.score(extended, b["cand_item"], b["req_time"] + 10)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_caches_score_as_each_alone():
+    """Caches of different lengths, left-padded and stacked, score as they do alone."""
+    model = make()
+    b1, b2 = random_batch(model.cfg, B=1, L=8, seed=1), random_batch(model.cfg, B=1, L=5, seed=2)
+    c1, c2 = model.prefill(b1), model.prefill(b2)
+    stacked = HistoryCache.stack([c1, c2])
+    cand = torch.cat([b1["cand_item"], b2["cand_item"]])
+    got = model.score(stacked, cand, torch.cat([b1["req_time"], b2["req_time"]]))
+    torch.testing.assert_close(got[:1], model.score(c1, b1["cand_item"], b1["req_time"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], model.score(c2, b2["cand_item"], b2["req_time"]), atol=1e-5, rtol=1e-5)
+    assert stacked.nbytes == sum(t.numel() * t.element_size() for kv in stacked.kv for t in kv) + sum(
+        t.numel() * t.element_size() for t in (stacked.hist_mask, stacked.hist_time, stacked.scenario, stacked.user))
 
 
 def test_joint_mask_by_hand():
-    hist = torch.tensor([[[False, True, True]]])  # one padded slot, two events
+    hist = torch.tensor([[False, True, True]])  # one padded slot, two events
     cand = torch.tensor([[True, True]])
-    got = joint_mask(hist, cand)[0, 0].int()
+    got = joint_mask(hist, cand)[0].int()
     want = torch.tensor([
         # keys: pad h1 h2 c1 c2
         [1, 0, 0, 0, 0],  # pad row sees only itself
@@ -94,7 +128,7 @@ def test_joint_mask_by_hand():
         [0, 1, 1, 0, 1],  # c2: history + itself, not c1
     ])
     assert torch.equal(got, want)
-    assert torch.equal(history_mask(hist)[0, 0].int(), want[:3, :3])
+    assert torch.equal(sumi_mask(hist, 3)[0].int(), want[:3, :3])
 
 
 def test_log_bucket_is_monotone_and_bounded():
@@ -106,7 +140,7 @@ def test_log_bucket_is_monotone_and_bounded():
 
 @pytest.mark.parametrize("param", ("log_tau", "pos_bias", "time_bias"))
 def test_temperature_and_bias_change_attention(param):
-    model = make("split")
+    model = make()
     b = random_batch(model.cfg, B=3, M=4, full=True)
     before = model(b)
     with torch.no_grad():
@@ -115,7 +149,7 @@ def test_temperature_and_bias_change_attention(param):
 
 
 def test_scenario_selects_temperature_and_bias_tables():
-    model = make("split")
+    model = make()
     b = random_batch(model.cfg, B=3, M=4, full=True)
     out0 = model(dict(b, req_scenario=torch.zeros(3, dtype=torch.long)))
     with torch.no_grad():  # change only scenario 1's tables: scenario 0 output must not move
@@ -132,25 +166,25 @@ def test_scenario_selects_temperature_and_bias_tables():
 
 def test_ablations_build_and_run():
     for kw in ({"adaptive": False}, {"bgf": False}, {"adaptive": False, "bgf": False}):
-        model = make("split", **kw)
+        model = make(**kw)
         out = model(random_batch(model.cfg))
         assert out.shape == (3, 5, 2) and torch.isfinite(out).all()
-    assert not make("split", adaptive=False).log_tau.requires_grad
+    assert not make(adaptive=False).log_tau.requires_grad
 
 
 def test_empty_history_gives_finite_scores():
-    model = make("split")
+    model = make()
     b = random_batch(model.cfg)
     b["hist_mask"][:] = False
     b["hist_item"][:] = 0
     assert torch.isfinite(model(b)).all()
-    torch.testing.assert_close(model(b), make("joint")(b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(b), model.score(model.prefill(b), b["cand_item"], b["req_time"]), atol=1e-5,
+                               rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ("joint", "split"))
 @pytest.mark.parametrize("bgf,target_product", [(True, True), (True, False), (False, True)])
-def test_flops_formula_matches_torch_flop_counter(impl, bgf, target_product):
-    model = make(impl, bgf=bgf, target_product=target_product)
+def test_flops_formula_matches_torch_flop_counter(bgf, target_product):
+    model = make(bgf=bgf, target_product=target_product)
     L, M = 8, 5
     b = random_batch(model.cfg, B=1, L=L, M=M, full=True)
     with FlopCounterMode(display=False) as fc:
@@ -200,15 +234,16 @@ def test_small_table_lookup_gradient_equals_embedding_gradient(rows, compiled):
         lookup(torch.tensor([rows]), w)
 
 
-def test_compiled_gelu_is_the_tanh_form():
-    """`gelu` compiled (x sigmoid(2 u)) and eager (F.gelu, tanh form) are one function: values
-    and gradients agree to fp32 rounding, and both stay within 5e-4 of exact (erf) GELU."""
+def test_gelu_is_the_tanh_form():
+    """`gelu` (x sigmoid(2 u)) is GELU's tanh form, eager and compiled: values and gradients
+    agree to fp32 rounding, and it stays within 5e-4 of exact (erf) GELU."""
     x = torch.linspace(-8, 8, 4001, requires_grad=True)
     g = torch.randn(4001)
-    fast = torch.compile(gelu)(x)
-    (dfast,) = torch.autograd.grad(fast, x, g)
-    eager = gelu(x)
-    (deager,) = torch.autograd.grad(eager, x, g)
-    torch.testing.assert_close(fast, F.gelu(x, approximate="tanh"), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(dfast, deager, rtol=1e-5, atol=1e-5)
-    assert (eager - F.gelu(x)).abs().max() < 5e-4
+    want = F.gelu(x, approximate="tanh")
+    (dwant,) = torch.autograd.grad(want, x, g)
+    for fn in (gelu, torch.compile(gelu)):
+        got = fn(x)
+        (dgot,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dgot, dwant, rtol=1e-5, atol=1e-5)
+    assert (gelu(x) - F.gelu(x)).abs().max() < 5e-4

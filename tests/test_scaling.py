@@ -35,7 +35,7 @@ from climber.scaling.planner import _in_hull, candidates, plan
 from climber.scaling.sweep import Grid, read_rows, sweep
 from tests.helpers import tiny_config
 
-TRAIN = TrainConfig(epochs=1, batch_size=64, warmup_steps=5, device="cpu", log_every=100)
+TRAIN = TrainConfig(epochs=1, batch_size=64, warmup_steps=5, log_every=100)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from torch import nn
 
 from climber.config import ModelConfig, parse_strategy
 from climber.embeddings import TokenEmbeddings
+from climber.ops.reference import sumi_mask
 
 HISTORY_KEYS = ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_labels", "hist_mask")
 
@@ -24,6 +25,12 @@ HISTORY_KEYS = ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_
 def recent_history(b: dict) -> dict:
     """The batch with every hist_* tensor cut to block 0: (B, K, L, ...) -> (B, L, ...)."""
     return {**b, **{k: b[k][:, 0] for k in HISTORY_KEYS}}
+
+
+def joint_mask(hist_mask: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    """History validity (B, L) and candidate validity (B, M) -> allowed (B, L + M, L + M): the
+    SUMI mask of a joint [history; candidates] sequence (climber/ops/reference.py)."""
+    return sumi_mask(torch.cat([hist_mask, cand_mask], dim=-1), n_hist=hist_mask.shape[-1])
 
 
 def mlp_head(cfg: ModelConfig, d_in: int) -> nn.Sequential:

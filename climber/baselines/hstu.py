@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from climber.attention import joint_mask, position_buckets, time_buckets
-from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, user_dim
+from climber.baselines.common import Baseline, joint_mask, mlp_head, mlp_head_flops, user_dim
 from climber.config import ModelConfig
+from climber.ops.reference import position_buckets, time_buckets
 
 
 class HSTULayer(nn.Module):
@@ -80,7 +80,7 @@ class HSTU(Baseline):
         t = torch.cat([r["hist_time"], b["req_time"][:, None].expand(B, M)], 1)  # (B, S)
         pos = position_buckets((p[:, None] - p[None, :])[None], self.cfg.pos_buckets)  # (1, S, S)
         tim = time_buckets(t[:, :, None] - t[:, None, :], self.cfg.time_buckets)  # (B, S, S)
-        allowed = joint_mask(r["hist_mask"][:, None], b["cand_mask"])[:, 0]  # (B, S, S)
+        allowed = joint_mask(r["hist_mask"], b["cand_mask"])  # (B, S, S)
         for layer in self.layers:
             x = layer(x, pos, tim, allowed)
         return self.head(self.with_user(self.norm_out(x[:, L:]), b["user"]))

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from climber.attention import joint_mask
-from climber.baselines.common import Baseline, mlp_head, mlp_head_flops, recent_history, user_dim
+from climber.baselines.common import Baseline, joint_mask, mlp_head, mlp_head_flops, recent_history, user_dim
 from climber.config import ModelConfig
 
 
@@ -64,7 +63,7 @@ class Transformer(Baseline):
         h = h + self.pos_emb(torch.arange(N - L, N, device=h.device))
         c = self.embed_candidates(b["cand_item"], b["req_scenario"]) + self.pos_emb.weight[N]  # (B, M, d)
         x = torch.cat([h, c], 1)  # (B, L + M, d)
-        allowed = joint_mask(r["hist_mask"][:, None], b["cand_mask"])[:, 0]  # (B, L + M, L + M)
+        allowed = joint_mask(r["hist_mask"], b["cand_mask"])  # (B, L + M, L + M)
         for layer in self.layers:
             x = layer(x, allowed)
         return self.head(self.with_user(self.norm_out(x[:, L:]), b["user"]))

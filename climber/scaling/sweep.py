@@ -36,6 +36,7 @@ import torch
 from climber.config import ModelConfig, TrainConfig, model_config
 from climber.data.sumi import SumiData
 from climber.model import make_model
+from climber.runtime import Runtime, resolve_device
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,19 @@ def _metrics(res: dict) -> dict:
     return {k: float(res["mean"][k]) for k in ("auc", "gauc", "logloss")}
 
 
-def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, key: str, layered: bool) -> dict:
+def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, key: str, layered: bool,
+            runtime: Runtime | None = None) -> dict:
     """Train (or resume) one grid point, evaluate its best checkpoint on test, return its row."""
     from climber.evaluate import evaluate
-    from climber.train import resolve_device, train
+    from climber.train import train
 
-    device = resolve_device(tcfg.device)
+    runtime = runtime or Runtime()
+    device = resolve_device(runtime.device)
     resumed = (run_dir / "checkpoints").exists()
     t0 = time.time()
-    summary = train(data.root, run_dir, cfg, tcfg, progress=False)
+    summary = train(data.root, run_dir, cfg, tcfg, runtime, progress=False)
     wall = time.time() - t0
-    test = evaluate(run_dir / "best", data.root, "test", device=tcfg.device)
+    test = evaluate(run_dir / "best", data.root, "test", runtime=runtime)
 
     n_train = len(data.requests("train"))
     cands = np.diff(data.a["req_cand_start"])[data.requests("train")]
@@ -161,7 +164,8 @@ def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, 
 
 
 def sweep(data_dir: Path, results: Path, grid: Grid, tcfg: TrainConfig, runs_dir: Path | None = None,
-          strategies: tuple[str, ...] | None = None, log: Callable[[str], None] = print) -> list[dict]:
+          strategies: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
+          runtime: Runtime | None = None) -> list[dict]:
     """Run every grid point not yet in `results` (appending a row after each); returns all rows."""
     data = SumiData(data_dir)
     strategies = strategies or tuple(data.meta["strategies"])
@@ -178,7 +182,7 @@ def sweep(data_dir: Path, results: Path, grid: Grid, tcfg: TrainConfig, runs_dir
             log(f"[{i}/{len(configs)}] {key}: in {results}, skipped")
             continue
         log(f"[{i}/{len(configs)}] {key}: training")
-        row = run_one(cfg, tcfg, data, runs_dir / key, key, layered[cfg.arch])
+        row = run_one(cfg, tcfg, data, runs_dir / key, key, layered[cfg.arch], runtime)
         append_row(results, row)
         done.add(key)
         log(f"[{i}/{len(configs)}] {key}: {row['flops']['exact']:.3g} FLOPs/request, {row['epochs_run']:.2f} epochs "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from climber.cli import add_dataclass_flags, pick_fields
+from climber.config import add_dataclass_flags, pick_fields
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     # the web stack is imported only here, so the rest of the CLI runs without it
     import uvicorn
 
+    from climber.runtime import resolve_device
     from climber.serve.app import build_app
     from climber.serve.engine import Engine
-    from climber.train import resolve_device
 
     settings = ServeSettings(**pick_fields(ns, ServeSettings))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]

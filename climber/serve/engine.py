@@ -16,11 +16,10 @@ A request is one user, one scenario and up to M candidates. The engine
 Incremental extension. History attention is causal and a token's keys/values do not depend
 on its absolute position (positions enter only through the relative bias, computed at
 attention time). So when events arrive, only the new tokens are computed: each runs through
-every layer attending to the cached keys/values and to itself, which is exactly
-`climber.attention.candidate_attention`, and its keys/values are appended to the blocks whose
-strategy selects it ('recent' takes every event, 'pos:like' only liked ones). Blocks stay
-right-aligned, so the relative distance between two real tokens, and from each token to the
-candidate slot, equals that of a prefill from scratch.
+every layer attending to the cached keys/values and to itself (`Climber.extend`), and its
+keys/values are appended to the blocks whose strategy selects it ('recent' takes every event,
+'pos:like' only liked ones). Blocks stay right-aligned, so the relative distance between two
+real tokens, and from each token to the candidate slot, equals that of a prefill from scratch.
 
 Exact extension is impossible once a block's window is full: the oldest event must leave,
 and every later token's state depended on it. Blocks never interact before fusion, so only
@@ -46,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from climber.attention import candidate_attention
+from climber import ops
 from climber.checkpoint import load_model
 from climber.config import parse_strategy
 from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
@@ -183,43 +182,6 @@ class ByteLRU:
         return evicted
 
 
-def cache_nbytes(c: HistoryCache) -> int:
-    tensors = [t for kv in c.kv for t in kv] + [c.hist_mask, c.hist_time, c.scenario, c.user]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _left_pad(c: HistoryCache, n: int) -> HistoryCache:
-    """`n` more padding columns before the oldest token of every block (masked out everywhere)."""
-    if n == 0:
-        return c
-    kv = [(_pad_left(k, n, -2), _pad_left(v, n, -2)) for k, v in c.kv]
-    return HistoryCache(kv, _pad_left(c.hist_mask, n, -1), _pad_left(c.hist_time, n, -1), c.scenario, c.user)
-
-
-def stack_caches(caches: list[HistoryCache]) -> HistoryCache:
-    """One batch from single-user caches, each left-padded to the longest history."""
-    if len(caches) == 1:
-        return caches[0]
-    L = max(c.hist_mask.shape[-1] for c in caches)
-    cs = [_left_pad(c, L - c.hist_mask.shape[-1]) for c in caches]
-    kv = [(torch.cat([c.kv[i][0] for c in cs]), torch.cat([c.kv[i][1] for c in cs])) for i in range(len(cs[0].kv))]
-    return HistoryCache(kv, *(torch.cat([getattr(c, f) for c in cs]) for f in
-                              ("hist_mask", "hist_time", "scenario", "user")))
-
-
-def _shift_in(old: torch.Tensor, new: torch.Tensor, blocks: torch.Tensor, dim: int) -> torch.Tensor:
-    """In the blocks where `blocks` (broadcastable bool) is set, drop the first column along `dim`
-    (always padding: the caller made room) and append `new` as the last; elsewhere keep `old`."""
-    shifted = torch.cat([old.narrow(dim, 1, old.shape[dim] - 1), new], dim=dim)
-    return torch.where(blocks, shifted, old)
-
-
 @dataclass(frozen=True)
 class ScoreRequest:
     """One request. History: `history` when given, else the store's for `user`, else empty."""
@@ -267,6 +229,7 @@ class Engine:
         if data.tasks != model.cfg.tasks or data.meta["vocab"]["n_items"] != model.cfg.n_items:
             raise ValueError(f"{data.root} does not match checkpoint {ckpt_dir} (tasks or item vocabulary)")
         model = model.to(device=device, dtype=dtype)
+        model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
         return cls(model, HistoryStore(len(data.tasks), data), data.a["item_vocab"], data.a["user_vocab"],
                    cache_bytes)
 
@@ -336,8 +299,6 @@ class Engine:
         overflow = counts + sel.sum(0) > self.caps  # (K,)
         room = sel & ~overflow
         for i in np.flatnonzero(room.any(1)):
-            if (counts[room[i]] == cache.hist_mask.shape[-1]).any():  # a block to extend has no padding left
-                cache = _left_pad(cache, 1)
             cache = self._append(cache, new[i:i + 1], torch.from_numpy(room[i]).to(self.device))
             counts += room[i]
         if overflow.any():
@@ -349,47 +310,18 @@ class Engine:
         b = self.history_inputs(history, blocks)
         b["req_scenario"], b["user"] = cache.scenario, cache.user
         fresh = self.model.prefill(b)  # the other blocks are empty, their rows padding
-        L = max(cache.hist_mask.shape[-1], fresh.hist_mask.shape[-1])
-        cache = _left_pad(cache, L - cache.hist_mask.shape[-1])
-        fresh = _left_pad(fresh, L - fresh.hist_mask.shape[-1])
-        K = self.cfg.n_blocks
-        m = torch.from_numpy(blocks).to(self.device)
-        m3, m5 = m.view(1, K, 1), m.view(1, K, 1, 1, 1)
-        kv = [(torch.where(m5, kf, kc), torch.where(m5, vf, vc))
-              for (kc, vc), (kf, vf) in zip(cache.kv, fresh.kv, strict=True)]
-        return HistoryCache(kv, torch.where(m3, fresh.hist_mask, cache.hist_mask),
-                            torch.where(m3, fresh.hist_time, cache.hist_time), cache.scenario, cache.user)
+        return cache.replace_blocks(fresh, torch.from_numpy(blocks).to(self.device)[None])
 
     def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
-        """Run one event through every layer against the cache; append it to `blocks` (K,) bool."""
-        model, dev = self.model, self.device
-        K, L = self.cfg.n_blocks, cache.hist_mask.shape[-1]
+        """Fold one event into the cache of `blocks` (K,) bool (`Climber.extend`)."""
+        K = self.cfg.n_blocks
 
         def per_block(col: np.ndarray) -> torch.Tensor:  # (1, ...) -> (1, K, 1, ...)
-            t = torch.from_numpy(np.asarray(col, np.int64)).to(dev)
+            t = torch.from_numpy(np.asarray(col, np.int64)).to(self.device)
             return t.view(1, 1, 1, *t.shape[1:]).expand(1, K, 1, *t.shape[1:])
 
-        x = model.embed_history({"hist_item": per_block(ev.item), "hist_action": per_block(ev.action),
-                                 "hist_scenario": per_block(ev.scenario), "hist_labels": per_block(ev.labels)})
-        t = int(ev.time[0])
-        # the new token sits one column past the cache's last: the same relative positions and
-        # time gaps (query minus key) as its row in a prefill from scratch
-        rel = (L - torch.arange(L, device=dev)).view(1, 1, 1, L)
-        dt = (t - cache.hist_time)[:, :, None, :]  # (1, K, 1, L)
-        bias_hist = model._bias(cache.scenario, rel, dt)  # (1, K, H, 1, L)
-        zero = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=dev)
-        bias_self = model._bias(cache.scenario, zero, zero)  # (1, K, H, 1, 1)
-        kv = []
-        for layer, tau, (k_hist, v_hist) in zip(model.layers, model._tau(cache.scenario), cache.kv, strict=True):
-            q, k, v = layer._qkv(x)  # (1, K, H, 1, dh) each
-            y = candidate_attention(q, k, v, k_hist, v_hist, bias_hist, bias_self, tau, cache.hist_mask)
-            x = layer._merge(x, y)  # (1, K, 1, d): the new token's input to the next layer
-            b5 = blocks.view(1, K, 1, 1, 1)
-            kv.append((_shift_in(k_hist, k, b5, -2), _shift_in(v_hist, v, b5, -2)))
-        b3 = blocks.view(1, K, 1)
-        mask = _shift_in(cache.hist_mask, torch.ones_like(cache.hist_mask[..., :1]), b3, -1)
-        time = _shift_in(cache.hist_time, torch.full_like(cache.hist_time[..., :1], t), b3, -1)
-        return HistoryCache(kv, mask, time, cache.scenario, cache.user)
+        event = {f"hist_{f}": per_block(getattr(ev, f)) for f in ("item", "time", "action", "scenario", "labels")}
+        return self.model.extend(cache, event, blocks[None])
 
     # ---- requests -----------------------------------------------------------------------------
     def append_events(self, user: int, events: History) -> int:
@@ -417,7 +349,7 @@ class Engine:
             status = "recompute" if redone else "extend"
             self.stats["recompute_blocks"] += redone
         self.stats[status] += 1
-        self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache_nbytes(cache)))
+        self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
         return cache, status, n
 
     @torch.inference_mode()
@@ -429,7 +361,7 @@ class Engine:
         for i, r in enumerate(requests):
             cand[i, :len(r.candidates)] = r.candidates
         req_time = torch.tensor([r.req_time for r in requests], device=self.device)
-        probs = self.score(stack_caches([c for c, _, _ in got]), torch.from_numpy(cand).to(self.device), req_time)
+        probs = self.score(HistoryCache.stack([c for c, _, _ in got]), torch.from_numpy(cand).to(self.device), req_time)
         probs = probs.cpu().numpy()
         return [ScoreResult(probs[i, :len(r.candidates)], status, n)
                 for i, (r, (_, status, n)) in enumerate(zip(requests, got, strict=True))]

@@ -1,5 +1,5 @@
-"""The fused GPU history attention (PAPER.md 2.3; climber/fused_attention.py, Triton) against
-the plain reference ("split").
+"""The attention backends (climber/ops): the reference against the literal masked formulation,
+and the Triton kernels against the reference.
 
 On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 when there is
 no GPU; skipped if Triton is not installed), so outputs and the gradients of q, k, v, the
@@ -14,12 +14,13 @@ import os
 import pytest
 import torch
 
-from climber import fused_attention
-from climber.attention import history_attention, history_inputs
+from climber import ops
 from climber.model import Climber
+from climber.ops import reference, triton_attention
+from climber.runtime import Runtime, apply
 from tests.helpers import perturb, random_batch, tiny_config
 
-interpreted = pytest.mark.skipif(fused_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+interpreted = pytest.mark.skipif(triton_attention.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="needs Triton's CPU interpreter")
 
 # (B, K, H, L, dh, pos buckets, time buckets, table blocks, table scenarios), head dims of 16
@@ -48,16 +49,24 @@ def attention_inputs(B, K, H, L, dh, P, T, Kt, St, seed=0, device="cpu"):
     return {n: x.to(device) for n, x in out.items()}
 
 
-def run(impl, x, grad=True, blocks_outer=False, n_hist=None):
-    """history_attention on `x`, q, k, v packed (K, B, L, 3, H, dh), stored (B, K, ...) or,
-    `blocks_outer`, (K, B, ...) in memory (the model's layout, contiguous), the tokens from
-    `n_hist` on candidates; returns the output and the inputs that take gradients."""
+def run(backend, x, grad=True, blocks_outer=False, n_hist=None):
+    """One layer's attention on `x` through `backend`, q, k, v packed (K, B, S, 3, H, dh), stored
+    (B, K, ...) or, `blocks_outer`, (K, B, ...) in memory (the model's layout, contiguous), the
+    tokens from `n_hist` on candidates; returns the output and the inputs that take gradients."""
     leaves = {n: x[n].clone().requires_grad_(grad) for n in ("q", "k", "v", "tau", "pos_table", "time_table")}
-    hist = history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"], impl,
-                          n_hist)
-    qkv = torch.stack([leaves[n].transpose(2, 3) for n in "qkv"], dim=3)
+    B, K, H, S, dh = x["q"].shape
+    n_hist = S if n_hist is None else n_hist
+    s = x["scenario"] if leaves["pos_table"].shape[1] > 1 else torch.zeros_like(x["scenario"])
+    pos, tim = (leaves[n][:, s].transpose(0, 1).expand(-1, K, -1, -1) for n in ("pos_table", "time_table"))
+    i = torch.arange(S, device=x["q"].device).clamp(max=n_hist)
+    pb = reference.position_buckets(i[:, None] - i[None, :], pos.shape[-1])
+    tb = reference.time_buckets(x["time"][..., :, None] - x["time"][..., None, :], tim.shape[-1])
+    qkv = torch.stack([leaves[n].transpose(2, 3) for n in "qkv"], dim=3)  # (B, K, S, 3, H, dh)
     qkv = qkv.transpose(0, 1).contiguous() if blocks_outer else qkv.transpose(0, 1)
-    return history_attention(qkv, hist, leaves["tau"], impl), leaves
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else qkv.dtype
+    seq = backend.prepare(pos, tim, pb, tb, x["hist_mask"], n_hist, dtype)
+    inv_tau = leaves["tau"][..., 0, 0].reciprocal()
+    return backend.attend(qkv.to(dtype) if backend is ops.TRITON else qkv, inv_tau, seq)[0], leaves
 
 
 def outputs_and_grads(impl, x, blocks_outer=False, n_hist=None) -> dict[str, torch.Tensor]:
@@ -67,40 +76,47 @@ def outputs_and_grads(impl, x, blocks_outer=False, n_hist=None) -> dict[str, tor
     return {"out": out.float(), **{n: p.grad.float() for n, p in leaves.items()}}
 
 
+def with_candidates(x: dict, n_hist: int) -> dict:
+    """`x` with the tokens from n_hist on made candidates: all at the request's time."""
+    time = x["time"].clone()
+    time[..., n_hist:] = time[..., -1:]
+    return {**x, "time": time}
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
 @interpreted
 @pytest.mark.parametrize(("shape", "blocks_outer"), list(zip(INTERPRETER_SHAPES, (False, True))))
-def test_fused_outputs_and_grads_match_reference_in_interpreter(shape, blocks_outer):
+def test_triton_outputs_and_grads_match_reference_in_interpreter(shape, blocks_outer):
     x = attention_inputs(*shape)
-    fast, ref = outputs_and_grads("fused", x, blocks_outer), outputs_and_grads("split", x)
+    fast, ref = outputs_and_grads(ops.TRITON, x, blocks_outer), outputs_and_grads(ops.REFERENCE, x)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name  # fp32 round-off over long sums
 
 
 @interpreted
 @pytest.mark.parametrize(("shape", "n_hist"), [(INTERPRETER_SHAPES[0], 30), (INTERPRETER_SHAPES[1], 64)])
-def test_fused_candidate_rows_match_reference_in_interpreter(shape, n_hist):
+def test_triton_candidate_rows_match_reference_in_interpreter(shape, n_hist):
     """Candidates appended after n_hist history tokens (training's joint pass): each sees the
     valid history and itself. At n_hist = 64 whole key tiles are candidates, which the backward
     pass visits on their diagonal tile only."""
-    x = attention_inputs(*shape)
-    fast, ref = outputs_and_grads("fused", x, True, n_hist), outputs_and_grads("split", x, n_hist=n_hist)
+    x = with_candidates(attention_inputs(*shape), n_hist)
+    fast, ref = outputs_and_grads(ops.TRITON, x, True, n_hist), outputs_and_grads(ops.REFERENCE, x, n_hist=n_hist)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
 
 @interpreted
 @pytest.mark.parametrize("tiles", [(16, 32, 4, 1), (32, 16, 4, 1)])
-def test_fused_any_tile_shape_matches_reference_in_interpreter(tiles, monkeypatch):
+def test_triton_any_tile_shape_matches_reference_in_interpreter(tiles, monkeypatch):
     """Query tiles narrower or wider than key tiles (what the tile sweep picks from), with
     candidates from n_hist = 40 on: whole key tiles of candidates and padding are visited on
     their diagonal rows only, however many query tiles those rows span."""
-    monkeypatch.setattr(fused_attention, "TILES", {k: tiles for k in ("fwd", "bwd")})
-    x = attention_inputs(*INTERPRETER_SHAPES[1])
-    fast, ref = outputs_and_grads("fused", x, True, n_hist=40), outputs_and_grads("split", x, n_hist=40)
+    monkeypatch.setattr(triton_attention, "TILES", {k: tiles for k in ("fwd", "bwd")})
+    x = with_candidates(attention_inputs(*INTERPRETER_SHAPES[1]), 40)
+    fast, ref = outputs_and_grads(ops.TRITON, x, True, n_hist=40), outputs_and_grads(ops.REFERENCE, x, n_hist=40)
     for name in ref:
         assert relative_error(fast[name], ref[name]) < 1e-4, name
 
@@ -114,10 +130,8 @@ def check_table_gradients(dtype: torch.dtype, device: str) -> None:
     tim = torch.zeros(BK, H, T, device=device, requires_grad=True)
     pb, tb = torch.randint(0, P, (S, S), generator=g), torch.randint(0, T, (BK, S, S), generator=g)
     dense = torch.randn(BK, H, S, S, generator=g).tril().to(dtype)
-    grad: dict = {}
-    _, token = fused_attention._DenseBias.apply(pos, tim, pb.to(device), tb.to(device), dtype, grad)
-    grad["dense"] = dense.to(device)
-    token.backward()
+    bias = triton_attention._DenseBias.apply(pos, tim, pb.to(device), tb.to(device), dtype)
+    bias.backward(dense.to(device))
     dense = dense.float()
     want_pos = torch.zeros(BK, H, P).index_add_(2, pb.flatten(), dense.reshape(BK, H, -1))
     want_tim = torch.stack([torch.zeros(H, T).index_add_(1, tb[b].flatten(), dense[b].reshape(H, -1))
@@ -139,20 +153,20 @@ def test_table_gradients_are_exact_bucket_sums_on_gpu(dtype):
 
 
 def check_model_gradients(device: str, compiled: bool = False) -> None:
-    """The whole model, training mode (the fused path runs the joint [history; candidates]
-    sequence): logits and every parameter's gradient equal the split path's, over two
-    backward passes of different batches accumulating (each pass sums its layers' d f_b
-    afresh). `compiled`: three layers under `compile_layers`, whose regions each end with the
-    next layer's qkv projection, so its weights must get their gradients through them; the
-    second batch's shapes make the graphs dynamic."""
+    """The whole model, training mode (the joint [history; candidates] sequence): with the
+    Triton backend, logits and every parameter's gradient equal the reference's, over two
+    backward passes of different batches accumulating (each pass carries its layers' summed
+    d f_b afresh). `compiled`: three layers under the runtime's regional compile, whose layer
+    regions each end with the next layer's input norm; the second batch's shapes make the
+    graphs dynamic."""
     torch.manual_seed(0)
     layers = 3 if compiled else 2
-    ref = Climber(tiny_config(attention="split", d_model=32, seq_len=20, n_layers=layers))
+    ref = Climber(tiny_config(d_model=32, seq_len=20, n_layers=layers))
     perturb(ref)
-    fast = Climber(tiny_config(attention="fused", d_model=32, seq_len=20, n_layers=layers))
+    fast = Climber(tiny_config(d_model=32, seq_len=20, n_layers=layers))
     fast.load_state_dict(ref.state_dict())
-    if compiled:
-        fast.compile_layers()
+    apply(fast, Runtime(device=device, attention="triton", compile=compiled))
+    fast.stream_dtype = None  # fp32 here, no autocast
     batches = [{k: v.to(device) for k, v in random_batch(ref.cfg, B=3, L=L, M=M, seed=s).items()}
                for s, (L, M) in enumerate([(20, 4), (13, 6)], start=2)]
     logits = []
@@ -175,37 +189,37 @@ def check_model_gradients(device: str, compiled: bool = False) -> None:
 
 
 @interpreted
-def test_fused_model_gradients_match_reference_in_interpreter():
+def test_triton_model_gradients_match_reference_in_interpreter():
     check_model_gradients("cpu")
 
 
 @interpreted
 @pytest.mark.slow
-def test_compiled_fused_model_gradients_match_reference_in_interpreter():
+def test_compiled_triton_model_gradients_match_reference_in_interpreter():
     check_model_gradients("cpu", compiled=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", (False, True))
-def test_fused_model_gradients_match_reference_on_gpu(compiled):
+def test_triton_model_gradients_match_reference_on_gpu(compiled):
     check_model_gradients("cuda", compiled)
 
 
 @interpreted
-def test_fused_rejects_head_dims_the_kernels_cannot_tile():
+def test_triton_rejects_head_dims_the_kernels_cannot_tile():
     x = attention_inputs(2, 1, 2, 8, 8, 8, 8, 1, 1)
     with pytest.raises(ValueError, match="head dim"):
-        run("fused", x)
+        run(ops.TRITON, x)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("blocks_outer", (False, True))
-def test_fused_outputs_and_grads_match_reference_fp32(shape, blocks_outer):
+def test_triton_outputs_and_grads_match_reference_fp32(shape, blocks_outer):
     x = attention_inputs(*shape, device="cuda")
-    fast, ref = outputs_and_grads("fused", x, blocks_outer), outputs_and_grads("split", x)
+    fast, ref = outputs_and_grads(ops.TRITON, x, blocks_outer), outputs_and_grads(ops.REFERENCE, x)
     for name in ref:
         # d tau sums L^2 terms of both signs per (sample, head) (seen on the H200: 1.02e-4 at L =
         # 200, fp32 round-off of the cancelling sum); everything else is within 1e-4
@@ -215,22 +229,50 @@ def test_fused_outputs_and_grads_match_reference_fp32(shape, blocks_outer):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES[-1:])
-def test_fused_bf16_is_as_accurate_as_reference_bf16(shape):
-    """Under bf16 autocast, the fused path's output and gradients are about as far from the fp32
+def test_triton_bf16_is_as_accurate_as_reference_bf16(shape):
+    """Under bf16 autocast, the Triton output and gradients are about as far from the fp32
     reference as the reference path's own bf16 run: round-off, not a bug."""
     x = attention_inputs(*shape, device="cuda")
-    exact = outputs_and_grads("split", x)
+    exact = outputs_and_grads(ops.REFERENCE, x)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast, ref = outputs_and_grads("fused", x, blocks_outer=True), outputs_and_grads("split", x)
+        fast, ref = outputs_and_grads(ops.TRITON, x, blocks_outer=True), outputs_and_grads(ops.REFERENCE, x)
     for name in exact:
         e_fast, e_ref = relative_error(fast[name], exact[name]), relative_error(ref[name], exact[name])
-        assert e_fast < 2 * e_ref + 1e-3, f"{name}: fused {e_fast:.1e}, reference {e_ref:.1e}"
+        assert e_fast < 2 * e_ref + 1e-3, f"{name}: triton {e_fast:.1e}, reference {e_ref:.1e}"
 
 
-def test_fused_falls_back_to_the_reference_where_its_kernels_cannot_run(monkeypatch):
-    """A model trained with attention='fused' evaluates and serves on a CPU without Triton."""
-    monkeypatch.setattr(fused_attention, "available", lambda device: False)
-    x = attention_inputs(2, 2, 2, 9, 8, 8, 8, 2, 1)
-    fast, ref = outputs_and_grads("fused", x), outputs_and_grads("split", x)
-    for name in ref:
-        torch.testing.assert_close(fast[name], ref[name])
+def test_auto_picks_the_reference_where_the_kernels_cannot_run(monkeypatch):
+    """A model trained with the Triton kernels evaluates and serves on a CPU without Triton;
+    asking for them there is a clear error."""
+    assert ops.backend("auto", "cpu") is ops.REFERENCE  # CPU: the reference even with the interpreter
+    monkeypatch.setattr(triton_attention, "available", lambda device: False)
+    assert ops.backend("auto", "cuda") is ops.REFERENCE
+    with pytest.raises(ValueError, match="triton attention backend needs"):
+        ops.backend("triton", "cpu")
+
+
+def dense_attention(x, n_hist):
+    """The literal formulation: softmax((q k^T + f_b) / tau) over the whole (S, S) score matrix
+    under the SUMI mask, f_b gathered densely."""
+    B, K, H, S, dh = x["q"].shape
+    i = torch.arange(S).clamp(max=n_hist)
+    rel = reference.position_buckets(i[:, None] - i[None, :], x["pos_table"].shape[-1])
+    dt = reference.time_buckets(x["time"][..., :, None] - x["time"][..., None, :], x["time_table"].shape[-1])
+    s = x["scenario"] if x["pos_table"].shape[1] > 1 else torch.zeros_like(x["scenario"])
+    bias = torch.empty(B, K, H, S, S)
+    for b in range(B):
+        for k in range(K):
+            kt = k if x["pos_table"].shape[0] > 1 else 0
+            bias[b, k] = x["pos_table"][kt, s[b]][:, rel] + x["time_table"][kt, s[b]][:, dt[b, k]]
+    scores = (x["q"] @ x["k"].transpose(-1, -2) + bias) / x["tau"]
+    allowed = reference.sumi_mask(x["hist_mask"], n_hist)[:, :, None]
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ x["v"]
+
+
+@pytest.mark.parametrize("n_hist", (37, 30, 1))
+def test_reference_equals_the_dense_masked_formulation(n_hist):
+    """The reference computes history rows (L, L) and candidate rows (M, L + 1); the literal
+    (S, S) masked softmax is the same function."""
+    x = with_candidates(attention_inputs(*INTERPRETER_SHAPES[0]), n_hist)
+    got, _ = run(ops.REFERENCE, x, grad=False, n_hist=n_hist)
+    torch.testing.assert_close(got, dense_attention(x, n_hist), rtol=1e-5, atol=1e-5)

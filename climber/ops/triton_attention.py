@@ -1,57 +1,54 @@
-"""Fused history attention for GPU training (PAPER.md 2.3, ATL; issue 5): one Triton kernel
-forward and one backward, FlashAttention-style (tiles in SRAM, online softmax, no (L, L)
-probability matrix in memory), with the SUMI history mask, the dynamic temperature and f_b;
-two more kernels build f_b densely and reduce its gradient.
+"""The ATL attention on the GPU in Triton (docs/paper.md 2.3 and 3.1): `prepare` and `attend`
+with the meaning of `climber/ops/reference.py`, FlashAttention-style (tiles in SRAM, online
+softmax, no (S, S) probability matrix in memory), with the SUMI mask, the temperature and f_b.
+Four kernels: f_b built densely, attention forward, attention backward (one pass), and f_b's
+gradient reduced to the tables.
 
-What the bias really needs: f_b(block, scenario) is shared by every layer of a block, so it
-is built densely once per step, (B*K, H, S, S) in the compute dtype, by `prepare` (a kernel
-reading the small tables, a position-bucket LUT and per-sample time-gap buckets), and each
-layer's kernel reads one bias tile beside its q.k tile: no bucket arithmetic or table
-gathers per score element. Backward, each layer adds d bias = dS / tau for its tiles into one
-buffer shared by the layers, in the compute dtype (every score element belongs to one program,
-so no atomics; bf16 halves this read-modify-write against fp32), and once every layer is done
-that sum is reduced to the tables, once per step (one-hot tensor-core dots accumulating in
-fp32, all heads of a chunk at once). A scalar "token" output of the bias build, taken by every layer,
-is what makes autograd run the reduction after the last layer.
+f_b(block, scenario) is shared by every layer of a block, so `prepare` builds it densely once
+per forward, (B*K, H, S, S) in the compute dtype, from the small tables, the position buckets
+and the per-sample time buckets; each layer's kernel reads one bias tile beside its q.k tile:
+no bucket arithmetic or table gathers per score element. Backward, each layer adds d f_b =
+dS / tau for its tiles into one dense buffer in the compute dtype (every score element belongs
+to one program, so no atomics), and once every layer is done that sum is reduced to the tables,
+once per step (one-hot tensor-core dots accumulating in fp32, all heads of a chunk at once).
+The buffer is carried by autograd: `attend` returns f_b as the next layer's input, so the
+gradient that reaches a layer's backward is the later layers' sum, to which it adds its own.
 
 The backward is one pass over the key tiles (each program owns BN keys and walks the query
 tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
 dqkv by atomic adds in its dtype (a bf16 dQ is rounded once per key tile that sees its row,
-4 at L = 208, not once; the pass computing delta = rowsum(dO O) zeroes dQ first). That
-saves a second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32
-buffer to zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP,
-summed the same way (fp32).
-
-The sequence is S tokens, the first `n_hist` of them history (causal), the rest candidates
-appended for training (PAPER.md 3.1, SUMI): a candidate sees the valid history and itself.
+4 at S = 208, not once; the pass computing delta = rowsum(dO O) zeroes dQ first). That saves a
+second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32 buffer to
+zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP, summed
+the same way (fp32).
 
     s_ij = (q_i . k_j + bias_ij) / tau
     allowed: j <= i and ((j < n_hist and key j valid) or j == i)
 
-`fused_attention` takes the packed qkv projection blocks first, (K, B, S, 3, H, dh), as the
-model's BlockLinear leaves it (its transpose to (B, K, ...) happens here, outside compiled
-graphs); the kernels take any strides with dh contiguous, read q, k, v as views of it and
-write their gradients into one buffer with its strides; the output is stored (B, K, S, H, dh) in the input's
-order of B and K, which the output projection reads as is. No layout copies in or out,
-forward or backward. Leading key tiles that are all padding (histories are left-padded)
-are skipped per sample, and so are the query tiles of key tiles only their own rows see.
+`attend` takes the packed qkv projection blocks first, (K, B, S, 3, H, dh), as the model's
+projection leaves it; the kernels take any strides with dh contiguous, read q, k, v as views of
+it and write their gradients into one buffer with its strides; the output is stored (K, B, S,
+H, dh), which the output projection reads as is. No layout copies in or out, forward or
+backward. Leading key tiles that are all padding (histories are left-padded) are skipped per
+sample, and so are the query tiles of key tiles only their own rows see.
 
-Correctness: `tests/test_attention_fast.py` checks outputs and the gradients of q, k, v, tau
-and both tables against the plain reference path, on the GPU and, through Triton's
-interpreter (TRITON_INTERPRET=1), on CPU.
+Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
+both tables against the reference, on the GPU and, through Triton's interpreter
+(TRITON_INTERPRET=1), on CPU.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only install: the fused path is GPU-only
+except ImportError:  # CPU-only install: this backend is GPU-only
     triton = None
 
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
@@ -61,153 +58,165 @@ TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2)}
 
 
 def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: CUDA with Triton, or Triton's CPU interpreter."""
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @dataclass
-class FusedInputs:
-    """What the kernels need besides q, k, v and tau, built once per step by `prepare` and
-    shared by the layers."""
+class Sequence:
+    """What the kernels need besides q, k, v and 1 / tau, built once per forward by `prepare`."""
 
-    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype (no autograd: see `token`)
-    token: torch.Tensor  # scalar the layers take, so the table reduction runs after all of them
+    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype; its gradient flows layer to layer
     valid8: torch.Tensor  # (BK, S) int8 key validity
-    first: torch.Tensor  # (BK,) int32 first valid key
+    first: torch.Tensor  # (BK,) int32 first valid key (S if none)
     n_hist: int  # leading history tokens; later ones (candidates) are keys for their own row only
-    grad: dict = field(default_factory=dict)  # "dense": (BK, H, S, S) sum of the layers' d f_b, bias's dtype
+
+
+def prepare(pos, tim, pb, tb, valid, n_hist: int, dtype: torch.dtype) -> Sequence:
+    """Per-sample tables pos (B, K, H, P), tim (B, K, H, T); position buckets pb (S, S); time
+    buckets tb (B, K, S, S); key validity valid (B, K, S); the first n_hist tokens history ->
+    the kernels' inputs, f_b in `dtype`."""
+    if not available(valid.device):
+        raise RuntimeError("the Triton attention kernels need a CUDA GPU and Triton")
+    B, K, S = valid.shape
+    bias = _DenseBias.apply(pos.flatten(0, 1), tim.flatten(0, 1), pb, tb.reshape(B * K, S, S), dtype)
+    valid = valid.reshape(B * K, S)
+    first = torch.where(valid, torch.arange(S, device=valid.device), S).min(dim=-1).values.to(torch.int32)
+    return Sequence(bias, valid.to(torch.int8).contiguous(), first, n_hist)
+
+
+@torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
+def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, Sequence]:
+    """SUMI attention of one layer. qkv (K, B, S, 3, H, dh) blocks first; inv_tau (B, K, H) ->
+    (output (B, K, H, S, dh), seq for the next layer: the same f_b, through which autograd
+    carries the later layers' summed f_b gradient)."""
+    K, B, _, _, H, _ = qkv.shape
+    out, bias = _Attention.apply(qkv.transpose(0, 1), inv_tau.reshape(B * K, H).float(), seq.bias, seq.valid8,
+                                 seq.first, seq.n_hist)
+    return out, dataclasses.replace(seq, bias=bias)
 
 
 class _DenseBias(torch.autograd.Function):
-    """(BK, H, P) position and (BK, H, T) time tables, (S, S) position buckets and (BK, S, S)
-    time buckets -> dense f_b (BK, H, S, S) in `dtype` and the token; backward reduces the
-    layers' summed dense gradient, which the kernels leave causal (zero above the diagonal),
-    to the tables."""
+    """(BK, H, P) position and (BK, H, T) time tables, (S, S) position buckets and (BK, S, S) time
+    buckets -> dense f_b (BK, H, S, S) in `dtype`; backward reduces the layers' summed dense
+    gradient, which the kernels leave causal (zero above the diagonal), to the tables."""
 
     @staticmethod
-    def forward(ctx, pos, tim, pb, tb, dtype, grad):
+    def forward(ctx, pos, tim, pb, tb, dtype):
         BK, H, P = pos.shape
-        L = pb.shape[0]
+        S, T = pb.shape[0], tim.shape[-1]
         pb, tb = pb.to(torch.int16).contiguous(), tb.to(torch.int16).contiguous()  # bucket ids < 2^15
-        bias = torch.empty(BK, H, L, L, dtype=dtype, device=pos.device)
-        grid = (BK * H, triton.cdiv(L, BLOCK))
-        _bias_fwd_kernel[grid](pos.float().contiguous(), tim.float().contiguous(), pb, tb, bias, H, L, P=P,
-                               T=tim.shape[-1], BM=BLOCK, BN=BLOCK, num_warps=4)
+        bias = torch.empty(BK, H, S, S, dtype=dtype, device=pos.device)
+        _bias_fwd_kernel[(BK * H, triton.cdiv(S, BLOCK))](
+            POS=pos.float().contiguous(), TIM=tim.float().contiguous(), PB=pb, TB=tb, OUT=bias, H=H, L=S, P=P, T=T,
+            BM=BLOCK, BN=BLOCK, num_warps=4)
         ctx.save_for_backward(pb, tb)
-        ctx.sizes = P, tim.shape[-1]
-        ctx.grad = grad
-        ctx.mark_non_differentiable(bias)
+        ctx.sizes = P, T
         ctx.set_materialize_grads(False)
-        return bias, pos.new_zeros(())
+        return bias
 
     @staticmethod
-    def backward(ctx, _, __):
+    def backward(ctx, g):
+        if g is None:  # no layer's backward ran
+            return None, None, None, None, None
         pb, tb = ctx.saved_tensors
         P, T = ctx.sizes
-        g = ctx.grad.pop("dense", None)  # consumed: a second backward starts from zero
-        if g is None:  # no layer ran backward
-            return None, None, None, None, None, None
-        BK, H, L, _ = g.shape
+        BK, H, S, _ = g.shape
         # per-bucket sums of g by one kernel that reads g once, as one-hot matmuls on the tensor
         # cores: the buckets do not depend on the head, so a chunk of score entries of all heads
         # (H, C) times the chunk's one-hot buckets (C, P) gives every head's sums at once. Neither
-        # scatter-adds (B*K*H*L*L values into a few thousand entries serialise on atomics: 173 ms
-        # at B*K = 64, L = 800 on an H200), nor per-sample one-hot products over whole rows
+        # scatter-adds (B*K*H*S*S values into a few thousand entries serialise on atomics: 173 ms
+        # at B*K = 64, S = 800 on an H200), nor per-sample one-hot products over whole rows
         # (215 ms there), nor per-bucket masked sums (2.9 ms a step at the paper config)
-        n_tiles = triton.cdiv(L, BLOCK)
+        n_tiles = triton.cdiv(S, BLOCK)
         dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
         dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
-        _bias_grad_kernel[(BK, n_tiles)](g, pb, tb, dpos, dtim, H, L, P=P, T=T, HP=_dot_width(H), PP=_dot_width(P),
-                                         TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype),
-                                         num_warps=4)
-        return dpos.sum(1), dtim.sum(1), None, None, None, None
+        _bias_grad_kernel[(BK, n_tiles)](
+            G=g.contiguous(), PB=pb, TB=tb, DPOS=dpos, DTIM=dtim, H=H, L=S, P=P, T=T, HP=_dot_width(H),
+            PP=_dot_width(P), TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype), num_warps=4)
+        return dpos.sum(1), dtim.sum(1), None, None, None
 
 
-def prepare(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor, valid: torch.Tensor,
-            n_hist: int, dtype: torch.dtype) -> FusedInputs:
-    """Per-sample tables pos (BK, H, P), tim (BK, H, T), position buckets pb (S, S), time
-    buckets tb (BK, S, S) and key validity (BK, S) -> the kernels' shared inputs."""
-    grad: dict = {}
-    bias, token = _DenseBias.apply(pos, tim, pb, tb, dtype, grad)
-    S = valid.shape[-1]
-    idx = torch.where(valid, torch.arange(S, device=valid.device), S)
-    first = idx.min(dim=-1).values.to(torch.int32)  # S if no valid key
-    return FusedInputs(bias, token, valid.to(torch.int8).contiguous(), first, n_hist, grad)
-
-
-class _FusedAttention(torch.autograd.Function):
+class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, inv_tau, token, fi: FusedInputs):
-        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32 -> (B, K,
-        H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K."""
-        B, K, L, _, H, dh = qkv.shape
+    def forward(ctx, qkv, inv_tau, bias, valid8, first, n_hist):
+        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32; bias (BK, H,
+        S, S) -> (B, K, H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K; and f_b, as
+        the next layer's input."""
+        B, K, S, _, H, dh = qkv.shape
         if dh < 16 or dh & (dh - 1):
-            raise ValueError(f"attention='fused' needs a power-of-two head dim >= 16, not {dh}")
+            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        q, k, v = split_heads(qkv)
+        q, k, v = _split_heads(qkv)
         out = _empty_heads(qkv)
-        lse = torch.empty(B * K, H, L, dtype=torch.float32, device=qkv.device)
+        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
         inv_tau = inv_tau.contiguous()
-        _fwd_kernel[_grid(q, "fwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, out, lse, *_strides(q, out),
-                                     K, H, L, fi.n_hist, **_meta(q, "fwd"))
-        ctx.save_for_backward(qkv, inv_tau, out, lse)
-        ctx.fi = fi
-        return out
+        _fwd_kernel[_grid(q, "fwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, OUT=out, LSE=lse,
+            **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
+        ctx.save_for_backward(qkv, inv_tau, bias, valid8, first, out, lse)
+        ctx.n_hist = n_hist
+        ctx.set_materialize_grads(False)
+        return out, bias.detach()  # a new tensor over f_b's memory: its gradient comes back to this layer
 
     @staticmethod
-    def backward(ctx, dout):
-        qkv, inv_tau, out, lse = ctx.saved_tensors
-        fi = ctx.fi
-        q, k, v = split_heads(qkv)
-        B, K, H, L, dh = q.shape
+    def backward(ctx, dout, dbias):
+        """dbias: the later layers' summed f_b gradient (None after the last layer), to which
+        this layer's is added in place."""
+        qkv, inv_tau, bias, valid8, first, out, lse = ctx.saved_tensors
+        q, k, v = _split_heads(qkv)
+        B, K, H, S, dh = q.shape
+        need_dbias = ctx.needs_input_grad[2]
+        if dout is None:  # only f_b's gradient passes through this layer
+            return None, None, dbias, None, None, None
         dout = dout.to(q.dtype)
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
         dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
-        dq, dk, dv = split_heads(dqkv)
-        # d f_b, added to the other layers' (zeros before the first layer: key tiles seen by their
-        # own rows only leave the query tiles below them unwritten)
-        need_dbias = ctx.needs_input_grad[2]
-        if need_dbias and "dense" not in fi.grad:
-            fi.grad["dense"] = torch.zeros(fi.bias.shape, dtype=fi.bias.dtype, device=q.device)
-        dbias = fi.grad.get("dense", fi.bias)  # (an unused pointer without need_dbias)
+        dq, dk, dv = _split_heads(dqkv)
+        if need_dbias and dbias is None:  # the last layer: zeros (tiles only their own rows see stay so)
+            dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device)
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        delta = torch.empty(B * K, H, L, dtype=torch.float32, device=q.device)  # rowsum(dO O)
-        _bwd_delta_kernel[_grid(q, "fwd")](dout, out, delta, dq, *_strides(dout, out, dq), K, H, L, DH=dh,
-                                           BM=TILES["fwd"][0])
+        delta = torch.empty(B * K, H, S, dtype=torch.float32, device=q.device)  # rowsum(dO O)
+        _bwd_delta_kernel[_grid(q, "fwd")](
+            DO=dout, OUT=out, DELTA=delta, DQ=dq, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
+            NK=K, H=H, L=S, DH=dh, BM=TILES["fwd"][0])
         # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
         # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
-        row_sums = torch.zeros(2, B * K, H, L, dtype=torch.float32, device=q.device)
-        _bwd_kernel[_grid(q, "bwd")](q, k, v, fi.bias, inv_tau, fi.valid8, fi.first, dout, lse, delta, dk, dv, dq,
-                                     dbias, dinv, row_sums, *_strides(q, dout, dk), K, H, L, fi.n_hist,
-                                     DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
+        row_sums = torch.zeros(2, B * K, H, S, dtype=torch.float32, device=q.device)
+        _bwd_kernel[_grid(q, "bwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, DO=dout, LSE=lse, DELTA=delta,
+            DK=dk, DV=dv, DQ=dq, DBIAS=dbias if need_dbias else bias, DINV=dinv, ROWS=row_sums,
+            **_strides("q", q), **_strides("d", dout), **_strides("g", dk), NK=K, H=H, L=S, NH=ctx.n_hist,
+            DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
         dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
-        token_grad = torch.zeros((), device=q.device) if need_dbias else None
-        return dqkv, dinv.to(inv_tau.dtype), token_grad, None
+        return dqkv, dinv.to(inv_tau.dtype), dbias if need_dbias else None, None, None, None
 
 
-def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed (B, K, S, 3, H, dh) projections -> q, k, v (B, K, H, S, dh), as views."""
     return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
 
 
 def _empty_heads(qkv: torch.Tensor) -> torch.Tensor:
-    """A (B, K, H, L, dh) output stored (B, K, L, H, dh), or (K, B, L, H, dh) when qkv is
+    """A (B, K, H, S, dh) output stored (B, K, S, H, dh), or (K, B, S, H, dh) when qkv is
     stored with K outermost (the model's layout): the output projection then reads it as is."""
-    B, K, L, _, H, dh = qkv.shape
+    B, K, S, _, H, dh = qkv.shape
     if K > 1 and B > 1 and qkv.stride(1) > qkv.stride(0):
-        return torch.empty(K, B, L, H, dh, dtype=qkv.dtype, device=qkv.device).permute(1, 0, 3, 2, 4)
-    return torch.empty(B, K, L, H, dh, dtype=qkv.dtype, device=qkv.device).transpose(2, 3)
+        return torch.empty(K, B, S, H, dh, dtype=qkv.dtype, device=qkv.device).permute(1, 0, 3, 2, 4)
+    return torch.empty(B, K, S, H, dh, dtype=qkv.dtype, device=qkv.device).transpose(2, 3)
 
 
-def _strides(*xs: torch.Tensor) -> list[int]:
-    """(B, K, H, L, dh) views -> for each, the strides of B, K, H and L (dh is contiguous)."""
-    return [s for x in xs for s in x.stride()[:4]]
+def _strides(name: str, x: torch.Tensor) -> dict[str, int]:
+    """A (B, K, H, S, dh) view's strides of B, K, H and S as the kernels' keyword arguments
+    s<name>b, s<name>k, s<name>h, s<name>l (dh is contiguous)."""
+    return {f"s{name}{axis}": s for axis, s in zip("bkhl", x.stride()[:4])}
 
 
 def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
     """(sample-block x head, tiles): query tiles for fwd, key tiles for bwd."""
-    B, K, H, L, _ = q.shape
+    B, K, H, S, _ = q.shape
     BM, BN, _, _ = TILES[kernel]
-    return B * K * H, triton.cdiv(L, BN if kernel == "bwd" else BM)
+    return B * K * H, triton.cdiv(S, BN if kernel == "bwd" else BM)
 
 
 def _meta(q: torch.Tensor, kernel: str) -> dict:
@@ -225,15 +234,6 @@ def _precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: fp32 inputs get exact (not tf32) products; tf32 is ignored for
     bf16 inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
-def fused_attention(qkv: torch.Tensor, inv_tau: torch.Tensor, fi: FusedInputs) -> torch.Tensor:
-    """Attention with temperature and dense bias under the SUMI mask; see the module docstring.
-    qkv (K, B, S, 3, H, dh) blocks first; inv_tau (B*K, H) fp32 -> (B, K, H, S, dh)."""
-    if not available(qkv.device):
-        raise RuntimeError("the fused attention kernels need a CUDA GPU and Triton")
-    return _FusedAttention.apply(qkv.transpose(0, 1), inv_tau, fi.token, fi)
 
 
 if triton is not None:

@@ -1,0 +1,75 @@
+"""Speed, applied to a built model from outside (as torchtitan's `parallelize`): the device,
+the attention backend, the precision policy and torch.compile regions. The model file is the
+math; nothing here is saved with a checkpoint, so a run trained with one backend evaluates,
+resumes and serves with any other.
+
+Precision: on CUDA, bf16 autocast (fp32 weights and optimizer state) and a bf16 residual
+stream, which halves the states' memory traffic; on CPU, fp32.
+
+Compile (`--compile`): regional torch.compile of the code between attention calls, whose
+kernels are many and memory-bound: each `AdaptiveLayer` (everything after its attention, to
+the next layer's input norm; the layers share one compiled graph, their weights being graph
+inputs), `Climber.front` (embeddings, the joint sequence, f_b's bucket ids, 1 / tau) and
+`Climber.fuse_and_head` (BGF and the head, some 200 small kernels forward and backward). The
+attention kernels and the f_b build stay outside. Shapes start static and turn dynamic at the
+first change (torch's automatic dynamic shapes): real batches vary in history length and
+candidate count, and one static graph per shape would soon exceed the recompile limit.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from climber import ops
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how fast a model runs; none of it changes what the model computes."""
+
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    attention: str = "auto"  # "auto" (triton on a CUDA GPU, else reference) | "reference" | "triton"
+    compile: bool = False  # regional torch.compile (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.attention not in ops.BACKENDS:
+            raise ValueError(f"attention must be one of {ops.BACKENDS}, not {self.attention!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device; plain 'cuda' gets an explicit index (the
+    local rank under torchrun, else 0), which torch.cuda.set_device requires."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """The precision policy's autocast: bf16 on CUDA, off elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def apply(model: nn.Module, rt: Runtime) -> torch.device:
+    """Move `model` to the runtime's device and give it the attention backend, precision and
+    compiled regions; returns the device. Baselines get the device and, with compile, one
+    compiled forward."""
+    device = resolve_device(rt.device)
+    model.to(device)
+    if hasattr(model, "attention"):  # Climber
+        model.attention = ops.backend(rt.attention, device)
+        model.stream_dtype = torch.bfloat16 if device.type == "cuda" else None
+        if rt.compile:
+            for layer in model.layers:
+                layer.compile()
+            model.front = torch.compile(model.front)
+            model.fuse_and_head = torch.compile(model.fuse_and_head)
+    elif rt.compile:
+        model.compile()
+    return device
