@@ -1,26 +1,23 @@
-"""The history self-attention kernel alone (PAPER.md 2.3, ATL; issue 5), on one GPU.
+"""The ATL attention alone (docs/paper.md 2.3), on one GPU: the backends of `climber/ops`.
 
 Variants on the same (B*K, H, L, dh) problems, bf16 q, k, v:
-  flash       SDPA flash attention, causal, no bias, no temperature: the ceiling.
-  fused       climber's "fused" path (climber/fused_attention.py): the dense f_b built from the
-              tables, then the Triton kernels (forward; backward with dK, dV, d bias, d(1/tau)
-              and dQ), then d bias reduced into the tables.
-  fused-kernel the Triton kernels alone: the dense bias built beforehand, as the model does once
-              per step for all its layers (its gradient is still added to the layers' sum,
-              not reduced).
-  sdpa-mask   climber's "sdpa" path: SDPA with the dense bias + mask as an additive mask.
-  split       climber's "split" reference: dense bias, fp32 softmax, plain matmuls.
-Everything runs under bf16 autocast, as in training. sdpa-mask and split include building the
-dense bias and mask and, backward, the bias's gradient into the tables (in the model, once per
-step, shared by the layers). "fwd" is the forward with gradients enabled (as in training),
-"fwd+bwd" adds the backward. TFLOP/s counts the causal work only, 4 * L (L + 1) / 2 * dh per
-(sample, head) forward and 2.5x that backward, the same for every variant; "of flash" is
-flash time / variant time.
+  flash          SDPA flash attention, causal, no bias, no temperature: the ceiling.
+  triton         the "triton" backend: `prepare` (the dense f_b built from the tables), `attend`
+                 (forward; backward with dK, dV, d bias, d(1/tau) and dQ), then d bias reduced
+                 into the tables.
+  triton-kernel  the Triton attention kernels alone: f_b prepared beforehand, as the model does
+                 once per step for all its layers (its gradient is made, not reduced).
+  reference      the "reference" backend: dense bias, fp32 softmax, plain matmuls, and
+                 backward the bias's gradient into the tables.
+Everything runs under bf16 autocast, as in training. "fwd" is the forward with gradients
+enabled (as in training), "fwd+bwd" adds the backward. TFLOP/s counts the causal work only,
+4 * L (L + 1) / 2 * dh per (sample, head) forward and 2.5x that backward, the same for every
+variant; "of flash" is flash time / variant time.
 
-    python benchmarks/bench_attention.py [--out benchmarks/results]
+    python benchmarks/bench_attention.py [--out benchmarks/results/attention_kernel]
     python benchmarks/bench_attention.py --sweep [--shapes ...]   # tile configs of the kernels
 
-`--sweep` times each Triton kernel (fused-kernel's fwd+bwd under the profiler) for each
+`--sweep` times each Triton kernel (triton-kernel's fwd+bwd under the profiler) for each
 (query rows, key columns, warps, stages) in SWEEP and prints the best per kernel; "all ms" is
 every kernel of the fwd+bwd (the small fills and the bias grad's zeros included).
 """
@@ -37,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from climber.attention import history_attention, history_inputs
+from climber import ops
+from climber.ops import reference, triton_attention
 
-VARIANTS = ("flash", "fused", "fused-kernel", "sdpa-mask", "split")
+VARIANTS = ("flash", "triton", "triton-kernel", "reference")
 SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (32, 128, 4, 2),
          (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (16, 128, 4, 2)]
 KERNELS = {"fwd": "_fwd_kernel", "bwd": "_bwd_kernel", "delta": "_bwd_delta_kernel"}  # delta: on fwd's row tiles
@@ -76,28 +74,30 @@ def make_case(variant: str, x: dict):
         leaves = {"qkv": torch.stack([x[n].transpose(2, 3) for n in "qkv"], dim=3).transpose(0, 1).contiguous()
                   .requires_grad_()}
     leaves.update({n: x[n].clone().requires_grad_(not frozen) for n in ("tau", "pos_table", "time_table")})
-    tau = leaves["tau"]
     B, K, H, L, dh = x["q"].shape
-    impl = {"sdpa-mask": "sdpa", "fused-kernel": "fused"}.get(variant, variant)
+    backend = ops.REFERENCE if variant == "reference" else ops.TRITON
+    i = torch.arange(L, device="cuda")
+    pb = reference.position_buckets(i[:, None] - i[None, :], x["pos_table"].shape[-1])
+    tb = reference.time_buckets(x["time"][..., :, None] - x["time"][..., None, :], x["time_table"].shape[-1])
 
-    def inputs():
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # the dense bias follows autocast
-            return history_inputs(x["hist_mask"], x["time"], x["scenario"], leaves["pos_table"], leaves["time_table"],
-                                  impl)
+    def prepare():
+        s = x["scenario"]
+        pos, tim = (leaves[n][:, s].transpose(0, 1) for n in ("pos_table", "time_table"))  # (B, K, H, N)
+        return backend.prepare(pos, tim, pb, tb, x["hist_mask"], L, torch.bfloat16)
 
-    if variant == "fused-kernel":  # a token leaf: each backward adds d f_b to the shared sum, as layers 2.. do
-        built = inputs()
-        built.fused.token = torch.zeros((), device="cuda", requires_grad=True)
-        leaves["token"] = built.fused.token
+    if variant == "triton-kernel":  # f_b as a leaf: its gradient is made by the kernels, not reduced
+        built = prepare()
+        built.bias = built.bias.detach().requires_grad_()
+        leaves["bias"] = built.bias
 
     def fwd():
         if variant == "flash":  # no bias, no mask, no temperature: nothing to build
             with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(*(leaves[n].view(B * K, H, L, dh) for n in "qkv"),
                                                       is_causal=True)
-        hist = built if variant == "fused-kernel" else inputs()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return history_attention(leaves["qkv"], hist, tau, impl)
+            seq = built if variant == "triton-kernel" else prepare()
+            return backend.attend(leaves["qkv"], leaves["tau"][..., 0, 0].reciprocal(), seq)[0]
 
     return fwd, leaves
 
@@ -149,14 +149,13 @@ def run_variant(variant: str, x: dict, reps: int) -> list[dict]:
 
 def sweep(x: dict, reps: int) -> list[dict]:
     """Per-kernel device time (ms, mean over `reps` profiled fwd+bwd runs) for each tile config."""
-    from climber import fused_attention
 
-    default = dict(fused_attention.TILES)
+    default = dict(triton_attention.TILES)
     rows = []
     for tiles in SWEEP:
-        fused_attention.TILES.update({k: tiles for k in default})
+        triton_attention.TILES.update({k: tiles for k in default})
         try:
-            fwd, leaves = make_case("fused-kernel", x)
+            fwd, leaves = make_case("triton-kernel", x)
             grad = torch.randn_like(fwd())
             for _ in range(3):  # compile
                 fwd().backward(grad)
@@ -172,7 +171,7 @@ def sweep(x: dict, reps: int) -> list[dict]:
             row = {"tiles": tiles, "error": f"{type(e).__name__}: {e}"[:200]}
         rows.append(row)
         print(row, flush=True)
-    fused_attention.TILES.update(default)
+    triton_attention.TILES.update(default)
     return rows
 
 
@@ -181,7 +180,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="256x8x200x64,64x8x800x64", help="BKxHxLxdh, comma separated")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/attention_kernel"))
     ap.add_argument("--sweep", action="store_true", help="time the kernels' tile configs instead")
     args = ap.parse_args()
     if args.sweep:

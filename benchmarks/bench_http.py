@@ -1,4 +1,4 @@
-"""Load generator for the HTTP service (PAPER.md section 3.2), on loopback.
+"""Load generator for the HTTP service (docs/paper.md section 3.2), on loopback.
 
 Starts `python -m climber.serve` in a subprocess on a checkpoint (given, or a random model on a
 synthetic prepared data set it builds), then for each concurrency level runs that many asyncio
@@ -53,7 +53,7 @@ def synthetic_checkpoint(root: Path, args: argparse.Namespace) -> Path:
     data = SumiData(root / "data")
     torch.manual_seed(0)
     cfg = ModelConfig(**data.vocab, strategies=("recent", "pos:like", "recent@16"), seq_len=args.seq_len,
-                      d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, dropout=0.0, attention="sdpa")
+                      d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, dropout=0.0)
     checkpoint.save(root / "ckpt", Climber(cfg), {"model": asdict(cfg), "data": str((root / "data").resolve())})
     return root / "ckpt"
 

@@ -1,11 +1,10 @@
-"""Padding in training batches, with and without length bucketing (issue 5: "bucketing so
-padding is not the bottleneck"). CPU only; no model runs.
+"""Padding in training batches, with and without length bucketing. CPU only; no model runs.
 
 For each prepared data set, the first `--batches` training batches of epoch 0 are built the
 way `climber train` builds them (`SumiData.batch`: histories trimmed to the batch's longest,
 candidates padded to its largest request), once from the shuffled order and once after
 `SumiData.bucket_by_length` (`--bucket-window`). A batch costs, per block, B x (L + M) token
-slots in the joint fused pass (`attention="fused"`): its matmuls scale with that count. We
+slots in the joint training pass: its matmuls scale with that count. We
 report slots per request and the share of them that are real events or candidates.
 
     python benchmarks/bench_padding.py --data data/ml-100k data/lastfm ... [--seq-len 200]

@@ -1,4 +1,4 @@
-"""In-process serving latency (PAPER.md section 3.2): one request = one user, M candidates.
+"""In-process serving latency (docs/paper.md section 3.2): one request = one user, M candidates.
 
 Three ways to score a request, on the same random model and history:
   (a) per_cand: no cache, one candidate per sample: M samples each carrying the full history
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import environment, percentiles, table, write_results
+from climber import ops
 from climber.config import ModelConfig
 from climber.model import Climber
 from climber.serve.engine import Engine, History, HistoryStore
@@ -40,8 +41,9 @@ def build(args: argparse.Namespace, L: int, layers: int) -> Engine:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=N_ITEMS, n_users=1000, tasks=TASKS, n_actions=N_ACTIONS, n_scenarios=N_SCENARIOS,
                       strategies=tuple(args.strategies), seq_len=L, d_model=args.d_model, n_heads=args.heads,
-                      n_layers=layers, dropout=0.0, attention=args.attention)
+                      n_layers=layers, dropout=0.0)
     model = Climber(cfg).to(device=args.device, dtype=args.torch_dtype)
+    model.attention = ops.backend(args.attention, args.device)
     if args.compile != "none":  # an instance attribute: (b) and (c) both go through it
         mode = None if args.compile == "default" else args.compile
         model.score = torch.compile(model.score, dynamic=False, mode=mode)
@@ -149,7 +151,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--strategies", nargs="+", default=["recent", "pos:like", "recent@16"])
-    ap.add_argument("--attention", default="sdpa", help="history attention path of the model config")
+    ap.add_argument("--attention", default="auto", choices=ops.BACKENDS, help="attention backend of the prefill")
     ap.add_argument("--base", type=int, nargs=3, metavar=("L", "LAYERS", "M"), help="the point the sweeps vary")
     ap.add_argument("--candidates", type=int, nargs="+")
     ap.add_argument("--lengths", type=int, nargs="+")

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks (PAPER.md section 3.2): percentiles, the environment record and the
+"""Shared by the benchmarks (docs/paper.md section 3.2): percentiles, the environment record and the
 results file that README numbers are quoted from."""
 
 from __future__ import annotations

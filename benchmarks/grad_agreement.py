@@ -1,17 +1,17 @@
-"""How far the fused training path's gradients are from the reference, on real batches (issue 5).
+"""How far the Triton backend's gradients are from the reference, on real batches.
 
-For the first few training batches of a prepared data set, the same weights are run through
-`attention="split"` in fp32 (the reference) and then through split under bf16 autocast, fused in
-fp32 and fused under bf16 autocast; for each parameter group the table gives the relative error
+For the first few training batches of a prepared data set, the same weights are run through the
+reference backend in fp32 and then through the reference under bf16 autocast, triton in fp32 and
+triton under bf16 autocast; for each parameter group the table gives the relative error
 ||g - g_ref|| / ||g_ref|| (worst batch). The f_b tables start at random values, not at zero, so
 their gradients are not degenerate. Dropout is off (eval mode) so every run computes the same
 function.
 
-Read it as: fused fp32 should match to ~1e-6 (same maths, other summation order); fused bf16
-should sit where split bf16 sits, since both round the same activations to bf16. A fused bf16
-error well above split bf16's would point at the kernels rather than at bf16.
+Read it as: triton fp32 should match to ~1e-6 (same maths, other summation order); triton bf16
+should sit where reference bf16 sits, since both round the same activations to bf16. A triton
+bf16 error well above the reference's would point at the kernels rather than at bf16.
 
-On a CPU the fused path runs in Triton's interpreter (TRITON_INTERPRET=1, set here), which
+On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here), which
 mishandles bf16 dots, so only the fp32 columns are run there, and slowly: use a small batch.
 
     python benchmarks/grad_agreement.py --data DIR [--batch-size 256] [--batches 3] [--out FILE]
@@ -20,7 +20,6 @@ mishandles bf16 dots, so only the fp32 columns are run there, and slowly: use a 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before climber imports Triton
 
+from climber import ops  # noqa: E402
 from climber.config import model_config  # noqa: E402
 from climber.data.sumi import SumiData  # noqa: E402
 from climber.train import build_model, loader, masked_bce, to_device  # noqa: E402
@@ -77,17 +77,18 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # an exact fp32 reference
     data = SumiData(args.data)
     cfg = model_config(args.preset, data.vocab, tuple(data.meta["strategies"]), d_model=args.d_model,
-                       n_layers=args.n_layers, attention="split")
+                       n_layers=args.n_layers)
     ref = build_model(cfg, data, 0).to(dev).eval()
     with torch.no_grad():
         ref.pos_bias.normal_(0, 0.3)
         ref.time_bias.normal_(0, 0.3)
-    fused = build_model(dataclasses.replace(cfg, attention="fused"), data, 0).to(dev).eval()
+    fused = build_model(cfg, data, 0).to(dev).eval()
     fused.load_state_dict(ref.state_dict())
+    fused.attention = ops.backend("triton", dev)
     weights = torch.full((len(data.tasks),), 1.0 / len(data.tasks), device=dev)
-    runs = {"split bf16": (ref, True), "fused fp32": (fused, False), "fused bf16": (fused, True)}
+    runs = {"reference bf16": (ref, True), "triton fp32": (fused, False), "triton bf16": (fused, True)}
     if dev.type == "cpu":
-        runs = {"fused fp32": runs["fused fp32"]}
+        runs = {"triton fp32": runs["triton fp32"]}
 
     worst: dict[str, dict[str, float]] = {name: {} for name in runs}
     batches = loader(data, data.requests("train")[: args.batch_size * args.batches], args.batch_size, cfg)
@@ -99,7 +100,7 @@ def main() -> None:
                 worst[name][k] = max(worst[name].get(k, 0.0), e)
 
     groups = list(next(iter(worst.values())))
-    print(f"relative gradient error against split fp32, worst of {args.batches} batches of {args.batch_size} "
+    print(f"relative gradient error against reference fp32, worst of {args.batches} batches of {args.batch_size} "
           f"({data.meta['name']}, d {args.d_model}, {args.n_layers} layers, {dev.type})")
     print(f"{'parameters':28s}" + "".join(f"{name:>13s}" for name in runs))
     for k in groups:
