@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     add_dataclass_flags(p, Runtime)
     p.set_defaults(fn=cmd_compare)
 
-    scale = sub.add_parser("scale", help="scaling laws: sweep a size grid, fit curves, plan a size (PAPER.md 4)")
+    scale = sub.add_parser("scale", help="scaling laws: sweep a size grid, fit curves, plan a size (docs/paper.md 4)")
     ssub = scale.add_subparsers(dest="scale_cmd", required=True)
     p = ssub.add_parser("sweep", help="train a grid of sizes, one JSON row per run (skips finished runs)")
     p.add_argument("--data", type=Path, required=True, help="prepared data directory")

@@ -1,4 +1,4 @@
-"""The Table 2 comparison (PAPER.md section 4): Climber, its two ablations and the baselines
+"""The Table 2 comparison (docs/paper.md section 4): Climber, its two ablations and the baselines
 trained with one budget on one prepared data set, several seeds each, every run tested at its
 best validation checkpoint.
 

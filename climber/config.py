@@ -37,7 +37,7 @@ def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Climber model shape (PAPER.md section 2).
+    """Climber model shape (docs/paper.md section 2).
 
     strategies: one multi-scale extraction strategy per block (N_b = len(strategies)), each
     pulling at most `seq_len` history events.  adaptive: dynamic temperature and relative

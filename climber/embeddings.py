@@ -1,4 +1,4 @@
-"""Token embeddings shared by Climber and every baseline (PAPER.md section 2, input layer).
+"""Token embeddings shared by Climber and every baseline (docs/paper.md section 2, input layer).
 
 An item is its id embedding plus its side-feature embeddings; a history token adds its action,
 its behaviour flags (one embedding per task and label: what the user did with the item) and

@@ -1,4 +1,4 @@
-"""Ranking metrics computed the standard way: AUC, GAUC and LogLoss (PAPER.md section 1).
+"""Ranking metrics computed the standard way: AUC, GAUC and LogLoss (docs/paper.md section 1).
 
 AUC is the Mann-Whitney statistic with tied scores sharing their average rank (identical to
 scikit-learn's roc_auc_score). GAUC is the impression-weighted mean of per-user AUC over users

@@ -81,17 +81,6 @@ class BlockRMSNorm(nn.Module):
         return rms_norm(x) * self.weight
 
 
-GELU_2U = math.sqrt(8 / math.pi)  # 2 sqrt(2 / pi): `gelu`'s sigmoid argument is 2 u
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU in its tanh form, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), written
-    as x sigmoid(2 u), the same function: compiled, sigmoid is one exp and one division, while
-    erf (exact GELU) and tanh are long libdevice polynomials that made the FFN's activation
-    compute-bound (docs/performance.md). It differs from erf GELU by at most 4.7e-4."""
-    return x * torch.sigmoid(GELU_2U * x * (1 + 0.044715 * x * x))
-
-
 class AdaptiveLayer(nn.Module):
     """One ATL for all K blocks at once: pre-norm attention and GELU FFN, each with a residual;
     bias-free maps and gain-free norms (`BlockLinear`, `rms_norm`). The attention between `qkv`
@@ -104,6 +93,7 @@ class AdaptiveLayer(nn.Module):
         self.proj = BlockLinear(K, d, d)
         self.fc1 = BlockLinear(K, d, cfg.ffn_mult * d)
         self.fc2 = BlockLinear(K, cfg.ffn_mult * d, d)
+        self.act = nn.GELU(approximate="tanh")  # GELU's tanh form (docs/design.md)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +104,7 @@ class AdaptiveLayer(nn.Module):
         inside one graph's backward, not by an eager add between graphs."""
         a = y.permute(1, 0, 3, 2, 4).reshape(h.shape)  # (K, B, S, H * dh); a view of the kernels' output
         h = h + self.drop(self.proj(a))
-        h = h + self.drop(self.fc2(gelu(self.fc1(rms_norm(h)))))
+        h = h + self.drop(self.fc2(self.act(self.fc1(rms_norm(h)))))
         return h, rms_norm(h)
 
 
@@ -132,6 +122,7 @@ class BitwiseGatingFusion(nn.Module):
                                     requires_grad=cfg.adaptive)
         r = max(1, K * d // cfg.se_reduction)
         self.squeeze, self.excite = nn.Linear(K * d, r), nn.Linear(r, K * d)
+        self.act = nn.GELU(approximate="tanh")
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, e: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
@@ -140,7 +131,7 @@ class BitwiseGatingFusion(nn.Module):
         tau = self.log_tau[scenario].exp()[:, None, :, None, None]  # (B, 1, H, 1, 1)
         a = torch.softmax((q @ k.transpose(-1, -2)).float() / tau, dim=-1).to(v.dtype) @ v  # (B, M, H, K, dh)
         g = e + self.drop(self.proj(a.transpose(2, 3).reshape(B, M, K, d)))
-        g = g + self.drop(self.fc2(gelu(self.fc1(self.norm2(g)))))
+        g = g + self.drop(self.fc2(self.act(self.fc1(self.norm2(g)))))
         g = g.reshape(B, M, K * d)
         return g * torch.sigmoid(self.excite(F.relu(self.squeeze(g))))  # bit-wise gate
 

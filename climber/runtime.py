@@ -6,7 +6,12 @@ resumes and serves with any other.
 Precision: on CUDA, bf16 autocast (fp32 weights and optimizer state) and a bf16 residual
 stream, which halves the states' memory traffic; on CPU, fp32.
 
-Compile (`--compile`): regional torch.compile of the code between attention calls, whose
+Compile (`--compile`): the ATL's and BGF's GELU (tanh form) is swapped for `SigmoidGELU`, the
+same function written x sigmoid(2 u), which inductor compiles to one exp and one division
+where tanh (and erf) are long libdevice polynomials that made the FFN's activation
+compute-bound (docs/performance.md); eager, on a CPU, that form is six kernels instead of one
+and slowed the quick start's step 1.8x, so it is applied only with compile. Then regional
+torch.compile of the code between attention calls, whose
 kernels are many and memory-bound: each `AdaptiveLayer` (everything after its attention, to
 the next layer's input norm; the layers share one compiled graph, their weights being graph
 inputs), `Climber.front` (embeddings, the joint sequence, f_b's bucket ids, 1 / tau) and
@@ -18,6 +23,7 @@ candidate count, and one static graph per shape would soon exceed the recompile 
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -39,6 +45,14 @@ class Runtime:
     def __post_init__(self) -> None:
         if self.attention not in ops.BACKENDS:
             raise ValueError(f"attention must be one of {ops.BACKENDS}, not {self.attention!r}")
+
+
+class SigmoidGELU(nn.Module):
+    """GELU's tanh form, 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3), as x sigmoid(2 u):
+    the same function (to fp32 rounding), the form inductor compiles best."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(math.sqrt(8 / math.pi) * x * (1 + 0.044715 * x * x))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,6 +80,9 @@ def apply(model: nn.Module, rt: Runtime) -> torch.device:
         model.attention = ops.backend(rt.attention, device)
         model.stream_dtype = torch.bfloat16 if device.type == "cuda" else None
         if rt.compile:
+            for owner in (*model.layers, model.bgf):
+                if owner is not None:
+                    owner.act = SigmoidGELU()
             for layer in model.layers:
                 layer.compile()
             model.front = torch.compile(model.front)

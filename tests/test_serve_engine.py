@@ -1,4 +1,4 @@
-"""Serving engine properties on CPU with a tiny checkpoint (PAPER.md section 3.2): cached ==
+"""Serving engine properties on CPU with a tiny checkpoint (docs/paper.md section 3.2): cached ==
 uncached full-model scores, incremental extension == prefill from scratch (with room and with a
 full window), scores independent of other candidates and users, and the LRU byte bound."""
 

@@ -1,6 +1,6 @@
 """The HTTP service through real sockets (uvicorn in a thread, httpx clients), tiny checkpoint on
 CPU: scoring and caching, events, every bad-input case answered with a JSON 4xx while the server
-keeps serving, micro-batching of concurrent users, and 429 / 503 under overload (PAPER.md 3.2)."""
+keeps serving, micro-batching of concurrent users, and 429 / 503 under overload (docs/paper.md 3.2)."""
 
 from __future__ import annotations
 

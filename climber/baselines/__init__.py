@@ -1,4 +1,4 @@
-"""Table 2 baselines (PAPER.md section 4), one file each, all with Climber's contract: built
+"""Table 2 baselines (docs/paper.md section 4), one file each, all with Climber's contract: built
 from a `ModelConfig`, the same SUMI batch in, logits (B, M, T) out, `item_features` /
 `user_features` buffers, `param_counts()` and `flops(L, M)`. `climber.model.make_model`
 picks one by `ModelConfig.arch`."""

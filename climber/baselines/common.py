@@ -1,4 +1,4 @@
-"""What every Table 2 baseline (PAPER.md section 4) shares with Climber, so that a comparison
+"""What every Table 2 baseline (docs/paper.md section 4) shares with Climber, so that a comparison
 isolates the architecture: the same embeddings, side-feature buffers, MLP head and reporting.
 
 Embeddings are Climber's own (`climber/embeddings.py`). User side features are summed into one

@@ -1,4 +1,4 @@
-"""DIN baseline (PAPER.md section 4, Table 2 "DIN"; Zhou et al., "Deep Interest Network for
+"""DIN baseline (docs/paper.md section 4, Table 2 "DIN"; Zhou et al., "Deep Interest Network for
 Click-Through Rate Prediction", KDD 2018, section 4.3).
 
 Target attention: for each candidate c and each recent history event h (extraction block 0),

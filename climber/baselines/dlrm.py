@@ -1,4 +1,4 @@
-"""DLRM-style baseline (PAPER.md section 4, Table 2 "DLRM"; Naumov et al., "Deep Learning
+"""DLRM-style baseline (docs/paper.md section 4, Table 2 "DLRM"; Naumov et al., "Deep Learning
 Recommendation Model for Personalization and Recommendation Systems", arXiv 1906.00091).
 
 Every input becomes a d-vector "field": the candidate, the mean of each extraction block's

@@ -1,4 +1,4 @@
-"""HSTU baseline in ranking mode (PAPER.md section 4, Table 2 "HSTU"; Zhai et al., "Actions
+"""HSTU baseline in ranking mode (docs/paper.md section 4, Table 2 "HSTU"; Zhai et al., "Actions
 Speak Louder than Words: Trillion-Parameter Sequential Transducers for Generative
 Recommendations", arXiv 2402.17152, section 3).
 

@@ -1,9 +1,9 @@
-"""Plain Transformer baseline (PAPER.md sections 1 and 4, Table 2 "Transformer"): what Climber
+"""Plain Transformer baseline (docs/paper.md sections 1 and 4, Table 2 "Transformer"): what Climber
 is measured against when the adaptive layer, multi-scale extraction and fusion are taken away.
 
 One standard pre-norm Transformer encoder (LayerNorm, softmax attention with the fixed
 sqrt(d_head) temperature, GELU FFN, no relative bias) over the whole unsplit recent history
-(extraction block 0) with the candidates appended under the SUMI mask of PAPER.md 3.1: causal
+(extraction block 0) with the candidates appended under the SUMI mask of docs/paper.md 3.1: causal
 history, each candidate sees the history and itself. Learned absolute position embeddings are
 counted from the end (the latest event always has position seq_len - 1, every candidate
 seq_len), so trimming a batch's padding never changes a score. The last layer's state at each

@@ -1,4 +1,4 @@
-"""TWIN baseline (PAPER.md section 4, Table 2 "TWIN"; Chang et al., "TWIN: TWo-stage Interest
+"""TWIN baseline (docs/paper.md section 4, Table 2 "TWIN"; Chang et al., "TWIN: TWo-stage Interest
 Network for Lifelong User Behavior Modeling in CTR Prediction at Kuaishou", KDD 2023).
 
 Two stages over the recent history (extraction block 0), per candidate:

@@ -1,6 +1,6 @@
 """Built-in data sets: how each becomes SUMI samples and which extraction strategies suit it.
 
-The strategies are the multi-scale extraction of PAPER.md section 2.1 chosen per data set
+The strategies are the multi-scale extraction of docs/paper.md section 2.1 chosen per data set
 (a DECIDE point, see docs/design.md): a long recent sequence, behaviour-specific sequences
 where the log has several behaviours, and a short recent sequence for short-term intent.
 """

@@ -1,4 +1,4 @@
-"""The one event schema every reader produces (PAPER.md section 1).
+"""The one event schema every reader produces (docs/paper.md section 1).
 
 An `EventLog` is a column store of interaction events: one row per (user, item) impression
 or interaction, with a timestamp, one binary label per task (the behaviours we predict), an

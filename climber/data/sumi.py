@@ -1,4 +1,4 @@
-"""SUMI samples: "single user, multiple items" (PAPER.md section 3.1) and multi-scale extraction.
+"""SUMI samples: "single user, multiple items" (docs/paper.md section 3.1) and multi-scale extraction.
 
 `prepare` turns an `EventLog` into SUMI samples stored as memory-mapped numpy arrays:
 
@@ -13,7 +13,7 @@
   them validation, the rest training (users with too few requests train only).
 
 `SumiData.batch` builds model inputs for a list of requests, applying the multi-scale
-extraction strategies (PAPER.md section 2.1) with vectorised numpy: for each strategy a
+extraction strategies (docs/paper.md section 2.1) with vectorised numpy: for each strategy a
 prefix count over the event array gives, in O(1) per request, the positions of the last n
 matching history events.
 

@@ -1,4 +1,4 @@
-"""Synthetic interaction logs at any scale, for scaling experiments (PAPER.md sections 1, 2.1, 4).
+"""Synthetic interaction logs at any scale, for scaling experiments (docs/paper.md sections 1, 2.1, 4).
 
 SYNTHETIC DATA: nothing here comes from real users. The generator imitates the structure the
 paper's industrial logs have and the public sets lack: long lifecycle histories (hundreds to

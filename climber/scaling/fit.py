@@ -1,4 +1,4 @@
-"""Scaling-law fits, plots and report (PAPER.md section 4: Fig. 1, Fig. 3, Table 3).
+"""Scaling-law fits, plots and report (docs/paper.md section 4: Fig. 1, Fig. 3, Table 3).
 
 From the rows of a sweep (`sweep.py`):
 - AUC against FLOPs per request, per model family, fitted as AUC = a + b log10(FLOPs) by least

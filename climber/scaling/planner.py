@@ -1,4 +1,4 @@
-"""Compute-optimal size planner (PAPER.md section 4; Table 3's lesson: grow length and depth
+"""Compute-optimal size planner (docs/paper.md section 4; Table 3's lesson: grow length and depth
 together under a FLOPs budget).
 
 For one model family of a sweep, AUC is fitted as a low-degree polynomial in the logs of the

@@ -1,4 +1,4 @@
-"""Scaling sweeps (PAPER.md section 4): train a grid of model sizes on one prepared data set and
+"""Scaling sweeps (docs/paper.md section 4): train a grid of model sizes on one prepared data set and
 append one JSON row per finished run to a results file.
 
 A row holds the model, its full config, parameter counts (embedding / dense), forward FLOPs per

@@ -1,4 +1,4 @@
-"""`python -m climber.serve --checkpoint ...`: the same as `climber serve` (PAPER.md section 3.2)."""
+"""`python -m climber.serve --checkpoint ...`: the same as `climber serve` (docs/paper.md section 3.2)."""
 
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""HTTP service around the KV-cached serving engine (PAPER.md section 3.2), and `climber serve`.
+"""HTTP service around the KV-cached serving engine (docs/paper.md section 3.2), and `climber serve`.
 
 Endpoints (JSON in and out; every error body is {"error": message[, "detail": [...]]}):
 

@@ -1,4 +1,4 @@
-"""`climber serve`: its settings and command line (PAPER.md section 3.2).
+"""`climber serve`: its settings and command line (docs/paper.md section 3.2).
 
 Kept apart from `app.py` so that every other `climber` command runs without importing the
 web stack (FastAPI, uvicorn), e.g. on a GPU box that has only torch.

@@ -1,4 +1,4 @@
-"""The KV-cached "single user, multiple items" serving engine (PAPER.md sections 3.1 and 3.2).
+"""The KV-cached "single user, multiple items" serving engine (docs/paper.md sections 3.1 and 3.2).
 
 A request is one user, one scenario and up to M candidates. The engine
 
