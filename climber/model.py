@@ -272,23 +272,34 @@ class Climber(TokenEmbeddings):
     def encode(self, x, valid, pb, tb, inv_tau, n_hist: int, scenario, keep_kv: bool = False):
         """The ATL stack over a SUMI sequence: states x (K, B, S, d), blocks first; key validity
         (B, K, S); f_b's bucket ids pb (S, S) and tb (B, K, S, S) (`_buckets`); 1 / tau (N_L, B,
-        K, H); the first n_hist tokens history, the rest candidates -> (final states (K, B, S,
-        d), each layer's keys and values (B, K, H, S, dh) if keep_kv). f_b and the mask are
-        prepared once, by the attention backend, for all layers."""
+        K, H); the first n_hist tokens history, the rest candidates -> (the candidates' final
+        states (K, B, S - n_hist, d), each layer's keys and values (B, K, H, S, dh) if keep_kv).
+        f_b and the mask are prepared once, by the attention backend, for all layers.
+
+        The last layer's history rows feed nothing: past its attention only the candidates' rows
+        go on (its output projection and FFN on M tokens, not S), and with no candidates
+        (prefill) its keys and values are all that is computed. The split path this replaced
+        skipped the same work; without it a CPU training step cost about 15 % more."""
         K, B, S, d = x.shape
-        H = self.cfg.n_heads
+        H, N_L = self.cfg.n_heads, len(self.layers)
         h = x.reshape(K, B * S, d)
         n = rms_norm(h)
         seq, kv = None, []
-        for layer, inv in zip(self.layers, inv_tau):
+        for i, (layer, inv) in enumerate(zip(self.layers, inv_tau)):
             qkv = layer.qkv(n).view(K, B, S, 3, H, d // H)
+            if keep_kv:
+                kv.append(_heads(qkv)[1:])
+            last = i == N_L - 1
+            if last and n_hist == S:
+                return x.new_zeros(K, B, 0, d), kv
             if seq is None:  # f_b in the projections' dtype (the compute dtype under autocast)
                 seq = self.attention.prepare(*self._tables(scenario), pb, tb, valid, n_hist, qkv.dtype)
             y, seq = self.attention.attend(qkv, inv, seq)
-            if keep_kv:
-                kv.append(_heads(qkv)[1:])
+            if last:  # the candidates' rows only
+                h = h.view(K, B, S, d)[:, :, n_hist:].reshape(K, -1, d)
+                y = y[..., n_hist:, :]
             h, n = layer(h, y)
-        return h.view(K, B, S, d), kv
+        return h.view(K, B, S - n_hist, d), kv
 
     def _through_cache(self, x: torch.Tensor, cache: HistoryCache, t: torch.Tensor):
         """New tokens x (K, B, M, d), each at the position after the cache's newest and at time
@@ -352,7 +363,7 @@ class Climber(TokenEmbeddings):
         inputs, c0 = self.front(b)
         L = b["hist_item"].shape[-1]
         h, _ = self.encode(*inputs, L, b["req_scenario"])
-        return self.readout(h[:, :, L:], c0, b["req_scenario"], b["user"])
+        return self.readout(h, c0, b["req_scenario"], b["user"])
 
     # ---- SUMI serving: prefill the history once, score candidates, extend with new events ------
     def prefill(self, b: dict) -> HistoryCache:
@@ -391,8 +402,9 @@ class Climber(TokenEmbeddings):
 
         paper: the paper's C ~ length x layers form, 2 x (dense ATL weights) x tokens x layers x
             blocks, attention scores neglected: 2 * K * N_L * (L + M) * (4 d^2 + 2 d f).
-        exact: every matmul of the reference computation (2 FLOPs per multiply-add, as torch's
-            FlopCounterMode counts): the ATL projections and FFN, the attention matmuls (L^2 for
+        exact: every matmul of `forward` on the reference backend (2 FLOPs per multiply-add,
+            as torch's FlopCounterMode counts): the ATL projections and FFN (the last layer's
+            output projection and FFN on the M candidates only), the attention matmuls (L^2 for
             the history rows, M L for the candidates' rows; their own key is an elementwise
             product), BGF and head. The Triton kernels skip the masked half of the L^2 scores.
         per_candidate: exact / M.
@@ -402,7 +414,8 @@ class Climber(TokenEmbeddings):
         S = L + M
         dense_tok = 4 * d * d + 2 * d * f  # qkv + proj + fc1 + fc2 weights per token
         paper = 2 * K * NL * S * dense_tok
-        exact = K * NL * (2 * S * dense_tok + 2 * 2 * (L * L + M * L) * d)
+        last_rows = 2 * L * (d * d + 2 * d * f)  # the last layer's history rows past its attention
+        exact = K * (NL * (2 * S * dense_tok + 2 * 2 * (L * L + M * L) * d) - last_rows)
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)

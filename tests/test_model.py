@@ -49,15 +49,21 @@ def test_permuting_candidates_permutes_scores():
     torch.testing.assert_close(model(select(b, perm)), model(b)[:, perm], atol=1e-5, rtol=1e-5)
 
 
-def test_history_states_ignore_candidates():
-    """In the joint sequence, changing the candidates leaves every history state intact."""
+def test_history_keys_and_values_ignore_candidates():
+    """In the joint sequence, changing the candidates leaves every layer's history keys and
+    values intact (what makes a cache valid), and they equal prefill's."""
     model = make()
     b = random_batch(model.cfg, B=3, M=4, full=True)
     other = dict(b, cand_item=torch.randint(2, model.cfg.n_items, b["cand_item"].shape))
     L = b["hist_item"].shape[-1]
-    states = [model.encode(*model.front(x)[0], L, x["req_scenario"])[0] for x in (b, other)]
-    torch.testing.assert_close(states[0][:, :, :L], states[1][:, :, :L], atol=0, rtol=0)
-    assert not torch.equal(states[0][:, :, L:], states[1][:, :, L:])
+    runs = [model.encode(*model.front(x)[0], L, x["req_scenario"], keep_kv=True) for x in (b, other)]
+    cache = model.prefill(b)
+    for (k0, v0), (k1, v1), (kc, vc) in zip(runs[0][1], runs[1][1], cache.kv, strict=True):
+        torch.testing.assert_close(k0[..., :L, :], k1[..., :L, :], atol=0, rtol=0)
+        torch.testing.assert_close(v0[..., :L, :], v1[..., :L, :], atol=0, rtol=0)
+        torch.testing.assert_close(k0[..., :L, :], kc, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(k0[..., L:, :], k1[..., L:, :])
+    assert not torch.equal(runs[0][0], runs[1][0])
 
 
 def test_forward_equals_score_of_prefill_outputs_and_grads():
