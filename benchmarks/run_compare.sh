@@ -11,38 +11,35 @@
 # (this script's defaults) and benchmarks/results/table2/embedding-lr-10x/ (EXTRA="--embedding-lr-mult 10",
 # see that folder's README).
 #
-# Budget, the same for every model of a data set (preset small: 4 blocks x 50 events, d 64,
-# 2 heads, 2 layers; lr 1e-3, warm-up 50 steps then cosine, validation once per epoch, early
-# stopping after 3 validations without gain, best validation checkpoint tested). Tuning: the
-# learning rate, from the grid LRS (default {1e-3, 3e-3}) shared by every model, picked per
-# model by mean validation AUC over the seeds; test is evaluated only at the picked rate
-# (compare.md states it). Per data set, from its training
-# requests (batch = requests, each with its history once and all its candidates):
+# Protocol, the same for every model of a data set (climber/compare.py): preset small (4 blocks
+# x 50 events, d 64, 2 heads, 2 layers); warm-up 50 steps then cosine decay over an epoch cap
+# that no model reaches; validation twice per epoch, early stopping after PATIENCE validations
+# without gain (default 4, two epochs), the best validation checkpoint tested; on implicit data
+# sets 4 training negatives per positive drawn afresh every epoch (validation and test keep the
+# prepared ones). Tuning: one point per model from the grid LRS x EMB_MULTS x EMB_WDS (defaults
+# {1e-3, 3e-3} x {1, 10} x {0}), shared by every model, picked by mean validation AUC over the
+# seeds; the test split is evaluated only at the picked point (compare.md states it). Batch
+# (requests, each with its history once and all its candidates) and epoch cap per data set:
 #
-#   data set   train req.  batch  epochs  steps/run
-#   ml-100k       14,822    256      8       464
-#   kuairand      28,743    256      4       452
-#   lastfm        50,371    512      5       495
-#   beauty       153,776   1024      3       453
-#   grocery       69,176    512      3       408
+#   data set   train req.  batch  epoch cap  steps/epoch
+#   ml-100k       14,822    256      30          58
+#   kuairand      28,743    256      20         113
+#   lastfm        50,371    512      30          99
+#   beauty       153,776   1024      20         151
+#   grocery       69,176    512      20         136
 #
-# i.e. ~450 steps per run, 48 runs per data set (8 models x 2 rates x 3 seeds), ~110k steps in all.
 # The models are small, so one process cannot keep the GPU busy: (model, data set) jobs run
 # JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
-# Time, estimated from H200 measurements (one process alone: Climber 26-37 steps/s, its
-# ablations 35-39, the baselines 44-75; 8 processes at once at batch 1024: the Climber
-# variants ~10 steps/s each, the baselines 40-80): about 7 minutes (6-8), the Climber
-# variants being most of it, per learning rate. Measured: 1,266 s for all 240 runs with JOBS=6
-# on one H200. A last `climber
-# compare` per data set, with all models, finds every run finished and only writes the table;
-# it is the command recorded in compare.md (run alone, it would train the same runs one after
-# another). Rerunning this script skips finished runs and resumes interrupted ones.
+# A last `climber compare` per data set, with all models, finds every run finished and only
+# writes the table; it is the command recorded in compare.md (run alone, it would train the
+# same runs one after another). Rerunning this script skips finished runs and resumes
+# interrupted ones.
 #
 # Environment: JOBS (default 8); GPUS (default 1): jobs are spread over that many GPUs by their
-# xargs slot (slot mod GPUS); LRS (default "1e-3 3e-3"); DATASETS (default all five); MODELS
-# (default all eight Table 2 rows; e.g. add climber-tp, the target-product readout); EXTRA,
-# flags appended to every call, e.g. `--embedding-lr-mult 10`, or a CPU smoke test of the
-# script: DATASETS=ml-100k EXTRA="--seeds 0 --max-steps 2 --device cpu".
+# xargs slot (slot mod GPUS); SEEDS (default "0 1 2"); LRS, EMB_MULTS, EMB_WDS (the grid);
+# PATIENCE; DATASETS (default all five); MODELS (default all nine Table 2 rows); EXTRA, flags
+# appended to every call, e.g. a CPU smoke test of the script:
+# DATASETS=ml-100k SEEDS=0 EXTRA="--max-steps 2 --device cpu".
 set -euo pipefail
 
 ROOT=$(realpath "${1:?usage: $0 DATA_ROOT [OUT]}")
@@ -52,20 +49,24 @@ OUT=$(realpath "$OUT")
 cd "$(dirname "$0")/.."  # the repository root: `python -m climber` runs from the checkout
 JOBS=${JOBS:-8}
 GPUS=${GPUS:-1}
+SEEDS=${SEEDS:-"0 1 2"}
 LRS=${LRS:-"1e-3 3e-3"}
+EMB_MULTS=${EMB_MULTS:-"1 10"}
+EMB_WDS=${EMB_WDS:-"0"}
+PATIENCE=${PATIENCE:-4}
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}
-read -r -a MODELS <<< "${MODELS:-climber climber-nobgf climber-mse hstu transformer din twin dlrm}"  # slowest first
+read -r -a MODELS <<< "${MODELS:-climber-large climber climber-nobgf climber-mse hstu transformer din twin dlrm}"  # slowest first
 read -r -a DATASETS <<< "${DATASETS:-beauty grocery lastfm kuairand ml-100k}"  # largest first
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 
 budget() {  # data set -> its flags
     case $1 in
-        ml-100k) echo "--batch-size 256 --epochs 8" ;;
-        kuairand) echo "--batch-size 256 --epochs 4" ;;
-        lastfm) echo "--batch-size 512 --epochs 5" ;;
-        beauty) echo "--batch-size 1024 --epochs 3" ;;
-        grocery) echo "--batch-size 512 --epochs 3" ;;
+        ml-100k) echo "--batch-size 256 --epochs 30" ;;
+        kuairand) echo "--batch-size 256 --epochs 20" ;;
+        lastfm) echo "--batch-size 512 --epochs 30" ;;
+        beauty) echo "--batch-size 1024 --epochs 20" ;;
+        grocery) echo "--batch-size 512 --epochs 20" ;;
         *) echo "unknown data set $1" >&2; exit 2 ;;
     esac
 }
@@ -74,12 +75,12 @@ compare() {  # data set, then models; every other flag is the same for all calls
     local ds=$1; shift
     # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
     # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
-    $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds 0 1 2 --preset small \
-        --lrs $LRS --warmup-steps 50 --patience 3 --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 \
-        $(budget "$ds") $EXTRA
+    $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds $SEEDS --preset small \
+        --lrs $LRS --embedding-lr-mults $EMB_MULTS --embedding-weight-decays $EMB_WDS --warmup-steps 50 \
+        --patience "$PATIENCE" --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 $(budget "$ds") $EXTRA
 }
 export -f compare budget
-export ROOT OUT PY EXTRA LRS GPUS
+export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS PATIENCE GPUS
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }

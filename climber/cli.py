@@ -101,10 +101,12 @@ def cmd_evaluate(ns) -> None:
 
 
 def cmd_compare(ns) -> None:
-    from climber.compare import compare
+    from climber.compare import TUNED, compare
 
-    budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", "lr"}))
-    compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, ns.lrs,
+    budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", *TUNED}))
+    grid = {"lr": ns.lrs, "embedding_lr_mult": ns.embedding_lr_mults,
+            "embedding_weight_decay": ns.embedding_weight_decays}
+    compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, grid,
             pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
             command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)))
 
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
 
-    from climber.compare import MODELS
+    from climber.compare import MODELS, TUNED
 
     p = sub.add_parser("compare", help="Table 2: Climber, ablations and baselines under one budget, several seeds")
     p.add_argument("--data", type=Path, required=True, help="prepared data directory")
@@ -211,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--lrs", nargs="+", type=float, default=[TrainConfig.lr],
-                   help="learning-rate grid shared by all models, picked per model on validation AUC")
+                   help="learning rates of the grid shared by all models (one point picked per model on validation)")
+    p.add_argument("--embedding-lr-mults", nargs="+", type=float, default=[TrainConfig.embedding_lr_mult],
+                   help="the grid's embedding-table learning-rate multipliers")
+    p.add_argument("--embedding-weight-decays", nargs="+", type=float, default=[TrainConfig.embedding_weight_decay],
+                   help="the grid's embedding-table weight decays")
     p.add_argument("--preset", default="small")
     add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED, defaults_none=True)
-    add_dataclass_flags(p, TrainConfig, skip={"seed", "lr"})
+    add_dataclass_flags(p, TrainConfig, skip={"seed", *TUNED})
     add_dataclass_flags(p, Runtime)
     p.set_defaults(fn=cmd_compare)
 

@@ -3,10 +3,11 @@ trained with one budget on one prepared data set, several seeds each, every run 
 best validation checkpoint.
 
 Fairness: every model gets the same data, extraction strategies, preset sizes (d, heads,
-layers, seq_len, head), epochs, batch, schedule and early stopping; the only per-model choice
-is the learning rate from one grid shared by all models, picked by mean validation AUC over
-the seeds (the test split is evaluated only for the picked rate). With a one-value grid no
-tuning happens, and the report says so.
+layers, seq_len, head), epoch cap, batch, schedule, freshly drawn training negatives and early
+stopping; the only per-model choice is one point of a grid shared by all models over the
+learning rate, the embedding tables' rate multiplier and their weight decay (`TUNED`), picked
+by mean validation AUC over the seeds (the test split is evaluated only for the picked point).
+With a one-point grid no tuning happens, and the report says so.
 
 The report (stdout, `<out>/compare.md`, `<out>/compare.json`) gives test AUC, GAUC and LogLoss
 as mean ± sample std over seeds (means over tasks), the relative AUC improvement over DLRM,
@@ -18,6 +19,7 @@ processes may train disjoint `models` into one `out` and a last call writes the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import subprocess
@@ -48,15 +50,41 @@ MODELS: dict[str, dict] = {
     "climber-mse": {"arch": "climber", "adaptive": False, "bgf": False},  # "without ATL and BGF (MSE only)"
     "climber-nobgf": {"arch": "climber", "bgf": False},  # "without BGF"
     "climber": {"arch": "climber"},
+    "climber-large": {"arch": "climber", "grow": 2},  # twice the history length and twice the layers
     "climber-tp": {"arch": "climber", "target_product": True},  # + the target-product readout (model.py, step 6)
 }
 METRICS = ("auc", "gauc", "logloss")
+TUNED = ("lr", "embedding_lr_mult", "embedding_weight_decay")  # the shared grid's axes (TrainConfig fields)
+_TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd"}
+
+
+def model_for(shared: ModelConfig, name: str) -> ModelConfig:
+    """The shared config with model `name`'s fields; "grow": g multiplies seq_len and n_layers."""
+    spec = dict(MODELS[name])
+    g = spec.pop("grow", 1)
+    return replace(shared, **spec, seq_len=shared.seq_len * g, n_layers=shared.n_layers * g)
+
+
+def grid_points(train_cfg: TrainConfig, grid: dict[str, Sequence[float]] | None) -> list[dict[str, float]]:
+    """Every combination of the grid's values; an axis not given keeps train_cfg's value."""
+    grid = grid or {}
+    unknown = set(grid) - set(TUNED)
+    if unknown:
+        raise ValueError(f"grid axes must be among {TUNED}, not {sorted(unknown)}")
+    axes = [tuple(grid.get(k) or (getattr(train_cfg, k),)) for k in TUNED]
+    return [dict(zip(TUNED, values)) for values in itertools.product(*axes)]
+
+
+def point_tag(point: dict[str, float]) -> str:
+    """A grid point's run-directory name, e.g. lr0.003_emb10_ewd0."""
+    return "_".join(f"{_TAG[k]}{point[k]:g}" for k in TUNED)
 
 
 def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequence[int], preset: str = "small",
-            train_cfg: TrainConfig | None = None, lrs: Sequence[float] = (), model_overrides: dict | None = None,
-            command: str = "", runtime: Runtime | None = None) -> dict:
-    """Train (or skip) every (model, lr, seed) run, test the picked ones, write and return the report."""
+            train_cfg: TrainConfig | None = None, grid: dict[str, Sequence[float]] | None = None,
+            model_overrides: dict | None = None, command: str = "", runtime: Runtime | None = None) -> dict:
+    """Train (or skip) every (model, grid point, seed) run, test the picked ones, write and return
+    the report. `grid`: values per axis of `TUNED`; an axis left out keeps train_cfg's value."""
     runtime = runtime or Runtime()
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models or not seeds:
@@ -64,7 +92,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_cfg = train_cfg or TrainConfig()
     data = SumiData(data_dir)
-    grid = tuple(lrs) or (train_cfg.lr,)
+    points = grid_points(train_cfg, grid)
     # FLOPs at the typical request: the mean candidate count (implicit data sets add sampled
     # negatives, so prepare's max_candidates is not the number of candidates)
     n_cand = max(1, round(float(np.diff(data.a["req_cand_start"]).mean())))
@@ -72,30 +100,33 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
     rows = []
     for name in sorted(models, key=list(MODELS).index):
-        mcfg = replace(shared, **MODELS[name])
-        runs = {lr: [_run(data_dir, out_dir / "runs" / name / f"lr{lr:g}" / f"seed{s}", mcfg,
-                          replace(train_cfg, lr=lr, seed=s), name, runtime) for s in seeds] for lr in grid}
-        # model selection on validation only: the grid value with the best mean validation AUC
-        valid_auc = {lr: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for lr, rs in runs.items()}
-        lr = max(grid, key=lambda x: valid_auc[x])
-        tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[lr]]
+        mcfg = model_for(shared, name)
+        runs = {point_tag(p): [_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
+                                    replace(train_cfg, **p, seed=s), name, runtime) for s in seeds] for p in points}
+        # model selection on validation only: the grid point with the best mean validation AUC
+        valid_auc = {tag: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for tag, rs in runs.items()}
+        best = max(points, key=lambda p: valid_auc[point_tag(p)])
+        tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[point_tag(best)]]
         model = make_model(mcfg)
         rows.append({
-            "model": name, "config": MODELS[name], "lr": lr, "seeds": list(seeds),
-            "valid_auc_by_lr": {f"{k:g}": v for k, v in valid_auc.items()}, "test_per_seed": tests,
+            "model": name, "config": MODELS[name], "lr": best["lr"], "picked": best, "seeds": list(seeds),
+            "valid_auc_by_point": valid_auc, "test_per_seed": tests,
             **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
             "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),
-            "train_seconds": float(np.mean([r["train_seconds"] for r in runs[lr]])),
-            "steps": float(np.mean([r["steps"] for r in runs[lr]])),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in runs[point_tag(best)]])),
+            "steps": float(np.mean([r["steps"] for r in runs[point_tag(best)]])),
+            "best_steps": float(np.mean([r["best_step"] for r in runs[point_tag(best)]])),
         })
     base = next((r["auc"]["mean"] for r in rows if r["model"] == "dlrm"), None)
     for r in rows:  # relative AUC improvement over DLRM: AUC / AUC_DLRM - 1
         r["auc_impr_vs_dlrm"] = r["auc"]["mean"] / base - 1 if base else None
     report = {
         "dataset": data.meta["name"], "data": str(data_dir.resolve()), "tasks": list(data.tasks),
+        "implicit": data.implicit,
         "test_candidates": data.meta["counts"]["candidates_test"], "strategies": data.meta["strategies"],
-        "preset": preset, "model_overrides": model_overrides or {}, "train": asdict(train_cfg), "lr_grid": list(grid),
-        "seeds": list(seeds), "flops_at": {"L": shared.seq_len, "M": n_cand}, "tuning": _tuning(grid, len(seeds)),
+        "preset": preset, "model_overrides": model_overrides or {}, "train": asdict(train_cfg),
+        "grid": {k: sorted({p[k] for p in points}) for k in TUNED}, "seeds": list(seeds),
+        "flops_at": {"L": shared.seq_len, "M": n_cand}, "tuning": _tuning(points, len(seeds)),
         "command": command, "versions": _versions(device), "rows": rows,
         "popularity": evaluate_predictions(*popularity_scores(data, "test"), data.tasks)["mean"],
     }
@@ -143,13 +174,18 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
-def _tuning(grid: tuple[float, ...], n_seeds: int) -> str:
-    if len(grid) == 1:
-        return (f"none. Every model trained once per seed with lr={grid[0]:g} and the same preset and training "
-                f"settings; nothing was chosen per model.")
-    return (f"learning rate picked per model from the grid {{{', '.join(f'{x:g}' for x in grid)}}}, the same for "
-            f"every model, by mean validation AUC over {n_seeds} seed(s) ({len(grid) * n_seeds} runs per model); "
-            f"the test split was evaluated only for the picked rate. Everything else is identical for all models.")
+def _tuning(points: list[dict[str, float]], n_seeds: int) -> str:
+    if len(points) == 1:
+        return (f"none. Every model trained once per seed with {_point_text(points[0])} and the same preset and "
+                f"training settings; nothing was chosen per model.")
+    axes = ", ".join(f"{k} {{{', '.join(f'{v:g}' for v in sorted({p[k] for p in points}))}}}" for k in TUNED)
+    return (f"one point picked per model from the grid {axes} ({len(points)} points), the same for every model, "
+            f"by mean validation AUC over {n_seeds} seed(s) ({len(points) * n_seeds} runs per model); the test split "
+            f"was evaluated only for the picked point. Everything else is identical for all models.")
+
+
+def _point_text(p: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in p.items())
 
 
 def _versions(device: torch.device) -> dict:
@@ -175,21 +211,22 @@ def _pm(s: dict[str, float]) -> str:
 def to_markdown(r: dict) -> str:
     t = r["train"]
     overrides = f" with {r['model_overrides']}" if r["model_overrides"] else ""
-    every = f"every {t['eval_every']} steps" if t["eval_every"] else "once per epoch"
+    every = f"every {t['eval_every']} steps" if t["eval_every"] else "twice per epoch"
     lines = [
         f"## {r['dataset']}: test, {r['test_candidates']} candidates, tasks {', '.join(r['tasks'])} "
         f"(mean over tasks; mean ± std over seeds {r['seeds']})",
         "",
-        "| model | AUC | GAUC | LogLoss | AUC vs DLRM | params dense | params total | FLOPs/request | lr | valid AUC "
-        "| steps | train s |",
+        "| model | AUC | GAUC | LogLoss | AUC vs DLRM | params dense | params total | FLOPs/request | picked "
+        "| valid AUC | best step / steps | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         impr = "-" if row["auc_impr_vs_dlrm"] is None else f"{100 * row['auc_impr_vs_dlrm']:+.2f}%"
-        va = row["valid_auc_by_lr"][f"{row['lr']:g}"]
+        va = row["valid_auc_by_point"][point_tag(row["picked"])]
         lines.append(f"| {row['model']} | {_pm(row['auc'])} | {_pm(row['gauc'])} | {_pm(row['logloss'])} | {impr} "
                      f"| {row['params']['dense']:,} | {row['params']['total']:,} | {row['flops']['exact']:.3g} "
-                     f"| {row['lr']:g} | {va:.4f} | {row['steps']:.0f} | {row['train_seconds']:.0f} |")
+                     f"| {point_tag(row['picked'])} | {va:.4f} | {row['best_steps']:.0f} / {row['steps']:.0f} "
+                     f"| {row['train_seconds']:.0f} |")
     p = r["popularity"]
     lines.append(f"| popularity (train positive rate) | {p['auc']:.4f} | {p['gauc']:.4f} | {p['logloss']:.4f} "
                  f"| | | | | | | | |")
@@ -197,15 +234,18 @@ def to_markdown(r: dict) -> str:
     lines += [
         "",
         f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
-        f"{r['strategies']} (single-sequence baselines read block 0, `recent`), {t['epochs']} epoch(s), batch "
-        f"{t['batch_size']}, embedding tables at {t.get('embedding_lr_mult', 1):g}x the learning rate, warm-up "
-        f"{t['warmup_steps']} steps then cosine decay, validation {every}, early "
-        f"stopping after {t['patience']} validations without gain, max_steps {t['max_steps'] or 'none'}; every "
-        "run is tested at its best validation checkpoint.",
+        f"{r['strategies']} (single-sequence baselines read block 0, `recent`), at most {t['epochs']} epoch(s), "
+        f"batch {t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay over the epoch cap, "
+        f"validation {every}, early stopping after {t['patience']} validations without gain, max_steps "
+        f"{t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
+        + (f"Training negatives: {t['train_negatives']} per positive, drawn afresh every epoch (validation and "
+           "test keep the prepared ones)." if r.get("implicit") else ""),
         f"Tuning: {r['tuning']}",
-        "AUC vs DLRM = mean AUC / mean DLRM AUC - 1. FLOPs/request: forward matmul FLOPs (as "
+        "AUC vs DLRM = mean AUC / mean DLRM AUC - 1. picked: the grid point (learning rate, embedding rate "
+        "multiplier, embedding weight decay). FLOPs/request: forward matmul FLOPs (as "
         f"torch.utils.flop_counter counts them) at L={r['flops_at']['L']} history events per block and "
-        f"M={r['flops_at']['M']} candidates (the mean per request). steps and train s: per run, mean over seeds.",
+        f"M={r['flops_at']['M']} candidates (the mean per request). best step / steps and train s: per run, mean "
+        "over seeds.",
         f"Command: `{r['command']}`",
         f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
         f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, device {v.get('gpu', v['device'])}.",

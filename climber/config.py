@@ -68,6 +68,7 @@ class ModelConfig:
     adaptive: bool = True
     bgf: bool = True
     target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
+    match_readout: bool = False  # head also sees each candidate's mean attention logit per layer, block, head
     se_reduction: int = 4
     head_hidden: tuple[int, ...] = (256, 64)
 
@@ -110,10 +111,14 @@ class TrainConfig:
     # less padding, so less compute per step (SumiData.bucket_by_length)
     bucket_window: int = 0
     weight_decay: float = 0.01
+    embedding_weight_decay: float = 0.0  # decoupled weight decay on the embedding tables
+    # implicit data: negatives per positive for each training request, drawn afresh every epoch
+    # (seeded by seed, epoch and batch); validation and test keep the prepared, fixed ones
+    train_negatives: int = 4
     warmup_steps: int = 100
     grad_clip: float = 1.0
     seed: int = 0
-    eval_every: int = 0  # steps between validations; 0 = once per epoch
+    eval_every: int = 0  # steps between validations; 0 = twice per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
     patience: int = 3  # validations without AUC gain before early stopping
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
@@ -127,6 +132,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.lr <= 0 or self.embedding_lr_mult <= 0:
             raise ValueError("lr and embedding_lr_mult must be positive")
+        if self.train_negatives < 1 or self.embedding_weight_decay < 0:
+            raise ValueError("train_negatives must be at least 1 and embedding_weight_decay >= 0")
         if self.bucket_window < 0:
             raise ValueError("bucket_window must be >= 0")
         if self.patience < 1 or self.keep_checkpoints < 1:

@@ -15,11 +15,14 @@
 4. Block readout: the last layer's hidden state at each candidate token, E (B, M, K, d).
 5. Bit-wise gating fusion (BGF): one ATL across the K block vectors (no bias, temperature
    from the scenario), then an element-wise squeeze-and-excitation gate.
-6. Multi-task head: an MLP to one logit per task. With `target_product` (our addition, in the
-   room docs/paper.md 5 leaves for the readout) it also sees c * E_k, the candidate embedding
-   times each block output: softmax attention returns a convex mix of history values and so
-   drops how strongly the candidate matches the history, and an MLP learns products poorly;
-   DLRM's dot products and HSTU's gating carry that signal (docs/design.md).
+6. Multi-task head: an MLP to one logit per task. Our additions, in the room docs/paper.md 5
+   leaves for the readout (docs/design.md): softmax attention returns a convex mix of history
+   values and is invariant to shifting a row's logits, so how strongly a candidate matches the
+   history as a whole is normalised away, and an MLP learns products poorly. With
+   `match_readout` the head also sees, per layer, block and head, the candidate's mean
+   attention logit over the valid history keys, q . mean(k) / tau: exactly the quantity the
+   softmax discards, computed from the keys a `HistoryCache` holds. With `target_product` it
+   sees c * E_k, the candidate embedding times each block output.
 
 SUMI ("single user, multiple items", section 3.1): candidates are appended after the history;
 history tokens never see candidates, and a candidate sees the history and itself. `forward`
@@ -210,6 +213,25 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(3, 1, 0, 4, 2, 5).unbind(0)
 
 
+def _mean_logit(q: torch.Tensor, k_hist: torch.Tensor, hist_mask: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
+    """The match readout: queries q (B, K, H, M, dh) against history keys (B, K, H, L, dh) with
+    validity (B, K, L) and 1 / tau (B, K, H) -> each query's mean logit over the valid keys,
+    q . mean(k) / tau (B, K, H, M); 0 for an empty history. f_b is left out: it is the same
+    for every candidate of a request."""
+    w = hist_mask.to(k_hist.dtype)
+    w = w / w.sum(-1, keepdim=True).clamp(min=1)
+    mean_k = torch.einsum("bkhld,bkl->bkhd", k_hist, w)
+    return torch.einsum("bkhmd,bkhd->bkhm", q, mean_k) * inv_tau[..., None].to(q.dtype)
+
+
+def _match_features(match: list[torch.Tensor]) -> torch.Tensor | None:
+    """Per-layer mean logits [(B, K, H, M)] -> the head's extra inputs (B, M, N_L * K * H)."""
+    if not match:
+        return None
+    m = torch.stack(match)  # (N_L, B, K, H, M)
+    return m.permute(1, 4, 0, 2, 3).reshape(m.shape[1], m.shape[-1], -1)
+
+
 def _buckets(t: torch.Tensor, n_hist: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """f_b's bucket ids for a sequence with token times t (B, K, S), the first n_hist history and
     the rest candidates, all at position n_hist: position buckets (S, S), time buckets (B, K, S, S)
@@ -273,8 +295,9 @@ class Climber(TokenEmbeddings):
         """The ATL stack over a SUMI sequence: states x (K, B, S, d), blocks first; key validity
         (B, K, S); f_b's bucket ids pb (S, S) and tb (B, K, S, S) (`_buckets`); 1 / tau (N_L, B,
         K, H); the first n_hist tokens history, the rest candidates -> (the candidates' final
-        states (K, B, S - n_hist, d), each layer's keys and values (B, K, H, S, dh) if keep_kv).
-        f_b and the mask are prepared once, by the attention backend, for all layers.
+        states (K, B, S - n_hist, d), each layer's keys and values (B, K, H, S, dh) if keep_kv,
+        the match readout's features (B, S - n_hist, N_L * K * H) or None). f_b and the mask
+        are prepared once, by the attention backend, for all layers.
 
         The last layer's history rows feed nothing: past its attention only the candidates' rows
         go on (its output projection and FFN on M tokens, not S), and with no candidates
@@ -284,14 +307,17 @@ class Climber(TokenEmbeddings):
         H, N_L = self.cfg.n_heads, len(self.layers)
         h = x.reshape(K, B * S, d)
         n = rms_norm(h)
-        seq, kv = None, []
+        seq, kv, match = None, [], []
         for i, (layer, inv) in enumerate(zip(self.layers, inv_tau)):
             qkv = layer.qkv(n).view(K, B, S, 3, H, d // H)
             if keep_kv:
                 kv.append(_heads(qkv)[1:])
             last = i == N_L - 1
             if last and n_hist == S:
-                return x.new_zeros(K, B, 0, d), kv
+                return x.new_zeros(K, B, 0, d), kv, None
+            if self.cfg.match_readout:
+                q, k, _ = _heads(qkv)
+                match.append(_mean_logit(q[..., n_hist:, :], k[..., :n_hist, :], valid[..., :n_hist], inv))
             if seq is None:  # f_b in the projections' dtype (the compute dtype under autocast)
                 seq = self.attention.prepare(*self._tables(scenario), pb, tb, valid, n_hist, qkv.dtype)
             y, seq = self.attention.attend(qkv, inv, seq)
@@ -299,12 +325,13 @@ class Climber(TokenEmbeddings):
                 h = h.view(K, B, S, d)[:, :, n_hist:].reshape(K, -1, d)
                 y = y[..., n_hist:, :]
             h, n = layer(h, y)
-        return h.view(K, B, S - n_hist, d), kv
+        return h.view(K, B, S - n_hist, d), kv, _match_features(match)
 
     def _through_cache(self, x: torch.Tensor, cache: HistoryCache, t: torch.Tensor):
         """New tokens x (K, B, M, d), each at the position after the cache's newest and at time
         t (B,), through every layer against the cache: each sees the valid cached tokens and
-        itself -> (final states (K, B, M, d), each layer's keys and values (B, K, H, M, dh))."""
+        itself -> (final states (K, B, M, d), each layer's keys and values (B, K, H, M, dh), the
+        match readout's features (B, M, N_L * K * H) or None)."""
         K, B, M, d = x.shape
         H, L = self.cfg.n_heads, cache.hist_mask.shape[-1]
         pos, tim = self._tables(cache.scenario)
@@ -315,29 +342,35 @@ class Climber(TokenEmbeddings):
         self_bias = bias(pos, tim, zero, zero.expand(B, K, 1, 1))  # (B, K, H, 1, 1)
         h = x.reshape(K, B * M, d)
         n = rms_norm(h)
-        kv = []
+        kv, match = [], []
         for layer, inv, (k_hist, v_hist) in zip(self.layers, self._inv_tau(cache.scenario), cache.kv, strict=True):
             q, k, v = _heads(layer.qkv(n).view(K, B, M, 3, H, d // H))
             y = attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias, cache.hist_mask)
             kv.append((k, v))
+            if self.cfg.match_readout:
+                match.append(_mean_logit(q, k_hist, cache.hist_mask, inv))
             h, n = layer(h, y)
-        return h.view(K, B, M, d), kv
+        return h.view(K, B, M, d), kv, _match_features(match)
 
     # ---- 4-6. block readout, fusion and head ---------------------------------------------------
-    def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """Last-layer states at the candidates h (K, B, M, d) and candidate embeddings c (B, M, d)
-        -> logits (B, M, T)."""
+    def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
+                match: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-layer states at the candidates h (K, B, M, d), candidate embeddings c (B, M, d)
+        and the match readout's features (B, M, N_L * K * H) or None -> logits (B, M, T)."""
         K, B, M, d = h.shape
         e = self.norm_out(h.reshape(K, B * M, d)).view(K, B, M, d).permute(1, 2, 0, 3)  # (B, M, K, d)
-        return self.fuse_and_head(e.contiguous(), c, scenario, user)
+        return self.fuse_and_head(e.contiguous(), c, scenario, user, match)
 
-    def fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor,
-                      user: torch.Tensor) -> torch.Tensor:
-        """Block outputs e (B, M, K, d) and candidate embeddings c (B, M, d) -> logits (B, M, T)."""
+    def fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
+                      match: torch.Tensor | None = None) -> torch.Tensor:
+        """Block outputs e (B, M, K, d), candidate embeddings c (B, M, d), match features or None
+        -> logits (B, M, T)."""
         B, M, K, d = e.shape
         y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
         if self.cfg.target_product:  # c * E_k: how well the candidate matches each block's readout
             y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
+        if match is not None:
+            y = torch.cat([y, match.to(y.dtype)], dim=-1)
         return self.head(self.with_user(y, user))
 
     # ---- SUMI training and evaluation: the joint [history; candidates] sequence ----------------
@@ -362,8 +395,8 @@ class Climber(TokenEmbeddings):
         """Batch of SUMI samples -> logits (B, M, T)."""
         inputs, c0 = self.front(b)
         L = b["hist_item"].shape[-1]
-        h, _ = self.encode(*inputs, L, b["req_scenario"])
-        return self.readout(h, c0, b["req_scenario"], b["user"])
+        h, _, match = self.encode(*inputs, L, b["req_scenario"])
+        return self.readout(h, c0, b["req_scenario"], b["user"], match)
 
     # ---- SUMI serving: prefill the history once, score candidates, extend with new events ------
     def prefill(self, b: dict) -> HistoryCache:
@@ -371,7 +404,7 @@ class Climber(TokenEmbeddings):
         block; keep each layer's keys and values."""
         x = self.embed_history(b).transpose(0, 1).contiguous()  # (K, B, L, d)
         L, s = x.shape[2], b["req_scenario"]
-        _, kv = self.encode(x, b["hist_mask"], *_buckets(b["hist_time"], L, self.cfg), self._inv_tau(s), L, s,
+        _, kv, _ = self.encode(x, b["hist_mask"], *_buckets(b["hist_time"], L, self.cfg), self._inv_tau(s), L, s,
                             keep_kv=True)
         return HistoryCache(kv, b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"])
 
@@ -379,8 +412,8 @@ class Climber(TokenEmbeddings):
         """Logits (B, M, T) for candidates (B, M) at request times (B,) against a prefilled history."""
         K = self.cfg.n_blocks
         c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
-        h, _ = self._through_cache(c0[None].expand(K, -1, -1, -1), cache, req_time)
-        return self.readout(h, c0, cache.scenario, cache.user)
+        h, _, match = self._through_cache(c0[None].expand(K, -1, -1, -1), cache, req_time)
+        return self.readout(h, c0, cache.scenario, cache.user, match)
 
     def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
         """Fold one new history event per request into the cache, in the blocks where `blocks` (B,
@@ -393,7 +426,7 @@ class Climber(TokenEmbeddings):
             cache = cache.pad_left(1)
         x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
         t = event["hist_time"][:, 0, 0]
-        _, kv = self._through_cache(x, cache, t)
+        _, kv, _ = self._through_cache(x, cache, t)
         return cache.append(kv, t, blocks)
 
     # ---- the model reports itself --------------------------------------------------------------
@@ -419,6 +452,8 @@ class Climber(TokenEmbeddings):
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
+        if cfg.match_readout:  # mean keys (2 L d) and the queries' dot with them (2 M d), per block and layer
+            exact += K * NL * 2 * (L + M) * d
         dims = _head_dims(cfg)
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
@@ -426,8 +461,9 @@ class Climber(TokenEmbeddings):
 
 def _head_dims(cfg: ModelConfig) -> tuple[int, ...]:
     """Widths of the head MLP, input to logits: the fused block outputs (and c * E_k with
-    `target_product`), plus the user side-feature vector."""
+    `target_product`, the mean logits with `match_readout`), plus the user side-feature vector."""
     width = (2 if cfg.target_product else 1) * cfg.n_blocks * cfg.d_model
+    width += cfg.n_layers * cfg.n_blocks * cfg.n_heads if cfg.match_readout else 0
     return (width + (cfg.d_model if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
 
 

@@ -38,11 +38,16 @@ from climber.runtime import apply as apply_runtime
 
 
 class RequestBatches(torch.utils.data.Dataset):
-    """Batch i of an epoch's order; opens the memory-mapped data lazily in each worker."""
+    """Batch i of an epoch's order; opens the memory-mapped data lazily in each worker.
+    `negatives` (training on implicit data): (per positive, seed words): batch i draws fresh
+    negatives from a generator seeded by (*seed words, first + i), a pure function of the
+    batch's place in the run, whichever worker builds it and wherever a resume starts."""
 
-    def __init__(self, root: Path, order: np.ndarray, batch_size: int, strategies, seq_len: int):
+    def __init__(self, root: Path, order: np.ndarray, batch_size: int, strategies, seq_len: int,
+                 negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
         self.root, self.order, self.bs = root, order, batch_size
         self.strategies, self.seq_len = tuple(strategies), seq_len
+        self.negatives, self.first = negatives, first
         self._data: SumiData | None = None
 
     def __len__(self) -> int:
@@ -51,11 +56,16 @@ class RequestBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self._data is None:
             self._data = SumiData(self.root)
-        return self._data.batch(self.order[i * self.bs : (i + 1) * self.bs], self.strategies, self.seq_len)
+        neg = None
+        if self.negatives is not None:
+            n, words = self.negatives
+            neg = (n, np.random.default_rng([*words, self.first + i]))
+        return self._data.batch(self.order[i * self.bs : (i + 1) * self.bs], self.strategies, self.seq_len, neg)
 
 
-def loader(data: SumiData, req: np.ndarray, batch_size: int, cfg: ModelConfig, workers: int = 0, pin=False):
-    ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len)
+def loader(data: SumiData, req: np.ndarray, batch_size: int, cfg: ModelConfig, workers: int = 0, pin=False,
+           negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
+    ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len, negatives, first)
     # a private generator: creating an iterator must not draw from the global RNG (dropout's),
     # or a resumed run would diverge from an uninterrupted one
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
@@ -101,9 +111,11 @@ def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> torch.nn.Module:
     return model
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_mult: float = 1.0) -> list[dict]:
-    """Weight decay on dense matrices only; not on embeddings, norms, biases or bias tables.
-    Embedding tables get their own group, at `embedding_lr_mult` times the learning rate."""
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_mult: float = 1.0,
+                 embedding_weight_decay: float = 0.0) -> list[dict]:
+    """Weight decay on dense matrices, not on norms, biases or bias tables. Embedding tables
+    get their own group, at `embedding_lr_mult` times the learning rate and with
+    `embedding_weight_decay` (AdamW's decoupled decay, applied to every row each step)."""
     decay, no_decay, embeddings = [], [], []
     emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
     for name, p in model.named_parameters():
@@ -115,7 +127,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_mult:
         is_matrix = p.ndim >= 2 and not name.endswith(("pos_bias", "time_bias", "log_tau"))
         (decay if is_matrix and "norm" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-            {"params": embeddings, "weight_decay": 0.0, "lr_mult": embedding_lr_mult}]
+            {"params": embeddings, "weight_decay": embedding_weight_decay, "lr_mult": embedding_lr_mult}]
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -176,8 +188,8 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks)}
     model = build_model(model_cfg, data, cfg.seed)
     apply_runtime(model, runtime)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult), lr=cfg.lr, betas=(0.9, 0.98),
-                            fused=device.type == "cuda")
+    groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "bad_evals": 0, "best_step": -1}
     last = checkpoint.latest_step_dir(out_dir / "checkpoints")
     if last is not None:
@@ -210,7 +222,7 @@ def loop(run: Run, progress: bool = True) -> None:
     train_req = data.requests("train")
     steps_per_epoch = math.ceil(len(train_req) // run.world / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    eval_every = cfg.eval_every or steps_per_epoch
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // 2)
     ckpt_every = cfg.checkpoint_every or eval_every
     weights = torch.tensor(cfg.task_weights or [1.0 / len(data.tasks)] * len(data.tasks), device=device)
     log_path = run.out_dir / "train_log.csv"
@@ -224,8 +236,10 @@ def loop(run: Run, progress: bool = True) -> None:
             order = data.bucket_by_length(order, cfg.batch_size * run.world, cfg.bucket_window, model_cfg.seq_len,
                                           np.random.default_rng([cfg.seed, epoch, 1]))
         shard = order[run.rank::run.world][: len(order) // run.world]
+        negatives = (cfg.train_negatives, (cfg.seed, epoch, run.rank, 2)) if data.implicit else None
         batches = loader(data, shard[state["step_in_epoch"] * cfg.batch_size :], cfg.batch_size, model_cfg,
-                         cfg.num_workers, pin=device.type == "cuda")
+                         cfg.num_workers, pin=device.type == "cuda", negatives=negatives,
+                         first=state["step_in_epoch"])
         run.model.train()
         for b in batches:
             b = to_device(b, device)

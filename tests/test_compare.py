@@ -1,4 +1,4 @@
-"""`climber compare` end to end on a tiny data set: table, resume, learning-rate selection."""
+"""`climber compare` end to end on a tiny data set: table, resume, selection on the shared grid."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
                                                                 rows["dlrm"]["auc"]["mean"] - 1)
     assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
     assert "Tuning: none." in md and report["versions"]["torch"] and "popularity" in md
-    assert len(list(out.glob("runs/*/lr*/seed*/run.json"))) == 4
+    assert len(list(out.glob("runs/*/lr0.001_emb1_ewd0/seed*/run.json"))) == 4
     per_request = np.diff(SumiData(data_dir).a["req_cand_start"]).mean()
     assert report["flops_at"] == {"L": 8, "M": round(per_request)}  # FLOPs of a mean-sized request
 
@@ -63,12 +63,24 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
         compare_mod.compare(data_dir, out, ["dlrm"], [0], "tiny", TrainConfig(epochs=2, batch_size=16))
 
 
-def test_learning_rate_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_path):
+def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_path):
     out = tmp_path / "grid"
-    report = compare_mod.compare(data_dir, out, ["transformer"], [0, 1], "tiny", TINY, lrs=(1e-3, 1e-2))
+    grid = {"lr": (1e-3, 1e-2), "embedding_lr_mult": (1, 10)}
+    report = compare_mod.compare(data_dir, out, ["transformer"], [0, 1], "tiny", TINY, grid)
     (row,) = report["rows"]
-    by_lr = row["valid_auc_by_lr"]
-    assert row["lr"] == float(max(by_lr, key=by_lr.get))
-    tested = {p.parent.parent.name for p in out.glob("runs/transformer/lr*/seed*/test.json")}
-    assert tested == {f"lr{row['lr']:g}"}  # the other rate never saw the test split
-    assert "picked per model from the grid {0.001, 0.01}" in (out / "compare.md").read_text()
+    by_point = row["valid_auc_by_point"]
+    assert len(by_point) == 4 and compare_mod.point_tag(row["picked"]) == max(by_point, key=by_point.get)
+    assert row["lr"] == row["picked"]["lr"]
+    runs = {p.parent.parent.name: json.loads(p.read_text()) for p in out.glob("runs/transformer/*/seed0/run.json")}
+    for tag, run in runs.items():  # each point trained with its own settings
+        point = next(p for p in compare_mod.grid_points(TINY, grid) if compare_mod.point_tag(p) == tag)
+        assert {k: run["config"]["train"][k] for k in point} == point
+    tested = {p.parent.parent.name for p in out.glob("runs/transformer/*/seed*/test.json")}
+    assert tested == {compare_mod.point_tag(row["picked"])}  # the other points never saw the test split
+    md = (out / "compare.md").read_text()
+    assert "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0} (4 points)" in md
+
+
+def test_grid_rejects_unknown_axes():
+    with pytest.raises(ValueError, match="grid axes"):
+        compare_mod.grid_points(TINY, {"dropout": (0.1,)})

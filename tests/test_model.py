@@ -62,13 +62,15 @@ def test_history_keys_and_values_ignore_candidates():
         torch.testing.assert_close(k0[..., :L, :], k1[..., :L, :], atol=0, rtol=0)
         torch.testing.assert_close(v0[..., :L, :], v1[..., :L, :], atol=0, rtol=0)
         torch.testing.assert_close(k0[..., :L, :], kc, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v0[..., :L, :], vc, atol=1e-6, rtol=1e-6)
         assert not torch.equal(k0[..., L:, :], k1[..., L:, :])
     assert not torch.equal(runs[0][0], runs[1][0])
 
 
-def test_forward_equals_score_of_prefill_outputs_and_grads():
+@pytest.mark.parametrize("match_readout", (False, True))
+def test_forward_equals_score_of_prefill_outputs_and_grads(match_readout):
     """Training's joint pass and serving's prefill + score are one computation."""
-    ref, split = make(dropout=0.0), make(dropout=0.0)
+    ref, split = make(dropout=0.0, match_readout=match_readout), make(dropout=0.0, match_readout=match_readout)
     b = random_batch(ref.cfg, B=5, M=4, seed=7)
     out_r, out_s = ref(b), split.score(split.prefill(b), b["cand_item"], b["req_time"])
     m = b["cand_mask"]
@@ -81,11 +83,12 @@ def test_forward_equals_score_of_prefill_outputs_and_grads():
             torch.testing.assert_close(ps.grad, pr.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
-def test_extend_equals_prefill_of_the_longer_history():
+@pytest.mark.parametrize("match_readout", (False, True))
+def test_extend_equals_prefill_of_the_longer_history(match_readout):
     """`extend` folds one event into the chosen blocks; scores equal a prefill from scratch of
     the history with that event appended to those blocks (including a block with no padding
     left, which gets a column first)."""
-    model = make()
+    model = make(match_readout=match_readout)
     b = random_batch(model.cfg, B=2, L=6, M=3, seed=4)
     b["hist_mask"][0, 0] = True  # block 0 of request 0 is full
     blocks = torch.tensor([[True, False, True], [False, True, True]])
@@ -109,8 +112,9 @@ def test_extend_equals_prefill_of_the_longer_history():
 
 
 def test_stacked_caches_score_as_each_alone():
-    """Caches of different lengths, left-padded and stacked, score as they do alone."""
-    model = make()
+    """Caches of different lengths, left-padded and stacked, score as they do alone (the match
+    readout's mean keys must ignore the padding)."""
+    model = make(match_readout=True)
     b1, b2 = random_batch(model.cfg, B=1, L=8, seed=1), random_batch(model.cfg, B=1, L=5, seed=2)
     c1, c2 = model.prefill(b1), model.prefill(b2)
     stacked = HistoryCache.stack([c1, c2])
@@ -179,6 +183,39 @@ def test_ablations_build_and_run():
     assert not make(adaptive=False).log_tau.requires_grad
 
 
+def test_match_readout_is_the_mean_attention_logit():
+    """The match features equal q . mean(valid history keys) / tau per request, candidate,
+    layer, block and head, computed by a loop from the projections; the cached path gives the
+    same features."""
+    model = make(match_readout=True)
+    L, M = 6, 2
+    b = random_batch(model.cfg, B=3, L=L, M=M, seed=3)
+    qkvs = []
+    hooks = [layer.qkv.register_forward_hook(lambda m, i, o: qkvs.append(o)) for layer in model.layers]
+    inputs, _ = model.front(b)
+    _, _, match = model.encode(*inputs, L, b["req_scenario"])
+    for h in hooks:
+        h.remove()
+    cfg = model.cfg
+    K, H, N_L, dh = cfg.n_blocks, cfg.n_heads, cfg.n_layers, cfg.d_head
+    want = torch.zeros(3, M, N_L, K, H)
+    for layer, out in enumerate(qkvs):
+        qkv = out.view(K, 3, L + M, 3, H, dh)
+        for i in range(3):
+            s = b["req_scenario"][i]
+            for blk in range(K):
+                valid = b["hist_mask"][i, blk]
+                for hd in range(H):
+                    keys = qkv[blk, i, :L, 1, hd][valid]
+                    mean_k = keys.mean(0) if len(keys) else torch.zeros(dh)
+                    inv = torch.exp(-model.log_tau[layer, blk, s, hd])
+                    want[i, :, layer, blk, hd] = qkv[blk, i, L:, 0, hd] @ mean_k * inv
+    torch.testing.assert_close(match.view(3, M, N_L, K, H), want, atol=1e-5, rtol=1e-5)
+    c0 = model.embed_candidates(b["cand_item"], b["req_scenario"])[None].expand(K, -1, -1, -1)
+    cached = model._through_cache(c0, model.prefill(b), b["req_time"])[2]
+    torch.testing.assert_close(cached, match, atol=1e-5, rtol=1e-5)
+
+
 def test_empty_history_gives_finite_scores():
     model = make()
     b = random_batch(model.cfg)
@@ -189,9 +226,10 @@ def test_empty_history_gives_finite_scores():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("bgf,target_product", [(True, True), (True, False), (False, True)])
-def test_flops_formula_matches_torch_flop_counter(bgf, target_product):
-    model = make(bgf=bgf, target_product=target_product)
+@pytest.mark.parametrize("bgf,target_product,match_readout",
+                         [(True, True, False), (True, False, False), (False, True, False), (True, False, True)])
+def test_flops_formula_matches_torch_flop_counter(bgf, target_product, match_readout):
+    model = make(bgf=bgf, target_product=target_product, match_readout=match_readout)
     L, M = 8, 5
     b = random_batch(model.cfg, B=1, L=L, M=M, full=True)
     with FlopCounterMode(display=False) as fc:

@@ -8,7 +8,8 @@
   request's history is every event of that user strictly before the request's time, so no
   sample ever sees the future, and its candidates are the request's own impressions with
   their labels (implicit logs: each positive plus `negatives` sampled unseen items, seeded
-  and fixed at preparation, so evaluation is reproducible);
+  and fixed at preparation, so evaluation is reproducible; training draws its negatives afresh
+  every epoch instead, `SumiData.batch(negatives=...)`);
 * a per-user time split: each user's last `eval_requests` requests are test, the ones before
   them validation, the rest training (users with too few requests train only).
 
@@ -261,6 +262,11 @@ class SumiData:
         self.a = {p.stem: np.load(p, mmap_mode="r") for p in root.glob("*.npy")}
         self.tasks = tuple(self.meta["tasks"])
         self._strategy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._seen: np.ndarray | None = None  # sorted user * n_items + item over all events
+
+    @property
+    def implicit(self) -> bool:
+        return bool(self.meta["implicit"])
 
     @property
     def vocab(self) -> dict:
@@ -298,12 +304,67 @@ class SumiData:
             self._strategy_cache[spec] = (np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
         return self._strategy_cache[spec]
 
-    def batch(self, req: np.ndarray, strategies: tuple[str, ...], seq_len: int) -> dict[str, torch.Tensor]:
+    def sample_negatives(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item per entry of `user`, drawn uniformly from the items that user never
+        interacted with (in any split: the same definition as `prepare`'s fixed negatives)."""
+        n_items = int(self.meta["vocab"]["n_items"])
+        if self._seen is None:
+            a = self.a
+            ev_user = np.repeat(np.arange(len(a["user_offsets"]) - 1), np.diff(a["user_offsets"]))
+            self._seen = np.unique(ev_user * n_items + a["ev_item"].astype(np.int64))
+        user = np.asarray(user, np.int64)
+        out = rng.integers(FIRST_ITEM, n_items, size=len(user))
+        todo = np.arange(len(user))
+        for _ in range(100):  # rejection: a user has seen a tiny fraction of the items
+            keys = user[todo] * n_items + out[todo]
+            pos = np.minimum(np.searchsorted(self._seen, keys), len(self._seen) - 1)
+            todo = todo[self._seen[pos] == keys]
+            if not len(todo):
+                return out
+            out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
+        raise DataError(f"users {sorted(set(user[todo].tolist()))[:5]} have interacted with (nearly) every item; "
+                        "cannot sample negatives")
+
+    def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
+        """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)
+        or None): the prepared candidates, or each request's positives followed by `n` fresh
+        negatives per positive drawn by the generator."""
+        a = self.a
+        cs, ce = a["req_cand_start"][req], a["req_cand_start"][req + 1]
+        if negatives is None:
+            m = ce - cs
+            M = int(m.max())
+            cmask = np.arange(M)[None, :] < m[:, None]
+            return np.where(cmask, cs[:, None] + np.arange(M), 0), cmask, None
+        n, rng = negatives
+        W = int((ce - cs).max())
+        rows = cs[:, None] + np.arange(W)
+        in_req = rows < ce[:, None]
+        rows = np.where(in_req, rows, 0)
+        pos = in_req & (a["cand_labels"][rows] > 0).any(-1)  # (B, W)
+        n_pos = pos.sum(1)
+        order = np.argsort(~pos, axis=1, kind="stable")  # positives first, in prepared order
+        P = int(n_pos.max())
+        rows = np.take_along_axis(rows, order, 1)[:, :P]
+        M = P * (1 + n)
+        j = np.arange(M)[None, :]
+        is_pos = j < n_pos[:, None]
+        is_neg = (j >= P) & (j < P + n * n_pos[:, None])
+        user = np.broadcast_to(a["req_user"][req].astype(np.int64)[:, None], (len(req), M))
+        items = np.zeros((len(req), M), np.int64)
+        items[is_neg] = self.sample_negatives(user[is_neg], rng)
+        rows = np.concatenate([rows, np.zeros((len(req), M - P), rows.dtype)], 1)
+        return np.where(is_pos, rows, 0), is_pos | is_neg, np.where(is_neg, items, -1)
+
+    def batch(self, req: np.ndarray, strategies: tuple[str, ...], seq_len: int,
+              negatives: tuple[int, np.random.Generator] | None = None) -> dict[str, torch.Tensor]:
         """Model inputs for requests `req`. History is left-padded (latest event last).
 
         Returns hist_* (B, K, L) with L <= seq_len trimmed to the longest history in the batch,
         cand_* (B, M) padded to the largest request, labels (B, M, T) float, and per-request
-        user, time and scenario (B,).
+        user, time and scenario (B,). `negatives` (implicit data, training): (n, generator):
+        each request's candidates are its positives and n fresh negatives per positive,
+        instead of the negatives fixed at preparation.
         """
         a = self.a
         req = np.asarray(req, dtype=np.int64)
@@ -324,12 +385,10 @@ class SumiData:
         first = int(np.argmax(used)) if used.any() else seq_len - 1  # keep >= 1 column
         idx, valid = idx[..., first:], valid[..., first:]
 
-        cs, ce = a["req_cand_start"][req], a["req_cand_start"][req + 1]
-        m = ce - cs
-        M = int(m.max())
-        cj = cs[:, None] + np.arange(M)
-        cmask = np.arange(M)[None, :] < m[:, None]
-        cj = np.where(cmask, cj, 0)
+        cj, cmask, fresh = self._candidates(req, negatives)
+        cand, labels = a["cand_item"][cj], a["cand_labels"][cj]
+        if fresh is not None:  # fresh negatives: their items, label 0
+            cand, labels = np.where(fresh >= 0, fresh, cand), np.where(fresh[..., None] >= 0, 0, labels)
 
         def t(x, dtype=torch.long):
             return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
@@ -344,7 +403,7 @@ class SumiData:
             "hist_scenario": t(np.where(valid, a["ev_scenario"][idx], 0)),
             "hist_labels": t(np.where(valid[..., None], a["ev_labels"][idx], 0)),
             "hist_mask": t(valid, torch.bool),
-            "cand_item": t(np.where(cmask, a["cand_item"][cj], PAD_ITEM)),
+            "cand_item": t(np.where(cmask, cand, PAD_ITEM)),
             "cand_mask": t(cmask, torch.bool),
-            "labels": t(np.where(cmask[..., None], a["cand_labels"][cj], 0), torch.float32),
+            "labels": t(np.where(cmask[..., None], labels, 0), torch.float32),
         }
