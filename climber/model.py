@@ -20,8 +20,9 @@
    values and is invariant to shifting a row's logits, so how strongly a candidate matches the
    history as a whole is normalised away, and an MLP learns products poorly. With
    `match_readout` the head also sees, per layer, block and head, the candidate's mean
-   attention logit over the valid history keys, q . mean(k) / tau: exactly the quantity the
-   softmax discards, computed from the keys a `HistoryCache` holds. With `target_product` it
+   attention logit over the valid history keys, q . mean(k) / tau (exactly the shift the
+   softmax discards), and their log-mean-exp (a soft maximum), computed from the keys a
+   `HistoryCache` holds. With `target_product` it
    sees c * E_k, the candidate embedding times each block output.
 
 SUMI ("single user, multiple items", section 3.1): candidates are appended after the history;
@@ -213,23 +214,27 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(3, 1, 0, 4, 2, 5).unbind(0)
 
 
-def _mean_logit(q: torch.Tensor, k_hist: torch.Tensor, hist_mask: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
+def _match(q: torch.Tensor, k_hist: torch.Tensor, hist_mask: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
     """The match readout: queries q (B, K, H, M, dh) against history keys (B, K, H, L, dh) with
-    validity (B, K, L) and 1 / tau (B, K, H) -> each query's mean logit over the valid keys,
-    q . mean(k) / tau (B, K, H, M); 0 for an empty history. f_b is left out: it is the same
-    for every candidate of a request."""
-    w = hist_mask.to(k_hist.dtype)
-    w = w / w.sum(-1, keepdim=True).clamp(min=1)
-    mean_k = torch.einsum("bkhld,bkl->bkhd", k_hist, w)
-    return torch.einsum("bkhmd,bkhd->bkhm", q, mean_k) * inv_tau[..., None].to(q.dtype)
+    validity (B, K, L) and 1 / tau (B, K, H) -> (B, K, H, M, 2): each query's mean logit over
+    the valid keys, q . mean(k) / tau, and their log-mean-exp, a soft maximum that grows with
+    the number and strength of close matches (as an item co-occurrence score does); 0 for an
+    empty history. f_b is left out: the match is between items, not positions. In fp32."""
+    q, k = q.float(), k_hist.float()
+    valid = hist_mask[:, :, None, None, :]  # (B, K, 1, 1, L)
+    logits = torch.einsum("bkhmd,bkhld->bkhml", q, k) * inv_tau[..., None, None].float()
+    n = valid.sum(-1).clamp(min=1)
+    mean = logits.masked_fill(~valid, 0).sum(-1) / n
+    lme = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), -1) - n.log()
+    return torch.stack([mean, torch.where(valid.any(-1), lme, 0.0)], -1)
 
 
 def _match_features(match: list[torch.Tensor]) -> torch.Tensor | None:
-    """Per-layer mean logits [(B, K, H, M)] -> the head's extra inputs (B, M, N_L * K * H)."""
+    """Per-layer match readouts [(B, K, H, M, 2)] -> the head's extra inputs (B, M, N_L * K * H * 2)."""
     if not match:
         return None
-    m = torch.stack(match)  # (N_L, B, K, H, M)
-    return m.permute(1, 4, 0, 2, 3).reshape(m.shape[1], m.shape[-1], -1)
+    m = torch.stack(match)  # (N_L, B, K, H, M, 2)
+    return m.permute(1, 4, 0, 2, 3, 5).reshape(m.shape[1], m.shape[4], -1)
 
 
 def _buckets(t: torch.Tensor, n_hist: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,7 +301,7 @@ class Climber(TokenEmbeddings):
         (B, K, S); f_b's bucket ids pb (S, S) and tb (B, K, S, S) (`_buckets`); 1 / tau (N_L, B,
         K, H); the first n_hist tokens history, the rest candidates -> (the candidates' final
         states (K, B, S - n_hist, d), each layer's keys and values (B, K, H, S, dh) if keep_kv,
-        the match readout's features (B, S - n_hist, N_L * K * H) or None). f_b and the mask
+        the match readout's features (B, S - n_hist, N_L * K * H * 2) or None). f_b and the mask
         are prepared once, by the attention backend, for all layers.
 
         The last layer's history rows feed nothing: past its attention only the candidates' rows
@@ -317,7 +322,7 @@ class Climber(TokenEmbeddings):
                 return x.new_zeros(K, B, 0, d), kv, None
             if self.cfg.match_readout:
                 q, k, _ = _heads(qkv)
-                match.append(_mean_logit(q[..., n_hist:, :], k[..., :n_hist, :], valid[..., :n_hist], inv))
+                match.append(_match(q[..., n_hist:, :], k[..., :n_hist, :], valid[..., :n_hist], inv))
             if seq is None:  # f_b in the projections' dtype (the compute dtype under autocast)
                 seq = self.attention.prepare(*self._tables(scenario), pb, tb, valid, n_hist, qkv.dtype)
             y, seq = self.attention.attend(qkv, inv, seq)
@@ -331,7 +336,7 @@ class Climber(TokenEmbeddings):
         """New tokens x (K, B, M, d), each at the position after the cache's newest and at time
         t (B,), through every layer against the cache: each sees the valid cached tokens and
         itself -> (final states (K, B, M, d), each layer's keys and values (B, K, H, M, dh), the
-        match readout's features (B, M, N_L * K * H) or None)."""
+        match readout's features (B, M, N_L * K * H * 2) or None)."""
         K, B, M, d = x.shape
         H, L = self.cfg.n_heads, cache.hist_mask.shape[-1]
         pos, tim = self._tables(cache.scenario)
@@ -348,7 +353,7 @@ class Climber(TokenEmbeddings):
             y = attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias, cache.hist_mask)
             kv.append((k, v))
             if self.cfg.match_readout:
-                match.append(_mean_logit(q, k_hist, cache.hist_mask, inv))
+                match.append(_match(q, k_hist, cache.hist_mask, inv))
             h, n = layer(h, y)
         return h.view(K, B, M, d), kv, _match_features(match)
 
@@ -356,7 +361,7 @@ class Climber(TokenEmbeddings):
     def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
                 match: torch.Tensor | None = None) -> torch.Tensor:
         """Last-layer states at the candidates h (K, B, M, d), candidate embeddings c (B, M, d)
-        and the match readout's features (B, M, N_L * K * H) or None -> logits (B, M, T)."""
+        and the match readout's features (B, M, N_L * K * H * 2) or None -> logits (B, M, T)."""
         K, B, M, d = h.shape
         e = self.norm_out(h.reshape(K, B * M, d)).view(K, B, M, d).permute(1, 2, 0, 3)  # (B, M, K, d)
         return self.fuse_and_head(e.contiguous(), c, scenario, user, match)
@@ -452,8 +457,8 @@ class Climber(TokenEmbeddings):
         if cfg.bgf:
             r = max(1, K * d // cfg.se_reduction)
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
-        if cfg.match_readout:  # mean keys (2 L d) and the queries' dot with them (2 M d), per block and layer
-            exact += K * NL * 2 * (L + M) * d
+        if cfg.match_readout:  # the candidates' logits against the history keys, per block and layer
+            exact += K * NL * 2 * M * L * d
         dims = _head_dims(cfg)
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
@@ -463,7 +468,7 @@ def _head_dims(cfg: ModelConfig) -> tuple[int, ...]:
     """Widths of the head MLP, input to logits: the fused block outputs (and c * E_k with
     `target_product`, the mean logits with `match_readout`), plus the user side-feature vector."""
     width = (2 if cfg.target_product else 1) * cfg.n_blocks * cfg.d_model
-    width += cfg.n_layers * cfg.n_blocks * cfg.n_heads if cfg.match_readout else 0
+    width += 2 * cfg.n_layers * cfg.n_blocks * cfg.n_heads if cfg.match_readout else 0
     return (width + (cfg.d_model if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
 
 

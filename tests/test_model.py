@@ -184,9 +184,9 @@ def test_ablations_build_and_run():
 
 
 def test_match_readout_is_the_mean_attention_logit():
-    """The match features equal q . mean(valid history keys) / tau per request, candidate,
-    layer, block and head, computed by a loop from the projections; the cached path gives the
-    same features."""
+    """The match features equal q . mean(valid history keys) / tau and log(mean(exp(q . k /
+    tau))) over the valid keys, per request, candidate, layer, block and head, computed by a
+    loop from the projections; the cached path gives the same features."""
     model = make(match_readout=True)
     L, M = 6, 2
     b = random_batch(model.cfg, B=3, L=L, M=M, seed=3)
@@ -198,7 +198,7 @@ def test_match_readout_is_the_mean_attention_logit():
         h.remove()
     cfg = model.cfg
     K, H, N_L, dh = cfg.n_blocks, cfg.n_heads, cfg.n_layers, cfg.d_head
-    want = torch.zeros(3, M, N_L, K, H)
+    want = torch.zeros(3, M, N_L, K, H, 2)
     for layer, out in enumerate(qkvs):
         qkv = out.view(K, 3, L + M, 3, H, dh)
         for i in range(3):
@@ -207,10 +207,14 @@ def test_match_readout_is_the_mean_attention_logit():
                 valid = b["hist_mask"][i, blk]
                 for hd in range(H):
                     keys = qkv[blk, i, :L, 1, hd][valid]
-                    mean_k = keys.mean(0) if len(keys) else torch.zeros(dh)
+                    if not len(keys):
+                        continue  # an empty history matches nothing: 0
                     inv = torch.exp(-model.log_tau[layer, blk, s, hd])
-                    want[i, :, layer, blk, hd] = qkv[blk, i, L:, 0, hd] @ mean_k * inv
-    torch.testing.assert_close(match.view(3, M, N_L, K, H), want, atol=1e-5, rtol=1e-5)
+                    logits = qkv[blk, i, L:, 0, hd] @ keys.T * inv  # (M, n)
+                    want[i, :, layer, blk, hd, 0] = qkv[blk, i, L:, 0, hd] @ keys.mean(0) * inv
+                    want[i, :, layer, blk, hd, 1] = logits.exp().mean(-1).log()
+    assert not b["hist_mask"].all(-1).all()  # some padding, whose keys must be ignored
+    torch.testing.assert_close(match.view(3, M, N_L, K, H, 2), want, atol=1e-5, rtol=1e-5)
     c0 = model.embed_candidates(b["cand_item"], b["req_scenario"])[None].expand(K, -1, -1, -1)
     cached = model._through_cache(c0, model.prefill(b), b["req_time"])[2]
     torch.testing.assert_close(cached, match, atol=1e-5, rtol=1e-5)

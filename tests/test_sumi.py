@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from climber.data.events import DataError, EventLog
 from climber.data.sumi import TEST, TRAIN, VALID, PrepareConfig, SumiData, prepare
@@ -163,3 +164,158 @@ def test_bucket_by_length_is_a_seeded_permutation_that_pads_less(tmp_path):
         return sum(data.batch(o[i : i + 8], strategies, 60)["hist_mask"].numel() for i in range(0, len(o), 8))
 
     assert slots(bucketed) < 0.8 * slots(order)
+
+
+# --- training negatives drawn afresh (SumiData.batch(negatives=...), SumiData.sample_negatives) ---
+
+N_ITEMS_IMP = 300
+
+
+def implicit_log(grouped: bool, n_users: int = 20, per_user: int = 30, seed: int = 0) -> EventLog:
+    """An implicit log of 20 users x 30 events over 300 items. `grouped`: each user's events come
+    in bursts (1 s apart, 100 s between bursts), so requests hold 1 to 3 positives."""
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(n_users), per_user)
+    shape = (n_users, per_user)
+    step = rng.choice([1, 100], size=shape, p=[0.6, 0.4]) if grouped else np.full(shape, 100)
+    time = np.cumsum(step, axis=1).reshape(-1)
+    n = len(user)
+    return EventLog("imp", user=user, item=rng.integers(0, N_ITEMS_IMP, n), time=time,
+                    labels=np.ones((n, 2)), tasks=("click", "like"), implicit=True)
+
+
+def implicit_data(tmp_path, grouped: bool) -> SumiData:
+    cfg = PrepareConfig(request_gap=10 if grouped else 0, max_candidates=3 if grouped else 1, negatives=3)
+    prepare(implicit_log(grouped), tmp_path / "imp", cfg, ("recent", "recent@4"))
+    return SumiData(tmp_path / "imp")
+
+
+def seen_by(data: SumiData, u: int) -> set[int]:
+    """Every item user `u` interacted with, in any split (before and after any request)."""
+    a = data.a
+    return set(a["ev_item"][a["user_offsets"][u] : a["user_offsets"][u + 1]].tolist())
+
+
+def check_fresh_candidates(data: SumiData, req: np.ndarray, n: int, b: dict) -> list[int]:
+    """Each request of batch `b`: its prepared positives (items and labels, in prepared order)
+    first, then exactly n negatives per positive, label 0, none seen by the user; padding
+    masked out. Returns each request's negative items."""
+    a = data.a
+    negatives = []
+    for k, r in enumerate(req.tolist()):
+        cs, ce = a["req_cand_start"][r], a["req_cand_start"][r + 1]
+        prep_labels = np.asarray(a["cand_labels"][cs:ce])
+        pos = (prep_labels > 0).any(1)
+        exp_items, exp_labels = np.asarray(a["cand_item"][cs:ce])[pos], prep_labels[pos]
+        n_pos = len(exp_items)
+        assert n_pos >= 1
+        mask, items, labels = b["cand_mask"][k].numpy(), b["cand_item"][k].numpy(), b["labels"][k].numpy()
+        valid = np.flatnonzero(mask)
+        assert len(valid) == n_pos * (1 + n), r
+        assert (items[~mask] == 0).all() and (labels[~mask] == 0).all()  # padding
+        # positives first, exactly the prepared ones with their labels
+        np.testing.assert_array_equal(items[valid[:n_pos]], exp_items)
+        np.testing.assert_array_equal(labels[valid[:n_pos]], exp_labels)
+        neg = items[valid[n_pos:]]
+        assert (labels[valid[n_pos:]] == 0).all()
+        assert ((neg >= 2) & (neg < data.vocab["n_items"])).all()  # real items, no padding or unknown
+        assert not seen_by(data, int(a["req_user"][r])) & set(neg.tolist()), r
+        negatives.append(neg.tolist())
+    return negatives
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("n", [1, 5])
+def test_fresh_negatives_replace_the_prepared_ones(tmp_path, grouped, n):
+    data = implicit_data(tmp_path, grouped)
+    assert data.implicit
+    req = np.arange(len(data.a["req_user"]))  # every request of every split, in one batch
+    n_pos = np.diff(data.a["req_cand_start"]) // 4  # prepared: 3 negatives per positive
+    if grouped:  # requests of 1, 2 and 3 positives side by side in the batch
+        assert set(n_pos.tolist()) == {1, 2, 3}
+    else:
+        assert (n_pos == 1).all()
+    strategies = ("recent", "recent@4")
+    b = data.batch(req, strategies, 16, negatives=(n, np.random.default_rng(0)))
+    per_req = check_fresh_candidates(data, req, n, b)
+    negs = sum(per_req, [])
+    assert len(negs) == n * n_pos.sum()
+    # drawn independently: not one item repeated over the batch, nor within a request
+    assert len(set(negs)) > 0.5 * (N_ITEMS_IMP - 30)
+    several = [x for x in per_req if len(x) > 1]
+    if n > 1 or grouped:
+        assert len(several) > 50 and np.mean([len(set(x)) == 1 for x in several]) < 0.05
+    # the history and the per-request fields are those of the prepared batch
+    plain = data.batch(req, strategies, 16)
+    for key in plain:
+        if not key.startswith(("cand_", "labels")):
+            assert torch.equal(b[key], plain[key]), key
+
+
+def test_fresh_negatives_are_seeded_and_differ_from_the_prepared_ones(tmp_path):
+    data = implicit_data(tmp_path, grouped=True)
+    req = data.requests("train")[:64]
+    n = 3  # as many as prepare drew: the same layout, so only the items can tell them apart
+    b1 = data.batch(req, ("recent",), 8, negatives=(n, np.random.default_rng(7)))
+    b2 = data.batch(req, ("recent",), 8, negatives=(n, np.random.default_rng(7)))
+    b3 = data.batch(req, ("recent",), 8, negatives=(n, np.random.default_rng(8)))
+    assert b1.keys() == b2.keys()
+    for key in b1:
+        assert torch.equal(b1[key], b2[key]), key
+    n1, n3 = (sum(check_fresh_candidates(data, req, n, x), []) for x in (b1, b3))
+    assert len(n1) > 300
+    # ~270 unseen items per user: two seeds agree on a negative about 1 time in 270
+    assert np.mean(np.array(n1) == np.array(n3)) < 0.05
+    prepared = data.batch(req, ("recent",), 8)
+    assert prepared["cand_mask"].shape == b1["cand_mask"].shape and torch.equal(prepared["cand_mask"].sum(1),
+                                                                                b1["cand_mask"].sum(1))
+    assert (prepared["cand_item"] != b1["cand_item"]).float().mean() > 0.5  # fresh, not the prepared ones
+
+
+def test_sample_negatives_is_uniform_over_the_unseen_items(tmp_path):
+    data = implicit_data(tmp_path, grouped=False)
+    u = 3
+    unseen = sorted(set(range(2, data.vocab["n_items"])) - seen_by(data, u))
+    draws = data.sample_negatives(np.full(30_000, u), np.random.default_rng(0))
+    items, counts = np.unique(draws, return_counts=True)
+    assert items.tolist() == unseen  # every unseen item, and nothing else
+    expected = len(draws) / len(unseen)  # ~110 each
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)  # no item favoured or neglected
+    chi2, dof = ((counts - expected) ** 2 / expected).sum(), len(unseen) - 1
+    assert chi2 < dof + 6 * np.sqrt(2 * dof)
+    # several users in one call: each draw avoids its own user's items
+    users = np.repeat(np.arange(1, 21), 200)
+    out = data.sample_negatives(users, np.random.default_rng(1))
+    for v in range(1, 21):
+        assert not seen_by(data, v) & set(out[users == v].tolist())
+
+
+def test_user_who_saw_all_but_one_item_always_gets_it(tmp_path):
+    """Rejection sampling would nearly always fail for such a user; the exact fallback draws
+    from the unseen items directly."""
+    user = np.array([0] * 9 + [1] * 3)
+    item = np.array(list(range(9)) + [0, 1, 9])  # raw user 0 saw items 0..8 of 0..9
+    log = EventLog("heavy", user=user, item=item, time=np.arange(12), labels=np.ones((12, 1)), tasks=("click",),
+                   implicit=True)
+    prepare(log, tmp_path / "d", PrepareConfig(request_gap=0, max_candidates=1, negatives=0), ("recent",))
+    data = SumiData(tmp_path / "d")
+    out = data.sample_negatives(np.array([1] * 200 + [2] * 200), np.random.default_rng(0))
+    assert set(out[:200].tolist()) == {11}  # dense id of raw item 9
+    assert set(out[200:].tolist()) == set(range(4, 11))  # raw user 1 saw raw items 0, 1, 9
+
+
+def test_user_who_saw_every_item_cannot_get_negatives(tmp_path):
+    # raw user 0 interacted with all 10 items, raw user 1 with 3 of them
+    user = np.array([0] * 10 + [1] * 3)
+    item = np.array(list(range(10)) + [0, 1, 2])
+    log = EventLog("full", user=user, item=item, time=np.arange(13), labels=np.ones((13, 1)), tasks=("click",),
+                   implicit=True)
+    prepare(log, tmp_path / "d", PrepareConfig(request_gap=0, max_candidates=1, negatives=0), ("recent",))
+    data = SumiData(tmp_path / "d")
+    ok = data.sample_negatives(np.array([2] * 50), np.random.default_rng(0))  # dense id of raw user 1
+    assert set(ok.tolist()) == set(range(5, 12))  # dense ids of raw items 3..9
+    with pytest.raises(DataError, match="user 1 has interacted with every item"):
+        data.sample_negatives(np.array([2, 1, 2]), np.random.default_rng(0))
+    req = np.flatnonzero(np.asarray(data.a["req_user"]) == 1)[:2]
+    with pytest.raises(DataError, match="cannot sample negatives"):
+        data.batch(req, ("recent",), 4, negatives=(1, np.random.default_rng(0)))

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from climber import train as train_module
 from climber.config import TrainConfig, model_config
+from climber.data.events import EventLog
 from climber.data.sumi import PrepareConfig, SumiData, prepare
-from climber.train import train
+from climber.train import RequestBatches, loader, train
 from tests.helpers import synthetic_log
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_loss.json"
@@ -134,3 +139,120 @@ def test_param_groups_cover_every_parameter_once_with_embeddings_at_their_own_ra
                                                *(id(e.weight) for e in model.user_feat_emb)}
     with pytest.raises(ValueError, match="embedding_lr_mult"):
         TrainConfig(embedding_lr_mult=0)
+
+
+# --- implicit data: training negatives drawn afresh every epoch ---
+
+IMP_STRATEGIES = ("recent", "recent@4")
+
+
+@pytest.fixture(scope="module")
+def implicit_dir(tmp_path_factory) -> Path:
+    """30 users x 40 events over 200 items, ~3 events per request, prepared with 3 negatives each."""
+    rng = np.random.default_rng(0)
+    n_users, per_user = 30, 40
+    user = np.repeat(np.arange(n_users), per_user)
+    time = np.tile(np.arange(per_user) // 3 * 100, n_users) + rng.integers(0, 5, len(user))
+    log = EventLog("imp", user=user, item=rng.integers(0, 200, len(user)), time=time,
+                   labels=np.ones((len(user), 1)), tasks=("click",), implicit=True)
+    d = tmp_path_factory.mktemp("data") / "implicit"
+    prepare(log, d, PrepareConfig(request_gap=50, max_candidates=4, negatives=3), IMP_STRATEGIES)
+    return d
+
+
+def assert_same_batch(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_negatives_must_be_positive():
+    with pytest.raises(ValueError, match="train_negatives"):
+        TrainConfig(train_negatives=0)
+    with pytest.raises(ValueError, match="train_negatives"):
+        TrainConfig(train_negatives=-1)
+    assert TrainConfig(train_negatives=1).train_negatives == 1
+
+
+def test_request_batches_from_a_resume_point_equal_the_uninterrupted_ones(implicit_dir):
+    """RequestBatches(order[k*bs:], first=k)[i] == RequestBatches(order, first=0)[k+i], built in
+    any order, by any worker: what makes a resumed epoch draw the same negatives."""
+    data = SumiData(implicit_dir)
+    order = np.random.default_rng(0).permutation(data.requests("train"))
+    bs, k, neg = 16, 5, (2, (0, 1, 0, 2))
+    full = RequestBatches(implicit_dir, order, bs, IMP_STRATEGIES, 16, neg)
+    resumed = RequestBatches(implicit_dir, order[k * bs :], bs, IMP_STRATEGIES, 16, neg, first=k)
+    assert len(full) > k + 3 and len(order) % bs  # a partial last batch too
+    assert len(resumed) == len(full) - k
+    for i in reversed(range(len(resumed))):  # out of order: no generator state carried between batches
+        assert_same_batch(resumed[i], full[k + i])
+    # ... and through DataLoader worker processes
+    mcfg = model_config("tiny", data.vocab, IMP_STRATEGIES, seq_len=16)
+    for i, b in enumerate(loader(data, order[k * bs :], bs, mcfg, workers=2, negatives=neg, first=k)):
+        assert_same_batch(b, full[k + i])
+
+    # the batches hold fresh negatives (2 per positive; prepare drew 3) ...
+    b = full[k]
+    a = data.a
+    req = order[k * bs : (k + 1) * bs]
+    n_pos = ((np.diff(a["req_cand_start"]) // 4)[req]).sum()
+    assert int(b["cand_mask"].sum()) == 3 * n_pos and int(b["labels"].sum()) == n_pos
+    # ... which depend on the batch's place and on the seed words, so the equalities above are not vacuous
+    forgot_first = RequestBatches(implicit_dir, order[k * bs :], bs, IMP_STRATEGIES, 16, neg)[0]
+    other_seed = RequestBatches(implicit_dir, order, bs, IMP_STRATEGIES, 16, (2, (0, 2, 0, 2)))[k]
+    for other in (forgot_first, other_seed):
+        assert torch.equal(other["cand_mask"], b["cand_mask"])
+        assert (other["cand_item"] != b["cand_item"]).float().mean() > 0.3
+
+
+def imp_run(data_dir: Path, out: Path, **train_kw) -> dict:
+    data = SumiData(data_dir)
+    mcfg = model_config("tiny", data.vocab, IMP_STRATEGIES, dropout=0.1)
+    tcfg = TrainConfig(**{"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "log_every": 1,
+                          "train_negatives": 2, "patience": 100, **train_kw})
+    return train(data_dir, out, mcfg, tcfg, progress=False)
+
+
+def test_train_negatives_matter_on_implicit_data_only(implicit_dir, data_dir, tmp_path):
+    imp_run(implicit_dir, tmp_path / "i1", max_steps=3, train_negatives=1)
+    imp_run(implicit_dir, tmp_path / "i4", max_steps=3, train_negatives=4)
+    assert losses(tmp_path / "i1") != losses(tmp_path / "i4")
+    tiny_run(data_dir, tmp_path / "e1", max_steps=3, train_negatives=1)
+    tiny_run(data_dir, tmp_path / "e4", max_steps=3, train_negatives=4)
+    assert losses(tmp_path / "e1") == losses(tmp_path / "e4")  # explicit data: the logged impressions
+
+
+def test_implicit_resume_mid_epoch_draws_the_same_negatives(implicit_dir, tmp_path, monkeypatch):
+    """A run resumed from a checkpoint in the middle of its second epoch ends with the weights of
+    the uninterrupted run: the loop rebuilds the epoch's remaining batches, negatives included."""
+    calls = []
+
+    def spy(*args, **kw):
+        if "negatives" in kw:  # the training loader (predict's passes none)
+            calls.append((kw["negatives"], kw["first"]))
+        return loader(*args, **kw)
+
+    monkeypatch.setattr(train_module, "loader", spy)
+    kw = {"checkpoint_every": 4, "keep_checkpoints": 100}
+    whole = tmp_path / "whole"
+    imp_run(implicit_dir, whole, **kw)
+    spe = math.ceil(len(SumiData(implicit_dir).requests("train")) / 16)
+    # one training loader per epoch, from its start; fresh negatives (2 per positive) drawn anew each epoch
+    assert [first for _, first in calls] == [0, 0]
+    (n0, words0), (n1, words1) = calls[0][0], calls[1][0]
+    assert n0 == n1 == 2 and words0 != words1
+
+    step = next(s for s in range(spe + 1, 2 * spe) if s % 4 == 0)  # a checkpoint inside the second epoch
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    for p in (killed / "checkpoints").glob("step-*"):
+        if int(p.name.split("-")[1]) > step:
+            shutil.rmtree(p)
+    calls.clear()
+    imp_run(implicit_dir, killed, **kw)
+    assert calls == [((2, words1), step - spe)]  # the second epoch's negatives, from the resume point on
+    a, b = _final_weights(whole), _final_weights(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(whole) == losses(killed)

@@ -315,15 +315,21 @@ class SumiData:
         user = np.asarray(user, np.int64)
         out = rng.integers(FIRST_ITEM, n_items, size=len(user))
         todo = np.arange(len(user))
-        for _ in range(100):  # rejection: a user has seen a tiny fraction of the items
+        for _ in range(20):  # rejection: a user has seen a tiny fraction of the items
             keys = user[todo] * n_items + out[todo]
             pos = np.minimum(np.searchsorted(self._seen, keys), len(self._seen) - 1)
             todo = todo[self._seen[pos] == keys]
             if not len(todo):
                 return out
             out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
-        raise DataError(f"users {sorted(set(user[todo].tolist()))[:5]} have interacted with (nearly) every item; "
-                        "cannot sample negatives")
+        for u in np.unique(user[todo]):  # heavy users: draw from their unseen items directly
+            lo, hi = np.searchsorted(self._seen, [u * n_items, (u + 1) * n_items])
+            unseen = np.setdiff1d(np.arange(FIRST_ITEM, n_items), self._seen[lo:hi] - u * n_items)
+            if not len(unseen):
+                raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
+            mine = todo[user[todo] == u]
+            out[mine] = rng.choice(unseen, size=len(mine))
+        return out
 
     def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
         """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)
