@@ -7,7 +7,7 @@
 #
 # DATA_ROOT holds the prepared data dirs ml-100k kuairand lastfm beauty grocery (`climber
 # prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json} and the
-# training logs to OUT/<dataset>/log_<model>.txt. The committed records are benchmarks/results/table2/
+# training logs to OUT/<dataset>/log_<model>_seed<seed>.txt. The committed records are benchmarks/results/table2/
 # (this script's defaults) and benchmarks/results/table2/embedding-lr-10x/ (EXTRA="--embedding-lr-mult 10",
 # see that folder's README).
 #
@@ -28,8 +28,8 @@
 #   beauty       153,776   1024      20         151
 #   grocery       69,176    512      20         136
 #
-# The models are small, so one process cannot keep the GPU busy: (model, data set) jobs run
-# JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
+# The models are small, so one process cannot keep the GPU busy: (model, data set, seed) jobs
+# run JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
 # A last `climber compare` per data set, with all models, finds every run finished and only
 # writes the table; it is the command recorded in compare.md (run alone, it would train the
 # same runs one after another). Rerunning this script skips finished runs and resumes
@@ -75,7 +75,7 @@ compare() {  # data set, then models; every other flag is the same for all calls
     local ds=$1; shift
     # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
     # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
-    $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds $SEEDS --preset small \
+    $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds ${RUN_SEEDS:-$SEEDS} --preset small \
         --lrs $LRS --embedding-lr-mults $EMB_MULTS --embedding-weight-decays $EMB_WDS --warmup-steps 50 \
         --patience "$PATIENCE" --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 $(budget "$ds") $EXTRA
 }
@@ -88,11 +88,12 @@ for ds in "${DATASETS[@]}"; do
 done
 
 t0=$(date +%s)
-# one job per (model, data set), longest first; each trains its model's seeds one after another
-for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do echo "$ds $m"; done; done |
-    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'DEVICE=cuda:$((SLOT % GPUS)) \
-        compare "$0" "$1" > "$OUT/$0/log_$1.txt" 2>&1 || {
-        echo "FAILED: $0 $1, see $OUT/$0/log_$1.txt" >&2; exit 255; }'
+# one job per (model, data set, seed), longest first; jobs only train (--train-only), so the
+# test split is evaluated below, once, for the grid point each model picks over all seeds
+for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do echo "$ds $m $s"; done; done; done |
+    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=cuda:$((SLOT % GPUS)) \
+        compare "$0" "$1" --train-only > "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
+        echo "FAILED: $0 $1 seed $2, see $OUT/$0/log_$1_seed$2.txt" >&2; exit 255; }'
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables
     compare "$ds" "${MODELS[@]}" | grep -v '^\[compare\]'

@@ -108,7 +108,8 @@ def cmd_compare(ns) -> None:
             "embedding_weight_decay": ns.embedding_weight_decays}
     compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, grid,
             pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
-            command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)))
+            command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)),
+            train_only=ns.train_only)
 
 
 def cmd_run(ns) -> None:
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--embedding-weight-decays", nargs="+", type=float, default=[TrainConfig.embedding_weight_decay],
                    help="the grid's embedding-table weight decays")
     p.add_argument("--preset", default="small")
+    p.add_argument("--train-only", action="store_true",
+                   help="train the runs, then stop: no test, no table (parallel jobs; a last call reports)")
     add_dataclass_flags(p, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED, defaults_none=True)
     add_dataclass_flags(p, TrainConfig, skip={"seed", *TUNED})
     add_dataclass_flags(p, Runtime)

@@ -82,9 +82,12 @@ def point_tag(point: dict[str, float]) -> str:
 
 def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequence[int], preset: str = "small",
             train_cfg: TrainConfig | None = None, grid: dict[str, Sequence[float]] | None = None,
-            model_overrides: dict | None = None, command: str = "", runtime: Runtime | None = None) -> dict:
+            model_overrides: dict | None = None, command: str = "", runtime: Runtime | None = None,
+            train_only: bool = False) -> dict | None:
     """Train (or skip) every (model, grid point, seed) run, test the picked ones, write and return
-    the report. `grid`: values per axis of `TUNED`; an axis left out keeps train_cfg's value."""
+    the report. `grid`: values per axis of `TUNED`; an axis left out keeps train_cfg's value.
+    `train_only`: train the runs and stop (no test, no report), for jobs that train parts of one
+    comparison in parallel; a last call without it picks, tests and reports."""
     runtime = runtime or Runtime()
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models or not seeds:
@@ -103,6 +106,8 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
         mcfg = model_for(shared, name)
         runs = {point_tag(p): [_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
                                     replace(train_cfg, **p, seed=s), name, runtime) for s in seeds] for p in points}
+        if train_only:
+            continue
         # model selection on validation only: the grid point with the best mean validation AUC
         valid_auc = {tag: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for tag, rs in runs.items()}
         best = max(points, key=lambda p: valid_auc[point_tag(p)])
@@ -117,6 +122,8 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
             "steps": float(np.mean([r["steps"] for r in runs[point_tag(best)]])),
             "best_steps": float(np.mean([r["best_step"] for r in runs[point_tag(best)]])),
         })
+    if train_only:
+        return None
     base = next((r["auc"]["mean"] for r in rows if r["model"] == "dlrm"), None)
     for r in rows:  # relative AUC improvement over DLRM: AUC / AUC_DLRM - 1
         r["auc_impr_vs_dlrm"] = r["auc"]["mean"] / base - 1 if base else None

@@ -84,3 +84,18 @@ def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_
 def test_grid_rejects_unknown_axes():
     with pytest.raises(ValueError, match="grid axes"):
         compare_mod.grid_points(TINY, {"dropout": (0.1,)})
+
+
+def test_train_only_jobs_leave_testing_to_the_last_call(data_dir, tmp_path, monkeypatch):
+    """Parallel jobs train disjoint seeds with train_only (no test split touched, no table); the
+    last call trains nothing, picks the point over all seeds and tests only that one."""
+    out = tmp_path / "jobs"
+    grid = {"lr": (1e-3, 1e-2)}
+    for seed in (0, 1):
+        assert compare_mod.compare(data_dir, out, ["dlrm"], [seed], "tiny", TINY, grid, train_only=True) is None
+    assert not list(out.glob("runs/**/test.json")) and not (out / "compare.json").exists()
+    monkeypatch.setattr(compare_mod, "train", lambda *a, **kw: pytest.fail("the last call trained a run"))
+    report = compare_mod.compare(data_dir, out, ["dlrm"], [0, 1], "tiny", TINY, grid)
+    (row,) = report["rows"]
+    tested = {p.parent.parent.name for p in out.glob("runs/dlrm/*/seed*/test.json")}
+    assert tested == {compare_mod.point_tag(row["picked"])} and len(row["test_per_seed"]) == 2
