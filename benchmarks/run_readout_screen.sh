@@ -5,7 +5,7 @@
 #
 #   benchmarks/run_readout_screen.sh DATA_ROOT OUT
 #
-# OUT/plain (climber, hstu, dlrm), OUT/match (climber --match-readout), OUT/match-tp (climber
+# OUT/plain (climber --no-match-readout, hstu, dlrm), OUT/match (climber --match-readout), OUT/match-tp (climber
 # --match-readout --target-product); each OUT/<variant>/<data set>/compare.{md,json}. Environment
 # as run_compare.sh (SEEDS, LRS, EMB_MULTS, EMB_WDS, PATIENCE, DATASETS; default here: seed 0,
 # lr 3e-3, embedding rate x10, the point every model picked in the earlier 10x rerun, and
@@ -21,7 +21,7 @@ R=$(dirname "$0")/run_compare.sh
 LIMIT=${LIMIT:-480}
 n=$(wc -w <<< "$DATASETS")
 X=${EXTRA:-}
-MODELS="climber hstu dlrm" JOBS=$((3 * n)) EXTRA="$X" timeout "$LIMIT" bash "$R" "$ROOT" "$OUT/plain" > "$OUT/plain.log" 2>&1 &
+MODELS="climber hstu dlrm" JOBS=$((3 * n)) EXTRA="--no-match-readout $X" timeout "$LIMIT" bash "$R" "$ROOT" "$OUT/plain" > "$OUT/plain.log" 2>&1 &
 MODELS=climber JOBS=$n EXTRA="--match-readout $X" timeout "$LIMIT" bash "$R" "$ROOT" "$OUT/match" > "$OUT/match.log" 2>&1 &
 MODELS=climber JOBS=$n EXTRA="--match-readout --target-product $X" timeout "$LIMIT" \
     bash "$R" "$ROOT" "$OUT/match-tp" > "$OUT/match-tp.log" 2>&1 &

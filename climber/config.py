@@ -68,7 +68,7 @@ class ModelConfig:
     adaptive: bool = True
     bgf: bool = True
     target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
-    match_readout: bool = False  # head also sees each candidate's mean and log-mean-exp logit per layer, block, head
+    match_readout: bool = True  # head also sees each candidate's mean and log-mean-exp logit per layer, block, head
     se_reduction: int = 4
     head_hidden: tuple[int, ...] = (256, 64)
 
