@@ -151,10 +151,17 @@ class HistoryCache:
     hist_time: torch.Tensor  # (B, K, L)
     scenario: torch.Tensor  # (B,) request scenario the cache was computed under
     user: torch.Tensor  # (B,)
+    hist_sum: torch.Tensor  # (B, K, d) the sum of each block's history token embeddings (`pooled_readout`)
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        """Each block's mean history token embedding (B, K, d); zero for an empty block."""
+        return self.hist_sum / self.hist_mask.sum(-1, keepdim=True).clamp(min=1)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for kv in self.kv for t in kv] + [self.hist_mask, self.hist_time, self.scenario, self.user]
+        tensors = [t for kv in self.kv for t in kv] + [self.hist_mask, self.hist_time, self.scenario, self.user,
+                                                       self.hist_sum]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def pad_left(self, n: int) -> HistoryCache:
@@ -166,7 +173,7 @@ class HistoryCache:
             return torch.cat([t.new_zeros(*t.shape[:dim], n, *t.shape[dim:][1:]), t], dim=dim)
 
         return HistoryCache([(pad(k, -2), pad(v, -2)) for k, v in self.kv], pad(self.hist_mask, -1),
-                            pad(self.hist_time, -1), self.scenario, self.user)
+                            pad(self.hist_time, -1), self.scenario, self.user, self.hist_sum)
 
     @staticmethod
     def stack(caches: list[HistoryCache]) -> HistoryCache:
@@ -177,7 +184,7 @@ class HistoryCache:
         cs = [c.pad_left(L - c.hist_mask.shape[-1]) for c in caches]
         kv = [tuple(torch.cat([c.kv[i][j] for c in cs]) for j in range(2)) for i in range(len(cs[0].kv))]
         return HistoryCache(kv, *(torch.cat([getattr(c, f) for c in cs]) for f in
-                                  ("hist_mask", "hist_time", "scenario", "user")))
+                                  ("hist_mask", "hist_time", "scenario", "user", "hist_sum")))
 
     def replace_blocks(self, other: HistoryCache, blocks: torch.Tensor) -> HistoryCache:
         """This cache with the blocks where `blocks` (B, K) is set taken from `other` (same
@@ -187,13 +194,13 @@ class HistoryCache:
         m3, m5 = blocks[..., None], blocks[..., None, None, None]
         kv = [(torch.where(m5, kb, ka), torch.where(m5, vb, va)) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)]
         return HistoryCache(kv, torch.where(m3, b.hist_mask, a.hist_mask), torch.where(m3, b.hist_time, a.hist_time),
-                            a.scenario, a.user)
+                            a.scenario, a.user, torch.where(m3, b.hist_sum, a.hist_sum))
 
-    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], time: torch.Tensor,
+    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], time: torch.Tensor, x: torch.Tensor,
                blocks: torch.Tensor) -> HistoryCache:
-        """One new token per request, with per-layer keys and values (B, K, H, 1, dh) and time
-        (B,), appended to the blocks where `blocks` (B, K) is set: their oldest column (padding:
-        `Climber.extend` makes room) leaves. The other blocks are unchanged."""
+        """One new token per request, with per-layer keys and values (B, K, H, 1, dh), time (B,)
+        and embedding x (B, d), appended to the blocks where `blocks` (B, K) is set: their oldest
+        column (padding: `Climber.extend` makes room) leaves. The other blocks are unchanged."""
 
         def shift_in(old: torch.Tensor, new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             return torch.where(m, torch.cat([old[..., 1:], new], dim=-1), old)
@@ -206,7 +213,7 @@ class HistoryCache:
                              zip(self.kv, kv, strict=True)],
                             shift_in(self.hist_mask, torch.ones_like(self.hist_mask[..., :1]), m),
                             shift_in(self.hist_time, time[:, None, None].expand_as(self.hist_time[..., :1]), m),
-                            self.scenario, self.user)
+                            self.scenario, self.user, self.hist_sum + m * x[:, None].to(self.hist_sum.dtype))
 
 
 def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,6 +242,17 @@ def _match_features(match: list[torch.Tensor]) -> torch.Tensor | None:
         return None
     m = torch.stack(match)  # (N_L, B, K, H, M, 2)
     return m.permute(1, 4, 0, 2, 3, 5).reshape(m.shape[1], m.shape[4], -1)
+
+
+def _pooled_features(c: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled readout, DLRM's interaction (climber/baselines/dlrm.py) read out beside the
+    blocks: candidate embeddings c (B, M, d) and each block's mean history embedding (B, K, d)
+    -> (B, M, F d + F (F - 1) / 2), F = K + 1: the fields [c, pooled_1 .. pooled_K] and the dot
+    product of every pair of them."""
+    B, M, _ = c.shape
+    x = torch.cat([c[:, :, None], pooled[:, None].expand(B, M, -1, -1).to(c.dtype)], 2)  # (B, M, F, d)
+    i, j = torch.tril_indices(x.shape[2], x.shape[2], offset=-1, device=c.device)
+    return torch.cat([x.flatten(2), (x @ x.transpose(-1, -2))[:, :, i, j]], -1)
 
 
 def _buckets(t: torch.Tensor, n_hist: int, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,33 +377,38 @@ class Climber(TokenEmbeddings):
 
     # ---- 4-6. block readout, fusion and head ---------------------------------------------------
     def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
-                match: torch.Tensor | None = None) -> torch.Tensor:
-        """Last-layer states at the candidates h (K, B, M, d), candidate embeddings c (B, M, d)
-        and the match readout's features (B, M, N_L * K * H * 2) or None -> logits (B, M, T)."""
+                match: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        """Last-layer states at the candidates h (K, B, M, d), candidate embeddings c (B, M, d),
+        the match readout's features (B, M, N_L * K * H * 2) or None and each block's mean
+        history embedding (B, K, d) -> logits (B, M, T)."""
         K, B, M, d = h.shape
         e = self.norm_out(h.reshape(K, B * M, d)).view(K, B, M, d).permute(1, 2, 0, 3)  # (B, M, K, d)
-        return self.fuse_and_head(e.contiguous(), c, scenario, user, match)
+        return self.fuse_and_head(e.contiguous(), c, scenario, user, match, pooled)
 
     def fuse_and_head(self, e: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
-                      match: torch.Tensor | None = None) -> torch.Tensor:
-        """Block outputs e (B, M, K, d), candidate embeddings c (B, M, d), match features or None
-        -> logits (B, M, T)."""
+                      match: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        """Block outputs e (B, M, K, d), candidate embeddings c (B, M, d), match features or None,
+        mean history embeddings (B, K, d) -> logits (B, M, T)."""
         B, M, K, d = e.shape
         y = self.bgf(e, scenario) if self.bgf is not None else e.reshape(B, M, K * d)
         if self.cfg.target_product:  # c * E_k: how well the candidate matches each block's readout
             y = torch.cat([y, (c[:, :, None].to(e.dtype) * e).reshape(B, M, K * d)], dim=-1)
         if match is not None:
             y = torch.cat([y, match.to(y.dtype)], dim=-1)
+        if self.cfg.pooled_readout:
+            y = torch.cat([y, _pooled_features(c, pooled).to(y.dtype)], dim=-1)
         return self.head(self.with_user(y, user))
 
     # ---- SUMI training and evaluation: the joint [history; candidates] sequence ----------------
     def front(self, b: dict):
         """`encode`'s inputs for the joint sequence, candidates from position L on at the request's
         time: states x (K, B, L + M, d), key validity (B, K, L + M), f_b's bucket ids, every
-        layer's 1 / tau; and the candidate embeddings c0 (B, M, d). One region for the runtime to
-        compile: eager, the embedding sums, the sequence's copy and the (B, K, S, S) time buckets
-        are some 20 memory-bound kernels."""
+        layer's 1 / tau; the candidate embeddings c0 (B, M, d) and each block's mean history
+        embedding (B, K, d). One region for the runtime to compile: eager, the embedding sums,
+        the sequence's copy and the (B, K, S, S) time buckets are some 20 memory-bound kernels."""
         h = self.embed_history(b)  # (B, K, L, d)
+        m = b["hist_mask"][..., None].to(h.dtype)
+        pooled = (h * m).sum(2) / m.sum(2).clamp(min=1)
         B, K, _, _ = h.shape
         M = b["cand_item"].shape[1]
         c0 = self.embed_candidates(b["cand_item"], b["req_scenario"])
@@ -394,31 +417,34 @@ class Climber(TokenEmbeddings):
             x = x.to(self.stream_dtype)
         valid = torch.cat([b["hist_mask"], b["cand_mask"][:, None].expand(B, K, M)], dim=-1)
         t = torch.cat([b["hist_time"], b["req_time"][:, None, None].expand(B, K, M)], dim=-1)
-        return (x, valid, *_buckets(t, b["hist_item"].shape[-1], self.cfg), self._inv_tau(b["req_scenario"])), c0
+        inputs = (x, valid, *_buckets(t, b["hist_item"].shape[-1], self.cfg), self._inv_tau(b["req_scenario"]))
+        return inputs, c0, pooled
 
     def forward(self, b: dict) -> torch.Tensor:
         """Batch of SUMI samples -> logits (B, M, T)."""
-        inputs, c0 = self.front(b)
+        inputs, c0, pooled = self.front(b)
         L = b["hist_item"].shape[-1]
         h, _, match = self.encode(*inputs, L, b["req_scenario"])
-        return self.readout(h, c0, b["req_scenario"], b["user"], match)
+        return self.readout(h, c0, b["req_scenario"], b["user"], match, pooled)
 
     # ---- SUMI serving: prefill the history once, score candidates, extend with new events ------
     def prefill(self, b: dict) -> HistoryCache:
         """Encode the history (hist_* (B, K, L), req_scenario, user) through every layer of every
         block; keep each layer's keys and values."""
-        x = self.embed_history(b).transpose(0, 1).contiguous()  # (K, B, L, d)
+        e = self.embed_history(b)  # (B, K, L, d)
+        x = e.transpose(0, 1).contiguous()
         L, s = x.shape[2], b["req_scenario"]
         _, kv, _ = self.encode(x, b["hist_mask"], *_buckets(b["hist_time"], L, self.cfg), self._inv_tau(s), L, s,
-                            keep_kv=True)
-        return HistoryCache(kv, b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"])
+                               keep_kv=True)
+        hist_sum = (e * b["hist_mask"][..., None].to(e.dtype)).sum(2)
+        return HistoryCache(kv, b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"], hist_sum)
 
     def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
         """Logits (B, M, T) for candidates (B, M) at request times (B,) against a prefilled history."""
         K = self.cfg.n_blocks
         c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
         h, _, match = self._through_cache(c0[None].expand(K, -1, -1, -1), cache, req_time)
-        return self.readout(h, c0, cache.scenario, cache.user, match)
+        return self.readout(h, c0, cache.scenario, cache.user, match, cache.pooled)
 
     def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
         """Fold one new history event per request into the cache, in the blocks where `blocks` (B,
@@ -432,7 +458,7 @@ class Climber(TokenEmbeddings):
         x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
         t = event["hist_time"][:, 0, 0]
         _, kv, _ = self._through_cache(x, cache, t)
-        return cache.append(kv, t, blocks)
+        return cache.append(kv, t, x[0, :, 0], blocks)
 
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:
@@ -459,6 +485,8 @@ class Climber(TokenEmbeddings):
             exact += M * (2 * K * dense_tok + 2 * 2 * K * K * d + 2 * 2 * K * d * r)
         if cfg.match_readout:  # the candidates' logits against the history keys, per block and layer
             exact += K * NL * 2 * M * L * d
+        if cfg.pooled_readout:  # the F x F Gram matrix of the fields [c, pooled_1 .. pooled_K]
+            exact += M * 2 * (K + 1) ** 2 * d
         dims = _head_dims(cfg)
         exact += M * sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
         return {"paper": float(paper), "exact": float(exact), "per_candidate": exact / M}
@@ -469,6 +497,8 @@ def _head_dims(cfg: ModelConfig) -> tuple[int, ...]:
     `target_product`, the mean logits with `match_readout`), plus the user side-feature vector."""
     width = (2 if cfg.target_product else 1) * cfg.n_blocks * cfg.d_model
     width += 2 * cfg.n_layers * cfg.n_blocks * cfg.n_heads if cfg.match_readout else 0
+    n = cfg.n_blocks + 1  # pooled readout: the fields [c, pooled_1 .. pooled_K] and their pairwise dots
+    width += n * cfg.d_model + n * (n - 1) // 2 if cfg.pooled_readout else 0
     return (width + (cfg.d_model if cfg.user_feature_cards else 0), *cfg.head_hidden, len(cfg.tasks))
 
 

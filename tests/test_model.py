@@ -67,10 +67,14 @@ def test_history_keys_and_values_ignore_candidates():
     assert not torch.equal(runs[0][0], runs[1][0])
 
 
-@pytest.mark.parametrize("match_readout", (False, True))
-def test_forward_equals_score_of_prefill_outputs_and_grads(match_readout):
+READOUTS = {"plain": dict(match_readout=False), "match": dict(match_readout=True),
+            "pooled": dict(match_readout=False, pooled_readout=True)}
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_forward_equals_score_of_prefill_outputs_and_grads(readout):
     """Training's joint pass and serving's prefill + score are one computation."""
-    ref, split = make(dropout=0.0, match_readout=match_readout), make(dropout=0.0, match_readout=match_readout)
+    ref, split = make(dropout=0.0, **READOUTS[readout]), make(dropout=0.0, **READOUTS[readout])
     b = random_batch(ref.cfg, B=5, M=4, seed=7)
     out_r, out_s = ref(b), split.score(split.prefill(b), b["cand_item"], b["req_time"])
     m = b["cand_mask"]
@@ -83,12 +87,12 @@ def test_forward_equals_score_of_prefill_outputs_and_grads(match_readout):
             torch.testing.assert_close(ps.grad, pr.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("match_readout", (False, True))
-def test_extend_equals_prefill_of_the_longer_history(match_readout):
+@pytest.mark.parametrize("readout", READOUTS)
+def test_extend_equals_prefill_of_the_longer_history(readout):
     """`extend` folds one event into the chosen blocks; scores equal a prefill from scratch of
     the history with that event appended to those blocks (including a block with no padding
     left, which gets a column first)."""
-    model = make(match_readout=match_readout)
+    model = make(**READOUTS[readout])
     b = random_batch(model.cfg, B=2, L=6, M=3, seed=4)
     b["hist_mask"][0, 0] = True  # block 0 of request 0 is full
     blocks = torch.tensor([[True, False, True], [False, True, True]])
@@ -113,8 +117,8 @@ def test_extend_equals_prefill_of_the_longer_history(match_readout):
 
 def test_stacked_caches_score_as_each_alone():
     """Caches of different lengths, left-padded and stacked, score as they do alone (the match
-    readout's mean keys must ignore the padding)."""
-    model = make(match_readout=True)
+    readout's mean keys and the pooled readout's means must ignore the padding)."""
+    model = make(match_readout=True, pooled_readout=True)
     b1, b2 = random_batch(model.cfg, B=1, L=8, seed=1), random_batch(model.cfg, B=1, L=5, seed=2)
     c1, c2 = model.prefill(b1), model.prefill(b2)
     stacked = HistoryCache.stack([c1, c2])
@@ -123,7 +127,8 @@ def test_stacked_caches_score_as_each_alone():
     torch.testing.assert_close(got[:1], model.score(c1, b1["cand_item"], b1["req_time"]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1:], model.score(c2, b2["cand_item"], b2["req_time"]), atol=1e-5, rtol=1e-5)
     assert stacked.nbytes == sum(t.numel() * t.element_size() for kv in stacked.kv for t in kv) + sum(
-        t.numel() * t.element_size() for t in (stacked.hist_mask, stacked.hist_time, stacked.scenario, stacked.user))
+        t.numel() * t.element_size() for t in (stacked.hist_mask, stacked.hist_time, stacked.scenario, stacked.user,
+                                               stacked.hist_sum))
 
 
 def test_joint_mask_by_hand():
@@ -192,7 +197,7 @@ def test_match_readout_is_the_mean_attention_logit():
     b = random_batch(model.cfg, B=3, L=L, M=M, seed=3)
     qkvs = []
     hooks = [layer.qkv.register_forward_hook(lambda m, i, o: qkvs.append(o)) for layer in model.layers]
-    inputs, _ = model.front(b)
+    inputs, _, _ = model.front(b)
     _, _, match = model.encode(*inputs, L, b["req_scenario"])
     for h in hooks:
         h.remove()
@@ -220,6 +225,28 @@ def test_match_readout_is_the_mean_attention_logit():
     torch.testing.assert_close(cached, match, atol=1e-5, rtol=1e-5)
 
 
+def test_pooled_readout_is_the_mean_of_the_valid_history_embeddings():
+    """The pooled readout's per-block means, by a loop over the valid events; an empty block's
+    is zero, and the head input is [c, pooled_1 .. pooled_K] and their pairwise dots."""
+    from climber.model import _pooled_features
+
+    model = make(pooled_readout=True)
+    b = random_batch(model.cfg, B=3, L=6, M=2, seed=5)
+    b["hist_mask"][1, 2] = False  # an empty block
+    e = model.embed_history(b)
+    pooled = model.prefill(b).pooled
+    for i in range(3):
+        for k in range(model.cfg.n_blocks):
+            valid = b["hist_mask"][i, k]
+            want = e[i, k][valid].mean(0) if valid.any() else torch.zeros(model.cfg.d_model)
+            torch.testing.assert_close(pooled[i, k], want, atol=1e-6, rtol=1e-5)
+    c = model.embed_candidates(b["cand_item"], b["req_scenario"])
+    got = _pooled_features(c, pooled)
+    fields = [c[0, 1]] + list(pooled[0])
+    want = torch.cat([*fields, torch.stack([fields[a] @ fields[j] for a in range(len(fields)) for j in range(a)])])
+    torch.testing.assert_close(got[0, 1], want, atol=1e-6, rtol=1e-5)
+
+
 def test_empty_history_gives_finite_scores():
     model = make()
     b = random_batch(model.cfg)
@@ -230,10 +257,11 @@ def test_empty_history_gives_finite_scores():
                                rtol=1e-5)
 
 
-@pytest.mark.parametrize("bgf,target_product,match_readout",
-                         [(True, True, False), (True, False, False), (False, True, False), (True, False, True)])
-def test_flops_formula_matches_torch_flop_counter(bgf, target_product, match_readout):
-    model = make(bgf=bgf, target_product=target_product, match_readout=match_readout)
+@pytest.mark.parametrize("bgf,target_product,match_readout,pooled_readout",
+                         [(True, True, False, False), (True, False, False, False), (False, True, False, False),
+                          (True, False, True, False), (True, False, False, True)])
+def test_flops_formula_matches_torch_flop_counter(bgf, target_product, match_readout, pooled_readout):
+    model = make(bgf=bgf, target_product=target_product, match_readout=match_readout, pooled_readout=pooled_readout)
     L, M = 8, 5
     b = random_batch(model.cfg, B=1, L=L, M=M, full=True)
     with FlopCounterMode(display=False) as fc:
