@@ -26,7 +26,7 @@ from climber.data.synthetic import SyntheticConfig
 from climber.runtime import Runtime
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
-                "user_feature_cards"}
+                "user_feature_cards", "item_feature_widths", "user_feature_widths"}
 COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `climber compare`
 
 

@@ -53,8 +53,10 @@ class ModelConfig:
     tasks: tuple[str, ...] = ("click",)
     n_actions: int = 1
     n_scenarios: int = 1
-    item_feature_cards: tuple[int, ...] = ()
+    item_feature_cards: tuple[int, ...] = ()  # values per side feature
     user_feature_cards: tuple[int, ...] = ()
+    item_feature_widths: tuple[int, ...] = ()  # columns per side feature (> 1: a bag); empty: all 1
+    user_feature_widths: tuple[int, ...] = ()
     # architecture
     strategies: tuple[str, ...] = ("recent",)
     seq_len: int = 50
@@ -86,6 +88,10 @@ class ModelConfig:
             raise ValueError("dropout must be in [0, 1)")
         if not self.tasks:
             raise ValueError("need at least one task")
+        for cards, widths in ((self.item_feature_cards, self.item_feature_widths),
+                              (self.user_feature_cards, self.user_feature_widths)):
+            if widths and (len(widths) != len(cards) or min(widths) < 1):
+                raise ValueError(f"feature widths {widths} must be positive, one per feature (cards {cards})")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
 

@@ -19,6 +19,22 @@ from climber.config import ModelConfig
 SMALL_TABLE = 256  # `lookup`: tables of at most this many rows get their gradient by a matmul
 
 
+def embed_features(codes: torch.Tensor, tables: nn.ModuleList, widths: tuple[int, ...]) -> list[torch.Tensor]:
+    """Side-feature codes (..., sum(widths)) -> one (..., d) embedding per feature: a one-column
+    feature's row, a bag's mean over its non-zero codes (zero for an empty bag), by
+    `F.embedding_bag`, which never materialises the (..., width, d) rows."""
+    out, col = [], 0
+    for emb, w in zip(tables, widths, strict=True):
+        x = codes[..., col:col + w]
+        col += w
+        if w == 1:
+            out.append(lookup(x[..., 0], emb.weight))
+        else:
+            bag = F.embedding_bag(x.reshape(-1, w), emb.weight, mode="mean", padding_idx=0)
+            out.append(bag.view(*x.shape[:-1], -1))
+    return out
+
+
 def lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.embedding(ids, weight)`, whose gradient, for a small table, is one matmul.
 
@@ -61,14 +77,15 @@ class TokenEmbeddings(nn.Module):
         self.flag_emb = nn.Embedding(2 * T, d)  # index 2t + label_t
         self.scenario_emb = nn.Embedding(cfg.n_scenarios, d)
         self.target_emb = nn.Parameter(torch.zeros(d))
-        self.register_buffer("item_features", torch.zeros(cfg.n_items, len(cfg.item_feature_cards), dtype=torch.long))
-        self.register_buffer("user_features", torch.zeros(cfg.n_users, len(cfg.user_feature_cards), dtype=torch.long))
+        self.item_widths = cfg.item_feature_widths or (1,) * len(cfg.item_feature_cards)
+        self.user_widths = cfg.user_feature_widths or (1,) * len(cfg.user_feature_cards)
+        self.register_buffer("item_features", torch.zeros(cfg.n_items, sum(self.item_widths), dtype=torch.long))
+        self.register_buffer("user_features", torch.zeros(cfg.n_users, sum(self.user_widths), dtype=torch.long))
 
     def embed_items(self, item: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
         e = self.item_emb(item)
-        feats = self.item_features[item]
-        for f, emb in enumerate(self.item_feat_emb):
-            e = e + lookup(feats[..., f], emb.weight)
+        for f in embed_features(self.item_features[item], self.item_feat_emb, self.item_widths):
+            e = e + f
         return e
 
     def embed_history(self, b: dict) -> torch.Tensor:
@@ -87,10 +104,9 @@ class TokenEmbeddings(nn.Module):
 
     def user_fields(self, user: torch.Tensor) -> torch.Tensor:
         """(B,) -> (B, F_u, d): one embedding per user side feature."""
-        feats = self.user_features[user]
-        fields = [emb(feats[:, f]) for f, emb in enumerate(self.user_feat_emb)]
+        fields = embed_features(self.user_features[user], self.user_feat_emb, self.user_widths)
         if not fields:
-            return feats.new_zeros(len(user), 0, self.cfg.d_model, dtype=self.item_emb.weight.dtype)
+            return user.new_zeros(len(user), 0, self.cfg.d_model, dtype=self.item_emb.weight.dtype)
         return torch.stack(fields, 1)
 
     def with_user(self, y: torch.Tensor, user: torch.Tensor) -> torch.Tensor:

@@ -325,3 +325,21 @@ def test_compiled_gelu_is_the_tanh_form():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(dgot, dwant, rtol=1e-5, atol=1e-5)
     assert (gelu(x) - F.gelu(x)).abs().max() < 5e-4
+
+
+def test_bag_feature_embeds_as_the_mean_of_its_values():
+    """An item's bag feature (several columns, 0 = unused) adds the mean of its values' rows;
+    an empty bag adds nothing; a one-column feature adds its row; prefill + score equals the
+    joint pass with bags too."""
+    model = make(item_feature_cards=(6, 4), item_feature_widths=(3, 1))
+    feats = torch.tensor([[1, 4, 0, 2], [0, 0, 0, 3], [5, 5, 2, 0]])  # items 2, 3, 4: bag (3 cols), one column
+    with torch.no_grad():
+        model.item_features[2:5] = feats
+    bag_w, one_w = model.item_feat_emb[0].weight, model.item_feat_emb[1].weight
+    got = model.embed_items(torch.tensor([2, 3, 4]))
+    base = model.item_emb(torch.tensor([2, 3, 4]))
+    want = torch.stack([(bag_w[1] + bag_w[4]) / 2 + one_w[2], one_w[3], (2 * bag_w[5] + bag_w[2]) / 3 + one_w[0]])
+    torch.testing.assert_close(got - base, want, atol=1e-6, rtol=1e-5)
+    b = random_batch(model.cfg, B=3, M=4, seed=9)
+    torch.testing.assert_close(model.score(model.prefill(b), b["cand_item"], b["req_time"]), model(b), atol=1e-5,
+                               rtol=1e-5)

@@ -103,10 +103,12 @@ def test_s3rec_slice_time_is_position(tmp_path):
     assert log.user[: len(first) - 1].tolist() == [first[0]] * (len(first) - 1)
     assert log.item[: len(first) - 1].tolist() == first[1:]
     assert log.time[: len(first) - 1].tolist() == list(range(len(first) - 1))
-    feats = log.item_features
-    assert feats.names == ("attr",) and set(feats.ids) == set(log.item)
-    item = int(feats.ids[0])
-    assert feats.codes[0, 0] == attrs[str(item)][0] + 1
+    feats = log.item_features  # a bag of each item's first 32 attributes
+    assert feats.names == ("attr",) * 32 and feats.widths == (32,) and set(feats.ids) == set(log.item)
+    every = sorted({a for vs in attrs.values() for a in vs[:32]})  # codes 1.. in sorted order of the values
+    for r, item in enumerate(feats.ids):
+        want = [every.index(a) + 1 for a in attrs[str(item)][:32]]
+        assert feats.codes[r].tolist() == want + [0] * (32 - len(want))
 
 
 def test_s3rec_without_attributes(tmp_path):
@@ -170,9 +172,11 @@ def test_movielens_fake(tmp_path):
     # zip 8... -> 9, a non-digit zip -> 11
     assert users.codes.tolist() == [[2, 2, 2, 9], [7, 1, 1, 11]]
     items = log.item_features
-    assert items.names == ("genre", "decade")
-    # genres sorted: Animation 1, Drama 2, unknown 3; one decade (1990s) and a missing year
-    assert items.codes.tolist() == [[1, 1], [2, 1], [3, 0]]
+    assert items.names == ("genre", "genre", "genre", "decade") and items.widths == (3, 1)
+    # a bag of genres, sorted: Animation 1, Children's 2, Comedy 3, Drama 4, Musical 5, unknown 6;
+    # one decade (1990s) and a missing year
+    assert items.codes.tolist() == [[1, 2, 3, 1], [4, 5, 0, 1], [6, 0, 0, 0]]
+    assert items.cards == (7, 2)
 
 
 def test_fetch_movielens_uses_cache(tmp_path):

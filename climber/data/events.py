@@ -24,7 +24,9 @@ class DataError(ValueError):
 class SideFeatures:
     """Categorical side features keyed by a raw id (item or user).
 
-    `ids` (n,) raw ids; `codes` (n, F) int codes, 0 = missing, so each feature has
+    `ids` (n,) raw ids; `codes` (n, C) int codes, 0 = missing; `names` one per column. Columns
+    that share a name (consecutive) are one multi-valued feature, a bag (an item's tags or
+    genres: one value per column, 0 in the unused ones). Feature f has `widths[f]` columns and
     `cards[f]` values 0..cards[f]-1.
     """
 
@@ -41,10 +43,24 @@ class SideFeatures:
             raise DataError("side features: duplicate ids")
         if (self.codes < 0).any():
             raise DataError("side features: negative codes (0 is reserved for missing)")
+        if len(set(self.names)) != len(self.widths):
+            raise DataError(f"side features: a bag's columns must be consecutive (names {self.names})")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Columns per feature: runs of equal names."""
+        starts = [i for i, n in enumerate(self.names) if i == 0 or n != self.names[i - 1]]
+        return tuple(b - a for a, b in zip(starts, [*starts[1:], len(self.names)]))
 
     @property
     def cards(self) -> tuple[int, ...]:
-        return tuple(int(c) + 1 for c in self.codes.max(axis=0, initial=0))
+        return feature_cards(self.codes, self.widths)
+
+
+def feature_cards(codes: np.ndarray, widths: tuple[int, ...]) -> tuple[int, ...]:
+    """Values per feature (codes 0..max) of a (n, sum(widths)) code table."""
+    ends = np.cumsum(widths, dtype=np.int64)
+    return tuple(int(codes[:, e - w:e].max(initial=0)) + 1 for w, e in zip(widths, ends))
 
 
 @dataclass

@@ -217,6 +217,22 @@ def _int_if_possible(col: pa.ChunkedArray) -> pa.ChunkedArray:
         return col
 
 
+BAG_WIDTH = 32  # most values kept per bag feature (an item's tags), in the source's order
+
+
+def _bag(values: list[list], width: int = BAG_WIDTH) -> tuple[np.ndarray, int]:
+    """Per-id lists of values -> codes (n, w) and w: the first w = min(width, longest list)
+    values of each list as categorical codes 1..K in sorted order of the distinct values, 0 in
+    unused columns (a bag feature of `SideFeatures`)."""
+    uniq = sorted({v for vs in values for v in vs[:width]})
+    code = {v: c for c, v in enumerate(uniq, 1)}
+    w = max(1, min(width, max((len(vs) for vs in values), default=1)))
+    out = np.zeros((len(values), w), np.int64)
+    for r, vs in enumerate(values):
+        out[r, :len(vs[:w])] = [code[v] for v in vs[:w]]
+    return out, w
+
+
 def _lookup(keys: np.ndarray, ids: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Rows of `codes` for each key by `ids` (unique), zeros where a key has no row."""
     order = np.argsort(ids)
@@ -258,7 +274,7 @@ _AGE_EDGES = np.array([18, 25, 35, 45, 50, 56])  # buckets <18, 18-24, 25-34, 35
 def read_movielens(root: Path | None = None) -> EventLog:
     """MovieLens-100K from RecBole atomic files ml-100k.{inter,user,item} (fetched when root is None).
 
-    like = rating >= 4; action = the rating 1..5. Item features: first genre, release decade.
+    like = rating >= 4; action = the rating 1..5. Item features: genres (a bag), release decade.
     User features: age bucket, gender, occupation, first zip character (digit 0-9, or 'other').
     """
     root = fetch_movielens() if root is None else Path(root)
@@ -289,9 +305,9 @@ def read_movielens(root: Path | None = None) -> EventLog:
     it = _read_text(isrc, {i: INT, "release_year:token": STR, "class:token_seq": STR})
     # Years are not all numbers (item 267 says 'unkonwn', item 1412 says 'V'): those are missing.
     decade = [int(y) // 10 * 10 if y and y.isdigit() else None for y in it["release_year:token"].to_pylist()]
-    genre = [next(iter((g or "").split()), None) for g in it["class:token_seq"].to_pylist()]
-    icodes = np.column_stack([_factorize(pa.array(genre, STR)), _factorize(pa.array(decade, INT))])
-    item_features = _meta(isrc, _required(isrc, it, i), icodes, ("genre", "decade"), item, "item")
+    genres, w = _bag([(g or "").split() for g in it["class:token_seq"].to_pylist()])
+    icodes = np.column_stack([genres, _factorize(pa.array(decade, INT))])
+    item_features = _meta(isrc, _required(isrc, it, i), icodes, ("genre",) * w + ("decade",), item, "item")
 
     return EventLog(
         "ml-100k",
@@ -365,8 +381,8 @@ def read_kuairand(path: Path) -> EventLog:
 def read_s3rec(path: Path) -> EventLog:
     """S3-Rec text: one user a line, `user_id item_1 item_2 ...` in time order; time = position 0, 1, ...
 
-    Implicit, task "interact". With `<stem>_item2attributes.json` beside it, item feature `attr` =
-    the item's first attribute id + 1 (0 = none).
+    Implicit, task "interact". With `<stem>_item2attributes.json` beside it, item feature `attr` is
+    a bag of the item's attributes (its first 32, `_bag`).
     """
     path = Path(path)
     users: list[int] = []
@@ -429,11 +445,10 @@ def _s3rec_attributes(path: Path, log_items: np.ndarray) -> SideFeatures:
         ):
             raise DataError(f"{path}: item {key!r}: expected an integer id -> list of attribute ids >= 0")
         ids.append(int(key))
-        codes.append(attr[0] + 1 if attr else 0)
+        codes.append(attr)
+    bag, w = _bag(codes)
     uniq = np.unique(log_items)
-    return SideFeatures(
-        uniq, _lookup(uniq, np.array(ids, np.int64), np.array(codes, np.int64)[:, None]), ("attr",)
-    )
+    return SideFeatures(uniq, _lookup(uniq, np.array(ids, np.int64), bag), ("attr",) * w)
 
 
 # ---------------------------------------------------------------- Grocery (ReChorus)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from climber.config import parse_strategy
-from climber.data.events import DataError, EventLog, SideFeatures
+from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
 
 PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
@@ -70,6 +70,12 @@ def _side_table(feats: SideFeatures | None, vocab: np.ndarray, first: int) -> np
     hit = (pos < len(vocab)) & (vocab[np.minimum(pos, len(vocab) - 1)] == feats.ids)
     table[pos[hit] + first] = feats.codes[hit]
     return table
+
+
+def _cards_widths(kind: str, table: np.ndarray, feats: SideFeatures | None) -> dict[str, list[int]]:
+    """The vocabulary entries of an aligned side-feature table: values and columns per feature."""
+    widths = feats.widths if feats is not None else ()
+    return {f"{kind}_feature_cards": list(feature_cards(table, widths)), f"{kind}_feature_widths": list(widths)}
 
 
 def _group_requests(user: np.ndarray, time: np.ndarray, scen: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
@@ -166,8 +172,8 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
             "tasks": list(log.tasks),
             "n_actions": int(action.max()) + 1,
             "n_scenarios": int(scen.max()) + 1,
-            "item_feature_cards": [int(c) + 1 for c in arrays["item_features"].max(axis=0, initial=0)],
-            "user_feature_cards": [int(c) + 1 for c in arrays["user_features"].max(axis=0, initial=0)],
+            **_cards_widths("item", arrays["item_features"], log.item_features),
+            **_cards_widths("user", arrays["user_features"], log.user_features),
         },
         "item_feature_names": list(log.item_features.names) if log.item_features else [],
         "user_feature_names": list(log.user_features.names) if log.user_features else [],
@@ -271,8 +277,8 @@ class SumiData:
     @property
     def vocab(self) -> dict:
         v = dict(self.meta["vocab"])
-        for k in ("tasks", "item_feature_cards", "user_feature_cards"):
-            v[k] = tuple(v[k])
+        for k in ("tasks", "item_feature_cards", "user_feature_cards", "item_feature_widths", "user_feature_widths"):
+            v[k] = tuple(v.get(k, ()))  # data prepared before bags has no widths: one column per feature
         return v
 
     def requests(self, split: str) -> np.ndarray:
