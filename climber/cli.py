@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = ap.parse_args(argv)
     try:
         ns.fn(ns)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"climber {ns.cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from climber import checkpoint
 from climber import train as train_module
 from climber.config import TrainConfig, model_config
 from climber.data.events import EventLog
@@ -256,3 +257,89 @@ def test_implicit_resume_mid_epoch_draws_the_same_negatives(implicit_dir, tmp_pa
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert losses(whole) == losses(killed)
+
+
+# --- trustworthy checkpoints: fallback, non-finite loss, wall-clock cadence, logs without repeats ---
+
+
+def steps_logged(run: Path, name: str = "train_log.csv") -> list[int]:
+    with (run / name).open() as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, capsys):
+    kw = {"checkpoint_every": 4, "keep_checkpoints": 100, "eval_every": 4}
+    whole = tmp_path / "whole"
+    tiny_run(data_dir, whole, **kw)
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    steps = sorted((killed / "checkpoints").glob("step-*"))
+    for p in steps[-2:]:  # "killed" after the third-to-last checkpoint ...
+        shutil.rmtree(p)
+    newest, intact = steps[-3], steps[-4]
+    flip = newest / "model.safetensors"  # ... whose weights then rotted on disk
+    b = bytearray(flip.read_bytes())
+    b[-3] ^= 0x10
+    flip.write_bytes(bytes(b))
+    capsys.readouterr()
+    tiny_run(data_dir, killed, **kw)
+    out = capsys.readouterr()
+    warnings = [ln for ln in out.err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and newest.name in warnings[0] and "SHA-256" in warnings[0], out.err
+    assert f"resuming from {intact}" in out.out
+    a, b = _final_weights(whole), _final_weights(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(whole) == losses(killed)  # train_log.csv: every step once, in order
+    for name in ("train_log.csv", "valid_log.csv"):
+        assert steps_logged(killed, name) == steps_logged(whole, name)
+
+
+def test_log_rows_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(data_dir, tmp_path):
+    run = tmp_path / "r"
+    tiny_run(data_dir, run, max_steps=6)
+    shutil.rmtree(run / "checkpoints")  # killed before any checkpoint: the run starts over ...
+    with (run / "train_log.csv").open("a") as f:
+        f.write("7,0,tra")  # ... and the kill cut a row short
+    tiny_run(data_dir, run, max_steps=6)
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls, real = [], train_module.masked_bce
+
+    def nan_from_step_7(logits, b, weights):
+        calls.append(1)
+        return real(logits, b, weights) * (float("nan") if len(calls) >= 7 else 1.0)
+
+    monkeypatch.setattr(train_module, "masked_bce", nan_from_step_7)
+    run = tmp_path / "r"
+    with pytest.raises(FloatingPointError, match="not finite .* by step 8"):
+        tiny_run(data_dir, run, checkpoint_every=4, eval_every=4, log_every=4, keep_checkpoints=100)
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000004"]  # step 8's weights (NaN) were never saved
+    for d in (run / "checkpoints" / steps[0], run / "best"):
+        checkpoint.verify(d)
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values())
+
+
+def test_nonfinite_loss_is_a_one_line_cli_error(data_dir, tmp_path, capsys):
+    from climber.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--preset", "tiny", "--lr", "1e30",
+              "--warmup-steps", "1", "--grad-clip", "0", "--max-steps", "40", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("climber train: error: training loss is not finite"), err
+
+
+@pytest.mark.parametrize("minutes, expected", [(0, []), (1e-9, [3, 6, 9, 12])])
+def test_wall_clock_checkpoints(data_dir, tmp_path, minutes, expected):
+    """checkpoint_minutes: a checkpoint at the first check (every log_every steps) after the
+    interval, whatever checkpoint_every says."""
+    run = tmp_path / "r"
+    summary = tiny_run(data_dir, run, epochs=1, max_steps=14, log_every=3, checkpoint_every=1000, eval_every=1000,
+                       keep_checkpoints=100, checkpoint_minutes=minutes)
+    steps = [int(p.name.split("-")[1]) for p in sorted((run / "checkpoints").glob("step-*"))]
+    assert summary["steps"] == 14 and steps == expected + [14]
