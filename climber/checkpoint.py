@@ -52,6 +52,7 @@ def save(ckpt_dir: Path, model: torch.nn.Module, config: dict, train_state: dict
 def verify(ckpt_dir: Path) -> None:
     """Raise CorruptCheckpoint unless every file listed in the manifest has its size and hash."""
     ckpt_dir = Path(ckpt_dir)
+    recover_dir(ckpt_dir)  # a save killed while swapping in a new checkpoint: the old one is whole
     if not ckpt_dir.is_dir():
         raise FileNotFoundError(f"{ckpt_dir}: no such checkpoint directory")
     path = ckpt_dir / MANIFEST
@@ -84,7 +85,7 @@ def latest_intact(ckpt_root: Path) -> tuple[Path | None, list[str]]:
     """(the newest step checkpoint under `ckpt_root` that verifies, one message per newer one
     that does not). Temporary dirs are ignored; one left by a kill mid-swap is put back first."""
     for p in Path(ckpt_root).glob(f"{STEP_PREFIX}*.old"):
-        recover_dir(p.with_name(p.name.removesuffix(".old")))
+        recover_dir(p.with_suffix(""))
     skipped = []
     for p in reversed(_steps(ckpt_root)):
         try:

@@ -116,3 +116,9 @@ def test_atomic_save_replaces_a_checkpoint_whole(ckpt):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt", "data"]
     reloaded, _ = checkpoint.load_model(ckpt)
     assert torch.equal(next(reloaded.parameters()), next(model.parameters()))
+
+
+def test_atomic_save_killed_between_its_renames_keeps_the_old_checkpoint(ckpt):
+    ckpt.rename(ckpt.with_name("ckpt.old"))  # where a kill between the two renames leaves it
+    checkpoint.load_model(ckpt)  # put back and verified
+    assert ckpt.is_dir() and not ckpt.with_name("ckpt.old").exists()

@@ -127,6 +127,56 @@ def test_prepare_replaces_atomically(tmp_path):
     assert SumiData(out).meta["prepare"]["request_gap"] == 1000
 
 
+def test_prepare_killed_while_writing_keeps_the_previous_data_atomic(tmp_path, monkeypatch):
+    from climber.data import sumi
+
+    out = tmp_path / "d"
+    prepare(hand_log(), out, PrepareConfig(request_gap=10), ("recent",))
+    before = {k: np.array(v) for k, v in SumiData(out).a.items()}
+    calls = []
+
+    def killed_midway(path, arr):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a kill: the rest of prepare never runs
+        np.save(path, arr)
+
+    monkeypatch.setattr(sumi.np, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
+    monkeypatch.undo()
+    data = SumiData(out)
+    assert data.meta["prepare"]["request_gap"] == 10 and data.a.keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(data.a[k], v)
+
+
+def test_prepare_killed_between_its_renames_keeps_the_previous_data_atomic(tmp_path, monkeypatch):
+    """The swap is two renames (old out of the way, new in); killed between them, the previous
+    data set is whole under d.old and the next reader puts it back."""
+    from pathlib import Path
+
+    out = tmp_path / "d"
+    prepare(hand_log(), out, PrepareConfig(request_gap=10), ("recent",))
+    real = Path.rename
+
+    def kill_before_second_rename(self, target):
+        if self.name == "d.tmp":
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", kill_before_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
+    monkeypatch.undo()
+    assert not out.exists() and (tmp_path / "d.old" / "meta.json").exists()
+    assert SumiData(out).meta["prepare"]["request_gap"] == 10
+    assert not (tmp_path / "d.old").exists()
+    prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))  # and a new prepare replaces it
+    assert SumiData(out).meta["prepare"]["request_gap"] == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
 def test_generic_table_prepares_end_to_end(tmp_path):
     """A user's own Parquet log with string ids goes through read_table and prepare (meta is JSON)."""
     import pyarrow as pa

@@ -33,6 +33,7 @@ import torch
 
 from climber.config import parse_strategy
 from climber.data.events import DataError, EventLog, SideFeatures
+from climber.files import recover_dir, replace_dir
 
 PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
@@ -218,7 +219,8 @@ def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, 
 
 
 def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
-    """Write into a sibling temp dir, then rename: a killed prepare never leaves half a data set."""
+    """Write into a sibling temp dir, then swap it in (`files.replace_dir`): a killed prepare
+    never leaves half a data set, nor destroys the one it was replacing."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -227,9 +229,7 @@ def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
     for k, v in arrays.items():
         np.save(tmp / f"{k}.npy", v)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def strategy_selects(spec: str, tasks: tuple[str, ...], labels: np.ndarray, scenario: np.ndarray,
@@ -251,6 +251,7 @@ class SumiData:
 
     def __init__(self, root: Path):
         root = Path(root)
+        recover_dir(root)  # a prepare killed while swapping in a new data set: the old one is whole
         meta_path = root / "meta.json"
         if not meta_path.exists():
             raise DataError(f"{root}: not a prepared data set (no meta.json); run `climber prepare` first")
