@@ -46,7 +46,8 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
           f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
           f"{c['requests_test']}; tasks {meta['tasks']} positive rates "
-          + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items()))
+          + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items())
+          + f"; fingerprint {meta['fingerprint']}")
     return meta
 
 

@@ -45,6 +45,7 @@ def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", 
     runtime = runtime or Runtime()
     model, config = checkpoint.load_model(ckpt_dir)
     data = SumiData(Path(data_dir or config["data"]))
+    checkpoint.check_vocabulary(config, data.vocab, ckpt_dir, data.root)
     dev = apply(model, runtime)
     users, labels, probs = predict(model, data, split, batch_size, dev)
     results = {

@@ -187,7 +187,8 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     out_dir = Path(out_dir)
     data = SumiData(data_dir)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
-                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks)}
+                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
+                  "data_fingerprint": data.fingerprint}
     model = build_model(model_cfg, data, cfg.seed)
     apply_runtime(model, runtime)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
@@ -198,10 +199,7 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         for msg in skipped:
             print(f"warning: skipping corrupt checkpoint: {msg}", file=sys.stderr)
     if last is not None:
-        saved = checkpoint.read_config(last)
-        # the runtime (device, attention backend, compile) may change between runs; the math may not
-        if from_dict(ModelConfig, saved["model"]) != model_cfg or from_dict(TrainConfig, saved["train"]) != cfg:
-            raise ValueError(f"{out_dir} holds a run with a different config; use another --out or delete it")
+        _check_resumable(checkpoint.read_config(last), run_config, out_dir)
         model.load_state_dict(checkpoint.load_weights(last, str(device)))
         ts = checkpoint.load_train_state(last)
         opt.load_state_dict(ts["optimizer"])
@@ -216,6 +214,30 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
             _truncate_log(out_dir / name, state["step"])
     step_fn = DistributedDataParallel(model) if distributed else model
     return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state)
+
+
+# what may change when a run resumes: the runtime (device, attention backend, compile), and these,
+# which leave the weights alone (eval cadence moves early stopping and best/, not the steps taken)
+RESUMABLE = {"num_workers", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints"}
+
+
+def _check_resumable(saved: dict, new: dict, out_dir: Path) -> None:
+    """Raise ValueError unless a run saved with config `saved` may go on under `new`: the same
+    data (fingerprint) and math; more epochs are fine (the schedule stretches to the new end)."""
+    old_fp, new_fp = saved.get("data_fingerprint"), new["data_fingerprint"]
+    if old_fp is not None and old_fp != new_fp:
+        raise ValueError(f"{out_dir} was trained on other data ({saved['data']}, fingerprint {old_fp}; now "
+                         f"{new['data']}, {new_fp}); use another --out or the same data")
+    diff = []
+    for part, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        was = asdict(from_dict(cls, saved[part]))
+        for k, v in new[part].items():
+            free = part == "train" and (k in RESUMABLE or (k == "epochs" and v > was[k]))
+            if v != was[k] and not free:
+                diff.append(f"{part}.{k} {was[k]} -> {v}")
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with a different config ({', '.join(diff)}); "
+                         "use another --out or delete it")
 
 
 def loop(run: Run, progress: bool = True) -> None:

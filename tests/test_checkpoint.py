@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,19 @@ def test_atomic_save_killed_between_its_renames_keeps_the_old_checkpoint(ckpt):
     ckpt.rename(ckpt.with_name("ckpt.old"))  # where a kill between the two renames leaves it
     checkpoint.load_model(ckpt)  # put back and verified
     assert ckpt.is_dir() and not ckpt.with_name("ckpt.old").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "serve"])
+def test_cli_refuses_a_checkpoint_whose_vocabulary_does_not_match_the_data(ckpt, tmp_path, capsys, command):
+    from climber.data.sumi import PrepareConfig, prepare
+    from tests.serve_helpers import STRATEGIES, tiny_log
+
+    log = tiny_log()
+    log.user = np.where(np.arange(len(log)) % 2, log.user + 1000, log.user)  # each user split in two
+    log.user_features = None
+    prepare(log, tmp_path / "other", PrepareConfig(request_gap=100, max_candidates=4), STRATEGIES)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--checkpoint", str(ckpt), "--data", str(tmp_path / "other"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert "does not match the data" in err and "n_users 7 vs 13; user_feature_cards (3,) vs ()" in err, err

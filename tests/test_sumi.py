@@ -177,6 +177,22 @@ def test_prepare_killed_between_its_renames_keeps_the_previous_data_atomic(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
+def test_fingerprint_identifies_the_prepared_arrays(tmp_path):
+    prepare(hand_log(), tmp_path / "a", PrepareConfig(request_gap=10), ("recent",))
+    prepare(hand_log(), tmp_path / "b", PrepareConfig(request_gap=10), ("recent", "pos:like"))
+    prepare(hand_log(), tmp_path / "c", PrepareConfig(request_gap=1000), ("recent",))
+    a, b, c = (SumiData(tmp_path / x) for x in "abc")
+    assert len(a.fingerprint) == 16
+    assert a.fingerprint == b.fingerprint  # default strategies are not data
+    assert a.fingerprint != c.fingerprint  # other requests, other arrays
+    from climber.data.sumi import fingerprint
+
+    arrays = {k: np.array(v) for k, v in a.a.items()}
+    assert fingerprint(arrays) == a.fingerprint
+    arrays["ev_time"][3] += 1  # one timestamp
+    assert fingerprint(arrays) != a.fingerprint
+
+
 def test_generic_table_prepares_end_to_end(tmp_path):
     """A user's own Parquet log with string ids goes through read_table and prepare (meta is JSON)."""
     import pyarrow as pa

@@ -103,10 +103,39 @@ def test_resume_after_kill_gives_same_final_weights(data_dir, tmp_path):
     assert losses(tmp_path / "whole") == losses(killed)
 
 
-def test_changed_config_refuses_to_resume(data_dir, tmp_path):
-    tiny_run(data_dir, tmp_path / "r", epochs=1)
-    with pytest.raises(ValueError, match="different config"):
-        tiny_run(data_dir, tmp_path / "r", epochs=1, lr=1e-2)
+def test_changed_config_refuses_to_resume_and_names_the_fields(data_dir, tmp_path):
+    tiny_run(data_dir, tmp_path / "r", epochs=2)
+    with pytest.raises(ValueError, match=r"different config \(train.lr 0.003 -> 0.01\)"):
+        tiny_run(data_dir, tmp_path / "r", epochs=2, lr=1e-2)
+    with pytest.raises(ValueError, match=r"different config \(train.epochs 2 -> 1, train.seed 0 -> 1\)"):
+        tiny_run(data_dir, tmp_path / "r", epochs=1, seed=1)
+
+
+def test_resume_accepts_changes_that_leave_the_math_alone(data_dir, tmp_path, capsys):
+    """Cadence and worker settings may change on resume, and the epoch count may grow: the run
+    goes on from its checkpoint (a finished run trains its new epochs)."""
+    run = tmp_path / "r"
+    first = tiny_run(data_dir, run, epochs=1, patience=100)
+    capsys.readouterr()
+    more = tiny_run(data_dir, run, epochs=2, patience=100, num_workers=1, log_every=3, eval_every=7, checkpoint_every=5,
+                    checkpoint_minutes=1.0, keep_checkpoints=3)
+    assert f"(step {first['steps']}," in capsys.readouterr().out
+    assert more["steps"] == 2 * first["steps"]
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_resume_with_other_data_is_refused_by_fingerprint(data_dir, tmp_path):
+    other = tmp_path / "other"
+    prepare(synthetic_log(seed=1), other, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
+    assert SumiData(other).vocab == SumiData(data_dir).vocab  # same shapes: only the fingerprint tells
+    tiny_run(data_dir, tmp_path / "r", max_steps=3)
+    with pytest.raises(ValueError, match="trained on other data"):
+        tiny_run(other, tmp_path / "r", max_steps=3)
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    tiny_run(moved, tmp_path / "r", max_steps=3)  # the same data elsewhere: resumed
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["data_fingerprint"] == SumiData(data_dir).fingerprint and cfg["data"] == str(moved.resolve())
 
 
 def test_ddp_two_cpu_processes(data_dir, tmp_path):

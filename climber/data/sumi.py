@@ -23,6 +23,7 @@ Dense ids: items 0 = padding, 1 = unknown, 2.. real; users 0 = unknown, 1.. real
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -157,6 +158,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     meta = {
         "format_version": FORMAT_VERSION,
         "name": log.name,
+        "fingerprint": fingerprint(arrays),
         "tasks": list(log.tasks),
         "implicit": log.implicit,
         "strategies": list(strategies),
@@ -184,6 +186,17 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     }
     _write_atomic(out_dir, arrays, meta)
     return meta
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """A short hash of the arrays' names, types, shapes and bytes: which data a run was trained
+    on (hashed once at prepare, at memory speed; never recomputed when loading)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
 
 
 def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
@@ -264,6 +277,11 @@ class SumiData:
         self.tasks = tuple(self.meta["tasks"])
         self._strategy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._seen: np.ndarray | None = None  # sorted user * n_items + item over all events
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`fingerprint` of the arrays, recorded by prepare (None: prepared before fingerprints)."""
+        return self.meta.get("fingerprint")
 
     @property
     def implicit(self) -> bool:
