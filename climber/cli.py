@@ -47,7 +47,7 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
           f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
           f"{c['requests_test']}; tasks {meta['tasks']} positive rates "
           + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items())
-          + f"; fingerprint {meta['fingerprint']}")
+          + f"; dropped {c['duplicates_dropped']} exact duplicate rows; fingerprint {meta['fingerprint']}")
     return meta
 
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     g = p.add_argument_group("column mapping for a generic file")
     for k in ("user", "item", "time", "action", "scenario"):
         g.add_argument(f"--{k}")
-    g.add_argument("--time-unit", choices=("s", "ms", "us"))
+    g.add_argument("--time-unit", choices=("s", "ms", "us", "ns"))
     for k in ("labels", "item-features", "user-features"):
         g.add_argument(f"--{k}", nargs="*", default=[])
     g = p.add_argument_group("source 'synthetic': a generated log (climber/data/synthetic.py); --seed seeds it")

@@ -30,6 +30,9 @@ def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
         raise ValueError(f"unknown extraction strategy {spec!r}; kinds are {STRATEGY_KINDS}")
     if (kind == "recent") != (arg == ""):
         raise ValueError(f"strategy {spec!r}: 'recent' takes no argument, the others need one")
+    if kind in ("scenario", "action") and not arg.isdigit():
+        raise ValueError(f"strategy {spec!r}: {kind} ids are integers >= 0 (a text column is coded 0..K-1 "
+                         "in sorted order)")
     if cap and (not cap.isdigit() or int(cap) < 1):
         raise ValueError(f"strategy {spec!r}: length after '@' must be a positive integer")
     return kind, arg or None, int(cap) if cap else None

@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 from climber import checkpoint
 from climber.config import ModelConfig, TrainConfig, from_dict
-from climber.data.sumi import SumiData
+from climber.data.events import DataError
+from climber.data.sumi import SumiData, check_strategies
 from climber.files import write_atomic
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
@@ -186,6 +187,7 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(out_dir)
     data = SumiData(data_dir)
+    check_data(data, model_cfg.strategies, announce=rank == 0)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
                   "data_fingerprint": data.fingerprint}
@@ -193,7 +195,8 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     apply_runtime(model, runtime)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "bad_evals": 0, "best_step": -1}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "best_score": -math.inf, "bad_evals": 0,
+             "best_step": -1}
     last, skipped = checkpoint.latest_intact(out_dir / "checkpoints")
     if rank == 0:
         for msg in skipped:
@@ -214,6 +217,24 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
             _truncate_log(out_dir / name, state["step"])
     step_fn = DistributedDataParallel(model) if distributed else model
     return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state)
+
+
+def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = True) -> None:
+    """Raise DataError where training cannot work (no validation requests, a strategy naming what
+    the data lacks); say (`announce`) where validation AUC is undefined: a task whose validation labels
+    hold one class. Without any defined AUC the best checkpoint is picked by validation LogLoss."""
+    v = data.vocab
+    check_strategies(strategies, str(data.root), data.tasks, v["n_scenarios"], v["n_actions"])
+    k = data.meta["prepare"]["eval_requests"]
+    if not len(data.requests("valid")):
+        raise DataError(f"{data.root}: no validation requests (a user needs {2 * k + 1} requests or more to have "
+                        "validation and test ones); prepare with a smaller --request-gap or --max-candidates")
+    one_class = [t for t, col in zip(data.tasks, data.labels("valid").T, strict=True) if col.min() == col.max()]
+    if announce and one_class:
+        then = ("picking the best checkpoint by validation LogLoss" if len(one_class) == len(data.tasks)
+                else "mean AUC is over the other tasks")
+        print(f"warning: validation labels of task(s) {one_class} are all one class, so their AUC is undefined; "
+              f"{then}", file=sys.stderr)
 
 
 # what may change when a run resumes: the runtime (device, attention backend, compile), and these,
@@ -342,11 +363,12 @@ def _validate(run: Run, epoch: int) -> None:
         users, labels, probs = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device)
         res = evaluate_predictions(users, labels, probs, run.data.tasks)
         auc = res["mean"]["auc"]
+        score = -res["mean"]["logloss"] if math.isnan(auc) else auc  # AUC undefined: one-class labels
         row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
                                                                            for k, v in r.items()}}
         _log(run.out_dir / "valid_log.csv", row)
-        if auc > state["best_auc"]:
-            state.update(best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
+        if score > state.get("best_score", state["best_auc"]):
+            state.update(best_score=score, best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
             checkpoint.save(run.out_dir / "best", run.model, run.run_config)
         else:
             state["bad_evals"] += 1

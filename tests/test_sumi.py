@@ -114,6 +114,42 @@ def test_unknown_task_in_strategy_is_a_clear_error(tmp_path):
         prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("pos:share",))
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("scenario:5", r"strategy 'scenario:5': no scenario 5; the data's scenario ids are 0..1"),
+    ("action:6", r"strategy 'action:6': no action 6; the data's action ids are 0..5"),
+    ("scenario:app", r"strategy 'scenario:app': scenario ids are integers"),
+])
+def test_strategies_are_checked_against_the_data_at_prepare(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("recent", spec))
+    assert not (tmp_path / "d").exists()
+    prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("recent", "scenario:1", "action:5"))
+
+
+def test_exact_duplicate_rows_are_dropped_by_default_and_counted(tmp_path):
+    log = hand_log()
+    dup = [0, 0, 4]  # row 0 twice more, row 4 once more
+    twice = EventLog("hand", user=np.r_[log.user, log.user[dup]], item=np.r_[log.item, log.item[dup]],
+                     time=np.r_[log.time, log.time[dup]], labels=np.r_[log.labels, log.labels[dup]], tasks=log.tasks,
+                     action=np.r_[log.action, log.action[dup]], scenario=np.r_[log.scenario, log.scenario[dup]])
+    near = EventLog("hand", user=twice.user, item=twice.item, time=twice.time, labels=twice.labels, tasks=log.tasks,
+                    action=np.r_[log.action, log.action[dup] + [1, 2, 1]], scenario=twice.scenario)
+    prepare(log, tmp_path / "once", PrepareConfig(request_gap=10), ("recent",))
+    meta = prepare(twice, tmp_path / "d", PrepareConfig(request_gap=10), ("recent",))
+    assert meta["counts"]["duplicates_dropped"] == 3 and meta["counts"]["events"] == len(log)
+    assert meta["fingerprint"] == SumiData(tmp_path / "once").fingerprint  # the same data as without them
+    kept = prepare(twice, tmp_path / "k", PrepareConfig(request_gap=10, drop_duplicates=False), ("recent",))
+    assert kept["counts"]["duplicates_dropped"] == 0 and kept["counts"]["events"] == len(log) + 3
+    assert prepare(near, tmp_path / "n", PrepareConfig(), ("recent",))["counts"]["duplicates_dropped"] == 0
+
+
+def test_a_task_with_one_class_is_rejected_at_prepare(tmp_path):
+    log = hand_log()
+    log.labels[:] = 1
+    with pytest.raises(DataError, match="task 'like' is 1 in every row"):
+        prepare(log, tmp_path / "d", PrepareConfig(), ("recent",))
+
+
 def test_not_prepared_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="climber prepare"):
         SumiData(tmp_path)

@@ -372,3 +372,42 @@ def test_wall_clock_checkpoints(data_dir, tmp_path, minutes, expected):
                        keep_checkpoints=100, checkpoint_minutes=minutes)
     steps = [int(p.name.split("-")[1]) for p in sorted((run / "checkpoints").glob("step-*"))]
     assert summary["steps"] == 14 and steps == expected + [14]
+
+
+# --- input policy at training time: empty validation split, one-class validation labels ---
+
+
+def explicit_log(n_users: int, requests: int, valid_label: int | None = None) -> EventLog:
+    """`requests` one-event requests per user, random 0/1 clicks; `valid_label` fixes the label of
+    each user's last-but-one request (its validation request)."""
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(n_users), requests)
+    click = rng.integers(0, 2, len(user))
+    if valid_label is not None:
+        click[requests - 2 :: requests] = valid_label
+    return EventLog("one", user=user, item=rng.integers(0, 30, len(user)), time=np.tile(np.arange(requests) * 1000,
+                    n_users), labels=click[:, None], tasks=("click",))
+
+
+def explicit_run(tmp_path: Path, log: EventLog) -> dict:
+    prepare(log, tmp_path / "d", PrepareConfig(request_gap=10), ("recent",))
+    mcfg = model_config("tiny", SumiData(tmp_path / "d").vocab, ("recent",))
+    return train(tmp_path / "d", tmp_path / "r", mcfg, TrainConfig(epochs=2, batch_size=8), progress=False)
+
+
+def test_empty_validation_split_is_a_clear_error(tmp_path):
+    from climber.data.events import DataError
+
+    with pytest.raises(DataError, match="no validation requests .* needs 3 requests"):
+        explicit_run(tmp_path, explicit_log(20, requests=2))
+
+
+def test_one_class_validation_labels_pick_the_best_checkpoint_by_logloss(tmp_path, capsys):
+    summary = explicit_run(tmp_path, explicit_log(20, requests=8, valid_label=1))
+    assert "validation labels of task(s) ['click'] are all one class" in capsys.readouterr().err
+    assert math.isnan(summary["best_valid_auc"]) and summary["best_step"] > 0
+    with (tmp_path / "r" / "valid_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    best = min(rows, key=lambda r: float(r["mean_logloss"]))
+    assert summary["best_step"] == int(best["step"])
+    checkpoint.verify(tmp_path / "r" / "best")

@@ -23,6 +23,7 @@ Dense ids: items 0 = padding, 1 = unknown, 2.. real; users 0 = unknown, 1.. real
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -51,6 +52,7 @@ class PrepareConfig:
     negatives: int = 4  # implicit logs only: sampled negatives per positive
     eval_requests: int = 1  # per user: last k requests test, the k before validation
     seed: int = 0
+    drop_duplicates: bool = True  # rows equal to an earlier one in every column: dropped, counted in meta
 
     def __post_init__(self) -> None:
         if self.request_gap < 0 or self.max_candidates < 1 or self.negatives < 0 or self.eval_requests < 1:
@@ -101,12 +103,38 @@ def _split(req_user: np.ndarray, k: int) -> np.ndarray:
     return split
 
 
-def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
-    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+def check_strategies(strategies: tuple[str, ...], name: str, tasks: tuple[str, ...], n_scenarios: int,
+                     n_actions: int) -> None:
+    """Raise DataError for a strategy that names a task, scenario or action the data lacks."""
     for s in strategies:
         kind, arg, _ = parse_strategy(s)
-        if kind in ("pos", "neg") and arg not in log.tasks:
-            raise DataError(f"{log.name}: strategy {s!r} names task {arg!r}; tasks are {log.tasks}")
+        if kind in ("pos", "neg") and arg not in tasks:
+            raise DataError(f"{name}: strategy {s!r} names task {arg!r}; tasks are {tasks}")
+        n = {"scenario": n_scenarios, "action": n_actions}.get(kind)
+        if n is not None and int(arg) >= n:
+            raise DataError(f"{name}: strategy {s!r}: no {kind} {arg}; the data's {kind} ids are 0..{n - 1}")
+
+
+def _drop_duplicates(log: EventLog) -> tuple[EventLog, int]:
+    """`log` without the rows equal to an earlier one in user, item, time, labels, action and
+    scenario (the first is kept, file order stays); and how many were dropped."""
+    rows = np.column_stack([log.user, log.item, log.time, log.action, log.scenario, log.labels])
+    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    if len(keep) == len(log):
+        return log, 0
+    cols = {c: getattr(log, c)[keep] for c in ("user", "item", "time", "labels", "action", "scenario")}
+    return dataclasses.replace(log, **cols), len(log) - len(keep)
+
+
+def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+    check_strategies(strategies, log.name, log.tasks, int(log.scenario.max()) + 1, int(log.action.max()) + 1)
+    if not log.implicit:
+        for t, col in zip(log.tasks, log.labels.T, strict=True):
+            if col.min() == col.max():
+                raise DataError(f"{log.name}: task {t!r} is {col[0]} in every row, so there is nothing to rank "
+                                "(drop that label column; a log of positives only is implicit: give no labels)")
+    log, duplicates = _drop_duplicates(log) if cfg.drop_duplicates else (log, 0)
     item_vocab, item = _dense(log.item, FIRST_ITEM)
     user_vocab, user = _dense(log.user, 1)
     order = np.lexsort((log.time, user))  # stable: ties keep file order
@@ -176,6 +204,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
         "user_feature_names": list(log.user_features.names) if log.user_features else [],
         "counts": {
             "events": int(len(user)),
+            "duplicates_dropped": duplicates,
             "users": int(n_users - 1),
             "items": int(len(item_vocab)),
             **{f"requests_{s}": int((split == v).sum()) for s, v in SPLITS.items()},
@@ -296,6 +325,11 @@ class SumiData:
 
     def requests(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.a["req_split"] == SPLITS[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        """(C, T) labels of the prepared candidates of `split`'s requests."""
+        a = self.a
+        return np.asarray(a["cand_labels"])[np.repeat(a["req_split"] == SPLITS[split], np.diff(a["req_cand_start"]))]
 
     def bucket_by_length(self, order: np.ndarray, chunk: int, window: int, seq_len: int,
                          rng: np.random.Generator) -> np.ndarray:
