@@ -411,3 +411,25 @@ def test_one_class_validation_labels_pick_the_best_checkpoint_by_logloss(tmp_pat
     best = min(rows, key=lambda r: float(r["mean_logloss"]))
     assert summary["best_step"] == int(best["step"])
     checkpoint.verify(tmp_path / "r" / "best")
+
+
+def test_cpu_threads_default_is_a_few_and_overridable(monkeypatch):
+    from climber import runtime
+    from climber.model import Climber
+    from tests.helpers import tiny_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, expected in ((64, runtime.MAX_AUTO_THREADS), (6, 3), (2, 1), (1, 1)):
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert runtime.cpu_threads() == expected
+    assert runtime.cpu_threads(7) == 7
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun and our tests set it: obeyed
+    assert runtime.cpu_threads() == torch.get_num_threads()
+    before = torch.get_num_threads()
+    try:
+        runtime.apply(Climber(tiny_config()), runtime.Runtime(device="cpu", threads=3))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        runtime.Runtime(threads=-1)
