@@ -46,7 +46,8 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
           f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
           f"{c['requests_test']}; tasks {meta['tasks']} positive rates "
-          + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items()))
+          + ", ".join(f"{k}={v:.3f}" for k, v in meta["positive_rate"].items())
+          + f"; dropped {c['duplicates_dropped']} exact duplicate rows; fingerprint {meta['fingerprint']}")
     return meta
 
 
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     g = p.add_argument_group("column mapping for a generic file")
     for k in ("user", "item", "time", "action", "scenario"):
         g.add_argument(f"--{k}")
-    g.add_argument("--time-unit", choices=("s", "ms", "us"))
+    g.add_argument("--time-unit", choices=("s", "ms", "us", "ns"))
     for k in ("labels", "item-features", "user-features"):
         g.add_argument(f"--{k}", nargs="*", default=[])
     g = p.add_argument_group("source 'synthetic': a generated log (climber/data/synthetic.py); --seed seeds it")
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = ap.parse_args(argv)
     try:
         ns.fn(ns)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
         print(f"climber {ns.cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -30,6 +30,9 @@ def parse_strategy(spec: str) -> tuple[str, str | None, int | None]:
         raise ValueError(f"unknown extraction strategy {spec!r}; kinds are {STRATEGY_KINDS}")
     if (kind == "recent") != (arg == ""):
         raise ValueError(f"strategy {spec!r}: 'recent' takes no argument, the others need one")
+    if kind in ("scenario", "action") and not arg.isdigit():
+        raise ValueError(f"strategy {spec!r}: {kind} ids are integers >= 0 (a text column is coded 0..K-1 "
+                         "in sorted order)")
     if cap and (not cap.isdigit() or int(cap) < 1):
         raise ValueError(f"strategy {spec!r}: length after '@' must be a positive integer")
     return kind, arg or None, int(cap) if cap else None
@@ -127,6 +130,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # steps between validations; 0 = twice per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
+    # also checkpoint when this many minutes passed since the last one (checked every log_every
+    # steps; 0 = off), so a kill loses minutes, not an epoch
+    checkpoint_minutes: float = 5.0
     patience: int = 3  # validations without AUC gain before early stopping
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
     log_every: int = 10  # steps between logged losses (each costs a host sync)
@@ -145,6 +151,8 @@ class TrainConfig:
             raise ValueError("bucket_window must be >= 0")
         if self.patience < 1 or self.keep_checkpoints < 1:
             raise ValueError("patience and keep_checkpoints must be at least 1")
+        if self.checkpoint_minutes < 0 or self.log_every < 1:
+            raise ValueError("checkpoint_minutes must be >= 0 and log_every at least 1")
 
 
 def add_dataclass_flags(p: argparse.ArgumentParser, cls, skip=(), defaults_none: bool = False) -> None:

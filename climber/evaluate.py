@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from climber import checkpoint
+from climber.data.events import DataError
 from climber.data.sumi import SPLITS, SumiData
 from climber.metrics import evaluate_predictions, format_table
 from climber.runtime import Runtime, apply
@@ -45,6 +46,9 @@ def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", 
     runtime = runtime or Runtime()
     model, config = checkpoint.load_model(ckpt_dir)
     data = SumiData(Path(data_dir or config["data"]))
+    checkpoint.check_vocabulary(config, data.vocab, ckpt_dir, data.root)
+    if not len(data.requests(split)):
+        raise DataError(f"{data.root}: no {split} requests to evaluate")
     dev = apply(model, runtime)
     users, labels, probs = predict(model, data, split, batch_size, dev)
     results = {

@@ -49,10 +49,13 @@ class Runtime:
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     attention: str = "auto"  # "auto" (triton on a CUDA GPU, else reference) | "reference" | "triton"
     compile: bool = False  # regional torch.compile (see the module docstring)
+    threads: int = 0  # CPU threads of torch ops on a CPU device; 0: OMP_NUM_THREADS if set, else half the cores, <= 4
 
     def __post_init__(self) -> None:
         if self.attention not in ops.BACKENDS:
             raise ValueError(f"attention must be one of {ops.BACKENDS}, not {self.attention!r}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0 (0: automatic)")
 
 
 class SigmoidGELU(nn.Module):
@@ -71,6 +74,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+MAX_AUTO_THREADS = 4
+
+
+def cpu_threads(requested: int = 0) -> int:
+    """Threads for torch's CPU ops: `requested`, else OMP_NUM_THREADS (torch already obeys it:
+    torchrun sets 1), else half the cores, at least 1 and at most MAX_AUTO_THREADS. torch's
+    default, a thread per core, is slower for our models on a busy machine: OpenMP threads wait
+    for each other at every parallel region, and one that lost its core stalls the rest
+    (docs/design.md, CPU threads)."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, min(len(os.sched_getaffinity(0)) // 2, MAX_AUTO_THREADS))
 
 
 def keep_large_allocations() -> bool:
@@ -97,6 +116,7 @@ def apply(model: nn.Module, rt: Runtime) -> torch.device:
     device = resolve_device(rt.device)
     if device.type == "cpu":
         keep_large_allocations()
+        torch.set_num_threads(cpu_threads(rt.threads))
     model.to(device)
     if hasattr(model, "attention"):  # Climber
         model.attention = ops.backend(rt.attention, device)

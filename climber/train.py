@@ -2,10 +2,12 @@
 
 `train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
 AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
-validation (AUC/GAUC/LogLoss), early stopping on mean validation AUC, and atomic checkpoints
-(`checkpoint.py`). Run it again on the same `out_dir` and it resumes from the last
-checkpoint: batches are a pure function of (seed, epoch, step) and the RNG state is saved,
-so a killed and resumed run ends with the same weights as an uninterrupted one.
+validation (AUC/GAUC/LogLoss), early stopping on mean validation AUC, and atomic, checksummed
+checkpoints (`checkpoint.py`) every `checkpoint_every` steps and every `checkpoint_minutes`.
+Run it again on the same `out_dir` and it resumes from the newest intact checkpoint: batches
+are a pure function of (seed, epoch, step) and the RNG state is saved, so a killed and resumed
+run ends with the same weights as an uninterrupted one. A non-finite loss stops training with
+`FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
 
 Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests and
 gradients are averaged by DDP (gloo on CPU, NCCL on GPU); rank 0 validates, logs and saves.
@@ -17,6 +19,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from climber import checkpoint
 from climber.config import ModelConfig, TrainConfig, from_dict
-from climber.data.sumi import SumiData
+from climber.data.events import DataError
+from climber.data.sumi import SumiData, check_strategies
+from climber.files import write_atomic
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
 from climber.runtime import Runtime, autocast, resolve_device
@@ -163,8 +167,7 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     """Train (or resume) into `out_dir`; returns a summary with the best validation metrics."""
     runtime = runtime or Runtime()
     run = setup(data_dir, out_dir, model_cfg, cfg, runtime)
-    if not run.state.get("done"):
-        loop(run, progress)
+    loop(run, progress)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -173,7 +176,7 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
 
 def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Runtime) -> Run:
     """Process group (under torchrun), model on its device with the runtime applied, optimizer,
-    and the state of the latest checkpoint if `out_dir` holds one (same config required)."""
+    and the state of the newest intact checkpoint if `out_dir` holds one (same config required)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(runtime.device)
     if distributed and not dist.is_initialized():
@@ -184,33 +187,78 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(out_dir)
     data = SumiData(data_dir)
+    check_data(data, model_cfg.strategies, announce=rank == 0)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
-                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks)}
+                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
+                  "data_fingerprint": data.fingerprint}
     model = build_model(model_cfg, data, cfg.seed)
     apply_runtime(model, runtime)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "bad_evals": 0, "best_step": -1}
-    last = checkpoint.latest_step_dir(out_dir / "checkpoints")
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "best_score": -math.inf, "bad_evals": 0,
+             "best_step": -1}
+    last, skipped = checkpoint.latest_intact(out_dir / "checkpoints")
+    if rank == 0:
+        for msg in skipped:
+            print(f"warning: skipping corrupt checkpoint: {msg}", file=sys.stderr)
     if last is not None:
-        saved = checkpoint.read_config(last)
-        # the runtime (device, attention backend, compile) may change between runs; the math may not
-        if from_dict(ModelConfig, saved["model"]) != model_cfg or from_dict(TrainConfig, saved["train"]) != cfg:
-            raise ValueError(f"{out_dir} holds a run with a different config; use another --out or delete it")
-        model.load_state_dict(load_file(last / "model.safetensors", device=str(device)))
+        _check_resumable(checkpoint.read_config(last), run_config, out_dir)
+        model.load_state_dict(checkpoint.load_weights(last, str(device)))
         ts = checkpoint.load_train_state(last)
         opt.load_state_dict(ts["optimizer"])
         torch.set_rng_state(ts["rng"])
         state = ts["loop"]
         if rank == 0:
-            for name in ("train_log.csv", "valid_log.csv"):
-                _truncate_log(out_dir / name, state["step"])
             print(f"resuming from {last} (step {state['step']}, epoch {state['epoch']})")
-    elif rank == 0:
+    if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+        for name in ("train_log.csv", "valid_log.csv"):  # rows after the resumed step (all, on a fresh start)
+            _truncate_log(out_dir / name, state["step"])
     step_fn = DistributedDataParallel(model) if distributed else model
     return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state)
+
+
+def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = True) -> None:
+    """Raise DataError where training cannot work (no validation requests, a strategy naming what
+    the data lacks); say (`announce`) where validation AUC is undefined: a task whose validation labels
+    hold one class. Without any defined AUC the best checkpoint is picked by validation LogLoss."""
+    v = data.vocab
+    check_strategies(strategies, str(data.root), data.tasks, v["n_scenarios"], v["n_actions"])
+    k = data.meta["prepare"]["eval_requests"]
+    if not len(data.requests("valid")):
+        raise DataError(f"{data.root}: no validation requests (a user needs {2 * k + 1} requests or more to have "
+                        "validation and test ones); prepare with a smaller --request-gap or --max-candidates")
+    one_class = [t for t, col in zip(data.tasks, data.labels("valid").T, strict=True) if col.min() == col.max()]
+    if announce and one_class:
+        then = ("picking the best checkpoint by validation LogLoss" if len(one_class) == len(data.tasks)
+                else "mean AUC is over the other tasks")
+        print(f"warning: validation labels of task(s) {one_class} are all one class, so their AUC is undefined; "
+              f"{then}", file=sys.stderr)
+
+
+# what may change when a run resumes: the runtime (device, attention backend, compile), and these,
+# which leave the weights alone (eval cadence moves early stopping and best/, not the steps taken)
+RESUMABLE = {"num_workers", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints"}
+
+
+def _check_resumable(saved: dict, new: dict, out_dir: Path) -> None:
+    """Raise ValueError unless a run saved with config `saved` may go on under `new`: the same
+    data (fingerprint) and math; more epochs are fine (the schedule stretches to the new end)."""
+    old_fp, new_fp = saved.get("data_fingerprint"), new["data_fingerprint"]
+    if old_fp is not None and old_fp != new_fp:
+        raise ValueError(f"{out_dir} was trained on other data ({saved['data']}, fingerprint {old_fp}; now "
+                         f"{new['data']}, {new_fp}); use another --out or the same data")
+    diff = []
+    for part, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        was = asdict(from_dict(cls, saved[part]))
+        for k, v in new[part].items():
+            free = part == "train" and (k in RESUMABLE or (k == "epochs" and v > was[k]))
+            if v != was[k] and not free:
+                diff.append(f"{part}.{k} {was[k]} -> {v}")
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with a different config ({', '.join(diff)}); "
+                         "use another --out or delete it")
 
 
 def loop(run: Run, progress: bool = True) -> None:
@@ -227,7 +275,8 @@ def loop(run: Run, progress: bool = True) -> None:
     weights = torch.tensor(cfg.task_weights or [1.0 / len(data.tasks)] * len(data.tasks), device=device)
     log_path = run.out_dir / "train_log.csv"
     bar = tqdm(total=total, initial=state["step"], disable=not (run.main and progress), desc="train", unit="step")
-    t0 = time.time()
+    t0 = last_save = time.time()
+    nonfinite = torch.zeros((), device=device)  # steps with a non-finite loss; read at checks, a host sync
 
     while state["step"] < total and not state.get("stopped"):
         epoch = state["epoch"]
@@ -247,6 +296,7 @@ def loop(run: Run, progress: bool = True) -> None:
                 g["lr"] = lr_at(state["step"], total, cfg) * g.get("lr_mult", 1.0)
             with autocast(device):
                 loss = masked_bce(run.step_fn(b), b, weights)
+            nonfinite += ~torch.isfinite(loss.detach())
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -263,14 +313,35 @@ def loop(run: Run, progress: bool = True) -> None:
                 _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
                                 "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0})
             at_end = state["step"] >= total
-            if state["step"] % eval_every == 0 or at_end:
+            validate = state["step"] % eval_every == 0 or at_end
+            save = state["step"] % ckpt_every == 0 or at_end
+            if validate or save or state["step"] % cfg.log_every == 0:
+                late = bool(cfg.checkpoint_minutes) and time.time() - last_save >= 60 * cfg.checkpoint_minutes
+                diverged, late = _agree(device, nonfinite > 0, late)
+                if diverged:
+                    bar.close()
+                    raise FloatingPointError(
+                        f"training loss is not finite (nan or inf) by step {state['step']}; stopped before "
+                        f"saving, so {run.out_dir / 'checkpoints'} keeps the last good checkpoint. Lower --lr "
+                        "or --grad-clip, or check the data")
+                save = save or late
+            if validate:
                 _validate(run, epoch)
-            if state["step"] % ckpt_every == 0 or at_end or state.get("stopped"):
-                state["done"] = at_end or bool(state.get("stopped"))
+            if save or state.get("stopped"):
                 save_checkpoint(run)
+                last_save = time.time()
             if at_end or state.get("stopped") or state["step_in_epoch"] == 0:
                 break
     bar.close()
+
+
+def _agree(device: torch.device, *flags) -> list[bool]:
+    """Each flag, true on every rank if it is true on any (under torchrun), so ranks stop and
+    checkpoint together; one host sync."""
+    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).int()
+    if dist.is_initialized():
+        dist.all_reduce(t, dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
 
 
 def save_checkpoint(run: Run) -> None:
@@ -292,11 +363,12 @@ def _validate(run: Run, epoch: int) -> None:
         users, labels, probs = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device)
         res = evaluate_predictions(users, labels, probs, run.data.tasks)
         auc = res["mean"]["auc"]
+        score = -res["mean"]["logloss"] if math.isnan(auc) else auc  # AUC undefined: one-class labels
         row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
                                                                            for k, v in r.items()}}
         _log(run.out_dir / "valid_log.csv", row)
-        if auc > state["best_auc"]:
-            state.update(best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
+        if score > state.get("best_score", state["best_auc"]):
+            state.update(best_score=score, best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
             checkpoint.save(run.out_dir / "best", run.model, run.run_config)
         else:
             state["bad_evals"] += 1
@@ -322,15 +394,17 @@ def _log(path: Path, row: dict) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we resume from (they will be redone)."""
-    if path.exists():
-        with path.open() as f:
-            rows = list(csv.DictReader(f))
-        if rows:
-            with path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(r for r in rows if int(r["step"]) <= step)
+    """On (re)start, drop the rows logged after the step we start from (they will be redone) and
+    a last line cut short by a kill; rewritten atomically, so a kill meanwhile loses nothing."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines(keepends=True)  # whole lines only
+    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= step]
+    if len(keep) > 1:
+        write_atomic(path, "".join(keep))
+    else:  # no row left (or not even a whole header): the next row writes a fresh header
+        path.unlink()
 
 
 def _summary(out_dir: Path, state: dict) -> dict:

@@ -289,3 +289,63 @@ def test_s3rec_bad_lines(tmp_path):
     raises_at(lambda: read_s3rec(path), path, "line 2: user 2 has no items")
     path.write_text("1 2 3\n1 4\n")
     raises_at(lambda: read_s3rec(path), path, "line 2: user 1 already has line 1")
+
+
+# ---------------------------------------------------------------- input policy (docs/design.md)
+
+
+def test_ids_are_stripped_of_whitespace(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("u,i,t,tab\nbob,12,1,home\n bob , 12 ,2, home\nann,7,3,feed \n")
+    log = read_table(path, ColumnMapping("u", "i", "t", scenario="tab"))
+    assert log.user.tolist() == [1, 1, 0] and log.item.tolist() == [12, 12, 7]  # " 12 " is the integer 12
+    assert log.scenario.tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("bad", ["NaN", "nan", "NULL", "None", "  "])
+def test_null_or_nan_ids_are_rejected_at_their_line(tmp_path, bad):
+    path = tmp_path / "log.csv"
+    path.write_text(f"u,i,t\nbob,1,1\nann,2,2\n{bad},3,3\n")
+    raises_at(lambda: read_table(path, ColumnMapping("u", "i", "t")), path, "line 4: column 'u': missing id")
+
+
+def test_nan_ids_in_parquet_are_rejected_at_their_row(tmp_path):
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"u": [1.0, float("nan"), 3.0], "i": [1, 2, 3], "t": [1, 2, 3]}), path)
+    raises_at(lambda: read_table(path, ColumnMapping("u", "i", "t")), path, "row 2: column 'u': missing id")
+
+
+@pytest.mark.parametrize("value, unit, hint", [
+    ("1700000000000", "s", "ms"),
+    ("1700000000000000", "s", "us"),
+    ("1700000000000000", "ms", "us"),
+    ("1700000000000000000", "s", "ns"),
+    ("1e20", "s", None),
+])
+def test_implausible_timestamps_are_rejected_with_a_time_unit_hint(tmp_path, value, unit, hint):
+    path = tmp_path / "log.csv"
+    path.write_text(f"u,i,t\n1,2,1000\n1,3,{value}\n")
+    message = f"it looks like {hint}: pass --time-unit {hint}" if hint else "timestamp outside int64"
+    with pytest.raises(DataError, match=message) as err:
+        read_table(path, ColumnMapping("u", "i", "t", time_unit=unit))
+    assert f"{path}: line 3: column 't': " in str(err.value)
+    if hint:  # ... and the hint is right
+        assert read_table(path, ColumnMapping("u", "i", "t", time_unit=hint)).time[1] == 1_700_000_000
+
+
+def test_invalid_utf8_error_names_the_line(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"u,i,t\nbob,1,1\nann,2,2\nb\xffb,3,3\n")
+    raises_at(lambda: read_table(path, ColumnMapping("u", "i", "t")), path, "line 4: not valid utf-8")
+
+
+def test_prepare_a_table_without_column_flags_is_a_clear_error(tmp_path, capsys):
+    from climber.cli import main
+
+    path = tmp_path / "logs.csv"
+    path.write_text("uid,iid,ts\n1,2,3\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", str(path), "--out", str(tmp_path / "x"), "--user", "uid"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "needs its columns named: --item COLUMN --time COLUMN (columns found: ['uid', 'iid', 'ts'])" in err

@@ -114,6 +114,42 @@ def test_unknown_task_in_strategy_is_a_clear_error(tmp_path):
         prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("pos:share",))
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("scenario:5", r"strategy 'scenario:5': no scenario 5; the data's scenario ids are 0..1"),
+    ("action:6", r"strategy 'action:6': no action 6; the data's action ids are 0..5"),
+    ("scenario:app", r"strategy 'scenario:app': scenario ids are integers"),
+])
+def test_strategies_are_checked_against_the_data_at_prepare(tmp_path, spec, message):
+    with pytest.raises(ValueError, match=message):
+        prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("recent", spec))
+    assert not (tmp_path / "d").exists()
+    prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("recent", "scenario:1", "action:5"))
+
+
+def test_exact_duplicate_rows_are_dropped_by_default_and_counted(tmp_path):
+    log = hand_log()
+    dup = [0, 0, 4]  # row 0 twice more, row 4 once more
+    twice = EventLog("hand", user=np.r_[log.user, log.user[dup]], item=np.r_[log.item, log.item[dup]],
+                     time=np.r_[log.time, log.time[dup]], labels=np.r_[log.labels, log.labels[dup]], tasks=log.tasks,
+                     action=np.r_[log.action, log.action[dup]], scenario=np.r_[log.scenario, log.scenario[dup]])
+    near = EventLog("hand", user=twice.user, item=twice.item, time=twice.time, labels=twice.labels, tasks=log.tasks,
+                    action=np.r_[log.action, log.action[dup] + [1, 2, 1]], scenario=twice.scenario)
+    prepare(log, tmp_path / "once", PrepareConfig(request_gap=10), ("recent",))
+    meta = prepare(twice, tmp_path / "d", PrepareConfig(request_gap=10), ("recent",))
+    assert meta["counts"]["duplicates_dropped"] == 3 and meta["counts"]["events"] == len(log)
+    assert meta["fingerprint"] == SumiData(tmp_path / "once").fingerprint  # the same data as without them
+    kept = prepare(twice, tmp_path / "k", PrepareConfig(request_gap=10, drop_duplicates=False), ("recent",))
+    assert kept["counts"]["duplicates_dropped"] == 0 and kept["counts"]["events"] == len(log) + 3
+    assert prepare(near, tmp_path / "n", PrepareConfig(), ("recent",))["counts"]["duplicates_dropped"] == 0
+
+
+def test_a_task_with_one_class_is_rejected_at_prepare(tmp_path):
+    log = hand_log()
+    log.labels[:] = 1
+    with pytest.raises(DataError, match="task 'like' is 1 in every row"):
+        prepare(log, tmp_path / "d", PrepareConfig(), ("recent",))
+
+
 def test_not_prepared_dir_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="climber prepare"):
         SumiData(tmp_path)
@@ -125,6 +161,72 @@ def test_prepare_replaces_atomically(tmp_path):
     prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
     assert not (tmp_path / "d.tmp").exists()
     assert SumiData(out).meta["prepare"]["request_gap"] == 1000
+
+
+def test_prepare_killed_while_writing_keeps_the_previous_data_atomic(tmp_path, monkeypatch):
+    from climber.data import sumi
+
+    out = tmp_path / "d"
+    prepare(hand_log(), out, PrepareConfig(request_gap=10), ("recent",))
+    before = {k: np.array(v) for k, v in SumiData(out).a.items()}
+    calls = []
+
+    def killed_midway(path, arr):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as a kill: the rest of prepare never runs
+        np.save(path, arr)
+
+    monkeypatch.setattr(sumi.np, "save", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
+    monkeypatch.undo()
+    data = SumiData(out)
+    assert data.meta["prepare"]["request_gap"] == 10 and data.a.keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(data.a[k], v)
+
+
+def test_prepare_killed_between_its_renames_keeps_the_previous_data_atomic(tmp_path, monkeypatch):
+    """The swap is two renames (old out of the way, new in); killed between them, the previous
+    data set is whole under d.old and the next reader puts it back."""
+    from pathlib import Path
+
+    out = tmp_path / "d"
+    prepare(hand_log(), out, PrepareConfig(request_gap=10), ("recent",))
+    real = Path.rename
+
+    def kill_before_second_rename(self, target):
+        if self.name == "d.tmp":
+            raise KeyboardInterrupt
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", kill_before_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))
+    monkeypatch.undo()
+    assert not out.exists() and (tmp_path / "d.old" / "meta.json").exists()
+    assert SumiData(out).meta["prepare"]["request_gap"] == 10
+    assert not (tmp_path / "d.old").exists()
+    prepare(hand_log(), out, PrepareConfig(request_gap=1000), ("recent",))  # and a new prepare replaces it
+    assert SumiData(out).meta["prepare"]["request_gap"] == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_fingerprint_identifies_the_prepared_arrays(tmp_path):
+    prepare(hand_log(), tmp_path / "a", PrepareConfig(request_gap=10), ("recent",))
+    prepare(hand_log(), tmp_path / "b", PrepareConfig(request_gap=10), ("recent", "pos:like"))
+    prepare(hand_log(), tmp_path / "c", PrepareConfig(request_gap=1000), ("recent",))
+    a, b, c = (SumiData(tmp_path / x) for x in "abc")
+    assert len(a.fingerprint) == 16
+    assert a.fingerprint == b.fingerprint  # default strategies are not data
+    assert a.fingerprint != c.fingerprint  # other requests, other arrays
+    from climber.data.sumi import fingerprint
+
+    arrays = {k: np.array(v) for k, v in a.a.items()}
+    assert fingerprint(arrays) == a.fingerprint
+    arrays["ev_time"][3] += 1  # one timestamp
+    assert fingerprint(arrays) != a.fingerprint
 
 
 def test_generic_table_prepares_end_to_end(tmp_path):

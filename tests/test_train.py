@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from climber import checkpoint
 from climber import train as train_module
 from climber.config import TrainConfig, model_config
 from climber.data.events import EventLog
@@ -102,10 +103,39 @@ def test_resume_after_kill_gives_same_final_weights(data_dir, tmp_path):
     assert losses(tmp_path / "whole") == losses(killed)
 
 
-def test_changed_config_refuses_to_resume(data_dir, tmp_path):
-    tiny_run(data_dir, tmp_path / "r", epochs=1)
-    with pytest.raises(ValueError, match="different config"):
-        tiny_run(data_dir, tmp_path / "r", epochs=1, lr=1e-2)
+def test_changed_config_refuses_to_resume_and_names_the_fields(data_dir, tmp_path):
+    tiny_run(data_dir, tmp_path / "r", epochs=2)
+    with pytest.raises(ValueError, match=r"different config \(train.lr 0.003 -> 0.01\)"):
+        tiny_run(data_dir, tmp_path / "r", epochs=2, lr=1e-2)
+    with pytest.raises(ValueError, match=r"different config \(train.epochs 2 -> 1, train.seed 0 -> 1\)"):
+        tiny_run(data_dir, tmp_path / "r", epochs=1, seed=1)
+
+
+def test_resume_accepts_changes_that_leave_the_math_alone(data_dir, tmp_path, capsys):
+    """Cadence and worker settings may change on resume, and the epoch count may grow: the run
+    goes on from its checkpoint (a finished run trains its new epochs)."""
+    run = tmp_path / "r"
+    first = tiny_run(data_dir, run, epochs=1, patience=100)
+    capsys.readouterr()
+    more = tiny_run(data_dir, run, epochs=2, patience=100, num_workers=1, log_every=3, eval_every=7, checkpoint_every=5,
+                    checkpoint_minutes=1.0, keep_checkpoints=3)
+    assert f"(step {first['steps']}," in capsys.readouterr().out
+    assert more["steps"] == 2 * first["steps"]
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_resume_with_other_data_is_refused_by_fingerprint(data_dir, tmp_path):
+    other = tmp_path / "other"
+    prepare(synthetic_log(seed=1), other, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
+    assert SumiData(other).vocab == SumiData(data_dir).vocab  # same shapes: only the fingerprint tells
+    tiny_run(data_dir, tmp_path / "r", max_steps=3)
+    with pytest.raises(ValueError, match="trained on other data"):
+        tiny_run(other, tmp_path / "r", max_steps=3)
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    tiny_run(moved, tmp_path / "r", max_steps=3)  # the same data elsewhere: resumed
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["data_fingerprint"] == SumiData(data_dir).fingerprint and cfg["data"] == str(moved.resolve())
 
 
 def test_ddp_two_cpu_processes(data_dir, tmp_path):
@@ -256,3 +286,150 @@ def test_implicit_resume_mid_epoch_draws_the_same_negatives(implicit_dir, tmp_pa
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert losses(whole) == losses(killed)
+
+
+# --- trustworthy checkpoints: fallback, non-finite loss, wall-clock cadence, logs without repeats ---
+
+
+def steps_logged(run: Path, name: str = "train_log.csv") -> list[int]:
+    with (run / name).open() as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(data_dir, tmp_path, capsys):
+    kw = {"checkpoint_every": 4, "keep_checkpoints": 100, "eval_every": 4}
+    whole = tmp_path / "whole"
+    tiny_run(data_dir, whole, **kw)
+    killed = tmp_path / "killed"
+    shutil.copytree(whole, killed)
+    steps = sorted((killed / "checkpoints").glob("step-*"))
+    for p in steps[-2:]:  # "killed" after the third-to-last checkpoint ...
+        shutil.rmtree(p)
+    newest, intact = steps[-3], steps[-4]
+    flip = newest / "model.safetensors"  # ... whose weights then rotted on disk
+    b = bytearray(flip.read_bytes())
+    b[-3] ^= 0x10
+    flip.write_bytes(bytes(b))
+    capsys.readouterr()
+    tiny_run(data_dir, killed, **kw)
+    out = capsys.readouterr()
+    warnings = [ln for ln in out.err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and newest.name in warnings[0] and "SHA-256" in warnings[0], out.err
+    assert f"resuming from {intact}" in out.out
+    a, b = _final_weights(whole), _final_weights(killed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert losses(whole) == losses(killed)  # train_log.csv: every step once, in order
+    for name in ("train_log.csv", "valid_log.csv"):
+        assert steps_logged(killed, name) == steps_logged(whole, name)
+
+
+def test_log_rows_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(data_dir, tmp_path):
+    run = tmp_path / "r"
+    tiny_run(data_dir, run, max_steps=6)
+    shutil.rmtree(run / "checkpoints")  # killed before any checkpoint: the run starts over ...
+    with (run / "train_log.csv").open("a") as f:
+        f.write("7,0,tra")  # ... and the kill cut a row short
+    tiny_run(data_dir, run, max_steps=6)
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nonfinite_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls, real = [], train_module.masked_bce
+
+    def nan_from_step_7(logits, b, weights):
+        calls.append(1)
+        return real(logits, b, weights) * (float("nan") if len(calls) >= 7 else 1.0)
+
+    monkeypatch.setattr(train_module, "masked_bce", nan_from_step_7)
+    run = tmp_path / "r"
+    with pytest.raises(FloatingPointError, match="not finite .* by step 8"):
+        tiny_run(data_dir, run, checkpoint_every=4, eval_every=4, log_every=4, keep_checkpoints=100)
+    steps = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000004"]  # step 8's weights (NaN) were never saved
+    for d in (run / "checkpoints" / steps[0], run / "best"):
+        checkpoint.verify(d)
+        assert all(torch.isfinite(v).all() for v in load_file(d / "model.safetensors").values())
+
+
+def test_nonfinite_loss_is_a_one_line_cli_error(data_dir, tmp_path, capsys):
+    from climber.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--data", str(data_dir), "--out", str(tmp_path / "r"), "--preset", "tiny", "--lr", "1e30",
+              "--warmup-steps", "1", "--grad-clip", "0", "--max-steps", "40", "--batch-size", "8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("climber train: error: training loss is not finite"), err
+
+
+@pytest.mark.parametrize("minutes, expected", [(0, []), (1e-9, [3, 6, 9, 12])])
+def test_wall_clock_checkpoints(data_dir, tmp_path, minutes, expected):
+    """checkpoint_minutes: a checkpoint at the first check (every log_every steps) after the
+    interval, whatever checkpoint_every says."""
+    run = tmp_path / "r"
+    summary = tiny_run(data_dir, run, epochs=1, max_steps=14, log_every=3, checkpoint_every=1000, eval_every=1000,
+                       keep_checkpoints=100, checkpoint_minutes=minutes)
+    steps = [int(p.name.split("-")[1]) for p in sorted((run / "checkpoints").glob("step-*"))]
+    assert summary["steps"] == 14 and steps == expected + [14]
+
+
+# --- input policy at training time: empty validation split, one-class validation labels ---
+
+
+def explicit_log(n_users: int, requests: int, valid_label: int | None = None) -> EventLog:
+    """`requests` one-event requests per user, random 0/1 clicks; `valid_label` fixes the label of
+    each user's last-but-one request (its validation request)."""
+    rng = np.random.default_rng(0)
+    user = np.repeat(np.arange(n_users), requests)
+    click = rng.integers(0, 2, len(user))
+    if valid_label is not None:
+        click[requests - 2 :: requests] = valid_label
+    return EventLog("one", user=user, item=rng.integers(0, 30, len(user)), time=np.tile(np.arange(requests) * 1000,
+                    n_users), labels=click[:, None], tasks=("click",))
+
+
+def explicit_run(tmp_path: Path, log: EventLog) -> dict:
+    prepare(log, tmp_path / "d", PrepareConfig(request_gap=10), ("recent",))
+    mcfg = model_config("tiny", SumiData(tmp_path / "d").vocab, ("recent",))
+    return train(tmp_path / "d", tmp_path / "r", mcfg, TrainConfig(epochs=2, batch_size=8), progress=False)
+
+
+def test_empty_validation_split_is_a_clear_error(tmp_path):
+    from climber.data.events import DataError
+
+    with pytest.raises(DataError, match="no validation requests .* needs 3 requests"):
+        explicit_run(tmp_path, explicit_log(20, requests=2))
+
+
+def test_one_class_validation_labels_pick_the_best_checkpoint_by_logloss(tmp_path, capsys):
+    summary = explicit_run(tmp_path, explicit_log(20, requests=8, valid_label=1))
+    assert "validation labels of task(s) ['click'] are all one class" in capsys.readouterr().err
+    assert math.isnan(summary["best_valid_auc"]) and summary["best_step"] > 0
+    with (tmp_path / "r" / "valid_log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    best = min(rows, key=lambda r: float(r["mean_logloss"]))
+    assert summary["best_step"] == int(best["step"])
+    checkpoint.verify(tmp_path / "r" / "best")
+
+
+def test_cpu_threads_default_is_a_few_and_overridable(monkeypatch):
+    from climber import runtime
+    from climber.model import Climber
+    from tests.helpers import tiny_config
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, expected in ((64, runtime.MAX_AUTO_THREADS), (6, 3), (2, 1), (1, 1)):
+        monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert runtime.cpu_threads() == expected
+    assert runtime.cpu_threads(7) == 7
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torchrun and our tests set it: obeyed
+    assert runtime.cpu_threads() == torch.get_num_threads()
+    before = torch.get_num_threads()
+    try:
+        runtime.apply(Climber(tiny_config()), runtime.Runtime(device="cpu", threads=3))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="threads"):
+        runtime.Runtime(threads=-1)

@@ -5,14 +5,17 @@ Sources: MovieLens-100K (RecBole atomic files), KuaiRand (the shared subset or t
 CSV/TSV/Parquet table through a `ColumnMapping`; `read_source` picks one by name.
 
 Policies:
-- Ids stay raw integers (strings in generic tables become integer codes in sorted order); time is
-  integer seconds, or the position in the user's sequence for S3-Rec, which has no timestamps.
+- Ids stay raw integers (strings in generic tables, stripped of surrounding whitespace, become
+  integer codes in sorted order); time is integer seconds, or the position in the user's sequence
+  for S3-Rec, which has no timestamps. A generic table's timestamps must read as seconds before
+  the year 2200 (`--time-unit` scales ms/us/ns; values that look like one get that hint).
 - Rows keep file order and timestamps need not be sorted: `sumi.prepare` later sorts events
   stably by (user, time), so ties keep file order.
 - Bad input never passes silently. Every problem raises `DataError` naming the file and, where
   one applies, the 1-based line (text; the header is line 1, blank lines count) or row (Parquet).
-  A missing id, label or timestamp is an error, never a dropped row; a missing side-feature value
-  is code 0. pyarrow parse errors do not always say where, so on one we re-scan the file with the
+  A missing id, label or timestamp is an error, never a dropped row (a missing id: empty, NaN, or
+  the text nan/null/none); a missing side-feature value is code 0. Text that is not valid UTF-8
+  is an error at its line. pyarrow parse errors do not always say where, so on one we re-scan the file with the
   `csv` module to find the first bad line.
 - Side features cover the ids that occur in the log; for per-row features (KuaiRand, generic
   tables) an id gets its first non-missing value in file order.
@@ -165,6 +168,12 @@ def _first_bad_line(src: _Text, types: dict[str, pa.DataType]) -> str | None:
         for i, name, parses, what in checks:
             if rec[i] != "" and not parses(rec[i]):
                 return f"{src.path}: line {line}: column {name!r} must be {what}, got {rec[i]!r}"
+    with open(src.path, "rb") as f:  # records() decoded leniently: find a line that does not decode
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode(_py_encoding(src.encoding))
+            except UnicodeDecodeError as e:
+                return f"{src.path}: line {line}: not valid {src.encoding} ({e.reason} at byte {e.start})"
     return None
 
 
@@ -208,9 +217,12 @@ def _factorize(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def _int_if_possible(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """Integer-valued columns (also integer strings, integral floats) as int64, others unchanged."""
+    """Integer-valued columns (also integer strings, integral floats) as int64, others unchanged
+    but for strings, which lose surrounding whitespace (" 12" and "12" are one id)."""
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = pc.utf8_trim_whitespace(col)
     try:
         return col.cast(INT)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -493,7 +505,7 @@ class ColumnMapping:
 
     labels: 0/1 or boolean columns, one task each (named by the column); none => implicit, task
     "interact". action / scenario: integer columns >= 0 are kept as they are, anything else is
-    coded 0..K-1. Features: coded 1..K, 0 = missing. time_unit (s, ms, us) scales a numeric time
+    coded 0..K-1. Features: coded 1..K, 0 = missing. time_unit (s, ms, us, ns) scales a numeric time
     column to seconds; a Parquet timestamp column is converted by its own unit.
     """
 
@@ -524,7 +536,9 @@ class ColumnMapping:
         ]
 
 
-_TIME_SCALE = {"s": 1, "ms": 1000, "us": 1_000_000}
+_TIME_SCALE = {"s": 1, "ms": 1000, "us": 1_000_000, "ns": 1_000_000_000}
+_MAX_SECONDS = 7_258_118_400  # 2200-01-01: later "seconds" are milliseconds or finer, read as seconds
+_MISSING_IDS = ["", "nan", "null", "none"]  # after stripping, any case
 _TEXT_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 
@@ -567,9 +581,18 @@ def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
 
 
 def _ids(src: _Src, table: pa.Table, name: str) -> np.ndarray:
-    """Integer ids as they are; other ids (strings) coded 0..K-1 in sorted order."""
+    """Integer ids as they are; other ids (strings, stripped) coded 0..K-1 in sorted order. A
+    missing id (null, NaN, or a text in _MISSING_IDS) is an error at its line or row."""
     col = _int_if_possible(_no_nulls(src, table, name))
-    return col.to_numpy() if pa.types.is_integer(col.type) else _factorize(col) - 1
+    if pa.types.is_integer(col.type):
+        return col.to_numpy()
+    if pa.types.is_floating(col.type):
+        missing = pc.is_nan(col)
+    else:
+        missing = pc.is_in(pc.utf8_lower(col.cast(STR)), value_set=pa.array(_MISSING_IDS))
+    _check(src, missing.to_numpy(zero_copy_only=False), f"column {name!r}: missing id",
+           col.to_numpy(zero_copy_only=False))
+    return _factorize(col) - 1
 
 
 def _seconds(src: _Src, table: pa.Table, name: str, unit: str) -> np.ndarray:
@@ -580,7 +603,14 @@ def _seconds(src: _Src, table: pa.Table, name: str, unit: str) -> np.ndarray:
     elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         t = _required(src, table, name)
         _nonneg_time(src, t, name)
+        _check(src, t >= 2.0**63, f"column {name!r}: timestamp outside int64", t)
         t = t // _TIME_SCALE[unit]
+        if t.max() > _MAX_SECONDS:
+            raw = t.max() * _TIME_SCALE[unit]
+            finer = [u for u, k in _TIME_SCALE.items() if k > _TIME_SCALE[unit] and raw / k <= _MAX_SECONDS]
+            hint = f"; it looks like {finer[0]}: pass --time-unit {finer[0]}" if finer else ""
+            _check(src, t > _MAX_SECONDS, f"column {name!r}: timestamp after the year 2200 in unit "
+                                          f"{unit!r}{hint}", t * _TIME_SCALE[unit])
     else:
         raise DataError(f"{src.path}: column {name!r} has type {col.type}; expected numbers or timestamps")
     _check(src, t < 0, f"column {name!r}: negative timestamp", t)
@@ -600,6 +630,15 @@ def _row_features(table: pa.Table, names: tuple[str, ...], ids: np.ndarray) -> S
         return None
     codes = np.column_stack([_factorize(_int_if_possible(table[c])) for c in names])
     return _first_per_id(ids, codes, names)
+
+
+def _columns(path: Path) -> list[str]:
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            return pq.read_schema(path).names
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    return list(_open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower())).header)
 
 
 # ---------------------------------------------------------------- by name
@@ -633,5 +672,9 @@ def read_source(name: str, **kw) -> EventLog:
         mapping = kw.pop("mapping", None)
         if mapping is not None and kw:
             raise TypeError(f"give either mapping or ColumnMapping fields, not both (got {sorted(kw)})")
+        missing = [k for k in ("user", "item", "time") if k not in kw]
+        if mapping is None and missing:
+            raise DataError(f"{name}: a table needs its columns named: {' '.join(f'--{k} COLUMN' for k in missing)}"
+                            f" (columns found: {_columns(Path(name))})")
         return read_table(Path(name), mapping if mapping is not None else ColumnMapping(**kw))
     raise DataError(f"unknown source {name!r}: not one of {list(SOURCES)} and not an existing file")

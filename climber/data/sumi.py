@@ -23,6 +23,8 @@ Dense ids: items 0 = padding, 1 = unknown, 2.. real; users 0 = unknown, 1.. real
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -33,6 +35,7 @@ import torch
 
 from climber.config import parse_strategy
 from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
+from climber.files import recover_dir, replace_dir
 
 PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
@@ -49,6 +52,7 @@ class PrepareConfig:
     negatives: int = 4  # implicit logs only: sampled negatives per positive
     eval_requests: int = 1  # per user: last k requests test, the k before validation
     seed: int = 0
+    drop_duplicates: bool = True  # rows equal to an earlier one in every column: dropped, counted in meta
 
     def __post_init__(self) -> None:
         if self.request_gap < 0 or self.max_candidates < 1 or self.negatives < 0 or self.eval_requests < 1:
@@ -105,12 +109,38 @@ def _split(req_user: np.ndarray, k: int) -> np.ndarray:
     return split
 
 
-def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
-    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+def check_strategies(strategies: tuple[str, ...], name: str, tasks: tuple[str, ...], n_scenarios: int,
+                     n_actions: int) -> None:
+    """Raise DataError for a strategy that names a task, scenario or action the data lacks."""
     for s in strategies:
         kind, arg, _ = parse_strategy(s)
-        if kind in ("pos", "neg") and arg not in log.tasks:
-            raise DataError(f"{log.name}: strategy {s!r} names task {arg!r}; tasks are {log.tasks}")
+        if kind in ("pos", "neg") and arg not in tasks:
+            raise DataError(f"{name}: strategy {s!r} names task {arg!r}; tasks are {tasks}")
+        n = {"scenario": n_scenarios, "action": n_actions}.get(kind)
+        if n is not None and int(arg) >= n:
+            raise DataError(f"{name}: strategy {s!r}: no {kind} {arg}; the data's {kind} ids are 0..{n - 1}")
+
+
+def _drop_duplicates(log: EventLog) -> tuple[EventLog, int]:
+    """`log` without the rows equal to an earlier one in user, item, time, labels, action and
+    scenario (the first is kept, file order stays); and how many were dropped."""
+    rows = np.column_stack([log.user, log.item, log.time, log.action, log.scenario, log.labels])
+    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    if len(keep) == len(log):
+        return log, 0
+    cols = {c: getattr(log, c)[keep] for c in ("user", "item", "time", "labels", "action", "scenario")}
+    return dataclasses.replace(log, **cols), len(log) - len(keep)
+
+
+def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+    check_strategies(strategies, log.name, log.tasks, int(log.scenario.max()) + 1, int(log.action.max()) + 1)
+    if not log.implicit:
+        for t, col in zip(log.tasks, log.labels.T, strict=True):
+            if col.min() == col.max():
+                raise DataError(f"{log.name}: task {t!r} is {col[0]} in every row, so there is nothing to rank "
+                                "(drop that label column; a log of positives only is implicit: give no labels)")
+    log, duplicates = _drop_duplicates(log) if cfg.drop_duplicates else (log, 0)
     item_vocab, item = _dense(log.item, FIRST_ITEM)
     user_vocab, user = _dense(log.user, 1)
     order = np.lexsort((log.time, user))  # stable: ties keep file order
@@ -162,6 +192,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     meta = {
         "format_version": FORMAT_VERSION,
         "name": log.name,
+        "fingerprint": fingerprint(arrays),
         "tasks": list(log.tasks),
         "implicit": log.implicit,
         "strategies": list(strategies),
@@ -179,6 +210,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
         "user_feature_names": list(log.user_features.names) if log.user_features else [],
         "counts": {
             "events": int(len(user)),
+            "duplicates_dropped": duplicates,
             "users": int(n_users - 1),
             "items": int(len(item_vocab)),
             **{f"requests_{s}": int((split == v).sum()) for s, v in SPLITS.items()},
@@ -189,6 +221,17 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     }
     _write_atomic(out_dir, arrays, meta)
     return meta
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """A short hash of the arrays' names, types, shapes and bytes: which data a run was trained
+    on (hashed once at prepare, at memory speed; never recomputed when loading)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
 
 
 def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
@@ -224,7 +267,8 @@ def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, 
 
 
 def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
-    """Write into a sibling temp dir, then rename: a killed prepare never leaves half a data set."""
+    """Write into a sibling temp dir, then swap it in (`files.replace_dir`): a killed prepare
+    never leaves half a data set, nor destroys the one it was replacing."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -233,9 +277,7 @@ def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
     for k, v in arrays.items():
         np.save(tmp / f"{k}.npy", v)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    replace_dir(tmp, out_dir)
 
 
 def strategy_selects(spec: str, tasks: tuple[str, ...], labels: np.ndarray, scenario: np.ndarray,
@@ -257,6 +299,7 @@ class SumiData:
 
     def __init__(self, root: Path):
         root = Path(root)
+        recover_dir(root)  # a prepare killed while swapping in a new data set: the old one is whole
         meta_path = root / "meta.json"
         if not meta_path.exists():
             raise DataError(f"{root}: not a prepared data set (no meta.json); run `climber prepare` first")
@@ -271,6 +314,11 @@ class SumiData:
         self._seen: np.ndarray | None = None  # sorted user * n_items + item over all events
 
     @property
+    def fingerprint(self) -> str | None:
+        """`fingerprint` of the arrays, recorded by prepare (None: prepared before fingerprints)."""
+        return self.meta.get("fingerprint")
+
+    @property
     def implicit(self) -> bool:
         return bool(self.meta["implicit"])
 
@@ -283,6 +331,11 @@ class SumiData:
 
     def requests(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.a["req_split"] == SPLITS[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        """(C, T) labels of the prepared candidates of `split`'s requests."""
+        a = self.a
+        return np.asarray(a["cand_labels"])[np.repeat(a["req_split"] == SPLITS[split], np.diff(a["req_cand_start"]))]
 
     def bucket_by_length(self, order: np.ndarray, chunk: int, window: int, seq_len: int,
                          rng: np.random.Generator) -> np.ndarray:

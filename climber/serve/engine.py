@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from climber import ops
-from climber.checkpoint import load_model
+from climber.checkpoint import check_vocabulary, load_model
 from climber.config import parse_strategy
 from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
 from climber.model import Climber, HistoryCache
@@ -226,8 +226,7 @@ class Engine:
         if not isinstance(model, Climber):  # baselines have no prefill / score split
             raise ValueError(f"{ckpt_dir}: arch {config['model'].get('arch')!r} cannot be served; only Climber can")
         data = SumiData(Path(data_dir or config["data"]))
-        if data.tasks != model.cfg.tasks or data.meta["vocab"]["n_items"] != model.cfg.n_items:
-            raise ValueError(f"{data.root} does not match checkpoint {ckpt_dir} (tasks or item vocabulary)")
+        check_vocabulary(config, data.vocab, ckpt_dir, data.root)
         model = model.to(device=device, dtype=dtype)
         model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
         return cls(model, HistoryStore(len(data.tasks), data), data.a["item_vocab"], data.a["user_vocab"],
