@@ -38,13 +38,14 @@ def tiny_log(seed: int = 0) -> EventLog:
     )
 
 
-def make_checkpoint(root: Path, strategies: tuple[str, ...] = STRATEGIES, seq_len: int = 8) -> Path:
-    """Prepare `tiny_log` under root/data and save a random tiny model to root/ckpt; returns root/ckpt."""
+def make_checkpoint(root: Path, strategies: tuple[str, ...] = STRATEGIES, seq_len: int = 8, **model) -> Path:
+    """Prepare `tiny_log` under root/data and save a random tiny model (ModelConfig fields `model`
+    over the defaults) to root/ckpt; returns root/ckpt."""
     data_dir = Path(root) / "data"
     prepare(tiny_log(), data_dir, PrepareConfig(request_gap=100, max_candidates=4), strategies)
     data = SumiData(data_dir)
     cfg = ModelConfig(**data.vocab, strategies=strategies, seq_len=seq_len, d_model=16, n_heads=2, n_layers=2,
-                      dropout=0.0, head_hidden=(16,), pos_buckets=8, time_buckets=8)
+                      dropout=0.0, head_hidden=(16,), pos_buckets=8, time_buckets=8, **model)
     model = build_model(cfg, data, seed=0)
     perturb(model)
     ckpt = Path(root) / "ckpt"

@@ -26,6 +26,12 @@ def ckpt_sparse(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("serve_sparse"), strategies=("pos:like", "scenario:1", "action:2"))
 
 
+@pytest.fixture(scope="module")
+def ckpt_pooled(tmp_path_factory):
+    """With the pooled readout, whose per-block history sums the cache carries."""
+    return make_checkpoint(tmp_path_factory.mktemp("serve_pooled"), pooled_readout=True)
+
+
 def data_history(data: SumiData, rows: slice) -> History:
     a = data.a
     return History(*(np.asarray(a[k][rows], np.int64)
@@ -107,6 +113,7 @@ def assert_cache_equals_scratch(engine: Engine, key: tuple[int, int], history: H
     for (k1, v1), (k2, v2) in zip(cached.kv, scratch.kv, strict=True):
         torch.testing.assert_close(k1.permute(0, 1, 3, 2, 4)[m], k2.permute(0, 1, 3, 2, 4)[m], atol=ATOL, rtol=0)
         torch.testing.assert_close(v1.permute(0, 1, 3, 2, 4)[m], v2.permute(0, 1, 3, 2, 4)[m], atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached.pooled, scratch.pooled, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("which, n_old, n_new, expect, redone", [
@@ -118,6 +125,8 @@ def assert_cache_equals_scratch(engine: Engine, key: tuple[int, int], history: H
     ("ckpt", 7, 3, "recompute", 2),
     ("ckpt_sparse", 3, 5, "extend", 0),  # events selected by some blocks, or by none
     ("ckpt_sparse", 10, 9, "recompute", None),
+    ("ckpt_pooled", 1, 2, "extend", 0),
+    ("ckpt_pooled", 3, 6, "recompute", 2),
 ])
 def test_incremental_extension_equals_prefill_from_scratch(request, which, n_old, n_new, expect, redone):
     engine = Engine.from_checkpoint(request.getfixturevalue(which))
