@@ -5,7 +5,11 @@ keeps serving, micro-batching of concurrent users, and 429 / 503 under overload 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -42,6 +46,32 @@ def serving(engine: Engine, settings: ServeSettings = SETTINGS) -> Iterator[str]
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def server_process(ckpt, *args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m climber.serve` in a subprocess on a free loopback port; yields (its URL, the process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "climber.serve", "--checkpoint", str(ckpt), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, f"server did not start:\n{proc.stdout.read()}"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +159,7 @@ def chunks(data: bytes, size: int = 1024) -> Iterator[bytes]:
     ("too_many_candidates", 422), ("scenario_too_big", 422), ("scenario_negative", 422), ("history_too_long", 422),
     ("history_out_of_order", 422), ("oversized_body", 413), ("oversized_chunked_body", 413),
     ("event_unknown_task", 422), ("event_bad_label", 422), ("event_bad_action", 422), ("events_empty", 422),
-    ("events_out_of_order", 422), ("event_older_than_stored", 409),
+    ("events_out_of_order", 422), ("event_older_than_stored", 409), ("event_far_future", 422),
 ])
 def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, status):
     ok = {"user": 102, "scenario": 0, "candidates": [1000, 1002]}
@@ -157,6 +187,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, st
         "events_empty": ("/events", {"json": {"user": 7, "events": []}}),
         "events_out_of_order": ("/events", {"json": {"user": 7, "events": [{**ev, "time": 9}, {**ev, "time": 8}]}}),
         "event_older_than_stored": ("/events", {"json": {"user": 102, "events": [{**ev, "time": 5}]}}),
+        "event_far_future": ("/events", {"json": {"user": 7, "events": [{**ev, "time": int(time.time()) + 3600}]}}),
     }
     path, kw = requests[case]
     r = client.post(path, **kw)
@@ -229,3 +260,30 @@ def test_request_not_served_in_time_answers_503(ckpt):
         r = httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}, timeout=30)
         assert r.status_code == 503 and "error" in r.json()
         assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+def test_no_single_event_locks_a_user(client):
+    """Times past the server's clock + max_future_s are refused, so an event at 2^63 - 1 cannot
+    make every later event of its user 'older than the stored history' (409)."""
+    now = int(time.time())
+    for t in (2**63 - 1, now + SETTINGS.max_future_s + 60):
+        r = client.post("/events", json={"user": 8080, "events": [{"item": 1000, "time": t}]})
+        assert r.status_code == 422 and "after the server's clock" in r.json()["error"], r.text
+    r = client.post("/events", json={"user": 8080, "events": [{"item": 1000, "time": now}]})
+    assert r.status_code == 200 and r.json()["history_length"] == 1
+
+
+def test_posted_events_survive_kill_9_and_restart(ckpt, tmp_path):
+    store = str(tmp_path / "events.sqlite")
+    events = [{"item": 1000 + 2 * i, "time": 1_500_000 + i, "labels": {"like": i % 2}} for i in range(3)]
+    req = {"user": 777, "scenario": 1, "candidates": [1000, 1002, 1004], "req_time": 1_600_000}
+    with server_process(ckpt, "--store", store) as (url, proc):
+        assert httpx.post(f"{url}/events", json={"user": 777, "events": events}).status_code == 200
+        before = httpx.post(f"{url}/score", json=req).json()
+        proc.send_signal(signal.SIGKILL)  # no shutdown of any kind
+        proc.wait(10)
+    with server_process(ckpt, "--store", store) as (url, _):
+        after = httpx.post(f"{url}/score", json=req).json()
+        assert httpx.post(f"{url}/events", json={"user": 777, "events": events[:1]}).status_code == 409
+    assert before["history_length"] == after["history_length"] == 3 and after["cache"] == "miss"
+    np.testing.assert_allclose(probs(after), probs(before), atol=1e-6, rtol=0)

@@ -24,6 +24,7 @@ safetensors, so loading executes no code. The default bind address is loopback o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -84,7 +85,7 @@ def _error(status: int, message: str, detail: list | None = None, headers: dict 
 
 
 def _to_history(engine: Engine, events: list[EventIn]) -> tuple[History, list[int]]:
-    """Validated events -> a dense History, and the raw item ids that were unknown."""
+    """Validated events -> a History of raw item ids, and the raw item ids that are unknown."""
     cfg = engine.cfg
     for i, e in enumerate(events):
         if not 0 <= e.action < cfg.n_actions:
@@ -95,9 +96,9 @@ def _to_history(engine: Engine, events: list[EventIn]) -> tuple[History, list[in
         if bad:
             raise HTTPException(422, f"event {i}: labels {bad}: tasks are {list(cfg.tasks)}, values 0 or 1")
     raw = np.array([e.item for e in events], np.int64)
-    item, unknown = engine.item_ids(raw)
+    unknown = engine.item_ids(raw)[1]
     labels = np.array([[e.labels.get(t, 0) for t in cfg.tasks] for e in events], np.int64).reshape(-1, len(cfg.tasks))
-    h = History(item, np.array([e.time for e in events], np.int64), np.array([e.action for e in events], np.int64),
+    h = History(raw, np.array([e.time for e in events], np.int64), np.array([e.action for e in events], np.int64),
                 np.array([e.scenario for e in events], np.int64), labels)
     if (np.diff(h.time) < 0).any():
         raise HTTPException(422, "events must be in time order (oldest first)")
@@ -303,6 +304,7 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
             if len(body.history) > settings.max_history:
                 raise HTTPException(422, f"history longer than {settings.max_history} events")
             history, unknown = _to_history(engine, body.history)
+            history = dataclasses.replace(history, item=engine.item_ids(history.item)[0])
         raw = np.array(body.candidates, np.int64)
         cand, cand_unknown = engine.item_ids(raw)
         req_time = body.req_time if body.req_time is not None else int(time.time())
@@ -330,6 +332,10 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
         if not 1 <= len(body.events) <= settings.max_history:
             raise HTTPException(422, f"need 1 to {settings.max_history} events, got {len(body.events)}")
         h, unknown = _to_history(engine, body.events)
+        now = time.time()
+        if h.time[-1] > now + settings.max_future_s:  # one such event would refuse the user's later ones (409)
+            raise HTTPException(422, f"event time {int(h.time[-1])} is more than {settings.max_future_s} s after "
+                                f"the server's clock ({int(now)})")
         try:
             n = engine.append_events(body.user, h)
         except ValueError as e:  # older than the stored history: appending would reorder it

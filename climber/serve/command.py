@@ -28,12 +28,15 @@ class ServeSettings:
     timeout_s: float = 5.0  # a /score request not answered by then: 503
     max_body_kb: int = 1024  # larger request bodies: 413
     cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
+    max_users: int = 1_000_000  # users with posted events in the store; beyond: the least recently written goes
+    max_future_s: float = 300.0  # posted events later than the server's clock + this: 422
 
     def __post_init__(self) -> None:
-        if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb) < 1:
+        if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb,
+               self.max_users) < 1:
             raise ValueError("serve limits must be positive")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.cache_mb < 0:
-            raise ValueError("max_wait_ms and cache_mb must be >= 0, timeout_s > 0")
+        if min(self.max_wait_ms, self.cache_mb, self.max_future_s) < 0 or self.timeout_s <= 0:
+            raise ValueError("max_wait_ms, cache_mb and max_future_s must be >= 0, timeout_s > 0")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,6 +46,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--store", default="climber-events.sqlite",
+                   help="SQLite file of the events posted to /events, kept across restarts (:memory: keeps none)")
     add_dataclass_flags(p, ServeSettings)
     p.set_defaults(fn=cmd_serve)
 
@@ -65,7 +70,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     device = resolve_device(ns.device)
 
     # loaded before the server starts, so a bad checkpoint or data path is a one-line error
-    engine = Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20))
+    engine = Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20),
+                                    ns.store, settings.max_users)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # no access log: one line per request costs more than scoring a small request
     uvicorn.run(build_app(lambda: engine, settings), host=ns.host, port=ns.port, access_log=False)
