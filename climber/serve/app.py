@@ -36,7 +36,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -65,7 +65,7 @@ class EventIn(BaseModel):
 
 class ScoreIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    candidates: list[Int64]  # raw item ids
+    candidates: list[Int64] = Field(min_length=1)  # raw item ids, at most max_candidates
     scenario: int = 0
     user: Int64 | None = None  # raw user id
     history: list[EventIn] | None = None  # overrides the stored history; [] = cold start
@@ -75,7 +75,17 @@ class ScoreIn(BaseModel):
 class EventsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: Int64
-    events: list[EventIn]
+    events: list[EventIn] = Field(min_length=1)  # at most max_history
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: list | None = None
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI entries for the JSON errors an endpoint answers."""
+    return {c: {"model": ErrorOut} for c in codes}
 
 
 def _error(status: int, message: str, detail: list | None = None, headers: dict | None = None) -> JSONResponse:
@@ -353,7 +363,9 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
         if not 0 <= scenario < n:
             raise HTTPException(422, f"scenario {scenario} not in [0, {n})")
 
-    @app.post("/score")
+    common = (400, 408, 413, 415, 422) + ((401,) if token else ())
+
+    @app.post("/score", responses=_errors(*common, 429, 503))
     async def score(body: ScoreIn, request: Request) -> dict:
         engine: Engine = state["engine"]
         if not 1 <= len(body.candidates) <= settings.max_candidates:
@@ -384,7 +396,7 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
             "cache": res.cache, "history_length": res.history_length,
         }
 
-    @app.post("/events")
+    @app.post("/events", responses=_errors(*common, 409))
     async def events(body: EventsIn) -> dict:
         engine: Engine = state["engine"]
         if not 1 <= len(body.events) <= settings.max_history:
@@ -404,7 +416,7 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_errors(503))
     async def readyz() -> JSONResponse:
         if state["worker"].done():
             return _error(503, "model worker stopped")
@@ -412,9 +424,9 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
             return _error(503, "request queue full")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(401) if token else None)
     async def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
