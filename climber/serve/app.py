@@ -12,11 +12,13 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 * GET /healthz (the process answers), /readyz (the model worker runs and the queue has room),
   /metrics (Prometheus: latency, batch sizes, queue depth, refusals, cache outcomes).
 
-Micro-batching: /score requests wait in a bounded asyncio queue; one worker takes up to
+Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
 `max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
-batched model call in a dedicated thread (the event loop keeps accepting requests). A full
-queue answers 429 at once and a request not served within `timeout_s` answers 503, so
-overload never hangs a client. Bodies over `max_body_kb` answer 413 before they are parsed.
+batched model call in a dedicated thread (the event loop keeps accepting requests).
+Admission comes before any work (`Gate`): a wrong token gets 401 and, once `queue_size`
+requests are admitted, /score gets 429 before its body is read or parsed; bodies over
+`max_body_kb` get 413, bodies not received within `body_timeout_s` 408, and a request not
+answered within `timeout_s` of its arrival 503. Posted events persist in an `EventStore`.
 The model loads before the port opens (a bad checkpoint stops the process); weights come from
 safetensors, so loading executes no code. The default bind address is loopback only.
 """
