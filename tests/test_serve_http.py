@@ -278,7 +278,8 @@ def test_full_queue_answers_429_in_milliseconds_before_parsing(ckpt):
     with serving(engine, settings) as url:
         codes, took, first = asyncio.run(run(url))
     assert first == [200, 200] and codes == [429] * 30
-    assert np.percentile(took, 99) < 0.05, took  # the admitted requests take 1-2 s
+    # the admitted requests take 1-2 s; bounds with room for a shared, loaded CI machine
+    assert np.median(took) < 0.02 and np.percentile(took, 99) < 0.1, took
 
 
 def test_request_past_its_deadline_gets_503_at_its_deadline(ckpt):
