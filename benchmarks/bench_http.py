@@ -139,7 +139,8 @@ def main() -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "climber.serve", "--checkpoint", str(ckpt), "--port", str(port),
-               "--device", args.device, "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+               "--store", ":memory:", "--device", args.device, "--max-batch", str(args.max_batch),
+               "--max-wait-ms", str(args.max_wait_ms),
                "--max-candidates", str(max(1000, args.candidates))]
         env_threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
         log_path = Path(tmp) / "server.log"

@@ -31,7 +31,7 @@ from benchmarks.common import environment, percentiles, table, write_results
 from climber import ops
 from climber.config import ModelConfig
 from climber.model import Climber
-from climber.serve.engine import Engine, History, HistoryStore
+from climber.serve.engine import Engine, History, SQLiteStore
 
 TASKS = ("click", "like", "share", "comment")  # the paper's four behaviours
 N_ITEMS, N_SCENARIOS, N_ACTIONS = 100_000, 3, 4
@@ -48,7 +48,7 @@ def build(args: argparse.Namespace, L: int, layers: int) -> Engine:
         mode = None if args.compile == "default" else args.compile
         model.score = torch.compile(model.score, dynamic=False, mode=mode)
     empty = np.zeros(0, np.int64)
-    return Engine(model, HistoryStore(len(TASKS)), empty, empty)
+    return Engine(model, SQLiteStore(":memory:", TASKS), empty, empty)
 
 
 def random_history(n: int, seed: int = 0) -> History:
@@ -122,9 +122,9 @@ def run_point(args: argparse.Namespace, engine: Engine, h: History, M: int) -> d
 def history_costs(args: argparse.Namespace, engine: Engine, h: History) -> dict:
     """Prefill of L events, and one new event folded into a cached history of L - 1."""
     cache = engine.prefill(h[: len(h) - 1], 1, 3)
-    _, redone = engine.extend(cache, h, len(h) - 1)
+    _, redone = engine.extend(cache, h, 1)
     pre = percentiles(timed(lambda: engine.prefill(h, 1, 3).kv[-1][1].cpu(), args))
-    ext = percentiles(timed(lambda: engine.extend(cache, h, len(h) - 1)[0].kv[-1][1].cpu(), args))
+    ext = percentiles(timed(lambda: engine.extend(cache, h, 1)[0].kv[-1][1].cpu(), args))
     return {"L": engine.cfg.seq_len, "layers": engine.cfg.n_layers, "prefill_p50_ms": pre["p50_ms"],
             "prefill_p99_ms": pre["p99_ms"], "event_p50_ms": ext["p50_ms"], "event_p99_ms": ext["p99_ms"],
             "event_blocks_recomputed": redone}

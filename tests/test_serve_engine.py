@@ -4,12 +4,14 @@ full window), scores independent of other candidates and users, and the LRU byte
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from climber.data.sumi import SumiData
-from climber.serve.engine import Engine, History, ScoreRequest
+from climber.data.sumi import FIRST_ITEM, SumiData
+from climber.serve.engine import Engine, History, ScoreRequest, SQLiteStore
 from tests.serve_helpers import USERS, make_checkpoint
 
 ATOL = 1e-5
@@ -46,9 +48,14 @@ def random_events(n: int, engine: Engine, seed: int, t0: int = 2_000_000) -> His
                    g.integers(0, 2, (n, len(cfg.tasks))))
 
 
+def as_raw(engine: Engine, h: History) -> History:
+    """`h` with raw item ids, as /events posts them (the engine stores raw ids)."""
+    return dataclasses.replace(h, item=engine.item_vocab[h.item - FIRST_ITEM])
+
+
 def test_history_inputs_match_sumi_batch(ckpt):
     engine = Engine.from_checkpoint(ckpt)
-    data = SumiData(engine.store._data.root)
+    data = SumiData(engine.base.data.root)
     a = data.a
     for r in range(len(a["req_user"])):
         b = data.batch(np.array([r]), engine.cfg.strategies, engine.cfg.seq_len)
@@ -63,7 +70,7 @@ def test_history_inputs_match_sumi_batch(ckpt):
 
 def test_cached_scores_equal_uncached_full_model(ckpt):
     engine = Engine.from_checkpoint(ckpt)
-    data = SumiData(engine.store._data.root)
+    data = SumiData(engine.base.data.root)
     a = data.a
     reqs = np.arange(len(a["req_user"]))
     b = data.batch(reqs, engine.cfg.strategies, engine.cfg.seq_len)
@@ -87,7 +94,7 @@ def test_cached_scores_equal_uncached_full_model(ckpt):
 
 def test_store_history_is_cached_and_reused(ckpt):
     engine = Engine.from_checkpoint(ckpt)
-    data = SumiData(engine.store._data.root)
+    data = SumiData(engine.base.data.root)
     u_dense = 4
     u_raw = int(data.a["user_vocab"][u_dense - 1])
     off = data.a["user_offsets"]
@@ -132,9 +139,9 @@ def test_incremental_extension_equals_prefill_from_scratch(request, which, n_old
     engine = Engine.from_checkpoint(request.getfixturevalue(which))
     events = random_events(n_old + n_new, engine, seed=n_old * 7 + n_new)
     user, scen, cand = 999, 1, np.array([3, 4, 2, 7])  # a user unknown to the data: store starts empty
-    engine.append_events(user, events[:n_old])
+    engine.append_events(user, as_raw(engine, events[:n_old]))
     assert engine.score_requests([ScoreRequest(cand, scen, 3_000_000, user=user)])[0].cache == "miss"
-    engine.append_events(user, events[n_old:])
+    engine.append_events(user, as_raw(engine, events[n_old:]))
     got = engine.score_requests([ScoreRequest(cand, scen, 3_000_000, user=user)])[0]
     assert got.cache == expect and got.history_length == n_old + n_new
     if redone is not None:
@@ -150,7 +157,7 @@ def test_events_arriving_one_at_a_time_extend_each_time(ckpt_sparse):
     cand = np.array([5, 6])
     engine.score_requests([ScoreRequest(cand, 0, 3_000_000, user=7)])
     for i in range(len(events)):
-        engine.append_events(7, events[i:i + 1])
+        engine.append_events(7, as_raw(engine, events[i:i + 1]))
         assert engine.score_requests([ScoreRequest(cand, 0, 3_000_000, user=7)])[0].cache == "extend"
     assert_cache_equals_scratch(engine, (7, 0), events)
     assert engine.stats["extend"] == 8 and engine.stats["recompute"] == 0
@@ -206,3 +213,36 @@ def test_ids_and_history_order(ckpt):
         engine.append_events(101, events[:1])
     with pytest.raises(ValueError, match="time order"):
         engine.append_events(101, events[::-1])
+
+
+def test_store_keeps_only_windowed_events_and_no_score_changes(ckpt_sparse, tmp_path):
+    """Per-user bound: a user keeps at most sum(caps) posted events, yet every score equals the one
+    from the whole history, cached (extended / recomputed) or read back by a fresh engine."""
+    engine = Engine.from_checkpoint(ckpt_sparse, store=tmp_path / "events.sqlite")
+    store = engine.store
+    events = random_events(200, engine, seed=5)
+    cand, user = np.array([3, 4, 2, 7]), 4242
+    for i in range(0, 200, 20):
+        engine.append_events(user, as_raw(engine, events[i:i + 20]))
+        got = engine.score_requests([ScoreRequest(cand, 1, 3_000_000, user=user)])[0]
+        ref = engine.score_requests([ScoreRequest(cand, 1, 3_000_000, user=user, history=events[:i + 20])])[0]
+        np.testing.assert_allclose(got.probs, ref.probs, atol=ATOL, rtol=0)
+        assert got.history_length == i + 20
+        kept = store.load(user)
+        assert len(kept.events) <= engine.caps.sum() and kept.count == i + 20
+    assert len(store.load(user).events) < 200 // 2  # the bound did forget events
+    fresh = Engine.from_checkpoint(ckpt_sparse, store=tmp_path / "events.sqlite")
+    again = fresh.score_requests([ScoreRequest(cand, 1, 3_000_000, user=user)])[0]
+    assert again.cache == "miss" and again.history_length == 200
+    np.testing.assert_allclose(again.probs, ref.probs, atol=ATOL, rtol=0)
+
+
+def test_store_evicts_least_recently_written_users_beyond_max_users(ckpt, tmp_path):
+    engine = Engine.from_checkpoint(ckpt, store=tmp_path / "e.sqlite", max_users=2)
+    ev = as_raw(engine, random_events(1, engine, seed=0))
+    for user in (1, 2, 1, 3):  # user 2 is then the least recently written
+        engine.append_events(user, ev)
+    assert [engine.store.count(u) for u in (1, 2, 3)] == [2, 0, 1]
+    assert engine.stats["user_evict"] == 1
+    with pytest.raises(ValueError, match="tasks"):  # a store written for other tasks is refused
+        SQLiteStore(tmp_path / "e.sqlite", ("click",))

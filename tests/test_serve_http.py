@@ -5,7 +5,11 @@ keeps serving, micro-batching of concurrent users, and 429 / 503 under overload 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ import pytest
 import uvicorn
 
 from climber.serve.app import ServeSettings, build_app
+from climber.serve.command import check_bind
 from climber.serve.engine import Engine, ScoreRequest
 from tests.serve_helpers import make_checkpoint
 
@@ -25,11 +30,11 @@ SETTINGS = ServeSettings(max_candidates=50, max_history=100, max_body_kb=8, max_
 
 
 @contextmanager
-def serving(engine: Engine, settings: ServeSettings = SETTINGS) -> Iterator[str]:
+def serving(engine: Engine, settings: ServeSettings = SETTINGS, token: str | None = None) -> Iterator[str]:
     """A real uvicorn server on a free loopback port, in a thread; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(lambda: engine, settings), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(lambda: engine, settings, token), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -42,6 +47,32 @@ def serving(engine: Engine, settings: ServeSettings = SETTINGS) -> Iterator[str]
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+@contextmanager
+def server_process(ckpt, *args: str, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m climber.serve` in a subprocess on a free loopback port; yields (its URL, the process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "climber.serve", "--checkpoint", str(ckpt), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, f"server did not start:\n{proc.stdout.read()}"
+            time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +160,7 @@ def chunks(data: bytes, size: int = 1024) -> Iterator[bytes]:
     ("too_many_candidates", 422), ("scenario_too_big", 422), ("scenario_negative", 422), ("history_too_long", 422),
     ("history_out_of_order", 422), ("oversized_body", 413), ("oversized_chunked_body", 413),
     ("event_unknown_task", 422), ("event_bad_label", 422), ("event_bad_action", 422), ("events_empty", 422),
-    ("events_out_of_order", 422), ("event_older_than_stored", 409),
+    ("events_out_of_order", 422), ("event_older_than_stored", 409), ("event_far_future", 422),
 ])
 def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, status):
     ok = {"user": 102, "scenario": 0, "candidates": [1000, 1002]}
@@ -157,6 +188,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, st
         "events_empty": ("/events", {"json": {"user": 7, "events": []}}),
         "events_out_of_order": ("/events", {"json": {"user": 7, "events": [{**ev, "time": 9}, {**ev, "time": 8}]}}),
         "event_older_than_stored": ("/events", {"json": {"user": 102, "events": [{**ev, "time": 5}]}}),
+        "event_far_future": ("/events", {"json": {"user": 7, "events": [{**ev, "time": int(time.time()) + 3600}]}}),
     }
     path, kw = requests[case]
     r = client.post(path, **kw)
@@ -223,9 +255,125 @@ def test_overload_answers_429_at_once_then_recovers(ckpt):
         assert 'climber_rejected_requests_total{reason="queue_full"}' in httpx.get(f"{url}/metrics").text
 
 
-def test_request_not_served_in_time_answers_503(ckpt):
-    engine = slow(Engine.from_checkpoint(ckpt), 0.5)
-    with serving(engine, ServeSettings(timeout_s=0.1)) as url:
-        r = httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}, timeout=30)
-        assert r.status_code == 503 and "error" in r.json()
+def test_full_queue_answers_429_in_milliseconds_before_parsing(ckpt):
+    """While the admitted requests wait for a slow model, more requests get 429 at once: even a
+    malformed body (which parsing would answer with 400) is refused unread."""
+    engine = slow(Engine.from_checkpoint(ckpt), 1.0)
+    settings = ServeSettings(queue_size=2, max_batch=1, max_wait_ms=0.0)
+    ok = {"user": 101, "candidates": [1000]}
+
+    async def run(url: str) -> tuple[list[int], list[float], list[int]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            admitted = [asyncio.create_task(c.post("/score", json=ok)) for _ in range(2)]
+            while 'climber_queue_depth 2.0' not in (await c.get("/metrics")).text:
+                await asyncio.sleep(0.01)
+            codes, took = [], []
+            for i in range(30):
+                t0 = time.perf_counter()
+                kw = {"content": b'{"candidates": [1000,', "headers": JSON} if i % 2 else {"json": ok}
+                codes.append((await c.post("/score", **kw)).status_code)
+                took.append(time.perf_counter() - t0)
+            return codes, took, [(await t).status_code for t in admitted]
+
+    with serving(engine, settings) as url:
+        codes, took, first = asyncio.run(run(url))
+    assert first == [200, 200] and codes == [429] * 30
+    # the admitted requests take 1-2 s; bounds with room for a shared, loaded CI machine
+    assert np.median(took) < 0.02 and np.percentile(took, 99) < 0.1, took
+
+
+def test_request_past_its_deadline_gets_503_at_its_deadline(ckpt):
+    engine = slow(Engine.from_checkpoint(ckpt), 1.0)
+    settings = ServeSettings(timeout_s=0.3, max_batch=1, max_wait_ms=0.0)
+
+    async def burst(url: str) -> list[tuple[int, float]]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            async def one() -> tuple[int, float]:
+                t0 = time.perf_counter()
+                r = await c.post("/score", json={"user": 101, "candidates": [1000]})
+                return r.status_code, time.perf_counter() - t0
+            return await asyncio.gather(*(one() for _ in range(6)))
+
+    with serving(engine, settings) as url:
+        got = asyncio.run(burst(url))
         assert httpx.get(f"{url}/healthz").status_code == 200
+    assert [code for code, _ in got] == [503] * 6
+    assert all(0.3 <= t < 0.5 for _, t in got), got
+
+
+def test_client_aborts_are_quiet_and_slow_bodies_time_out(ckpt):
+    """Clients that leave mid-body log nothing; a body that trickles in gets 408 at body_timeout_s."""
+    head = b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"
+    with server_process(ckpt, "--store", ":memory:", "--body-timeout-s", "0.5") as (url, proc):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(5):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(head)
+                time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head)
+            t0 = time.perf_counter()
+            reply = s.recv(1000)
+            took = time.perf_counter() - t0
+        assert httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}).status_code == 200
+        proc.terminate()
+        log = proc.communicate(timeout=10)[0]
+    assert reply.startswith(b"HTTP/1.1 408") and 0.5 <= took < 1.0, (reply, took)
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def test_no_single_event_locks_a_user(client):
+    """Times past the server's clock + max_future_s are refused, so an event at 2^63 - 1 cannot
+    make every later event of its user 'older than the stored history' (409)."""
+    now = int(time.time())
+    for t in (2**63 - 1, now + SETTINGS.max_future_s + 60):
+        r = client.post("/events", json={"user": 8080, "events": [{"item": 1000, "time": t}]})
+        assert r.status_code == 422 and "after the server's clock" in r.json()["error"], r.text
+    r = client.post("/events", json={"user": 8080, "events": [{"item": 1000, "time": now}]})
+    assert r.status_code == 200 and r.json()["history_length"] == 1
+
+
+def test_posted_events_survive_kill_9_and_restart(ckpt, tmp_path):
+    store = str(tmp_path / "events.sqlite")
+    events = [{"item": 1000 + 2 * i, "time": 1_500_000 + i, "labels": {"like": i % 2}} for i in range(3)]
+    req = {"user": 777, "scenario": 1, "candidates": [1000, 1002, 1004], "req_time": 1_600_000}
+    with server_process(ckpt, "--store", store) as (url, proc):
+        assert httpx.post(f"{url}/events", json={"user": 777, "events": events}).status_code == 200
+        before = httpx.post(f"{url}/score", json=req).json()
+        proc.send_signal(signal.SIGKILL)  # no shutdown of any kind
+        proc.wait(10)
+    with server_process(ckpt, "--store", store) as (url, _):
+        after = httpx.post(f"{url}/score", json=req).json()
+        assert httpx.post(f"{url}/events", json={"user": 777, "events": events[:1]}).status_code == 409
+    assert before["history_length"] == after["history_length"] == 3 and after["cache"] == "miss"
+    np.testing.assert_allclose(probs(after), probs(before), atol=1e-6, rtol=0)
+
+
+TOKEN = "s3cret-token-0123456789"
+
+
+@pytest.mark.parametrize("auth_reads", [False, True])
+def test_bearer_token_guards_writes_and_optionally_reads(ckpt, auth_reads):
+    score, event = {"user": 101, "candidates": [1000]}, {"user": 31, "events": [{"item": 1000, "time": 10}]}
+    good = {"authorization": f"Bearer {TOKEN}"}
+    with serving(Engine.from_checkpoint(ckpt), ServeSettings(auth_reads=auth_reads), token=TOKEN) as url:
+        for headers in ({}, {"authorization": f"Bearer {TOKEN[:-1]}x"}, {"authorization": TOKEN}):
+            r = httpx.post(f"{url}/events", json=event, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and r.json()["error"]
+        assert httpx.post(f"{url}/events", json=event, headers=good).status_code == 200
+        assert httpx.post(f"{url}/score", json=score).status_code == (401 if auth_reads else 200)
+        assert httpx.get(f"{url}/metrics").status_code == (401 if auth_reads else 200)
+        assert httpx.post(f"{url}/score", json=score, headers=good).status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 200  # probes need no token
+
+
+def test_non_loopback_bind_needs_a_token(ckpt):
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_bind(host, None)
+    check_bind("0.0.0.0", TOKEN)
+    with pytest.raises(ValueError, match="16 characters"):
+        check_bind("127.0.0.1", "short")
+    cmd = [sys.executable, "-m", "climber.serve", "--checkpoint", str(ckpt), "--host", "0.0.0.0", "--port", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "CLIMBER_TOKEN"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and "set CLIMBER_TOKEN" in done.stderr, done.stderr

@@ -12,11 +12,13 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 * GET /healthz (the process answers), /readyz (the model worker runs and the queue has room),
   /metrics (Prometheus: latency, batch sizes, queue depth, refusals, cache outcomes).
 
-Micro-batching: /score requests wait in a bounded asyncio queue; one worker takes up to
+Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
 `max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
-batched model call in a dedicated thread (the event loop keeps accepting requests). A full
-queue answers 429 at once and a request not served within `timeout_s` answers 503, so
-overload never hangs a client. Bodies over `max_body_kb` answer 413 before they are parsed.
+batched model call in a dedicated thread (the event loop keeps accepting requests).
+Admission comes before any work (`Gate`): a wrong token gets 401 and, once `queue_size`
+requests are admitted, /score gets 429 before its body is read or parsed; bodies over
+`max_body_kb` get 413, bodies not received within `body_timeout_s` 408, and a request not
+answered within `timeout_s` of its arrival 503. Posted events persist in an `EventStore`.
 The model loads before the port opens (a bad checkpoint stops the process); weights come from
 safetensors, so loading executes no code. The default bind address is loopback only.
 """
@@ -24,7 +26,9 @@ safetensors, so loading executes no code. The default bind address is loopback o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +38,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -63,7 +67,7 @@ class EventIn(BaseModel):
 
 class ScoreIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    candidates: list[Int64]  # raw item ids
+    candidates: list[Int64] = Field(min_length=1)  # raw item ids, at most max_candidates
     scenario: int = 0
     user: Int64 | None = None  # raw user id
     history: list[EventIn] | None = None  # overrides the stored history; [] = cold start
@@ -73,7 +77,17 @@ class ScoreIn(BaseModel):
 class EventsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: Int64
-    events: list[EventIn]
+    events: list[EventIn] = Field(min_length=1)  # at most max_history
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: list | None = None
+
+
+def _errors(*codes: int) -> dict:
+    """OpenAPI entries for the JSON errors an endpoint answers."""
+    return {c: {"model": ErrorOut} for c in codes}
 
 
 def _error(status: int, message: str, detail: list | None = None, headers: dict | None = None) -> JSONResponse:
@@ -84,7 +98,7 @@ def _error(status: int, message: str, detail: list | None = None, headers: dict 
 
 
 def _to_history(engine: Engine, events: list[EventIn]) -> tuple[History, list[int]]:
-    """Validated events -> a dense History, and the raw item ids that were unknown."""
+    """Validated events -> a History of raw item ids, and the raw item ids that are unknown."""
     cfg = engine.cfg
     for i, e in enumerate(events):
         if not 0 <= e.action < cfg.n_actions:
@@ -95,9 +109,9 @@ def _to_history(engine: Engine, events: list[EventIn]) -> tuple[History, list[in
         if bad:
             raise HTTPException(422, f"event {i}: labels {bad}: tasks are {list(cfg.tasks)}, values 0 or 1")
     raw = np.array([e.item for e in events], np.int64)
-    item, unknown = engine.item_ids(raw)
+    unknown = engine.item_ids(raw)[1]
     labels = np.array([[e.labels.get(t, 0) for t in cfg.tasks] for e in events], np.int64).reshape(-1, len(cfg.tasks))
-    h = History(item, np.array([e.time for e in events], np.int64), np.array([e.action for e in events], np.int64),
+    h = History(raw, np.array([e.time for e in events], np.int64), np.array([e.action for e in events], np.int64),
                 np.array([e.scenario for e in events], np.int64), labels)
     if (np.diff(h.time) < 0).any():
         raise HTTPException(422, "events must be in time order (oldest first)")
@@ -118,7 +132,8 @@ class Metrics:
                                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2),
                                        registry=registry)
         self.rejected = Counter("climber_rejected_requests", "score requests refused", ["reason"], registry=registry)
-        self.queue_depth = Gauge("climber_queue_depth", "score requests waiting for the model", registry=registry)
+        self.queue_depth = Gauge("climber_queue_depth", "score requests admitted: waiting for or in a model call",
+                                 registry=registry)
 
 
 class EngineCollector(Collector):
@@ -142,27 +157,30 @@ class EngineCollector(Collector):
 
 
 # ---- micro-batching ---------------------------------------------------------------------------
-class Overloaded(Exception):
-    """The request queue is full."""
+class Admission:
+    """How many /score requests are admitted (queued or being scored), against `capacity`."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.admitted = capacity, 0
+
+    def full(self) -> bool:
+        return self.admitted >= self.capacity
 
 
 class MicroBatcher:
-    """A bounded queue of score requests, drained by one worker into batched model calls."""
+    """A queue of score requests (bounded by admission), drained by one worker into batched model calls."""
 
     def __init__(self, run: Callable[[list[ScoreRequest]], list[ScoreResult]], executor: ThreadPoolExecutor,
                  settings: ServeSettings, metrics: Metrics):
         self.run, self.executor, self.settings, self.metrics = run, executor, settings, metrics
-        self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue(settings.queue_size)
-        metrics.queue_depth.set_function(self.queue.qsize)
+        self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue()
 
-    async def submit(self, req: ScoreRequest) -> ScoreResult:
-        """The request's result; raises Overloaded at once, or TimeoutError after timeout_s."""
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            self.queue.put_nowait((req, fut))
-        except asyncio.QueueFull:
-            raise Overloaded from None
-        return await asyncio.wait_for(fut, self.settings.timeout_s)  # cancels fut on timeout
+    async def submit(self, req: ScoreRequest, deadline: float) -> ScoreResult:
+        """The request's result; raises TimeoutError at `deadline` (event loop clock)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self.queue.put_nowait((req, fut))
+        return await asyncio.wait_for(fut, deadline - loop.time())  # cancels fut on timeout
 
     async def _collect(self) -> list[tuple[ScoreRequest, asyncio.Future]]:
         loop = asyncio.get_running_loop()
@@ -205,48 +223,112 @@ class MicroBatcher:
                     f.set_result(res)
 
 
-class BodyLimit:
-    """ASGI middleware: read the body (at most `max_bytes`) before the app sees it; larger
-    bodies, declared or streamed, get 413 without being buffered whole."""
+class Gate:
+    """ASGI middleware that decides before any work is done: a missing or wrong bearer token gets
+    401, and /score is refused with 429 while `queue_size` requests are admitted, checked before
+    the body is read (nothing is parsed) and again after. The body is then read whole: over
+    `max_body_kb` it gets 413, not received within `body_timeout_s` 408. An admitted request gets a
+    deadline (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records
+    every request's latency by path and status (499: the client left first)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    PATHS = ("/score", "/events", "/healthz", "/readyz", "/metrics")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body larger than {self.max_bytes} bytes")
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await too_big(scope, receive, send)
+    def __init__(self, app: ASGIApp, settings: ServeSettings, metrics: Metrics, admission: Admission,
+                 token: str | None):
+        self.app, self.settings, self.metrics, self.admission = app, settings, metrics, admission
+        self.token = token.encode() if token else None
+        self.guarded = {"/events"} | ({"/score", "/metrics"} if settings.auth_reads else set())
+
+    def authorized(self, scope: Scope) -> bool:
+        if self.token is None or scope["path"] not in self.guarded:
+            return True
+        scheme, _, credential = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and secrets.compare_digest(credential, self.token)
+
+    async def read_body(self, receive: Receive) -> bytes | JSONResponse | None:
+        """The whole body, a 413/408 reply, or None when the client left."""
         chunks, size, more = [], 0, True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":
-                return
+                return None
             chunks.append(msg.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await too_big(scope, receive, send)
+            if size > self.settings.max_body_kb * 1024:
+                return _error(413, f"request body larger than {self.settings.max_body_kb} KiB")
             more = msg.get("more_body", False)
-        body, replayed = b"".join(chunks), False
+        return b"".join(chunks)
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # later calls wait for the client's disconnect
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        arrival, t0 = asyncio.get_running_loop().time(), time.perf_counter()
+        path, status, admitted = scope["path"], 499, False
 
-        await self.app(scope, replay, send)
+        async def send_status(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        async def reply(response: Response) -> None:
+            await response(scope, receive, send_status)
+
+        try:
+            if not self.authorized(scope):
+                self.metrics.rejected.labels("unauthorized").inc()
+                return await reply(_error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}))
+            if path == "/score" and self.admission.full():
+                return await reply(self.overloaded())
+            declared = dict(scope["headers"]).get(b"content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > self.settings.max_body_kb * 1024):
+                return await reply(_error(413, f"request body larger than {self.settings.max_body_kb} KiB"))
+            try:
+                body = await asyncio.wait_for(self.read_body(receive), self.settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                self.metrics.rejected.labels("body_timeout").inc()
+                return await reply(_error(408, f"request body not received within {self.settings.body_timeout_s} s",
+                                          headers={"Connection": "close"}))
+            if body is None:
+                return
+            if isinstance(body, Response):
+                return await reply(body)
+            if path == "/score":
+                if self.admission.full():
+                    return await reply(self.overloaded())
+                self.admission.admitted += 1
+                admitted = True
+            scope.setdefault("state", {})["deadline"] = arrival + self.settings.timeout_s
+            replayed = False
+
+            async def replay() -> Message:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # later calls wait for the client's disconnect
+
+            await self.app(scope, replay, send_status)
+        finally:
+            self.admission.admitted -= admitted
+            self.metrics.latency.labels(path if path in self.PATHS else "other", str(status)).observe(
+                time.perf_counter() - t0)
+
+    def overloaded(self) -> JSONResponse:
+        self.metrics.rejected.labels("queue_full").inc()
+        return _error(429, "overloaded: too many requests in progress, retry later", headers={"Retry-After": "1"})
 
 
 # ---- the app ----------------------------------------------------------------------------------
-def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None = None) -> FastAPI:
-    """The FastAPI app; `load_engine` runs at startup, in the model thread."""
+def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None = None,
+              token: str | None = None) -> FastAPI:
+    """The FastAPI app; `load_engine` runs at startup, in the model thread. With `token`, /events
+    (and with `settings.auth_reads` also /score and /metrics) need `Authorization: Bearer <token>`."""
     settings = settings or ServeSettings()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    admission = Admission(settings.queue_size)
+    metrics.queue_depth.set_function(lambda: admission.admitted)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="climber-model")
     state: dict = {}
 
@@ -263,16 +345,7 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
         executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Climber", summary="KV-cached SUMI ranking service", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_kb * 1024)
-
-    @app.middleware("http")
-    async def timing(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ("/score", "/events", "/healthz", "/readyz", "/metrics") \
-            else "other"
-        metrics.latency.labels(path, str(response.status_code)).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(Gate, settings=settings, metrics=metrics, admission=admission, token=token)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -292,8 +365,10 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
         if not 0 <= scenario < n:
             raise HTTPException(422, f"scenario {scenario} not in [0, {n})")
 
-    @app.post("/score")
-    async def score(body: ScoreIn) -> dict:
+    common = (400, 408, 413, 415, 422) + ((401,) if token else ())
+
+    @app.post("/score", responses=_errors(*common, 429, 503))
+    async def score(body: ScoreIn, request: Request) -> dict:
         engine: Engine = state["engine"]
         if not 1 <= len(body.candidates) <= settings.max_candidates:
             raise HTTPException(422, f"need 1 to {settings.max_candidates} candidates, got {len(body.candidates)}")
@@ -303,14 +378,13 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
             if len(body.history) > settings.max_history:
                 raise HTTPException(422, f"history longer than {settings.max_history} events")
             history, unknown = _to_history(engine, body.history)
+            history = dataclasses.replace(history, item=engine.item_ids(history.item)[0])
         raw = np.array(body.candidates, np.int64)
         cand, cand_unknown = engine.item_ids(raw)
         req_time = body.req_time if body.req_time is not None else int(time.time())
         try:
-            res = await state["batcher"].submit(ScoreRequest(cand, body.scenario, req_time, body.user, history))
-        except Overloaded:
-            metrics.rejected.labels("queue_full").inc()
-            raise HTTPException(429, "overloaded: request queue full, retry later", {"Retry-After": "1"}) from None
+            res = await state["batcher"].submit(ScoreRequest(cand, body.scenario, req_time, body.user, history),
+                                                request.state.deadline)
         except asyncio.TimeoutError:
             metrics.rejected.labels("timeout").inc()
             raise HTTPException(503, f"not scored within {settings.timeout_s} s", {"Retry-After": "1"}) from None
@@ -324,12 +398,16 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
             "cache": res.cache, "history_length": res.history_length,
         }
 
-    @app.post("/events")
+    @app.post("/events", responses=_errors(*common, 409))
     async def events(body: EventsIn) -> dict:
         engine: Engine = state["engine"]
         if not 1 <= len(body.events) <= settings.max_history:
             raise HTTPException(422, f"need 1 to {settings.max_history} events, got {len(body.events)}")
         h, unknown = _to_history(engine, body.events)
+        now = time.time()
+        if h.time[-1] > now + settings.max_future_s:  # one such event would refuse the user's later ones (409)
+            raise HTTPException(422, f"event time {int(h.time[-1])} is more than {settings.max_future_s} s after "
+                                f"the server's clock ({int(now)})")
         try:
             n = engine.append_events(body.user, h)
         except ValueError as e:  # older than the stored history: appending would reorder it
@@ -340,17 +418,17 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses=_errors(503))
     async def readyz() -> JSONResponse:
         if state["worker"].done():
             return _error(503, "model worker stopped")
-        if state["batcher"].queue.full():
+        if admission.full():
             return _error(503, "request queue full")
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_errors(401) if token else None)
     async def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -2,8 +2,9 @@
 
 A request is one user, one scenario and up to M candidates. The engine
 
-1. extracts the user's multi-scale sub-sequences (MSE, section 2.1) from its in-memory history
-   store exactly as `SumiData.batch` does for training: per block, the last
+1. extracts the user's multi-scale sub-sequences (MSE, section 2.1) from its history (the
+   prepared data's events, then those posted while serving, kept in an `EventStore`) exactly
+   as `SumiData.batch` does for training: per block, the last
    min(seq_len, '@n' cap) events its strategy selects, left-padded, latest event last;
 2. prefills them once with `Climber.prefill` (every layer's history keys/values, all K blocks
    in one batched pass) and keeps the result in a byte-bounded LRU keyed by (user, scenario):
@@ -32,6 +33,12 @@ length for every new event, and, because all K blocks run batched, K blocks of t
 Users are keyed by raw id (users unknown to the training data get a history too); items are
 mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
 items to the unknown id 1. A stored history is used whole, whatever the request time.
+
+Bounded history. An event that no block window holds (per block, the last `caps[k]` events its
+strategy selects) can never enter a window again, since windows only move forward; the store
+forgets it, so a user keeps at most sum(caps) posted events and no score changes. Extension
+stays exact: a forgotten new event implies a full window of later events in each block that
+selects it, so that block overflows and is rebuilt from the events that are kept.
 """
 
 from __future__ import annotations
@@ -50,32 +57,7 @@ from climber.checkpoint import check_vocabulary, load_model
 from climber.config import parse_strategy
 from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
 from climber.model import Climber, HistoryCache
-
-
-@dataclass(frozen=True)
-class History:
-    """One user's events in time order, dense ids: item, time, action, scenario (n,); labels (n, T)."""
-
-    item: np.ndarray
-    time: np.ndarray
-    action: np.ndarray
-    scenario: np.ndarray
-    labels: np.ndarray
-
-    @classmethod
-    def empty(cls, n_tasks: int) -> History:
-        z = np.zeros(0, np.int64)
-        return cls(z, z, z, z, np.zeros((0, n_tasks), np.int64))
-
-    @classmethod
-    def concat(cls, parts: list[History]) -> History:
-        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
-
-    def __len__(self) -> int:
-        return len(self.item)
-
-    def __getitem__(self, rows: slice) -> History:
-        return History(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+from climber.serve.store import EventStore, History, SQLiteStore
 
 
 def dense_ids(vocab: np.ndarray, raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,20 +70,16 @@ def dense_ids(vocab: np.ndarray, raw: np.ndarray, first: int) -> tuple[np.ndarra
     return np.where(known, pos + first, 0), known
 
 
-class HistoryStore:
-    """Every user's events: the prepared data's (read-only, memory-mapped) plus those appended
-    while serving. Thread-safe: HTTP handlers append while the model worker reads."""
+class DataHistories:
+    """Users' histories from the prepared data (read-only, memory-mapped; None: no data)."""
 
     def __init__(self, n_tasks: int, data: SumiData | None = None):
-        self.n_tasks = n_tasks
-        self._data = data
-        self._added: dict[int, list[History]] = {}
-        self._lock = threading.Lock()
+        self.n_tasks, self.data = n_tasks, data
 
-    def _base(self, user: int) -> History:
-        if self._data is None:
+    def __call__(self, user: int) -> History:
+        if self.data is None:
             return History.empty(self.n_tasks)
-        a = self._data.a
+        a = self.data.a
         dense = int(dense_ids(np.asarray(a["user_vocab"]), np.array([user]), first=1)[0][0])
         if dense == 0:
             return History.empty(self.n_tasks)
@@ -109,41 +87,11 @@ class HistoryStore:
         return History(*(np.asarray(a[k][lo:hi], np.int64)
                          for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
 
-    def count(self, user: int) -> int:
-        with self._lock:
-            added = sum(len(p) for p in self._added.get(user, ()))
-        return len(self._base(user)) + added
-
-    def snapshot(self, user: int, start: int = 0) -> tuple[History, int]:
-        """(the user's events from index `start` on, the user's event count), read consistently."""
-        with self._lock:
-            added = list(self._added.get(user, ()))
-        parts, offset = [], 0
-        for p in [self._base(user), *added]:
-            if offset + len(p) > start:
-                parts.append(p[max(0, start - offset):])
-            offset += len(p)
-        return (History.concat(parts) if parts else History.empty(self.n_tasks)), offset
-
-    def append(self, user: int, events: History) -> int:
-        """Append time-ordered events, none older than the user's last; returns the new count."""
-        if (np.diff(events.time) < 0).any():
-            raise ValueError("events are not in time order")
-        base = self._base(user)
-        with self._lock:
-            added = self._added.setdefault(user, [])
-            last = added[-1].time[-1] if added else base.time[-1] if len(base) else None
-            if last is not None and len(events) and events.time[0] < last:
-                raise ValueError(f"event time {int(events.time[0])} is before user {user}'s last event ({int(last)})")
-            if len(events):
-                added.append(events)
-            return len(base) + sum(len(p) for p in added)
-
 
 @dataclass(frozen=True)
 class CacheEntry:
     cache: HistoryCache  # batch of one user
-    n_events: int  # store events folded into `cache`
+    n_events: int  # the user's events (all ever, not only those kept) folded into `cache`
     nbytes: int
 
 
@@ -201,27 +149,30 @@ class ScoreResult:
 
 
 class Engine:
-    """Model + history store + LRU of prefilled histories. Not thread-safe: one worker calls
-    `score_requests`; `append_events` may be called from any thread."""
+    """Model + histories (prepared data, then an event store) + LRU of prefilled histories. Not
+    thread-safe: one worker calls `score_requests`; `append_events` may be called from any thread."""
 
-    def __init__(self, model: Climber, store: HistoryStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
-                 cache_bytes: int = 1 << 30):
+    def __init__(self, model: Climber, store: EventStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
+                 cache_bytes: int = 1 << 30, data: SumiData | None = None):
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
-        self.store = store
+        self.store, self.base = store, DataHistories(len(self.cfg.tasks), data)
+        self._append_lock = threading.Lock()  # check-then-write of one user's events
         self.item_vocab, self.user_vocab = np.asarray(item_vocab), np.asarray(user_vocab)
         self.cache = ByteLRU(cache_bytes)
-        # requests by outcome (hit, miss, extend, recompute, bypass), plus evict and recompute_blocks
+        # requests by outcome (hit, miss, extend, recompute, bypass), plus evict, recompute_blocks, user_evict
         self.stats: Counter[str] = Counter()
         seq_len = self.cfg.seq_len
         self.caps = np.array([min(seq_len, parse_strategy(s)[2] or seq_len) for s in self.cfg.strategies])
 
     @classmethod
     def from_checkpoint(cls, ckpt_dir: Path, data_dir: Path | None = None, device: str = "cpu",
-                        dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30) -> Engine:
-        """Weights from `ckpt_dir` (safetensors, no code executed); id maps and the history store
-        seeded from the prepared data (default: the directory recorded in its config.json)."""
+                        dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30,
+                        store: str | Path = ":memory:", max_users: int = 1_000_000) -> Engine:
+        """Weights from `ckpt_dir` (safetensors, no code executed); id maps and histories from the
+        prepared data (default: the directory recorded in its config.json), then from the SQLite
+        event store at `store` (default: in memory, lost with the process)."""
         model, config = load_model(ckpt_dir)
         if not isinstance(model, Climber):  # baselines have no prefill / score split
             raise ValueError(f"{ckpt_dir}: arch {config['model'].get('arch')!r} cannot be served; only Climber can")
@@ -229,8 +180,8 @@ class Engine:
         check_vocabulary(config, data.vocab, ckpt_dir, data.root)
         model = model.to(device=device, dtype=dtype)
         model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
-        return cls(model, HistoryStore(len(data.tasks), data), data.a["item_vocab"], data.a["user_vocab"],
-                   cache_bytes)
+        return cls(model, SQLiteStore(store, tuple(data.tasks), max_users), data.a["item_vocab"],
+                   data.a["user_vocab"], cache_bytes, data)
 
     # ---- ids ----------------------------------------------------------------------------------
     def item_ids(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,13 +237,13 @@ class Engine:
         return torch.sigmoid(self.model.score(cache, candidates, req_time).float())
 
     @torch.inference_mode()
-    def extend(self, cache: HistoryCache, history: History, n_cached: int) -> tuple[HistoryCache, int]:
-        """`cache` (one user), which encodes history[:n_cached], brought up to all of `history`.
+    def extend(self, cache: HistoryCache, history: History, n_new: int) -> tuple[HistoryCache, int]:
+        """`cache` (one user), which encodes history[:-n_new], brought up to all of `history`.
 
         Blocks whose window has room for their new events get them appended one by one, running
         only the new tokens; blocks whose window overflows are recomputed from scratch. Returns
         (the cache, how many blocks were recomputed)."""
-        new = history[n_cached:]
+        new = history[len(history) - n_new:]
         sel = self._selects(new)  # (n, K)
         counts = cache.hist_mask[0].sum(-1).cpu().numpy()  # (K,) events per block
         overflow = counts + sel.sum(0) > self.caps  # (K,)
@@ -322,10 +273,48 @@ class Engine:
         event = {f"hist_{f}": per_block(getattr(ev, f)) for f in ("item", "time", "action", "scenario", "labels")}
         return self.model.extend(cache, event, blocks[None])
 
-    # ---- requests -----------------------------------------------------------------------------
+    # ---- histories --------------------------------------------------------------------------
+    def in_windows(self, h: History) -> np.ndarray:
+        """(n,) bool: the events of `h` that some block window holds (the only ones a score reads)."""
+        sel = self._selects(h)
+        keep = np.zeros(len(h), bool)
+        for k, cap in enumerate(self.caps):
+            keep[np.flatnonzero(sel[:, k])[-cap:]] = True
+        return keep
+
+    def history(self, user: int) -> tuple[History, np.ndarray, int]:
+        """The user's events that some block window holds (prepared data, then posted; dense item
+        ids), their positions among all the user's events, and how many events it has had."""
+        base, stored = self.base(user), self.store.load(user)
+        h = History.concat([base, dataclasses.replace(stored.events, item=self.item_ids(stored.events.item)[0])])
+        seq = np.concatenate([np.arange(len(base)), len(base) + stored.seq])
+        keep = self.in_windows(h)
+        return h[keep], seq[keep], len(base) + stored.count
+
+    def count(self, user: int) -> int:
+        """How many events the user has had (prepared data and posted)."""
+        return len(self.base(user)) + self.store.count(user)
+
     def append_events(self, user: int, events: History) -> int:
-        """Add events to a user's history; caches catch up on the user's next request."""
-        return self.store.append(user, events)
+        """Append time-ordered events (raw item ids), none older than the user's last, and forget
+        the user's events that no block window holds any more. Caches catch up on the user's next
+        request. Returns the user's event count."""
+        if (np.diff(events.time) < 0).any():
+            raise ValueError("events are not in time order")
+        with self._append_lock:
+            base, stored = self.base(user), self.store.load(user)
+            last = stored.last_time if stored.last_time is not None else base.time[-1] if len(base) else None
+            if last is not None and len(events) and events.time[0] < last:
+                raise ValueError(f"event time {int(events.time[0])} is before user {user}'s last event ({int(last)})")
+            if not len(events):
+                return len(base) + stored.count
+            # windows depend on labels, scenarios and actions only, so raw and dense items mix here
+            keep = self.in_windows(History.concat([base, stored.events, events]))[len(base):]
+            seq = np.concatenate([stored.seq, stored.count + np.arange(len(events))])
+            self.stats["user_evict"] += self.store.append(user, events, drop=seq[~keep])
+            return len(base) + stored.count + len(events)
+
+    # ---- requests -----------------------------------------------------------------------------
 
     def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int]:
         """The request's prefilled history: from the LRU (hit), brought up to date with the
@@ -337,14 +326,14 @@ class Engine:
             return self.prefill(h, r.scenario, user), "bypass", len(h)
         key = (r.user, r.scenario)
         entry = self.cache.get(key)
-        if entry is not None and self.store.count(r.user) == entry.n_events:
+        if entry is not None and self.count(r.user) == entry.n_events:
             self.stats["hit"] += 1
             return entry.cache, "hit", entry.n_events
-        h, n = self.store.snapshot(r.user)
+        h, seq, n = self.history(r.user)
         if entry is None:
             status, cache = "miss", self.prefill(h, r.scenario, user)
         else:
-            cache, redone = self.extend(entry.cache, h, entry.n_events)
+            cache, redone = self.extend(entry.cache, h, int((seq >= entry.n_events).sum()))
             status = "recompute" if redone else "extend"
             self.stats["recompute_blocks"] += redone
         self.stats[status] += 1
