@@ -33,19 +33,31 @@ class CorruptCheckpoint(ValueError):
     """A checkpoint whose files do not match its manifest, or cannot be read."""
 
 
+class CheckpointWriteError(ValueError):
+    """A checkpoint that could not be written (disk full, permissions); nothing older was touched."""
+
+
 def save(ckpt_dir: Path, model: torch.nn.Module, config: dict, train_state: dict | None = None) -> None:
+    """Write a checkpoint under a temporary sibling and swap it in; on a write error (e.g. a full
+    disk) the partial copy is removed and `CheckpointWriteError` names the cause, while the
+    checkpoint already at `ckpt_dir`, if any, stays as it was."""
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")  # last: it vouches for the rest
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")  # last: it vouches for the rest
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"cannot write checkpoint {ckpt_dir}: {e}; the previous checkpoint is "
+                                   "intact, free space and resume") from e
     replace_dir(tmp, ckpt_dir)
 
 

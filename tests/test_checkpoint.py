@@ -139,3 +139,23 @@ def test_cli_refuses_a_checkpoint_whose_vocabulary_does_not_match_the_data(ckpt,
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1, err
     assert "does not match the data" in err and "n_users 7 vs 13; user_feature_cards (3,) vs ()" in err, err
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_no_tmp(ckpt, monkeypatch):
+    """A save that runs out of space half-way: a clear error naming the cause, no `.tmp` left
+    behind, and the checkpoint already there still verifies and loads."""
+    model, cfg = checkpoint.load_model(ckpt)
+    before = (ckpt / "model.safetensors").read_bytes()
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b"\0" * 100)  # what got written before the disk filled up
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
+        checkpoint.save(ckpt, model, json.loads((ckpt / "config.json").read_text()))
+    assert not ckpt.with_name(ckpt.name + ".tmp").exists()
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    checkpoint.verify(ckpt)
