@@ -1,4 +1,4 @@
-"""Command line: `climber prepare | train | evaluate | run | compare | scale | serve`.
+"""Command line: `climber prepare | train | evaluate | run | export | predict | compare | scale | serve`.
 
 Flags for `train` are generated from the typed config dataclasses (`config.py`), so a new
 config field is a new flag with its type and default, and nothing else to keep in sync.
@@ -23,6 +23,7 @@ from climber.data.datasets import DATASETS
 from climber.data.events import DataError
 from climber.data.sumi import PrepareConfig, SumiData, prepare
 from climber.data.synthetic import SyntheticConfig
+from climber.extras import MissingDependency
 from climber.runtime import Runtime
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
@@ -99,6 +100,21 @@ def cmd_evaluate(ns) -> None:
     out = ns.output or Path(ns.checkpoint).parent / f"results_{ns.split}.json"
     save_results(res, out)
     print(f"saved {out}")
+
+
+def cmd_export(ns) -> None:
+    from climber.checkpoint import load_model
+    from climber.export import export_model
+
+    model, config = load_model(ns.checkpoint)
+    ids = ("dense ids: item = 2 + its position in item_vocab.npy of the prepared data (0 padding, 1 unknown), "
+           "user = 1 + its position in user_vocab.npy (0 unknown)")
+    t0 = time.time()
+    man = export_model(model, ns.out, ns.format, {"checkpoint": str(ns.checkpoint), "data": config.get("data"),
+                                                  "ids": ids})
+    files = [f for g in man["graphs"].values() for f in g["files"]]
+    print(f"exported {', '.join(man['graphs'])} of {model.cfg.arch} to {ns.out} in {time.time() - t0:.0f}s: "
+          f"{' '.join(files)} manifest.json")
 
 
 def cmd_compare(ns) -> None:
@@ -207,6 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
 
+    p = sub.add_parser("export", help="torch.export (.pt2) and ONNX graphs of a checkpoint: prefill, score, forward")
+    p.add_argument("--checkpoint", type=Path, required=True, help="e.g. runs/x/best")
+    p.add_argument("--out", type=Path, required=True, help="directory for the graphs and manifest.json")
+    p.add_argument("--format", default="both", choices=("torch", "onnx", "both"),
+                   help="torch: <graph>.pt2 (torch.export.load); onnx: <graph>.onnx (needs the [export] extra)")
+    p.set_defaults(fn=cmd_export)
+
     from climber.compare import MODELS, TUNED
 
     p = sub.add_parser("compare", help="Table 2: Climber, ablations and baselines under one budget, several seeds")
@@ -264,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = ap.parse_args(argv)
     try:
         ns.fn(ns)
-    except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError, MissingDependency) as e:
         print(f"climber {ns.cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
