@@ -117,6 +117,19 @@ def cmd_export(ns) -> None:
           f"{' '.join(files)} manifest.json")
 
 
+def cmd_predict(ns) -> None:
+    import torch
+
+    from climber.predict import predict_file
+    from climber.runtime import resolve_device
+
+    t0 = time.time()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
+    c = predict_file(ns.checkpoint, ns.requests, ns.out, ns.data, resolve_device(ns.device), dtype, ns.batch_size)
+    print(f"scored {c['rows']} rows ({c['requests']} requests; {c['unknown_users']} unknown users, "
+          f"{c['unknown_items']} rows with an unknown item) -> {ns.out} in {time.time() - t0:.1f}s")
+
+
 def cmd_compare(ns) -> None:
     from climber.compare import TUNED, compare
 
@@ -229,6 +242,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--format", default="both", choices=("torch", "onnx", "both"),
                    help="torch: <graph>.pt2 (torch.export.load); onnx: <graph>.onnx (needs the [export] extra)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="score a CSV/Parquet of (user, item[, time, scenario]) rows with a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a Climber checkpoint, e.g. runs/x/best")
+    p.add_argument("--data", type=Path, help="prepared data: id maps and user histories (default: the checkpoint's)")
+    p.add_argument("--requests", type=Path, required=True,
+                   help="CSV/TSV/Parquet with integer columns user, item (raw ids) and optional time (s), scenario")
+    p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet: user, item, one column per task")
+    p.add_argument("--batch-size", type=int, default=256, help="requests (user, time, scenario) per model call")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.set_defaults(fn=cmd_predict)
 
     from climber.compare import MODELS, TUNED
 

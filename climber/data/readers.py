@@ -641,6 +641,45 @@ def _columns(path: Path) -> list[str]:
     return list(_open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower())).header)
 
 
+# ---------------------------------------------------------------- requests to score
+
+
+def read_requests(path: Path, n_scenarios: int) -> dict[str, np.ndarray | None]:
+    """Rows to score (`climber predict`): a CSV/TSV or Parquet table with integer columns `user`
+    and `item` (raw ids, as in the training log) and optional `time` (seconds) and `scenario`
+    (0..n_scenarios-1) -> {user, item, time or None, scenario or None}. A missing or
+    non-integer id, a bad time or an out-of-range scenario is a DataError naming its line or row."""
+    path = Path(path)
+    src: _Src
+    if path.suffix.lower() in (".parquet", ".pq"):
+        src = _Parquet(path)
+        try:
+            names = pq.read_schema(path).names
+            _require(path, names, ["user", "item"])
+            table = pq.read_table(path, columns=[c for c in ("user", "item", "time", "scenario") if c in names])
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+        for c in table.column_names:
+            if not (pa.types.is_integer(table[c].type) or (c == "time" and pa.types.is_floating(table[c].type))):
+                raise DataError(f"{path}: column {c!r} has type {table[c].type}; expected integers")
+    else:
+        src = _open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower()))
+        _require(path, src.header, ["user", "item"])
+        types = {"user": INT, "item": INT} | {c: t for c, t in (("time", FLOAT), ("scenario", INT)) if c in src.header}
+        table = _read_text(src, types)
+    out: dict[str, np.ndarray | None] = {c: _required(src, table, c) for c in ("user", "item")}
+    out["time"] = out["scenario"] = None
+    if "time" in table.column_names:
+        t = _required(src, table, "time")
+        _nonneg_time(src, t, "time")
+        out["time"] = t.astype(np.int64)
+    if "scenario" in table.column_names:
+        sc = _required(src, table, "scenario")
+        _check(src, (sc < 0) | (sc >= n_scenarios), f"column 'scenario' must be in 0..{n_scenarios - 1}", sc)
+        out["scenario"] = sc.astype(np.int64)
+    return out
+
+
 # ---------------------------------------------------------------- by name
 
 
