@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from climber.config import ModelConfig, TrainConfig, add_dataclass_flags, model_config, pick_fields
+from climber.data import readers
 from climber.data import synthetic as synthetic_data
 from climber.data.datasets import DATASETS
 from climber.data.events import DataError
@@ -32,16 +33,15 @@ COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `c
 
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
-                    mapping: dict | None = None, synthetic: SyntheticConfig | None = None) -> dict:
-    from climber.data import readers
-
-    spec = DATASETS.get(source)
+                    mapping: dict | None = None, synthetic: SyntheticConfig | None = None,
+                    fmt: str | None = None) -> dict:
+    spec = None if fmt else DATASETS.get(source)
     base = synthetic_data.PREPARE if synthetic else spec.prepare if spec else PrepareConfig()
     cfg = dataclasses.replace(base, **overrides)
     default = synthetic_data.STRATEGIES if synthetic else spec.strategies if spec else ("recent", "recent@16")
     strategies = strategies or default
     t0 = time.time()
-    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, **(mapping or {}))
+    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
     meta = prepare(log, out, cfg, tuple(strategies))
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
@@ -59,12 +59,12 @@ def cmd_prepare(ns) -> None:
                         synthetic=synthetic)
         return
     mapping = None
-    if ns.source not in DATASETS:
+    if ns.source not in DATASETS or ns.format:
         mapping = {k: getattr(ns, k) for k in ("user", "item", "time", "labels", "action", "scenario",
                                                "item_features", "user_features", "time_unit")
                    if getattr(ns, k) not in (None, [])}
     _prepare_source(ns.source, ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
-                    mapping)
+                    mapping, fmt=ns.format)
 
 
 def _train(ns, data_dir: Path, out: Path) -> dict:
@@ -197,8 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("prepare", help="turn an interaction log into SUMI samples")
-    p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic' or a CSV/TSV/Parquet file")
+    p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic', or a path: a CSV/TSV/Parquet file, a "
+                                  "directory or glob of Parquet files, a RecBole .inter file")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=readers.FORMATS,
+                   help="how to read the path (default: by name; .inter is recbole): s3rec (one user a line), recbole "
+                        "(atomic files, .user/.item joined), csv / parquet (tables, with the column flags), "
+                        "kuairand (an official log_standard_*.csv)")
     p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
     add_dataclass_flags(p, PrepareConfig, defaults_none=True)
     g = p.add_argument_group("column mapping for a generic file")
