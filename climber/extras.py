@@ -11,10 +11,18 @@ class MissingDependency(ImportError):
     """An optional package a feature needs is not installed; the message says how to get it."""
 
 
-def require(module: str, extra: str, feature: str) -> ModuleType:
-    """Import `module`, or raise MissingDependency naming `extra` (pyproject.toml) and the feature."""
+def require(module: str, extra: str, feature: str, package: str | None = None) -> ModuleType:
+    """Import `module`, or raise MissingDependency naming the `package` it needs (default: the
+    module's top level), the extra that installs it (pyproject.toml) and the feature."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise MissingDependency(f"{feature} needs the {module.split('.')[0]} package ({e.name or module} is not "
-                                f"installed): pip install 'climber[{extra}]'") from e
+        raise MissingDependency(f"{feature} needs the {package or module.split('.')[0]} package, which is not "
+                                f"installed: pip install 'climber[{extra}]'") from e
+
+
+def pyplot(feature: str) -> ModuleType:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), from the [plot] extra."""
+    matplotlib = require("matplotlib", "plot", feature)
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "plot", feature)
