@@ -1,8 +1,10 @@
 """Readers: turn each public data format into an `EventLog` (see events.py).
 
 Sources: MovieLens-100K (RecBole atomic files), KuaiRand (the shared subset or the official
-`log_standard_*.csv`), S3-Rec sequence text (LastFM, Beauty), the ReChorus Grocery files, and any
-CSV/TSV/Parquet table through a `ColumnMapping`; `read_source` picks one by name.
+`log_standard_*.csv`), S3-Rec sequence text (LastFM, Beauty), the ReChorus Grocery files, any
+RecBole atomic `.inter` file with its `.user` / `.item` side files, and any CSV/TSV/Parquet table
+(a Parquet directory or glob too) through a `ColumnMapping`; `read_source` picks one by name, or
+reads a path in the format it is told. `read_requests` reads the rows `climber predict` scores.
 
 Policies:
 - Ids stay raw integers (strings in generic tables, stripped of surrounding whitespace, become
