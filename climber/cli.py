@@ -1,4 +1,4 @@
-"""Command line: `climber prepare | train | evaluate | run | compare | scale | serve`.
+"""Command line: `climber prepare | train | evaluate | run | export | predict | compare | scale | serve`.
 
 Flags for `train` are generated from the typed config dataclasses (`config.py`), so a new
 config field is a new flag with its type and default, and nothing else to keep in sync.
@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 from climber.config import ModelConfig, TrainConfig, add_dataclass_flags, model_config, pick_fields
+from climber.data import readers
 from climber.data import synthetic as synthetic_data
 from climber.data.datasets import DATASETS
 from climber.data.events import DataError
 from climber.data.sumi import PrepareConfig, SumiData, prepare
 from climber.data.synthetic import SyntheticConfig
+from climber.extras import MissingDependency
 from climber.runtime import Runtime
 
 VOCAB_FIELDS = {"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
@@ -31,16 +33,15 @@ COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `c
 
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
-                    mapping: dict | None = None, synthetic: SyntheticConfig | None = None) -> dict:
-    from climber.data import readers
-
-    spec = DATASETS.get(source)
+                    mapping: dict | None = None, synthetic: SyntheticConfig | None = None,
+                    fmt: str | None = None) -> dict:
+    spec = None if fmt else DATASETS.get(source)
     base = synthetic_data.PREPARE if synthetic else spec.prepare if spec else PrepareConfig()
     cfg = dataclasses.replace(base, **overrides)
     default = synthetic_data.STRATEGIES if synthetic else spec.strategies if spec else ("recent", "recent@16")
     strategies = strategies or default
     t0 = time.time()
-    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, **(mapping or {}))
+    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
     meta = prepare(log, out, cfg, tuple(strategies))
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
@@ -58,12 +59,12 @@ def cmd_prepare(ns) -> None:
                         synthetic=synthetic)
         return
     mapping = None
-    if ns.source not in DATASETS:
+    if ns.source not in DATASETS or ns.format:
         mapping = {k: getattr(ns, k) for k in ("user", "item", "time", "labels", "action", "scenario",
                                                "item_features", "user_features", "time_unit")
                    if getattr(ns, k) not in (None, [])}
     _prepare_source(ns.source, ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
-                    mapping)
+                    mapping, fmt=ns.format)
 
 
 def _train(ns, data_dir: Path, out: Path) -> dict:
@@ -99,6 +100,34 @@ def cmd_evaluate(ns) -> None:
     out = ns.output or Path(ns.checkpoint).parent / f"results_{ns.split}.json"
     save_results(res, out)
     print(f"saved {out}")
+
+
+def cmd_export(ns) -> None:
+    from climber.checkpoint import load_model
+    from climber.export import export_model
+
+    model, config = load_model(ns.checkpoint)
+    ids = ("dense ids: item = 2 + its position in item_vocab.npy of the prepared data (0 padding, 1 unknown), "
+           "user = 1 + its position in user_vocab.npy (0 unknown)")
+    t0 = time.time()
+    man = export_model(model, ns.out, ns.format, {"checkpoint": str(ns.checkpoint), "data": config.get("data"),
+                                                  "ids": ids})
+    files = [f for g in man["graphs"].values() for f in g["files"]]
+    print(f"exported {', '.join(man['graphs'])} of {model.cfg.arch} to {ns.out} in {time.time() - t0:.0f}s: "
+          f"{' '.join(files)} manifest.json")
+
+
+def cmd_predict(ns) -> None:
+    import torch
+
+    from climber.predict import predict_file
+    from climber.runtime import resolve_device
+
+    t0 = time.time()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[ns.dtype]
+    c = predict_file(ns.checkpoint, ns.requests, ns.out, ns.data, resolve_device(ns.device), dtype, ns.batch_size)
+    print(f"scored {c['rows']} rows ({c['requests']} requests; {c['unknown_users']} unknown users, "
+          f"{c['unknown_items']} rows with an unknown item) -> {ns.out} in {time.time() - t0:.1f}s")
 
 
 def cmd_compare(ns) -> None:
@@ -168,8 +197,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("prepare", help="turn an interaction log into SUMI samples")
-    p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic' or a CSV/TSV/Parquet file")
+    p.add_argument("source", help=f"one of {sorted(DATASETS)}, 'synthetic', or a path: a CSV/TSV/Parquet file, a "
+                                  "directory or glob of Parquet files, a RecBole .inter file")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=readers.FORMATS,
+                   help="how to read the path (default: by name; .inter is recbole): s3rec (one user a line), recbole "
+                        "(atomic files, .user/.item joined), csv / parquet (tables, with the column flags), "
+                        "kuairand (an official log_standard_*.csv)")
     p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
     add_dataclass_flags(p, PrepareConfig, defaults_none=True)
     g = p.add_argument_group("column mapping for a generic file")
@@ -206,6 +240,24 @@ def main(argv: list[str] | None = None) -> None:
     add_dataclass_flags(p, Runtime, skip={"compile"})
     p.add_argument("--output", type=Path)
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("export", help="torch.export (.pt2) and ONNX graphs of a checkpoint: prefill, score, forward")
+    p.add_argument("--checkpoint", type=Path, required=True, help="e.g. runs/x/best")
+    p.add_argument("--out", type=Path, required=True, help="directory for the graphs and manifest.json")
+    p.add_argument("--format", default="both", choices=("torch", "onnx", "both"),
+                   help="torch: <graph>.pt2 (torch.export.load); onnx: <graph>.onnx (needs the [export] extra)")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="score a CSV/Parquet of (user, item[, time, scenario]) rows with a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True, help="a Climber checkpoint, e.g. runs/x/best")
+    p.add_argument("--data", type=Path, help="prepared data: id maps and user histories (default: the checkpoint's)")
+    p.add_argument("--requests", type=Path, required=True,
+                   help="CSV/TSV/Parquet with integer columns user, item (raw ids) and optional time (s), scenario")
+    p.add_argument("--out", type=Path, required=True, help="output .csv or .parquet: user, item, one column per task")
+    p.add_argument("--batch-size", type=int, default=256, help="requests (user, time, scenario) per model call")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.set_defaults(fn=cmd_predict)
 
     from climber.compare import MODELS, TUNED
 
@@ -264,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = ap.parse_args(argv)
     try:
         ns.fn(ns)
-    except (DataError, FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (DataError, FileNotFoundError, ValueError, FloatingPointError, MissingDependency) as e:
         print(f"climber {ns.cmd}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

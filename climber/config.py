@@ -139,6 +139,7 @@ class TrainConfig:
     task_weights: tuple[float, ...] = ()  # empty = equal weights
     num_workers: int = 0
     keep_checkpoints: int = 2
+    tensorboard: bool = False  # also log to <out>/tensorboard (the [tensorboard] extra)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

@@ -23,7 +23,39 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def gauc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
-    """Per-user AUC averaged with weights = the user's number of samples."""
+    """Per-user AUC averaged with weights = the user's number of samples.
+
+    Vectorised: one sort by (user, score) gives every sample its rank within its user, tied
+    scores sharing their average rank (as `auc`); per-user sums of positives' ranks then give each
+    user's Mann-Whitney AUC. The same value as `gauc_reference`, the loop over users (tested),
+    about 10x faster on 100k users."""
+    users, labels, scores = np.asarray(users), np.asarray(labels).astype(bool), np.asarray(scores)
+    order = np.lexsort((scores, users))
+    u, y, s = users[order], labels[order], scores[order]
+    n = len(u)
+    if n == 0:
+        return float("nan")
+    new_user = np.r_[True, u[1:] != u[:-1]]
+    uid = np.cumsum(new_user) - 1
+    pos = np.arange(n) - np.flatnonzero(new_user)[uid] + 1  # 1-based rank within the user
+    new_tie = new_user | np.r_[True, s[1:] != s[:-1]]
+    first = np.flatnonzero(new_tie)
+    last = np.r_[first[1:], n] - 1
+    rank = ((pos[first] + pos[last]) / 2)[np.cumsum(new_tie) - 1]  # average rank of each tie group
+    count = np.bincount(uid).astype(np.float64)
+    n_pos = np.bincount(uid, weights=y)
+    n_neg = count - n_pos
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not ok.any():
+        return float("nan")
+    rank_sum = np.bincount(uid, weights=rank * y)[ok]
+    per_user = (rank_sum - n_pos[ok] * (n_pos[ok] + 1) / 2) / (n_pos[ok] * n_neg[ok])
+    return float((per_user * count[ok]).sum() / count[ok].sum())
+
+
+def gauc_reference(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """`gauc` as its definition reads, a loop over users calling `auc`: the reference the
+    vectorised version is tested against (and timed against, benchmarks/bench_data.py)."""
     users, labels, scores = np.asarray(users), np.asarray(labels).astype(bool), np.asarray(scores)
     order = np.argsort(users, kind="stable")
     users, labels, scores = users[order], labels[order], scores[order]

@@ -34,6 +34,7 @@ from climber import checkpoint
 from climber.config import ModelConfig, TrainConfig, from_dict
 from climber.data.events import DataError
 from climber.data.sumi import SumiData, check_strategies
+from climber.extras import MissingDependency, pyplot, require
 from climber.files import write_atomic
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
@@ -156,6 +157,7 @@ class Run:
     rank: int
     world: int
     state: dict  # the loop's position and early-stopping record, saved with each checkpoint
+    tensorboard: object | None = None  # rank 0's SummaryWriter with `TrainConfig.tensorboard`
 
     @property
     def main(self) -> bool:
@@ -216,7 +218,11 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         for name in ("train_log.csv", "valid_log.csv"):  # rows after the resumed step (all, on a fresh start)
             _truncate_log(out_dir / name, state["step"])
     step_fn = DistributedDataParallel(model) if distributed else model
-    return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state)
+    writer = None
+    if cfg.tensorboard and rank == 0:  # events after the resumed step are dropped, as the CSV rows are
+        tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", package="tensorboard")
+        writer = tb.SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] + 1 if last else None)
+    return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state, writer)
 
 
 def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = True) -> None:
@@ -239,7 +245,8 @@ def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = Tru
 
 # what may change when a run resumes: the runtime (device, attention backend, compile), and these,
 # which leave the weights alone (eval cadence moves early stopping and best/, not the steps taken)
-RESUMABLE = {"num_workers", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints"}
+RESUMABLE = {"num_workers", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+             "tensorboard"}
 
 
 def _check_resumable(saved: dict, new: dict, out_dir: Path) -> None:
@@ -311,7 +318,7 @@ def loop(run: Run, progress: bool = True) -> None:
                 lv = loss.item()  # the only host sync of the step, every log_every steps
                 bar.set_postfix(loss=f"{lv:.4f}")
                 _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
-                                "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0})
+                                "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}, run.tensorboard)
             at_end = state["step"] >= total
             validate = state["step"] % eval_every == 0 or at_end
             save = state["step"] % ckpt_every == 0 or at_end
@@ -333,6 +340,10 @@ def loop(run: Run, progress: bool = True) -> None:
             if at_end or state.get("stopped") or state["step_in_epoch"] == 0:
                 break
     bar.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+    if run.main:
+        plot_curves(run.out_dir)
 
 
 def _agree(device: torch.device, *flags) -> list[bool]:
@@ -366,7 +377,7 @@ def _validate(run: Run, epoch: int) -> None:
         score = -res["mean"]["logloss"] if math.isnan(auc) else auc  # AUC undefined: one-class labels
         row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
                                                                            for k, v in r.items()}}
-        _log(run.out_dir / "valid_log.csv", row)
+        _log(run.out_dir / "valid_log.csv", row, run.tensorboard)
         if score > state.get("best_score", state["best_auc"]):
             state.update(best_score=score, best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
             checkpoint.save(run.out_dir / "best", run.model, run.run_config)
@@ -383,14 +394,49 @@ def _validate(run: Run, epoch: int) -> None:
         state["stopped"] = bool(flag.item())
 
 
-def _log(path: Path, row: dict) -> None:
-    """Append a row to a CSV (one file per kind of row, so its columns are fixed)."""
+def _log(path: Path, row: dict, tensorboard=None) -> None:
+    """Append a row to a CSV (one file per kind of row, so its columns are fixed); with a
+    SummaryWriter, its numbers also as scalars `<split>/<column>` at its step."""
+    if tensorboard is not None:
+        for k, v in row.items():
+            if k not in ("step", "epoch", "split") and isinstance(v, float | int) and not math.isnan(v):
+                tensorboard.add_scalar(f"{row['split']}/{k}", v, row["step"])
     new = not path.exists()
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(row))
         if new:
             w.writeheader()
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot_curves(out_dir: Path) -> Path | None:
+    """curves.png in the run directory: training loss and validation mean AUC / GAUC by step, from
+    the CSV logs. Only where matplotlib is installed (the [plot] extra): training needs no plots."""
+    try:
+        plt = pyplot("the training-curve plot")
+    except MissingDependency:
+        return None
+    train_rows, valid_rows = (_read_log(out_dir / f"{k}_log.csv") for k in ("train", "valid"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
+    a1.set(xlabel="step", ylabel="training loss (BCE)")
+    for k in ("mean_auc", "mean_gauc"):
+        a2.plot([r["step"] for r in valid_rows], [r.get(k, math.nan) for r in valid_rows], marker="o", label=k[5:])
+    a2.set(xlabel="step", ylabel="validation (mean over tasks)")
+    a2.legend()
+    fig.suptitle(out_dir.name)
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in r.items() if k != "split"} for r in csv.DictReader(f)]
 
 
 def _truncate_log(path: Path, step: int) -> None:

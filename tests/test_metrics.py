@@ -1,4 +1,5 @@
-"""Metric functions against scikit-learn on random data, and GAUC's definition by hand."""
+"""Metric functions against scikit-learn on random data, GAUC's definition by hand, and the
+vectorised GAUC against its per-user loop."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
-from climber.metrics import auc, evaluate_predictions, gauc, logloss
+from climber.metrics import auc, evaluate_predictions, gauc, gauc_reference, logloss
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -38,3 +39,18 @@ def test_evaluate_predictions_averages_tasks():
     p = rng.random((200, 2))
     r = evaluate_predictions(rng.integers(0, 10, 200), y, p, ("a", "b"))
     assert r["mean"]["auc"] == pytest.approx((r["a"]["auc"] + r["b"]["auc"]) / 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_gauc_equals_the_per_user_loop(seed):
+    rng = np.random.default_rng(seed)
+    n = 3000
+    users = rng.integers(0, 300, n) * 7 - 50  # unsorted, negative and sparse ids; users with one class
+    y = (rng.random(n) < rng.choice([0.0, 0.3, 1.0], 300)[(users + 50) // 7]).astype(int)
+    s = np.round(rng.random(n), 1 + seed % 2)  # many ties, within and across users
+    assert gauc(users, y, s) == pytest.approx(gauc_reference(users, y, s), abs=1e-12)
+
+
+def test_gauc_with_no_two_class_user_is_nan():
+    assert np.isnan(gauc(np.array([1, 1, 2]), np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3])))
+    assert np.isnan(gauc(np.array([], int), np.array([], int), np.array([])))

@@ -18,6 +18,7 @@ from climber.data.readers import (
     read_grocery,
     read_kuairand,
     read_movielens,
+    read_recbole,
     read_s3rec,
     read_source,
     read_table,
@@ -349,3 +350,113 @@ def test_prepare_a_table_without_column_flags_is_a_clear_error(tmp_path, capsys)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert "needs its columns named: --item COLUMN --time COLUMN (columns found: ['uid', 'iid', 'ts'])" in err
+
+
+# ---------------------------------------------------------------- explicit formats, RecBole, Parquet sets
+
+
+def test_prepare_s3rec_by_path_with_format(tmp_path, capsys):
+    from climber.cli import main
+
+    path = tmp_path / "seqs.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(10 + (u * 7 + k) % 30) for k in range(8)) + "\n"
+                            for u in range(1, 13)))
+    main(["prepare", str(path), "--format", "s3rec", "--out", str(tmp_path / "d"), "--request-gap", "0",
+          "--max-candidates", "1"])
+    out = capsys.readouterr().out
+    assert "prepared seqs" in out and "96 events, 12 users" in out
+    with pytest.raises(DataError, match="a table needs its columns named"):  # without --format: a table
+        read_source(str(path))
+
+
+def recbole_files(root: Path, label: str = "1.0") -> Path:
+    """A RecBole atomic data set: string user ids, float labels, .user and .item side files."""
+    root.mkdir(exist_ok=True)
+    (root / "shop.inter").write_text(
+        "user_id:token\titem_id:token\tlabel:float\ttimestamp:float\tprice:float\n"
+        f"ann\t7\t{label}\t100\t1.5\nbob\t7\t0.0\t90\t2.0\nann\t8\t0.0\t120\t3.0\nbob\t9\t1\t130\t1.0\n")
+    (root / "shop.user").write_text("user_id:token\tage:token\tscore:float\nbob\t30\t0.5\nann\t20\t0.1\n"
+                                    "cid\t40\t0.2\n")
+    (root / "shop.item").write_text("item_id:token\tgenres:token_seq\tbrand:token\n7\tdrama comedy\tx\n"
+                                    "8\tdrama\ty\n9\t\tx\n")
+    return root / "shop.inter"
+
+
+def test_recbole_typed_header_float_labels_and_side_files(tmp_path):
+    log = read_source(str(recbole_files(tmp_path / "rb")))  # .inter: recbole without --format
+    assert log.tasks == ("label",) and not log.implicit
+    assert log.labels[:, 0].tolist() == [1, 0, 0, 1]
+    assert log.user.tolist() == [0, 1, 0, 1]  # ann, bob coded in sorted order
+    assert log.time.tolist() == [100, 90, 120, 130]
+    u = log.user_features
+    assert u.names == ("age",) and u.ids.tolist() == [0, 1]  # float field left out; cid not in the log
+    assert u.codes[:, 0].tolist() == [1, 2]  # ann 20, bob 30
+    i = log.item_features
+    assert i.names == ("genres", "genres", "brand") and i.ids.tolist() == [7, 8, 9]
+    assert i.codes.tolist() == [[2, 1, 1], [2, 0, 2], [0, 0, 1]]  # bag (comedy 1, drama 2), brand
+
+
+def test_recbole_feature_choice_implicit_and_position_time(tmp_path):
+    root = tmp_path / "rb"
+    root.mkdir()
+    (root / "seq.inter").write_text("user_id:token\titem_id:token\n5\t1\n6\t2\n5\t3\n5\t2\n")
+    (root / "seq.item").write_text("item_id:token\tbrand:token\tgenres:token_seq\n1\ta\tx y\n2\tb\ty\n3\ta\tz\n")
+    log = read_recbole(root / "seq.inter", item_features=("brand",))
+    assert log.implicit and log.tasks == ("interact",)
+    assert log.time.tolist() == [0, 0, 1, 2]  # position in the user's sequence
+    assert log.item_features.names == ("brand",)
+
+
+@pytest.mark.parametrize("label, where", [("0.5", "line 2: field 'label' must be 0/1"),
+                                          ("yes", "line 2: column 'label:float' must be a number")])
+def test_recbole_bad_label_names_the_line(tmp_path, label, where):
+    path = recbole_files(tmp_path / "rb", label)
+    raises_at(lambda: read_recbole(path), path, where)
+
+
+def test_recbole_header_without_types_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.inter"
+    path.write_text("user_id\titem_id\n1\t2\n")
+    with pytest.raises(DataError, match="is not name:type"):
+        read_source(str(path), "recbole")
+
+
+def parquet_parts(root: Path) -> Path:
+    root.mkdir()
+    for k in range(3):
+        pq.write_table(pa.table({"uid": [k, k, 9], "iid": [1, 2, 3 + k], "ts": [10 * k, 10 * k + 1, 50 + k]}),
+                       root / f"part-{k}.parquet")
+    return root
+
+
+def test_parquet_directory_and_glob(tmp_path):
+    root = parquet_parts(tmp_path / "events")
+    m = ColumnMapping("uid", "iid", "ts")
+    for src in (root, root / "part-*.parquet"):
+        log = read_source(str(src), mapping=m)
+        assert log.user.tolist() == [0, 0, 9, 1, 1, 9, 2, 2, 9] and log.time.tolist()[-1] == 52
+        assert log.name == "events"
+    assert len(read_source(str(root / "part-[01].parquet"), "parquet", mapping=m)) == 6
+
+
+def test_parquet_set_row_error_names_its_file(tmp_path):
+    root = parquet_parts(tmp_path / "events")
+    pq.write_table(pa.table({"uid": [3, None], "iid": [1, 2], "ts": [1, 2]}), root / "part-3.parquet")
+    raises_at(lambda: read_source(str(root), user="uid", item="iid", time="ts"), root / "part-3.parquet",
+              "row 2: column 'uid' is empty")
+    with pytest.raises(DataError, match="no Parquet files found"):
+        read_source(str(tmp_path / "events" / "*.pq"), "parquet", user="uid", item="iid", time="ts")
+
+
+def test_builtin_without_shared_data_says_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    from climber.cli import main
+
+    monkeypatch.setenv("CLIMBER_SHARED_DATA", str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["prepare", "kuairand", "--out", str(tmp_path / "k")])
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'kuairand-subset' / 'events.tsv'} not found" in err
+    assert "CLIMBER_SHARED_DATA" in err and "https://kuairand.com" in err and "--format kuairand" in err
+    for name in ("lastfm", "beauty", "grocery"):
+        with pytest.raises(DataError, match="The data comes from"):
+            read_source(name)

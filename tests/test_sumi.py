@@ -109,6 +109,30 @@ def test_implicit_negatives_are_unseen_and_seeded(tmp_path):
         assert not seen & set(negs.tolist())
 
 
+def test_implicit_candidates_are_the_requests_positives_then_their_negatives(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 600
+    log = EventLog("imp", user=rng.integers(0, 15, n), item=rng.integers(0, 200, n),
+                   time=np.sort(rng.integers(0, 3000, n)), labels=np.ones((n, 1)), tasks=("click",), implicit=True)
+    prepare(log, tmp_path / "d", PrepareConfig(request_gap=50, max_candidates=5, negatives=2), ("recent",))
+    a = SumiData(tmp_path / "d").a
+    ev_start = np.r_[0, np.cumsum(np.diff(a["req_cand_start"]) // 3)]  # events (positives) before each request
+    assert ev_start[-1] == n and np.diff(a["req_cand_start"]).max() == 15  # requests of several positives
+    for r in range(len(a["req_user"])):
+        cand = a["cand_item"][a["req_cand_start"][r]:a["req_cand_start"][r + 1]]
+        labels = a["cand_labels"][a["req_cand_start"][r]:a["req_cand_start"][r + 1], 0]
+        p = len(cand) // 3
+        assert np.array_equal(cand[:p], a["ev_item"][ev_start[r]:ev_start[r] + p])  # in event order
+        assert labels[:p].all() and not labels[p:].any()
+
+
+def test_prepare_refuses_negatives_for_a_user_who_saw_every_item(tmp_path):
+    log = EventLog("full", user=np.array([0] * 5 + [1] * 2), item=np.array([0, 1, 2, 3, 4, 0, 1]), time=np.arange(7),
+                   labels=np.ones((7, 1)), tasks=("click",), implicit=True)
+    with pytest.raises(DataError, match="user 1 has interacted with every item"):
+        prepare(log, tmp_path / "d", PrepareConfig(request_gap=0, max_candidates=1, negatives=1), ("recent",))
+
+
 def test_unknown_task_in_strategy_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="names task 'share'"):
         prepare(hand_log(), tmp_path / "d", PrepareConfig(), ("pos:share",))

@@ -1,8 +1,10 @@
 """Readers: turn each public data format into an `EventLog` (see events.py).
 
 Sources: MovieLens-100K (RecBole atomic files), KuaiRand (the shared subset or the official
-`log_standard_*.csv`), S3-Rec sequence text (LastFM, Beauty), the ReChorus Grocery files, and any
-CSV/TSV/Parquet table through a `ColumnMapping`; `read_source` picks one by name.
+`log_standard_*.csv`), S3-Rec sequence text (LastFM, Beauty), the ReChorus Grocery files, any
+RecBole atomic `.inter` file with its `.user` / `.item` side files, and any CSV/TSV/Parquet table
+(a Parquet directory or glob too) through a `ColumnMapping`; `read_source` picks one by name, or
+reads a path in the format it is told. `read_requests` reads the rows `climber predict` scores.
 
 Policies:
 - Ids stay raw integers (strings in generic tables, stripped of surrounding whitespace, become
@@ -24,6 +26,7 @@ Policies:
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 import re
@@ -91,9 +94,17 @@ class _Text:
 
 @dataclass(frozen=True)
 class _Parquet:
+    """A Parquet file, or several read as one table (a directory or a glob): rows are located
+    in the file they came from."""
+
     path: Path
+    parts: tuple[tuple[Path, int], ...] = ()  # (file, rows) in table order, when several
 
     def where(self, row: int) -> str:
+        for file, n in self.parts:
+            if row < n:
+                return f"{file}: row {row + 1}"
+            row -= n
         return f"{self.path}: row {row + 1}"
 
 
@@ -463,6 +474,117 @@ def _s3rec_attributes(path: Path, log_items: np.ndarray) -> SideFeatures:
     return SideFeatures(uniq, _lookup(uniq, np.array(ids, np.int64), bag), ("attr",) * w)
 
 
+# ---------------------------------------------------------------- RecBole atomic files
+
+RECBOLE_TYPES = ("token", "token_seq", "float", "float_seq")
+
+
+def _recbole_header(src: _Text) -> dict[str, tuple[str, str]]:
+    """Field name -> (header column, type) of an atomic file, whose header is `name:type`."""
+    fields = {}
+    for col in src.header:
+        name, _, kind = col.rpartition(":")
+        if not name or kind not in RECBOLE_TYPES:
+            raise DataError(f"{src.path}: header field {col!r} is not name:type with a type in {RECBOLE_TYPES} "
+                            "(a RecBole atomic file)")
+        fields[name] = (col, kind)
+    return fields
+
+
+def _recbole_side(path: Path, key: str, names: tuple[str, ...], log_ids: np.ndarray,
+                  log_raw: np.ndarray | None) -> SideFeatures | None:
+    """Features of a `.user` / `.item` file keyed by field `key`: each token field (or those in
+    `names`) a categorical feature, each token_seq field a bag; float fields are left out. Ids are
+    matched as the log's: integers as they are, strings by the log's coding (`log_raw`, sorted)."""
+    if not path.exists():
+        return None
+    src = _open_text(path, delimiter="\t")
+    fields = _recbole_header(src)
+    if key not in fields:
+        raise DataError(f"{path}: no {key!r} field to join on; fields: {list(fields)}")
+    use = [f for f, (_, kind) in fields.items() if f != key and kind in ("token", "token_seq")
+           and (not names or f in names)]
+    missing = [f for f in names if f not in fields]
+    if missing:
+        raise DataError(f"{path}: no field(s) {missing}; fields: {list(fields)}")
+    t = _read_text(src, {fields[f][0]: STR for f in (key, *use)})
+    ids = _int_if_possible(_no_nulls(src, t, fields[key][0]))
+    if log_raw is None:
+        if not pa.types.is_integer(ids.type):
+            raise DataError(f"{path}: {key} must be integers, as in the interaction file")
+        ids = ids.to_numpy()
+    else:  # string ids: the log's codes; ids the log does not have get -1 and match nothing
+        raw = np.asarray(ids.to_pylist(), dtype=object).astype(str)
+        pos = np.clip(np.searchsorted(log_raw, raw), 0, max(len(log_raw) - 1, 0))
+        ids = np.where(log_raw[pos] == raw, pos, -1) if len(log_raw) else np.full(len(raw), -1)
+    cols, out_names = [], []
+    for f in use:
+        col = t[fields[f][0]]
+        if fields[f][1] == "token_seq":
+            bag, w = _bag([(v or "").split() for v in col.to_pylist()])
+            cols.append(bag)
+            out_names += [f] * w
+        else:
+            cols.append(_factorize(_int_if_possible(col))[:, None])
+            out_names.append(f)
+    if not cols:
+        return None
+    keep = ids >= 0
+    return _meta(src, ids[keep], np.concatenate(cols, 1)[keep], tuple(out_names), log_ids, key.split("_")[0])
+
+
+def read_recbole(path: Path, user: str = "user_id", item: str = "item_id", time: str = "timestamp",
+                 labels: tuple[str, ...] = (), item_features: tuple[str, ...] = (),
+                 user_features: tuple[str, ...] = ()) -> EventLog:
+    """A RecBole atomic interaction file (`<name>.inter`: tab-separated, header `name:type`), with
+    `<name>.user` and `<name>.item` beside it joined as side features (`_recbole_side`).
+
+    Fields are named without their type. labels: 0/1 fields, one task each (`label:float` 0.0 /
+    1.0 included); none given, a `label` field is the task "label" if there is one, else the log is
+    implicit (task "interact"). time: seconds; without a `timestamp` field, the row's position in
+    its user's sequence (file order), as S3-Rec. Ids: integers as they are, strings coded in
+    sorted order (the side files' ids by the same coding)."""
+    path = Path(path)
+    src = _open_text(path, delimiter="\t")
+    fields = _recbole_header(src)
+    labels = tuple(labels) or (("label",) if "label" in fields else ())
+    missing = [f for f in (user, item, *labels) if f not in fields]
+    if missing:
+        raise DataError(f"{path}: no field(s) {missing}; fields: {list(fields)}")
+    has_time = time in fields
+    t = _read_text(src, {fields[user][0]: STR, fields[item][0]: STR} | {fields[f][0]: FLOAT for f in labels}
+                   | ({fields[time][0]: FLOAT} if has_time else {}))
+    raw = {}
+    ids = {}
+    for f in (user, item):
+        col = _int_if_possible(_no_nulls(src, t, fields[f][0]))
+        raw[f] = None if pa.types.is_integer(col.type) else np.unique(np.asarray(col.to_pylist(), object).astype(str))
+        ids[f] = _ids(src, t, fields[f][0])
+    flags = []
+    for f in labels:
+        v = _required(src, t, fields[f][0])
+        _check(src, (v != 0) & (v != 1), f"field {f!r} must be 0/1", v)
+        flags.append(v.astype(np.int8))
+    if has_time:
+        tv = _required(src, t, fields[time][0])
+        _nonneg_time(src, tv, fields[time][0])
+        tv = tv.astype(np.int64)
+    else:  # position within the user's sequence, in file order
+        order = np.argsort(ids[user], kind="stable")
+        starts = np.searchsorted(ids[user][order], ids[user][order])
+        tv = np.empty(len(order), np.int64)
+        tv[order] = np.arange(len(order)) - starts
+    stem = path.with_suffix("")
+    return EventLog(
+        path.stem, ids[user], ids[item], tv,
+        np.column_stack(flags) if flags else np.ones((len(tv), 1), np.int8), labels or ("interact",),
+        implicit=not labels,
+        item_features=_recbole_side(stem.with_suffix(".item"), item, tuple(item_features), ids[item], raw[item]),
+        user_features=_recbole_side(stem.with_suffix(".user"), user, tuple(user_features), ids[user], raw[user]),
+        notes={"source": str(path), "format": "recbole", **({} if has_time else {"time": "sequence position"})},
+    )
+
+
 # ---------------------------------------------------------------- Grocery (ReChorus)
 
 
@@ -542,21 +664,53 @@ _MISSING_IDS = ["", "nan", "null", "none"]  # after stripping, any case
 _TEXT_DELIMITERS = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 
 
+def parquet_files(path: Path | str) -> list[Path]:
+    """The Parquet files a path names: itself, every *.parquet / *.pq under a directory (sorted,
+    recursively, as Hive-style partitions are laid out), or the files matching a glob."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in (".parquet", ".pq") and p.is_file())
+    elif glob.has_magic(str(path)):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    else:
+        files = [path]
+    if not files:
+        raise DataError(f"{path}: no Parquet files found")
+    return files
+
+
+def _read_parquet(path: Path, columns: list[str]) -> tuple[pa.Table, _Parquet]:
+    """`columns` of one Parquet file, or of several (`parquet_files`) concatenated in order."""
+    files = parquet_files(path)
+    tables = []
+    for f in files:
+        try:
+            _require(f, pq.read_schema(f).names, columns)
+            tables.append(pq.read_table(f, columns=columns))
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{f}: not a readable Parquet file: {e}") from e
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: the files' columns have different types: {e}") from e
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    parts = tuple((f, t.num_rows) for f, t in zip(files, tables, strict=True)) if len(files) > 1 else ()
+    return table, _Parquet(Path(path), parts)
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in (".parquet", ".pq") or path.is_dir() or glob.has_magic(str(path))
+
+
 def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
-    """A CSV/TSV (delimiter by suffix, else sniffed from the header) or Parquet table, by `mapping`."""
+    """A CSV/TSV (delimiter by suffix, else sniffed from the header) or Parquet table (a file, a
+    directory of files or a glob), by `mapping`."""
     path = Path(path)
     m = mapping
     src: _Src
-    if path.suffix.lower() in (".parquet", ".pq"):
-        src = _Parquet(path)
-        try:
-            names = pq.read_schema(path).names
-            _require(path, names, m.columns())
-            table = pq.read_table(path, columns=list(dict.fromkeys(m.columns())))
-        except (OSError, pa.ArrowException) as e:
-            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-        if table.num_rows == 0:
-            raise DataError(f"{path}: no rows")
+    if _is_parquet(path):
+        table, src = _read_parquet(path, list(dict.fromkeys(m.columns())))
     else:
         src = _open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower()))
         types = {c: STR for c in m.columns()} | {m.time: FLOAT} | {c: BOOL for c in m.labels}
@@ -565,7 +719,7 @@ def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
     user_ids, item_ids = (_ids(src, table, c) for c in (m.user, m.item))
     labels = np.column_stack([_flags(src, table, c) for c in m.labels]) if m.labels else None
     return EventLog(
-        path.stem,
+        path.parent.name if glob.has_magic(str(path)) else path.stem,
         user_ids,
         item_ids,
         _seconds(src, table, m.time, m.time_unit),
@@ -633,12 +787,51 @@ def _row_features(table: pa.Table, names: tuple[str, ...], ids: np.ndarray) -> S
 
 
 def _columns(path: Path) -> list[str]:
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if _is_parquet(path):
         try:
-            return pq.read_schema(path).names
+            return pq.read_schema(parquet_files(path)[0]).names
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: not a readable Parquet file: {e}") from e
     return list(_open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower())).header)
+
+
+# ---------------------------------------------------------------- requests to score
+
+
+def read_requests(path: Path, n_scenarios: int) -> dict[str, np.ndarray | None]:
+    """Rows to score (`climber predict`): a CSV/TSV or Parquet table with integer columns `user`
+    and `item` (raw ids, as in the training log) and optional `time` (seconds) and `scenario`
+    (0..n_scenarios-1) -> {user, item, time or None, scenario or None}. A missing or
+    non-integer id, a bad time or an out-of-range scenario is a DataError naming its line or row."""
+    path = Path(path)
+    src: _Src
+    if path.suffix.lower() in (".parquet", ".pq"):
+        src = _Parquet(path)
+        try:
+            names = pq.read_schema(path).names
+            _require(path, names, ["user", "item"])
+            table = pq.read_table(path, columns=[c for c in ("user", "item", "time", "scenario") if c in names])
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+        for c in table.column_names:
+            if not (pa.types.is_integer(table[c].type) or (c == "time" and pa.types.is_floating(table[c].type))):
+                raise DataError(f"{path}: column {c!r} has type {table[c].type}; expected integers")
+    else:
+        src = _open_text(path, delimiter=_TEXT_DELIMITERS.get(path.suffix.lower()))
+        _require(path, src.header, ["user", "item"])
+        types = {"user": INT, "item": INT} | {c: t for c, t in (("time", FLOAT), ("scenario", INT)) if c in src.header}
+        table = _read_text(src, types)
+    out: dict[str, np.ndarray | None] = {c: _required(src, table, c) for c in ("user", "item")}
+    out["time"] = out["scenario"] = None
+    if "time" in table.column_names:
+        t = _required(src, table, "time")
+        _nonneg_time(src, t, "time")
+        out["time"] = t.astype(np.int64)
+    if "scenario" in table.column_names:
+        sc = _required(src, table, "scenario")
+        _check(src, (sc < 0) | (sc >= n_scenarios), f"column 'scenario' must be in 0..{n_scenarios - 1}", sc)
+        out["scenario"] = sc.astype(np.int64)
+    return out
 
 
 # ---------------------------------------------------------------- by name
@@ -650,31 +843,65 @@ def shared_data_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
+# name -> (file under the shared data folder, reader, where the data comes from and how to read it by path)
 _NAMED = {
-    "kuairand": lambda d: read_kuairand(d / "kuairand-subset" / "events.tsv"),
-    "lastfm": lambda d: read_s3rec(d / "s3rec" / "LastFM.txt"),
-    "beauty": lambda d: read_s3rec(d / "s3rec" / "Beauty.txt"),
-    "grocery": lambda d: read_grocery(d / "grocery"),
+    "kuairand": ("kuairand-subset/events.tsv", read_kuairand,
+                 "KuaiRand (Gao et al., CIKM 2022; https://kuairand.com, CC BY-SA 4.0): download KuaiRand-Pure "
+                 "and run `climber prepare KuaiRand-Pure/data/log_standard_4_08_to_4_21_pure.csv --format kuairand "
+                 "--out data/kuairand`"),
+    "lastfm": ("s3rec/LastFM.txt", read_s3rec,
+               "the S3-Rec preprocessing (GitHub RUCAIBox/CIKM2020-S3Rec, data/LastFM.txt and "
+               "LastFM_item2attributes.json): `climber prepare LastFM.txt --format s3rec --out data/lastfm`"),
+    "beauty": ("s3rec/Beauty.txt", read_s3rec,
+               "the S3-Rec preprocessing (GitHub RUCAIBox/CIKM2020-S3Rec, data/Beauty.txt and "
+               "Beauty_item2attributes.json): `climber prepare Beauty.txt --format s3rec --out data/beauty`"),
+    "grocery": ("grocery/events.tsv", lambda p: read_grocery(p.parent),
+                "ReChorus' Amazon Grocery_and_Gourmet_Food (GitHub THUwangcy/ReChorus, data/): events.tsv "
+                "(user_id, item_id, time) and item_meta.tsv in one folder, named by CLIMBER_SHARED_DATA/grocery"),
 }
 SOURCES = ("ml-100k", *_NAMED)
+FORMATS = ("s3rec", "recbole", "csv", "parquet", "kuairand")
 
 
-def read_source(name: str, **kw) -> EventLog:
+def read_source(name: str, fmt: str | None = None, **kw) -> EventLog:
     """Read a named source ("ml-100k" takes `root`; the others come from shared_data_dir()), or a
-    table file: pass `mapping=ColumnMapping(...)` or the ColumnMapping fields as keywords."""
-    if name == "ml-100k":
+    path: in format `fmt` (one of FORMATS), else a table (CSV/TSV, Parquet file, directory or
+    glob). Tables take `mapping=ColumnMapping(...)` or its fields as keywords; recbole takes
+    read_recbole's keywords; s3rec and kuairand none."""
+    if fmt is None and name == "ml-100k":
         return read_movielens(**kw)
-    if name in _NAMED:
+    if fmt is None and name in _NAMED:
         if kw:
             raise TypeError(f"read_source({name!r}) takes no options, got {sorted(kw)}")
-        return _NAMED[name](shared_data_dir())
-    if Path(name).is_file():
-        mapping = kw.pop("mapping", None)
-        if mapping is not None and kw:
-            raise TypeError(f"give either mapping or ColumnMapping fields, not both (got {sorted(kw)})")
-        missing = [k for k in ("user", "item", "time") if k not in kw]
-        if mapping is None and missing:
-            raise DataError(f"{name}: a table needs its columns named: {' '.join(f'--{k} COLUMN' for k in missing)}"
-                            f" (columns found: {_columns(Path(name))})")
-        return read_table(Path(name), mapping if mapping is not None else ColumnMapping(**kw))
-    raise DataError(f"unknown source {name!r}: not one of {list(SOURCES)} and not an existing file")
+        rel, reader, origin = _NAMED[name]
+        path = shared_data_dir() / rel
+        if not path.exists():
+            raise DataError(f"{name}: {path} not found. The built-in {name!r} reads the shared data folder "
+                            f"(set CLIMBER_SHARED_DATA to it; now {shared_data_dir()}). The data comes from "
+                            f"{origin}. MovieLens-100K needs nothing: `climber prepare ml-100k`")
+        return reader(path)
+    path = Path(name)
+    if fmt not in FORMATS + (None,):
+        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    if not (path.exists() or (fmt in (None, "parquet") and glob.has_magic(name))):
+        raise DataError(f"unknown source {name!r}: not one of {list(SOURCES)} and not an existing file")
+    if fmt in ("s3rec", "kuairand"):
+        if kw:
+            raise TypeError(f"format {fmt} takes no column options, got {sorted(kw)}")
+        return read_s3rec(path) if fmt == "s3rec" else read_kuairand(path)
+    if fmt == "recbole" or (fmt is None and path.suffix == ".inter"):
+        other = set(kw) - {"user", "item", "time", "labels", "item_features", "user_features"}
+        if other:
+            raise DataError(f"{name}: a RecBole file takes --user --item --time --labels --item-features "
+                            f"--user-features (field names without their type), not {sorted(other)}")
+        return read_recbole(path, **kw)
+    mapping = kw.pop("mapping", None)
+    if mapping is not None and kw:
+        raise TypeError(f"give either mapping or ColumnMapping fields, not both (got {sorted(kw)})")
+    if fmt == "parquet" and not _is_parquet(path):
+        raise DataError(f"{name}: --format parquet needs a .parquet/.pq file, a directory of them or a glob")
+    missing = [k for k in ("user", "item", "time") if k not in kw]
+    if mapping is None and missing:
+        raise DataError(f"{name}: a table needs its columns named: {' '.join(f'--{k} COLUMN' for k in missing)}"
+                        f" (columns found: {_columns(path)})")
+    return read_table(path, mapping if mapping is not None else ColumnMapping(**kw))

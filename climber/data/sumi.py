@@ -235,35 +235,45 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
 
 
 def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
-    """Implicit logs: candidates = each request's positives + `negatives` unseen items each."""
-    rng = np.random.default_rng(cfg.seed)
+    """Implicit logs: candidates = each request's positives + `negatives` unseen items each, drawn
+    for all requests at once (`sample_unseen`; a loop over requests took 30 s for 1M events)."""
     n_pos = ends - starts
-    n_neg = n_pos * cfg.negatives
-    cand_count = n_pos + n_neg
-    total = int(cand_count.sum())
-    cand_item = np.empty(total, np.int64)
-    cand_labels = np.zeros((total, n_tasks), np.int8)
+    cand_count = n_pos * (1 + cfg.negatives)
     offs = np.concatenate([[0], np.cumsum(cand_count)])
-    seen_cache: dict[int, np.ndarray] = {}
-    for r, (u, s, e) in enumerate(zip(req_user.tolist(), starts.tolist(), ends.tolist())):
-        o = offs[r]
-        cand_item[o : o + e - s] = item[s:e]
-        cand_labels[o : o + e - s] = 1
-        need = n_neg[r]
-        if need == 0:
-            continue
-        seen = seen_cache.get(u)
-        if seen is None:
-            seen = seen_cache[u] = np.unique(item[user_offsets[u] : user_offsets[u + 1]])
-        picked = np.empty(0, np.int64)
-        while len(picked) < need:  # rejection sampling: users see a tiny fraction of items
-            draw = rng.integers(FIRST_ITEM, n_items, size=2 * need + 8)
-            draw = draw[~np.isin(draw, seen)]
-            picked = np.concatenate([picked, draw])
-            if len(seen) >= n_items - FIRST_ITEM:
-                raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
-        cand_item[o + e - s : o + e - s + need] = picked[:need]
-    return cand_item, cand_labels, cand_count
+    req = np.repeat(np.arange(len(starts)), cand_count)  # each candidate slot's request
+    j = np.arange(int(offs[-1])) - offs[req]  # its place in the request: positives first
+    pos = j < n_pos[req]
+    cand_item = np.empty(len(req), np.int64)
+    cand_item[pos] = item[starts[req[pos]] + j[pos]]
+    ev_user = np.repeat(np.arange(len(user_offsets) - 1), np.diff(user_offsets))
+    seen = np.unique(ev_user * n_items + item.astype(np.int64))
+    cand_item[~pos] = sample_unseen(req_user[req[~pos]].astype(np.int64), seen, n_items,
+                                    np.random.default_rng(cfg.seed))
+    return cand_item, np.repeat(pos[:, None], n_tasks, 1).astype(np.int8), cand_count
+
+
+def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.random.Generator) -> np.ndarray:
+    """One item per entry of `user` (dense ids), uniform over the items that user never interacted
+    with; `seen` holds user * n_items + item of every event, sorted and unique. Rejection in
+    vectorised rounds (a user has seen a tiny fraction of the items), then, for the few entries
+    still rejected (heavy users), a draw from the user's unseen items directly."""
+    out = rng.integers(FIRST_ITEM, n_items, size=len(user))
+    todo = np.arange(len(user))
+    for _ in range(20):
+        keys = user[todo] * n_items + out[todo]
+        hit = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+        todo = todo[seen[hit] == keys]
+        if not len(todo):
+            return out
+        out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
+    for u in np.unique(user[todo]):
+        lo, hi = np.searchsorted(seen, [u * n_items, (u + 1) * n_items])
+        unseen = np.setdiff1d(np.arange(FIRST_ITEM, n_items), seen[lo:hi] - u * n_items)
+        if not len(unseen):
+            raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
+        mine = todo[user[todo] == u]
+        out[mine] = rng.choice(unseen, size=len(mine))
+    return out
 
 
 def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
@@ -371,24 +381,7 @@ class SumiData:
             a = self.a
             ev_user = np.repeat(np.arange(len(a["user_offsets"]) - 1), np.diff(a["user_offsets"]))
             self._seen = np.unique(ev_user * n_items + a["ev_item"].astype(np.int64))
-        user = np.asarray(user, np.int64)
-        out = rng.integers(FIRST_ITEM, n_items, size=len(user))
-        todo = np.arange(len(user))
-        for _ in range(20):  # rejection: a user has seen a tiny fraction of the items
-            keys = user[todo] * n_items + out[todo]
-            pos = np.minimum(np.searchsorted(self._seen, keys), len(self._seen) - 1)
-            todo = todo[self._seen[pos] == keys]
-            if not len(todo):
-                return out
-            out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
-        for u in np.unique(user[todo]):  # heavy users: draw from their unseen items directly
-            lo, hi = np.searchsorted(self._seen, [u * n_items, (u + 1) * n_items])
-            unseen = np.setdiff1d(np.arange(FIRST_ITEM, n_items), self._seen[lo:hi] - u * n_items)
-            if not len(unseen):
-                raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
-            mine = todo[user[todo] == u]
-            out[mine] = rng.choice(unseen, size=len(mine))
-        return out
+        return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng)
 
     def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
         """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)

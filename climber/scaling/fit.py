@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import curve_fit
 
+from climber.extras import pyplot
+
 Z = 0.95  # confidence level of every band and interval
 
 
@@ -207,10 +209,7 @@ COLORS = {"climber": "C3", "transformer": "C0", "dlrm": "C2", "hstu": "C1", "din
 
 
 def _plot_flops(fits: dict[str, LineFit], sat: dict, rows: dict, split: str, form: str, title: str, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("climber scale fit's figures")
 
     xs = np.concatenate([f.x for f in fits.values()])
     grid = np.linspace(xs.min() - 0.1, xs.max() + 0.1, 200)
@@ -242,10 +241,7 @@ def _plot_flops(fits: dict[str, LineFit], sat: dict, rows: dict, split: str, for
 
 def _plot_fig3(rows: list[dict], split: str, title: str, path: Path) -> None:
     """AUC vs layers, one line per length; AUC vs length, one line per layers (Fig. 3)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("climber scale fit's figures")
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for key, other, ax, xlabel in (("seq_len", "n_layers", a1, "layers"), ("n_layers", "seq_len", a2, "length")):
@@ -273,6 +269,7 @@ def _fmt_ci(ci: tuple[float, float], digits: int = 4) -> str:
 def fit_report(rows: list[dict], out_dir: Path, split: str = "test", form: str = "exact", n_boot: int = 2000,
                seed: int = 0) -> dict:
     """Fit, plot and write `report.md` + `fit.json` into `out_dir`; returns the fit summary."""
+    pyplot("climber scale fit's figures")  # without matplotlib: say so before the bootstrap, not after
     datasets = {r["dataset"] for r in rows}
     if len(datasets) != 1:
         raise ValueError(f"rows must come from one data set, got {sorted(datasets)}")
