@@ -52,6 +52,7 @@ MODELS: dict[str, dict] = {
     "climber": {"arch": "climber"},
     "climber-large": {"arch": "climber", "grow": 2},  # twice the history length and twice the layers
     "climber-nomatch": {"arch": "climber", "match_readout": False},  # without the match readout (model.py, step 6)
+    "climber-nopooled": {"arch": "climber", "pooled_readout": False},  # without the pooled readout (model.py, step 6)
     "climber-tp": {"arch": "climber", "target_product": True},  # + the target-product readout (model.py, step 6)
 }
 METRICS = ("auc", "gauc", "logloss")

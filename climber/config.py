@@ -74,7 +74,7 @@ class ModelConfig:
     bgf: bool = True
     target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
     match_readout: bool = True  # head also sees each candidate's mean and log-mean-exp logit per layer, block, head
-    pooled_readout: bool = False  # head also sees DLRM's fields: candidate, mean history per block, their dots
+    pooled_readout: bool = True  # head also sees DLRM's fields: candidate, mean history per block, their dots
     se_reduction: int = 4
     head_hidden: tuple[int, ...] = (256, 64)
 

@@ -22,8 +22,10 @@
    `match_readout` the head also sees, per layer, block and head, the candidate's mean
    attention logit over the valid history keys, q . mean(k) / tau (exactly the shift the
    softmax discards), and their log-mean-exp (a soft maximum), computed from the keys a
-   `HistoryCache` holds. With `target_product` it
-   sees c * E_k, the candidate embedding times each block output.
+   `HistoryCache` holds. With `pooled_readout` it also sees DLRM's interaction: the candidate
+   embedding, each block's mean history embedding and the dot product of every pair of them
+   (the cache carries each block's embedding sum). With `target_product` it sees c * E_k, the
+   candidate embedding times each block output.
 
 SUMI ("single user, multiple items", section 3.1): candidates are appended after the history;
 history tokens never see candidates, and a candidate sees the history and itself. `forward`
