@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from climber import checkpoint
-from climber.config import ModelConfig, TrainConfig, model_config
+from climber.config import COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
 from climber.data.sumi import SumiData
 from climber.evaluate import popularity_scores
 from climber.metrics import evaluate_predictions
@@ -40,29 +40,13 @@ from climber.model import make_model
 from climber.runtime import Runtime, apply, resolve_device
 from climber.train import predict, train
 
-# model name -> ModelConfig fields; table rows follow the paper's Table 2 order
-MODELS: dict[str, dict] = {
-    "dlrm": {"arch": "dlrm"},
-    "din": {"arch": "din"},
-    "twin": {"arch": "twin"},
-    "transformer": {"arch": "transformer"},
-    "hstu": {"arch": "hstu"},
-    "climber-mse": {"arch": "climber", "adaptive": False, "bgf": False},  # "without ATL and BGF (MSE only)"
-    "climber-nobgf": {"arch": "climber", "bgf": False},  # "without BGF"
-    "climber": {"arch": "climber"},
-    "climber-large": {"arch": "climber", "grow": 2},  # twice the history length and twice the layers
-    "climber-nomatch": {"arch": "climber", "match_readout": False},  # without the match readout (model.py, step 6)
-    "climber-nopooled": {"arch": "climber", "pooled_readout": False},  # without the pooled readout (model.py, step 6)
-    "climber-tp": {"arch": "climber", "target_product": True},  # + the target-product readout (model.py, step 6)
-}
 METRICS = ("auc", "gauc", "logloss")
-TUNED = ("lr", "embedding_lr_mult", "embedding_weight_decay")  # the shared grid's axes (TrainConfig fields)
 _TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd"}
 
 
 def model_for(shared: ModelConfig, name: str) -> ModelConfig:
     """The shared config with model `name`'s fields; "grow": g multiplies seq_len and n_layers."""
-    spec = dict(MODELS[name])
+    spec = dict(COMPARE_MODELS[name])
     g = spec.pop("grow", 1)
     return replace(shared, **spec, seq_len=shared.seq_len * g, n_layers=shared.n_layers * g)
 
@@ -91,9 +75,9 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     `train_only`: train the runs and stop (no test, no report), for jobs that train parts of one
     comparison in parallel; a last call without it picks, tests and reports."""
     runtime = runtime or Runtime()
-    unknown = sorted(set(models) - set(MODELS))
+    unknown = sorted(set(models) - set(COMPARE_MODELS))
     if unknown or not models or not seeds:
-        raise ValueError(f"need models from {list(MODELS)} (unknown: {unknown}) and at least one seed")
+        raise ValueError(f"need models from {list(COMPARE_MODELS)} (unknown: {unknown}) and at least one seed")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_cfg = train_cfg or TrainConfig()
     data = SumiData(data_dir)
@@ -104,7 +88,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     device = resolve_device(runtime.device)
     shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
     rows = []
-    for name in sorted(models, key=list(MODELS).index):
+    for name in sorted(models, key=list(COMPARE_MODELS).index):
         mcfg = model_for(shared, name)
         runs = {point_tag(p): [_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
                                     replace(train_cfg, **p, seed=s), name, runtime) for s in seeds] for p in points}
@@ -116,7 +100,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
         tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[point_tag(best)]]
         model = make_model(mcfg)
         rows.append({
-            "model": name, "config": MODELS[name], "lr": best["lr"], "picked": best, "seeds": list(seeds),
+            "model": name, "config": COMPARE_MODELS[name], "lr": best["lr"], "picked": best, "seeds": list(seeds),
             "valid_auc_by_point": valid_auc, "test_per_seed": tests,
             **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
             "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),

@@ -34,28 +34,12 @@ import ctypes.util
 import math
 import os
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from climber import ops
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """Where and how fast a model runs; none of it changes what the model computes."""
-
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    attention: str = "auto"  # "auto" (triton on a CUDA GPU, else reference) | "reference" | "triton"
-    compile: bool = False  # regional torch.compile (see the module docstring)
-    threads: int = 0  # CPU threads of torch ops on a CPU device; 0: OMP_NUM_THREADS if set, else half the cores, <= 4
-
-    def __post_init__(self) -> None:
-        if self.attention not in ops.BACKENDS:
-            raise ValueError(f"attention must be one of {ops.BACKENDS}, not {self.attention!r}")
-        if self.threads < 0:
-            raise ValueError("threads must be >= 0 (0: automatic)")
+from climber.config import Runtime
 
 
 class SigmoidGELU(nn.Module):

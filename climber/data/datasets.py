@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from climber.data.sumi import PrepareConfig
+from climber.config import PrepareConfig
+
+# how `climber prepare PATH --format F` reads a path (climber/data/readers.py: read_source)
+FORMATS = ("s3rec", "recbole", "csv", "parquet", "kuairand")
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from climber.data.datasets import FORMATS
 from climber.data.events import DataError, EventLog, SideFeatures
 from climber.data.fetch import fetch_movielens
 
@@ -860,7 +861,6 @@ _NAMED = {
                 "(user_id, item_id, time) and item_meta.tsv in one folder, named by CLIMBER_SHARED_DATA/grocery"),
 }
 SOURCES = ("ml-100k", *_NAMED)
-FORMATS = ("s3rec", "recbole", "csv", "parquet", "kuairand")
 
 
 def read_source(name: str, fmt: str | None = None, **kw) -> EventLog:

@@ -27,13 +27,13 @@ import dataclasses
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from climber.config import parse_strategy
+from climber.config import PrepareConfig, parse_strategy
 from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
 from climber.files import recover_dir, replace_dir
 
@@ -41,22 +41,6 @@ PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
 SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """How events become SUMI samples. `request_gap` is in the log's time unit (seconds)."""
-
-    request_gap: int = 60
-    max_candidates: int = 20
-    negatives: int = 4  # implicit logs only: sampled negatives per positive
-    eval_requests: int = 1  # per user: last k requests test, the k before validation
-    seed: int = 0
-    drop_duplicates: bool = True  # rows equal to an earlier one in every column: dropped, counted in meta
-
-    def __post_init__(self) -> None:
-        if self.request_gap < 0 or self.max_candidates < 1 or self.negatives < 0 or self.eval_requests < 1:
-            raise ValueError(f"invalid PrepareConfig {self}")
 
 
 def _dense(raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:

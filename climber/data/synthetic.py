@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from climber.config import PrepareConfig
 from climber.data.events import EventLog, SideFeatures
-from climber.data.sumi import PrepareConfig
 
 SCENARIOS = ("feed", "search", "daily_mix")
 POPULAR = np.array([0.5, 0.1, 0.2])  # share of exposures drawn from global popularity

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from climber.config import BACKENDS
 from climber.ops import reference, triton_attention
-
-BACKENDS = ("auto", "reference", "triton")
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from climber.config import add_dataclass_flags, pick_fields
 
 
@@ -91,6 +89,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_serve(ns: argparse.Namespace) -> None:
     # the web stack is imported only here, so the rest of the CLI runs without it
+    import torch
     import uvicorn
 
     from climber.runtime import resolve_device
