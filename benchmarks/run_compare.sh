@@ -15,9 +15,10 @@
 # x 50 events, d 64, 2 heads, 2 layers); warm-up 50 steps then cosine decay over an epoch cap
 # that no model reaches; validation twice per epoch, early stopping after PATIENCE validations
 # without gain (default 4, two epochs), the best validation checkpoint tested; on implicit data
-# sets 4 training negatives per positive drawn afresh every epoch (validation and test keep the
-# prepared ones). Tuning: one point per model from the grid LRS x EMB_MULTS x EMB_WDS (defaults
-# {1e-3, 3e-3} x {1, 10} x {0}), shared by every model, picked by mean validation AUC over the
+# sets training negatives per positive drawn afresh every epoch (validation and test keep the
+# prepared ones). Tuning: one point per model from the grid LRS x EMB_MULTS x EMB_WDS x NEGS
+# (training negatives; defaults {1e-3, 3e-3} x {1, 10} x {0} x {4}; 16 raised every model's
+# validation AUC in table2/pooled-screen), shared by every model, picked by mean validation AUC over the
 # seeds; the test split is evaluated only at the picked point (compare.md states it). Batch
 # (requests, each with its history once and all its candidates) and epoch cap per data set:
 #
@@ -36,7 +37,7 @@
 # interrupted ones.
 #
 # Environment: JOBS (default 8); GPUS (default 1): jobs are spread over that many GPUs by their
-# xargs slot (slot mod GPUS); SEEDS (default "0 1 2"); LRS, EMB_MULTS, EMB_WDS (the grid);
+# xargs slot (slot mod GPUS); SEEDS (default "0 1 2"); LRS, EMB_MULTS, EMB_WDS, NEGS (the grid);
 # PATIENCE; DATASETS (default all five); MODELS (default all nine Table 2 rows); EXTRA, flags
 # appended to every call, e.g. a CPU smoke test of the script:
 # DATASETS=ml-100k SEEDS=0 EXTRA="--max-steps 2 --device cpu".
@@ -53,6 +54,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 LRS=${LRS:-"1e-3 3e-3"}
 EMB_MULTS=${EMB_MULTS:-"1 10"}
 EMB_WDS=${EMB_WDS:-"0"}
+NEGS=${NEGS:-"4"}
 PATIENCE=${PATIENCE:-4}
 PY=${PYTHON:-python3}
 EXTRA=${EXTRA:-}
@@ -76,11 +78,11 @@ compare() {  # data set, then models; every other flag is the same for all calls
     # cuda:0, not cuda: train.py's torch.cuda.set_device needs an index outside torchrun
     # shellcheck disable=SC2046,SC2086  # the budget and EXTRA are lists of flags
     $PY -m climber compare --data "$ROOT/$ds" --out "$OUT/$ds" --models "$@" --seeds ${RUN_SEEDS:-$SEEDS} --preset small \
-        --lrs $LRS --embedding-lr-mults $EMB_MULTS --embedding-weight-decays $EMB_WDS --warmup-steps 50 \
+        --lrs $LRS --embedding-lr-mults $EMB_MULTS --embedding-weight-decays $EMB_WDS --train-negative-counts $NEGS --warmup-steps 50 \
         --patience "$PATIENCE" --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 $(budget "$ds") $EXTRA
 }
 export -f compare budget
-export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS PATIENCE GPUS
+export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS NEGS PATIENCE GPUS
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }

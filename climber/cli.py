@@ -162,7 +162,7 @@ def cmd_compare(ns) -> None:
 
     budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", *TUNED}))
     grid = {"lr": ns.lrs, "embedding_lr_mult": ns.embedding_lr_mults,
-            "embedding_weight_decay": ns.embedding_weight_decays}
+            "embedding_weight_decay": ns.embedding_weight_decays, "train_negatives": ns.train_negative_counts}
     compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, grid,
             pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
             command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)),
@@ -377,6 +377,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         f"{TrainConfig.embedding_lr_mult})")
     p.add_argument("--embedding-weight-decays", nargs="+", type=float, default=[TrainConfig.embedding_weight_decay],
                    help=f"the grid's embedding-table weight decays (default: {TrainConfig.embedding_weight_decay})")
+    p.add_argument("--train-negative-counts", nargs="+", type=int, default=[TrainConfig.train_negatives],
+                   help="the grid's training negatives per positive, drawn afresh every epoch on implicit data "
+                        f"(default: {TrainConfig.train_negatives})")
     add_preset_flag(p)
     p.add_argument("--train-only", action="store_true",
                    help="train the runs, then stop: no test, no table (parallel jobs; a last call reports)")

@@ -41,7 +41,7 @@ from climber.runtime import Runtime, apply, resolve_device
 from climber.train import predict, train
 
 METRICS = ("auc", "gauc", "logloss")
-_TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd"}
+_TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd", "train_negatives": "neg"}
 
 
 def model_for(shared: ModelConfig, name: str) -> ModelConfig:
@@ -62,7 +62,7 @@ def grid_points(train_cfg: TrainConfig, grid: dict[str, Sequence[float]] | None)
 
 
 def point_tag(point: dict[str, float]) -> str:
-    """A grid point's run-directory name, e.g. lr0.003_emb10_ewd0."""
+    """A grid point's run-directory name, e.g. lr0.003_emb10_ewd0_neg4."""
     return "_".join(f"{_TAG[k]}{point[k]:g}" for k in TUNED)
 
 
@@ -81,6 +81,8 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     train_cfg = train_cfg or TrainConfig()
     data = SumiData(data_dir)
+    if not data.implicit:  # explicit logs have no sampled training negatives: that axis would repeat runs
+        grid = {k: v for k, v in (grid or {}).items() if k != "train_negatives"}
     points = grid_points(train_cfg, grid)
     # FLOPs at the typical request: the mean candidate count (implicit data sets add sampled
     # negatives, so prepare's max_candidates is not the number of candidates)
@@ -231,11 +233,11 @@ def to_markdown(r: dict) -> str:
         f"batch {t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay over the epoch cap, "
         f"validation {every}, early stopping after {t['patience']} validations without gain, max_steps "
         f"{t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
-        + (f"Training negatives: {t['train_negatives']} per positive, drawn afresh every epoch (validation and "
-           "test keep the prepared ones)." if r.get("implicit") else ""),
+        + ("Training negatives (a grid axis, per positive) drawn afresh every epoch (validation and test keep the "
+           "prepared ones)." if r.get("implicit") else ""),
         f"Tuning: {r['tuning']}",
         "AUC vs DLRM = mean AUC / mean DLRM AUC - 1. picked: the grid point (learning rate, embedding rate "
-        "multiplier, embedding weight decay). FLOPs/request: forward matmul FLOPs (as "
+        "multiplier, embedding weight decay, training negatives per positive). FLOPs/request: forward matmul FLOPs (as "
         f"torch.utils.flop_counter counts them) at L={r['flops_at']['L']} history events per block and "
         f"M={r['flops_at']['M']} candidates (the mean per request). best step / steps and train s: per run, mean "
         "over seeds.",

@@ -413,7 +413,8 @@ COMPARE_MODELS: dict[str, dict] = {
     "climber-nopooled": {"arch": "climber", "pooled_readout": False},  # without the pooled readout (model.py, step 6)
     "climber-tp": {"arch": "climber", "target_product": True},  # + the target-product readout (model.py, step 6)
 }
-TUNED = ("lr", "embedding_lr_mult", "embedding_weight_decay")  # the shared grid's axes (TrainConfig fields)
+# the shared grid's axes of `climber compare` (TrainConfig fields)
+TUNED = ("lr", "embedding_lr_mult", "embedding_weight_decay", "train_negatives")
 
 
 def model_config(preset: str, vocab: dict, strategies: tuple[str, ...], **overrides) -> ModelConfig:

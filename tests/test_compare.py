@@ -49,7 +49,7 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
                                                                 rows["dlrm"]["auc"]["mean"] - 1)
     assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
     assert "Tuning: none." in md and report["versions"]["torch"] and "popularity" in md
-    assert len(list(out.glob("runs/*/lr0.001_emb1_ewd0/seed*/run.json"))) == 4
+    assert len(list(out.glob("runs/*/lr0.001_emb1_ewd0_neg4/seed*/run.json"))) == 4
     per_request = np.diff(SumiData(data_dir).a["req_cand_start"]).mean()
     assert report["flops_at"] == {"L": 8, "M": round(per_request)}  # FLOPs of a mean-sized request
 
@@ -78,7 +78,8 @@ def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_
     tested = {p.parent.parent.name for p in out.glob("runs/transformer/*/seed*/test.json")}
     assert tested == {compare_mod.point_tag(row["picked"])}  # the other points never saw the test split
     md = (out / "compare.md").read_text()
-    assert "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0} (4 points)" in md
+    grid_text = "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0}, train_negatives {4}"
+    assert grid_text + " (4 points)" in md
 
 
 def test_grid_rejects_unknown_axes():
