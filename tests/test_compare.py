@@ -100,3 +100,12 @@ def test_train_only_jobs_leave_testing_to_the_last_call(data_dir, tmp_path, monk
     (row,) = report["rows"]
     tested = {p.parent.parent.name for p in out.glob("runs/dlrm/*/seed*/test.json")}
     assert tested == {compare_mod.point_tag(row["picked"])} and len(row["test_per_seed"]) == 2
+
+
+def test_negatives_axis_is_dropped_on_explicit_data(data_dir, tmp_path):
+    """Explicit logs sample no training negatives: a negatives axis would train the same run
+    twice, so it is dropped (one run directory per seed, at the budget's count)."""
+    assert not SumiData(data_dir).implicit
+    compare_mod.compare(data_dir, tmp_path / "c", ["dlrm"], [0], "tiny", TINY, {"train_negatives": (4, 16)},
+                        train_only=True)
+    assert [p.name for p in (tmp_path / "c" / "runs" / "dlrm").iterdir()] == ["lr0.001_emb1_ewd0_neg4"]
