@@ -99,6 +99,7 @@ class ModelConfig:
     pos_buckets: int = 32  # relative-position buckets of the attention bias f_b
     time_buckets: int = 32  # time-gap buckets (log-spaced) of the attention bias f_b
     adaptive: bool = True  # the ATL's temperature and bias per (block, scenario); off: the "MSE only" ablation
+    scenario_adaptive: bool = True  # the scenario axis of those tables (and BGF's temperature); off: shared
     bgf: bool = True  # bit-wise gating fusion of the block outputs; off: concatenated into the head
     target_product: bool = False  # head also sees candidate embedding * each block output (model.py, step 6)
     match_readout: bool = True  # head also sees each candidate's mean and log-mean-exp logit per layer, block, head
@@ -129,6 +130,11 @@ class ModelConfig:
     @property
     def n_blocks(self) -> int:
         return len(self.strategies)
+
+    @property
+    def tau_scenarios(self) -> int:
+        """Scenarios with their own temperature and bias tables: all, or 1 when shared."""
+        return self.n_scenarios if self.scenario_adaptive else 1
 
     @property
     def d_head(self) -> int:
@@ -407,6 +413,7 @@ COMPARE_MODELS: dict[str, dict] = {
     "hstu": {"arch": "hstu"},
     "climber-mse": {"arch": "climber", "adaptive": False, "bgf": False},  # "without ATL and BGF (MSE only)"
     "climber-nobgf": {"arch": "climber", "bgf": False},  # "without BGF"
+    "climber-shared-tau": {"arch": "climber", "scenario_adaptive": False},  # one temperature and bias for all scenarios
     "climber": {"arch": "climber"},
     "climber-large": {"arch": "climber", "grow": 2},  # twice the history length and twice the layers
     "climber-nomatch": {"arch": "climber", "match_readout": False},  # without the match readout (model.py, step 6)

@@ -124,7 +124,7 @@ class BitwiseGatingFusion(nn.Module):
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, cfg.ffn_mult * d), nn.Linear(cfg.ffn_mult * d, d)
-        self.log_tau = nn.Parameter(torch.full((cfg.n_scenarios, cfg.n_heads), math.log(math.sqrt(cfg.d_head))),
+        self.log_tau = nn.Parameter(torch.full((cfg.tau_scenarios, cfg.n_heads), math.log(math.sqrt(cfg.d_head))),
                                     requires_grad=cfg.adaptive)
         r = max(1, K * d // cfg.se_reduction)
         self.squeeze, self.excite = nn.Linear(K * d, r), nn.Linear(r, K * d)
@@ -134,7 +134,8 @@ class BitwiseGatingFusion(nn.Module):
     def forward(self, e: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         B, M, K, d = e.shape
         q, k, v = self.qkv(self.norm1(e)).view(B, M, K, 3, self.h, d // self.h).permute(3, 0, 1, 4, 2, 5)
-        tau = self.log_tau[scenario].exp()[:, None, :, None, None]  # (B, 1, H, 1, 1)
+        row = scenario if len(self.log_tau) > 1 else torch.zeros_like(scenario)  # one shared row: scenario_adaptive off
+        tau = self.log_tau[row].exp()[:, None, :, None, None]  # (B, 1, H, 1, 1)
         a = torch.softmax((q @ k.transpose(-1, -2)).float() / tau, dim=-1).to(v.dtype) @ v  # (B, M, H, K, dh)
         g = e + self.drop(self.proj(a.transpose(2, 3).reshape(B, M, K, d)))
         g = g + self.drop(self.fc2(self.act(self.fc1(self.norm2(g)))))
@@ -271,7 +272,7 @@ class Climber(TokenEmbeddings):
         super().__init__(cfg)  # 1. embeddings, shared by all blocks (climber/embeddings.py)
         d, K, H, T = cfg.d_model, cfg.n_blocks, cfg.n_heads, len(cfg.tasks)
         # 3. ATL stack; adaptive tables are indexed [block, scenario, head, bucket]
-        tables = (K, cfg.n_scenarios) if cfg.adaptive else (1, 1)
+        tables = (K, cfg.tau_scenarios) if cfg.adaptive else (1, 1)
         self.pos_bias = nn.Parameter(torch.zeros(*tables, H, cfg.pos_buckets))
         self.time_bias = nn.Parameter(torch.zeros(*tables, H, cfg.time_buckets))
         self.log_tau = nn.Parameter(torch.full((cfg.n_layers, *tables, H), math.log(math.sqrt(cfg.d_head))),
@@ -303,15 +304,20 @@ class Climber(TokenEmbeddings):
             nn.init.zeros_(m.bias)
 
     # ---- 3. adaptive attention parameters -----------------------------------------------------
+    def _table_scenario(self, scenario: torch.Tensor) -> torch.Tensor:
+        """Each request's row of the scenario axis: its scenario, or 0 where that axis is shared."""
+        adaptive = self.cfg.adaptive and self.cfg.scenario_adaptive
+        return scenario if adaptive else torch.zeros_like(scenario)
+
     def _tables(self, scenario: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """f_b's tables for each request: position (B, K, H, P) and time (B, K, H, T)."""
-        s = scenario if self.cfg.adaptive else torch.zeros_like(scenario)
+        s = self._table_scenario(scenario)
         K = self.cfg.n_blocks
         return tuple(t[:, s].transpose(0, 1).expand(-1, K, -1, -1) for t in (self.pos_bias, self.time_bias))
 
     def _inv_tau(self, scenario: torch.Tensor) -> torch.Tensor:
         """1 / f_tc(layer, block, scenario, head) for each request: (N_L, B, K, H), fp32."""
-        s = scenario if self.cfg.adaptive else torch.zeros_like(scenario)
+        s = self._table_scenario(scenario)
         inv = (-self.log_tau[:, :, s]).exp().transpose(1, 2)  # (N_L, B, K or 1, H)
         return inv.expand(-1, -1, self.cfg.n_blocks, -1)
 

@@ -343,3 +343,19 @@ def test_bag_feature_embeds_as_the_mean_of_its_values():
     b = random_batch(model.cfg, B=3, M=4, seed=9)
     torch.testing.assert_close(model.score(model.prefill(b), b["cand_item"], b["req_time"]), model(b), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_shared_tau_variant_ignores_the_scenario_in_attention():
+    """scenario_adaptive=False: one temperature and bias table per block for every scenario, so
+    with the scenario embedding zeroed the scores do not depend on the request scenario; the
+    adaptive model's (perturbed) tables make them depend on it. Cached == uncached either way."""
+    for adaptive in (True, False):
+        model = make(scenario_adaptive=adaptive)
+        assert model.log_tau.shape[2] == (model.cfg.n_scenarios if adaptive else 1)
+        with torch.no_grad():
+            model.scenario_emb.weight.zero_()
+        b = random_batch(model.cfg, B=3, M=4, seed=11)
+        other = dict(b, req_scenario=(b["req_scenario"] + 1) % model.cfg.n_scenarios)
+        assert torch.allclose(model(b), model(other), atol=1e-6) != adaptive
+        torch.testing.assert_close(model.score(model.prefill(b), b["cand_item"], b["req_time"]), model(b),
+                                   atol=1e-5, rtol=1e-5)
