@@ -8,7 +8,7 @@ import pytest
 
 from climber.cli import main
 from climber.data.sumi import SumiData
-from climber.data.synthetic import TASKS, SyntheticConfig, generate
+from climber.data.synthetic import SCENARIOS, TASKS, SyntheticConfig, generate
 
 CFG = SyntheticConfig(users=120, events_per_user=600, items=3000, topics=20, seed=3)
 
@@ -80,3 +80,27 @@ def test_prepare_synthetic_cli(tmp_path):
     assert data.tasks == TASKS and data.meta["notes"]["config"]["seed"] == 2
     assert data.meta["notes"]["config"]["users"] == 20 and data.meta["counts"]["requests_test"] > 0
     assert data.meta["strategies"] == ["recent", "pos:like", "pos:click", "recent@16"]
+
+
+def _recent_like_lift(log, scenario: int) -> float:
+    """Like rate of clicked impressions in `scenario` whose topic was liked among the user's last
+    3 events, over the rate of those whose topic was not."""
+    topic = log.item_features.codes[log.item, 0] - 1
+    hit, miss = [], []
+    for u in np.unique(log.user):
+        idx = np.flatnonzero(log.user == u)
+        k, click, like, sc = topic[idx], log.labels[idx, 0], log.labels[idx, 1], log.scenario[idx]
+        for t in np.flatnonzero((click == 1) & (sc == scenario) & (np.arange(len(idx)) >= 3)):
+            (hit if (like[t - 3:t] & (k[t - 3:t] == k[t])).any() else miss).append(like[t])
+    return float(np.mean(hit) / np.mean(miss))
+
+
+def test_scenario_recency_makes_search_read_the_last_events():
+    """With scenario_recency the like label in search (RECENT 1.5) depends much more on the last
+    few events than without; in the daily mix (RECENT 0) the dependence stays as it was."""
+    base = dict(users=300, events_per_user=300, items=3000, topics=20, seed=1)
+    off, on = generate(SyntheticConfig(**base)), generate(SyntheticConfig(**base, scenario_recency=3.0))
+    search, daily = SCENARIOS.index("search"), SCENARIOS.index("daily_mix")
+    assert _recent_like_lift(on, search) > _recent_like_lift(off, search) + 0.3
+    assert abs(_recent_like_lift(on, daily) - _recent_like_lift(off, daily)) < 0.2
+    assert on.notes["config"]["scenario_recency"] == 3.0 and on.notes["constants"]["recent"] == [0.5, 1.5, 0.0]

@@ -25,6 +25,11 @@ The process, per user, one impression at a time (all users advance together, vec
       like  ~ sigmoid(-2.3 + 0.6 z + MEMORY[s] * log1p(m[k]) + q_i + LIKE[s])
       share ~ sigmoid(-1.5 + v_i + SHARE[s])
   so the like label depends on likes of the same topic far back, weighted by scenario.
+- Scenarios that read the history differently (`scenario_recency` > 0, default 0: off): a
+  short memory r[k] of same-topic likes, halving every `short_half_life` events, adds
+  scenario_recency * RECENT[s] * log1p(r[k]) to the like logit. Search then depends on the
+  last few events, the daily mix not at all (it follows the long memory): a known truth for
+  measuring whether per-scenario attention temperature and bias (the ATL) earn their keep.
 - Action (a history feature): 0 = no click, else a dwell bucket 1..3 that rises with the like
   propensity.
 
@@ -47,6 +52,7 @@ CLICK = np.array([0.0, 0.6, 0.2])  # scenario offsets of the click logit
 LIKE = np.array([0.0, -0.3, 0.3])  # ... of the like logit
 MEMORY = np.array([0.5, 0.25, 1.0])  # weight of the long-term memory in the like logit
 SHARE = np.array([0.3, -1.0, 0.0])  # ... of the share logit
+RECENT = np.array([0.5, 1.5, 0.0])  # weight of the short (recent) memory in the like logit, x scenario_recency
 TASKS = ("click", "like", "share")
 DAY = 86_400
 # How `climber prepare synthetic` groups it: a session's events are seconds apart, sessions hours
@@ -69,13 +75,17 @@ class SyntheticConfig:
     session_events: float = 10.0
     drift: float = 0.15
     memory_half_life: float = 300.0  # in events
+    scenario_recency: float = 0.0  # scale of RECENT[s] * log1p(short memory) in the like logit; 0: off
+    short_half_life: float = 5.0  # in events
     seed: int = 0
 
     def __post_init__(self) -> None:
         if min(self.users, self.events_per_user, self.items, self.topics, self.cohorts) < 1:
             raise ValueError(f"users, events_per_user, items, topics and cohorts must be positive: {self}")
-        if self.session_events < 1 or self.memory_half_life <= 0 or self.zipf <= 0:
-            raise ValueError("session_events >= 1, memory_half_life > 0 and zipf > 0 are required")
+        if self.session_events < 1 or min(self.memory_half_life, self.short_half_life, self.zipf) <= 0:
+            raise ValueError("session_events >= 1, memory_half_life > 0, short_half_life > 0 and zipf > 0 are required")
+        if self.scenario_recency < 0:
+            raise ValueError("scenario_recency must be >= 0")
         if min(self.length_sigma, self.drift) < 0:
             raise ValueError("length_sigma and drift must be non-negative")
 
@@ -117,6 +127,8 @@ def generate(cfg: SyntheticConfig) -> EventLog:
     # memory stored scaled by 2^(t / half-life) at the time of the like, so its decayed value at
     # step t is m_scaled * 2^(-t / half-life): O(1) per like, no decay pass over all topics
     m_scaled = np.zeros((U, K))
+    short = np.zeros((U, K))  # the short memory, decayed in place every event (scenario_recency > 0)
+    short_decay = 2.0 ** (-1.0 / cfg.short_half_life)
     scen = np.zeros(U, np.int64)
 
     N = int(offsets[-1])
@@ -153,11 +165,15 @@ def generate(cfg: SyntheticConfig) -> EventLog:
         rows = np.arange(n)
         z = theta[u, k] - theta[u].mean(1)
         like_logit = -2.3 + 0.6 * z + MEMORY[s] * mem[rows, k] + quality[item] + LIKE[s]
+        if cfg.scenario_recency:
+            short[u] *= short_decay
+            like_logit += cfg.scenario_recency * RECENT[s] * np.log1p(short[u, k])
         click = rng.random(n) < _sigmoid(-2.4 + 1.2 * z + 0.5 * quality[item] + CLICK[s])
         like = click & (rng.random(n) < _sigmoid(like_logit))
         share = like & (rng.random(n) < _sigmoid(-1.5 + virality[item] + SHARE[s]))
         dwell = _sigmoid(like_logit + rng.standard_normal(n))
         m_scaled[u[like], k[like]] += 2.0 ** (t / cfg.memory_half_life)
+        short[u[like], k[like]] += 1.0
 
         pos = offsets[u] + t
         out_item[pos], out_time[pos], out_scen[pos] = item, clock[u], s
@@ -171,9 +187,10 @@ def generate(cfg: SyntheticConfig) -> EventLog:
         "scenarios": list(SCENARIOS),
         "constants": {name: arr.tolist() for name, arr in
                       (("popular", POPULAR), ("recall", RECALL), ("click", CLICK), ("like", LIKE),
-                       ("memory", MEMORY), ("share", SHARE))},
+                       ("memory", MEMORY), ("share", SHARE), ("recent", RECENT))},
         "label_logits": {"click": "-2.4 + 1.2 z + 0.5 q + click[s]",
-                         "like | click": "-2.3 + 0.6 z + memory[s] log1p(m_topic) + q + like[s]",
+                         "like | click": "-2.3 + 0.6 z + memory[s] log1p(m_topic) + q + like[s]"
+                                         " + scenario_recency recent[s] log1p(r_topic)",
                          "share | like": "-1.5 + v + share[s]"},
         "action": "0 = no click, 1..3 = dwell bucket",
     }
