@@ -40,6 +40,20 @@ def popularity_scores(data: SumiData, split: str, smoothing: float = 10.0) -> tu
     return users, labels, rate[items]
 
 
+def by_scenario(data: SumiData, split: str, users: np.ndarray, labels: np.ndarray,
+                probs: np.ndarray) -> dict[str, dict] | None:
+    """Metrics per request scenario for predictions in `predict`'s order (the split's requests in
+    order, each request's candidates in order); None for a single-scenario data set."""
+    if data.meta["vocab"]["n_scenarios"] <= 1:
+        return None
+    reqs = data.requests(split)
+    scen = np.repeat(data.a["req_scenario"][reqs], np.diff(data.a["req_cand_start"])[reqs])
+    if len(scen) != len(users):
+        raise ValueError(f"{len(users)} predictions for {len(scen)} candidates of {split}")
+    return {str(s): evaluate_predictions(users[scen == s], labels[scen == s], probs[scen == s], data.tasks)
+            for s in np.unique(scen)}
+
+
 def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", batch_size: int = 256,
              runtime: Runtime | None = None) -> dict:
     """Metrics of a checkpoint on `split` (any attention backend: the runtime's)."""
@@ -53,6 +67,7 @@ def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", 
     users, labels, probs = predict(model, data, split, batch_size, dev)
     results = {
         "model": evaluate_predictions(users, labels, probs, data.tasks),
+        "model_by_scenario": by_scenario(data, split, users, labels, probs),
         "popularity": evaluate_predictions(*popularity_scores(data, split), data.tasks),
         "split": split,
         "dataset": data.meta["name"],
@@ -65,7 +80,9 @@ def evaluate(ckpt_dir: Path, data_dir: Path | None = None, split: str = "test", 
 
 def report(results: dict) -> str:
     title = f"{results['dataset']} / {results['split']} ({results['candidates']} candidates)"
-    return "\n\n".join([format_table(results["model"], f"Climber: {title}"),
+    per_scenario = [format_table(r, f"Climber, scenario {s}: {title}")
+                    for s, r in (results.get("model_by_scenario") or {}).items()]
+    return "\n\n".join([format_table(results["model"], f"Climber: {title}"), *per_scenario,
                         format_table(results["popularity"], f"Popularity baseline: {title}")])
 
 
