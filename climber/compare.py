@@ -34,7 +34,7 @@ import torch
 from climber import checkpoint
 from climber.config import COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
 from climber.data.sumi import SumiData
-from climber.evaluate import popularity_scores
+from climber.evaluate import by_scenario, popularity_scores
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
 from climber.runtime import Runtime, apply, resolve_device
@@ -99,11 +99,13 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
         # model selection on validation only: the grid point with the best mean validation AUC
         valid_auc = {tag: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for tag, rs in runs.items()}
         best = max(points, key=lambda p: valid_auc[point_tag(p)])
-        tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[point_tag(best)]]
+        tests, scen_tests = zip(*(_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[point_tag(best)]))
         model = make_model(mcfg)
         rows.append({
             "model": name, "config": COMPARE_MODELS[name], "lr": best["lr"], "picked": best, "seeds": list(seeds),
-            "valid_auc_by_point": valid_auc, "test_per_seed": tests,
+            "valid_auc_by_point": valid_auc, "test_per_seed": list(tests),
+            "auc_by_scenario": None if scen_tests[0] is None else
+            {s: _mean_std([t[s]["mean"]["auc"] for t in scen_tests]) for s in scen_tests[0]},
             **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
             "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),
             "train_seconds": float(np.mean([r["train_seconds"] for r in runs[point_tag(best)]])),
@@ -153,15 +155,19 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     return result
 
 
-def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> dict:
-    """Test metrics of a run's best validation checkpoint, computed once and kept in test.json."""
-    path = Path(run["run_dir"]) / "test.json"
-    if not path.exists():
+def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple[dict, dict | None]:
+    """Test metrics of a run's best validation checkpoint, computed once and kept in test.json,
+    and on multi-scenario data per request scenario (test_by_scenario.json; else None)."""
+    path, scen_path = Path(run["run_dir"]) / "test.json", Path(run["run_dir"]) / "test_by_scenario.json"
+    multi = data.meta["vocab"]["n_scenarios"] > 1
+    if not path.exists() or (multi and not scen_path.exists()):
         model, _ = checkpoint.load_model(Path(run["run_dir"]) / "best")
         device = apply(model, runtime)
-        res = evaluate_predictions(*predict(model, data, "test", batch_size, device), data.tasks)
-        path.write_text(json.dumps(res, indent=2) + "\n")
-    return json.loads(path.read_text())
+        users, labels, probs = predict(model, data, "test", batch_size, device)
+        path.write_text(json.dumps(evaluate_predictions(users, labels, probs, data.tasks), indent=2) + "\n")
+        if multi:
+            scen_path.write_text(json.dumps(by_scenario(data, "test", users, labels, probs), indent=2) + "\n")
+    return json.loads(path.read_text()), json.loads(scen_path.read_text()) if multi else None
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -225,6 +231,13 @@ def to_markdown(r: dict) -> str:
     p = r["popularity"]
     lines.append(f"| popularity (train positive rate) | {p['auc']:.4f} | {p['gauc']:.4f} | {p['logloss']:.4f} "
                  f"| | | | | | | | |")
+    scenarios = next((list(row["auc_by_scenario"]) for row in r["rows"] if row.get("auc_by_scenario")), [])
+    if scenarios:  # multi-scenario data: each model's test AUC on each scenario's requests
+        lines += ["", "Test AUC per request scenario:", "",
+                  "| model | " + " | ".join(f"scenario {s}" for s in scenarios) + " |",
+                  "|---|" + "---|" * len(scenarios)]
+        lines += [f"| {row['model']} | " + " | ".join(_pm(row["auc_by_scenario"][s]) for s in scenarios) + " |"
+                  for row in r["rows"]]
     v = r["versions"]
     lines += [
         "",

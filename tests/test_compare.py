@@ -80,6 +80,10 @@ def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_
     md = (out / "compare.md").read_text()
     grid_text = "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0}, train_negatives {4}"
     assert grid_text + " (4 points)" in md
+    # two request scenarios: each picked run's test per scenario, their mean in the row and the table
+    scen = [json.loads(p.read_text()) for p in out.glob("runs/transformer/*/seed*/test_by_scenario.json")]
+    assert len(scen) == 2 and set(row["auc_by_scenario"]) == {"0", "1"} and "Test AUC per request scenario" in md
+    assert row["auc_by_scenario"]["1"]["mean"] == pytest.approx(np.mean([s["1"]["mean"]["auc"] for s in scen]))
 
 
 def test_grid_rejects_unknown_axes():
