@@ -53,7 +53,17 @@ RUNTIME_GROUP = "runtime: where and how fast, not part of a checkpoint (Runtime;
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
                     mapping: dict | None = None, synthetic: SyntheticConfig | None = None,
                     fmt: str | None = None) -> dict:
-    spec = None if fmt else DATASETS.get(source)
+    combined = [] if fmt or synthetic or "+" not in source else source.split("+")
+    if combined:  # several built-in data sets as one, each source a scenario (climber/data/domains.py)
+        unknown = [n for n in combined if n not in DATASETS]
+        specs = [DATASETS[n] for n in combined]
+        if unknown or len({(s.prepare.request_gap, s.prepare.negatives, s.strategies) for s in specs}) > 1:
+            raise ValueError(f"{source}: can combine built-in data sets with the same request grouping, negatives "
+                             f"and strategies (unknown: {unknown}; built-ins: {', '.join(DATASETS)})")
+        spec = dataclasses.replace(specs[0], prepare=dataclasses.replace(
+            specs[0].prepare, max_candidates=max(s.prepare.max_candidates for s in specs)))
+    else:
+        spec = None if fmt else DATASETS.get(source)
     base = synthetic_data.PREPARE if synthetic else spec.prepare if spec else PrepareConfig()
     cfg = dataclasses.replace(base, **overrides)
     default = synthetic_data.STRATEGIES if synthetic else spec.strategies if spec else ("recent", "recent@16")
@@ -62,7 +72,12 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
     from climber.data.sumi import prepare
 
     t0 = time.time()
-    log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
+    if combined:
+        from climber.data.domains import combine
+
+        log = combine([readers.read_source(n) for n in combined], combined)
+    else:
+        log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
     meta = prepare(log, out, cfg, tuple(strategies))
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from climber.config import PrepareConfig, parse_strategy
+from climber.data.domains import user_item_ranges
 from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
 from climber.files import recover_dir, replace_dir
 
@@ -144,10 +145,12 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     first_same = np.maximum.accumulate(np.where(run, np.arange(len(user)), 0))
     req_hist_end = first_same[starts].astype(np.int64)
 
+    # a multi-domain log (data/domains.py): each user's negatives come from its domain's items
+    ranges = user_item_ranges(log, item_vocab, user_vocab, FIRST_ITEM, 1)
     if log.implicit:
         cand_item, cand_labels, cand_count = _sample_negatives(
             item, user_offsets, req_user, starts, ends, cfg, n_items=len(item_vocab) + FIRST_ITEM,
-            n_tasks=len(log.tasks))
+            n_tasks=len(log.tasks), ranges=ranges)
     else:
         cand_item, cand_labels, cand_count = item, labels, ends - starts
     req_cand_start = np.concatenate([[0], np.cumsum(cand_count)]).astype(np.int64)
@@ -171,6 +174,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
         "user_features": _side_table(log.user_features, user_vocab, 1),
         "item_vocab": item_vocab,
         "user_vocab": user_vocab,
+        **({} if ranges is None else {"user_item_range": ranges}),
     }
     split = arrays["req_split"]
     meta = {
@@ -218,7 +222,7 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
+def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks, ranges=None):
     """Implicit logs: candidates = each request's positives + `negatives` unseen items each, drawn
     for all requests at once (`sample_unseen`; a loop over requests took 30 s for 1M events)."""
     n_pos = ends - starts
@@ -232,16 +236,24 @@ def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, 
     ev_user = np.repeat(np.arange(len(user_offsets) - 1), np.diff(user_offsets))
     seen = np.unique(ev_user * n_items + item.astype(np.int64))
     cand_item[~pos] = sample_unseen(req_user[req[~pos]].astype(np.int64), seen, n_items,
-                                    np.random.default_rng(cfg.seed))
+                                    np.random.default_rng(cfg.seed), ranges)
     return cand_item, np.repeat(pos[:, None], n_tasks, 1).astype(np.int8), cand_count
 
 
-def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.random.Generator) -> np.ndarray:
+def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.random.Generator,
+                  ranges: np.ndarray | None = None) -> np.ndarray:
     """One item per entry of `user` (dense ids), uniform over the items that user never interacted
-    with; `seen` holds user * n_items + item of every event, sorted and unique. Rejection in
-    vectorised rounds (a user has seen a tiny fraction of the items), then, for the few entries
-    still rejected (heavy users), a draw from the user's unseen items directly."""
-    out = rng.integers(FIRST_ITEM, n_items, size=len(user))
+    with; `seen` holds user * n_items + item of every event, sorted and unique; `ranges` (n_users,
+    2), if given, each user's [lo, hi) item range (a multi-domain data set: its domain's items),
+    else every item. Rejection in vectorised rounds (a user has seen a tiny fraction of the
+    items), then, for the few entries still rejected (heavy users), a draw from the user's unseen
+    items directly."""
+    def draw(rows: np.ndarray) -> np.ndarray:
+        if ranges is None:
+            return rng.integers(FIRST_ITEM, n_items, size=len(rows))
+        return rng.integers(ranges[user[rows], 0], ranges[user[rows], 1])
+
+    out = draw(np.arange(len(user)))
     todo = np.arange(len(user))
     for _ in range(20):
         keys = user[todo] * n_items + out[todo]
@@ -249,13 +261,14 @@ def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.rand
         todo = todo[seen[hit] == keys]
         if not len(todo):
             return out
-        out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
+        out[todo] = draw(todo)
     for u in np.unique(user[todo]):
-        lo, hi = np.searchsorted(seen, [u * n_items, (u + 1) * n_items])
-        unseen = np.setdiff1d(np.arange(FIRST_ITEM, n_items), seen[lo:hi] - u * n_items)
+        first, last = np.searchsorted(seen, [u * n_items, (u + 1) * n_items])
+        mine = todo[user[todo] == u]
+        lo, hi = ranges[u] if ranges is not None else (FIRST_ITEM, n_items)
+        unseen = np.setdiff1d(np.arange(lo, hi), seen[first:last] - u * n_items)
         if not len(unseen):
             raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
-        mine = todo[user[todo] == u]
         out[mine] = rng.choice(unseen, size=len(mine))
     return out
 
@@ -365,7 +378,7 @@ class SumiData:
             a = self.a
             ev_user = np.repeat(np.arange(len(a["user_offsets"]) - 1), np.diff(a["user_offsets"]))
             self._seen = np.unique(ev_user * n_items + a["ev_item"].astype(np.int64))
-        return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng)
+        return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng, self.a.get("user_item_range"))
 
     def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
         """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)
