@@ -111,6 +111,23 @@ def test_store_history_is_cached_and_reused(ckpt):
     assert dict(engine.stats) == {"bypass": 1, "miss": 2, "hit": 1, "evict": 0}
 
 
+def test_shared_tau_model_keeps_one_cache_per_user_across_scenarios(tmp_path):
+    """Without per-scenario temperature and bias the prefill does not depend on the request
+    scenario: one cache per user serves every scenario (a hit), with each scenario's scores
+    equal to an uncached pass under that scenario."""
+    engine = Engine.from_checkpoint(make_checkpoint(tmp_path, scenario_adaptive=False))
+    data = SumiData(engine.base.data.root)
+    u_raw = int(data.a["user_vocab"][3])
+    cand = np.array([2, 5, 9, 1])
+    got = [engine.score_requests([ScoreRequest(cand, s, 2_000_000, user=u_raw)])[0] for s in (1, 0, 1)]
+    assert [g.cache for g in got] == ["miss", "hit", "hit"] and len(engine.cache) == 1
+    h, _, _ = engine.history(u_raw)
+    for s, g in zip((1, 0), got):
+        want = engine.score_requests([ScoreRequest(cand, s, 2_000_000, user=u_raw, history=h)])[0]
+        np.testing.assert_allclose(g.probs, want.probs, atol=ATOL, rtol=0)
+    assert not np.allclose(got[0].probs, got[1].probs)  # the scenario still reaches the candidates
+
+
 def assert_cache_equals_scratch(engine: Engine, key: tuple[int, int], history: History) -> None:
     cached = engine.cache.get(key).cache
     scratch = engine.prefill(history, key[1], 0)

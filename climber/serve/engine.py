@@ -324,8 +324,15 @@ class Engine:
             h = r.history if r.history is not None else History.empty(len(self.cfg.tasks))
             self.stats["bypass"] += 1
             return self.prefill(h, r.scenario, user), "bypass", len(h)
-        key = (r.user, r.scenario)
+        # a prefill depends on the request scenario only through the ATL's per-scenario temperature
+        # and bias; a model without them (climber-shared-tau, the MSE-only ablation) keeps one cache
+        # per user, which the request's scenario is then set on (its candidates' embedding)
+        shared = not (self.cfg.adaptive and self.cfg.scenario_adaptive)
+        key = (r.user, None if shared else r.scenario)
         entry = self.cache.get(key)
+        if entry is not None and shared:
+            entry = dataclasses.replace(entry, cache=dataclasses.replace(
+                entry.cache, scenario=torch.full_like(entry.cache.scenario, r.scenario)))
         if entry is not None and self.count(r.user) == entry.n_events:
             self.stats["hit"] += 1
             return entry.cache, "hit", entry.n_events
