@@ -1,10 +1,13 @@
 """Optional dependencies: a feature that needs a package outside the core install imports it
-through `require`, which names the extra to install instead of failing with ModuleNotFoundError."""
+through `require`, which names the extra to install instead of failing with ModuleNotFoundError.
+The extras are in pyproject.toml: serve, plot, export, tensorboard (and dev, for the tests)."""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+DISTRIBUTION = "climber-rec"  # the name on PyPI (pyproject.toml); the import name is `climber`
 
 
 class MissingDependency(ImportError):
@@ -18,7 +21,8 @@ def require(module: str, extra: str, feature: str, package: str | None = None) -
         return importlib.import_module(module)
     except ImportError as e:
         raise MissingDependency(f"{feature} needs the {package or module.split('.')[0]} package, which is not "
-                                f"installed: pip install 'climber[{extra}]'") from e
+                                f"installed: pip install '{DISTRIBUTION}[{extra}]' "
+                                f"(in a clone: pip install -e '.[{extra}]')") from e
 
 
 def pyplot(feature: str) -> ModuleType:

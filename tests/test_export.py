@@ -111,7 +111,7 @@ def test_export_cli_manifest_names_dynamic_dims(cli_export):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None,
-                    reason="onnxruntime and onnxscript not installed (pip install 'climber[export]')")
+                    reason="onnxruntime and onnxscript not installed (pip install 'climber-rec[export]')")
 def test_onnx_runtime_equals_pytorch(tmp_path):
     """ONNX prefill and score (the serving pair) in onnxruntime equal PyTorch within 1e-5 (absolute,
     plus 1e-5 relative: perturbed logits reach about 5), with every readout on and a bag feature."""

@@ -60,11 +60,11 @@ def test_without_matplotlib_training_still_works_and_writes_no_png(data_dir, tmp
 
 def test_tensorboard_missing_is_a_clear_error(data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    with pytest.raises(MissingDependency, match=r"--tensorboard needs the tensorboard package.*climber\[tensorboard\]"):
+    with pytest.raises(MissingDependency, match=r"--tensorboard needs the tensorboard package.*-rec\[tensorboard\]"):
         short_run(data_dir, tmp_path / "run", tensorboard=True)
     with pytest.raises(SystemExit) as e:
         main(["train", "--data", str(data_dir), "--out", str(tmp_path / "cli"), "--preset", "tiny", "--tensorboard"])
-    assert e.value.code == 2 and "pip install 'climber[tensorboard]'" in capsys.readouterr().err
+    assert e.value.code == 2 and "pip install 'climber-rec[tensorboard]'" in capsys.readouterr().err
 
 
 def test_scale_fit_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
@@ -75,4 +75,5 @@ def test_scale_fit_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, ca
         main(["scale", "fit", "--results", str(results), "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err
-    assert "climber scale fit's figures needs the matplotlib package" in err and "climber[plot]" in err
+    assert "climber scale fit's figures needs the matplotlib package" in err
+    assert "pip install 'climber-rec[plot]'" in err

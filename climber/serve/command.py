@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from climber.config import add_dataclass_flags, pick_fields
+from climber.extras import require
+
+# the [serve] extra (pyproject.toml): what climber/serve/app.py imports
+WEB_STACK = ("fastapi", "uvicorn", "pydantic", "starlette", "prometheus_client")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_serve(ns: argparse.Namespace) -> None:
     # the web stack is imported only here, so the rest of the CLI runs without it
+    for module in WEB_STACK:
+        require(module, "serve", "climber serve", package=module.replace("_", "-"))
     import torch
     import uvicorn
 

@@ -1,0 +1,3 @@
+from climber.cli import main
+
+main()

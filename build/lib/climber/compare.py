@@ -1,0 +1,246 @@
+"""The Table 2 comparison (docs/paper.md section 4): Climber, its two ablations and the baselines
+trained with one budget on one prepared data set, several seeds each, every run tested at its
+best validation checkpoint.
+
+Fairness: every model gets the same data, extraction strategies, preset sizes (d, heads,
+layers, seq_len, head), epoch cap, batch, schedule, freshly drawn training negatives and early
+stopping; the only per-model choice is one point of a grid shared by all models over the
+learning rate, the embedding tables' rate multiplier and their weight decay (`TUNED`), picked
+by mean validation AUC over the seeds (the test split is evaluated only for the picked point).
+With a one-point grid no tuning happens, and the report says so.
+
+The report (stdout, `<out>/compare.md`, `<out>/compare.json`) gives test AUC, GAUC and LogLoss
+as mean ± sample std over seeds (means over tasks), the relative AUC improvement over DLRM,
+parameter counts, forward FLOPs per request, a popularity reference, the exact command and
+the versions. Runs live in `<out>/runs/<model>/lr<lr>/seed<seed>/`; a finished run is skipped
+when the comparison is run again, an interrupted one resumes (`climber.train`), so separate
+processes may train disjoint `models` into one `out` and a last call writes the full table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber import checkpoint
+from climber.config import COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
+from climber.data.sumi import SumiData
+from climber.evaluate import popularity_scores
+from climber.metrics import evaluate_predictions
+from climber.model import make_model
+from climber.runtime import Runtime, apply, resolve_device
+from climber.train import predict, train
+
+METRICS = ("auc", "gauc", "logloss")
+_TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd"}
+
+
+def model_for(shared: ModelConfig, name: str) -> ModelConfig:
+    """The shared config with model `name`'s fields; "grow": g multiplies seq_len and n_layers."""
+    spec = dict(COMPARE_MODELS[name])
+    g = spec.pop("grow", 1)
+    return replace(shared, **spec, seq_len=shared.seq_len * g, n_layers=shared.n_layers * g)
+
+
+def grid_points(train_cfg: TrainConfig, grid: dict[str, Sequence[float]] | None) -> list[dict[str, float]]:
+    """Every combination of the grid's values; an axis not given keeps train_cfg's value."""
+    grid = grid or {}
+    unknown = set(grid) - set(TUNED)
+    if unknown:
+        raise ValueError(f"grid axes must be among {TUNED}, not {sorted(unknown)}")
+    axes = [tuple(grid.get(k) or (getattr(train_cfg, k),)) for k in TUNED]
+    return [dict(zip(TUNED, values)) for values in itertools.product(*axes)]
+
+
+def point_tag(point: dict[str, float]) -> str:
+    """A grid point's run-directory name, e.g. lr0.003_emb10_ewd0."""
+    return "_".join(f"{_TAG[k]}{point[k]:g}" for k in TUNED)
+
+
+def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequence[int], preset: str = "small",
+            train_cfg: TrainConfig | None = None, grid: dict[str, Sequence[float]] | None = None,
+            model_overrides: dict | None = None, command: str = "", runtime: Runtime | None = None,
+            train_only: bool = False) -> dict | None:
+    """Train (or skip) every (model, grid point, seed) run, test the picked ones, write and return
+    the report. `grid`: values per axis of `TUNED`; an axis left out keeps train_cfg's value.
+    `train_only`: train the runs and stop (no test, no report), for jobs that train parts of one
+    comparison in parallel; a last call without it picks, tests and reports."""
+    runtime = runtime or Runtime()
+    unknown = sorted(set(models) - set(COMPARE_MODELS))
+    if unknown or not models or not seeds:
+        raise ValueError(f"need models from {list(COMPARE_MODELS)} (unknown: {unknown}) and at least one seed")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    train_cfg = train_cfg or TrainConfig()
+    data = SumiData(data_dir)
+    points = grid_points(train_cfg, grid)
+    # FLOPs at the typical request: the mean candidate count (implicit data sets add sampled
+    # negatives, so prepare's max_candidates is not the number of candidates)
+    n_cand = max(1, round(float(np.diff(data.a["req_cand_start"]).mean())))
+    device = resolve_device(runtime.device)
+    shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
+    rows = []
+    for name in sorted(models, key=list(COMPARE_MODELS).index):
+        mcfg = model_for(shared, name)
+        runs = {point_tag(p): [_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
+                                    replace(train_cfg, **p, seed=s), name, runtime) for s in seeds] for p in points}
+        if train_only:
+            continue
+        # model selection on validation only: the grid point with the best mean validation AUC
+        valid_auc = {tag: float(np.mean([r["valid"]["mean"]["auc"] for r in rs])) for tag, rs in runs.items()}
+        best = max(points, key=lambda p: valid_auc[point_tag(p)])
+        tests = [_test(data, r, runtime, train_cfg.batch_size * 2) for r in runs[point_tag(best)]]
+        model = make_model(mcfg)
+        rows.append({
+            "model": name, "config": COMPARE_MODELS[name], "lr": best["lr"], "picked": best, "seeds": list(seeds),
+            "valid_auc_by_point": valid_auc, "test_per_seed": tests,
+            **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
+            "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),
+            "train_seconds": float(np.mean([r["train_seconds"] for r in runs[point_tag(best)]])),
+            "steps": float(np.mean([r["steps"] for r in runs[point_tag(best)]])),
+            "best_steps": float(np.mean([r["best_step"] for r in runs[point_tag(best)]])),
+        })
+    if train_only:
+        return None
+    base = next((r["auc"]["mean"] for r in rows if r["model"] == "dlrm"), None)
+    for r in rows:  # relative AUC improvement over DLRM: AUC / AUC_DLRM - 1
+        r["auc_impr_vs_dlrm"] = r["auc"]["mean"] / base - 1 if base else None
+    report = {
+        "dataset": data.meta["name"], "data": str(data_dir.resolve()), "tasks": list(data.tasks),
+        "implicit": data.implicit,
+        "test_candidates": data.meta["counts"]["candidates_test"], "strategies": data.meta["strategies"],
+        "preset": preset, "model_overrides": model_overrides or {}, "train": asdict(train_cfg),
+        "grid": {k: sorted({p[k] for p in points}) for k in TUNED}, "seeds": list(seeds),
+        "flops_at": {"L": shared.seq_len, "M": n_cand}, "tuning": _tuning(points, len(seeds)),
+        "command": command, "versions": _versions(device), "rows": rows,
+        "popularity": evaluate_predictions(*popularity_scores(data, "test"), data.tasks)["mean"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = to_markdown(report)
+    (out_dir / "compare.md").write_text(md + "\n")
+    print(md)
+    return report
+
+
+def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, name: str, runtime: Runtime) -> dict:
+    """Train one run unless `run_dir/run.json` says it finished under this exact config."""
+    done = run_dir / "run.json"
+    config = json.loads(json.dumps({"model": asdict(mcfg), "train": asdict(tcfg)}))  # tuples -> lists, as saved
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved["config"] != config:
+            raise ValueError(f"{run_dir} holds a run with a different config; use another --out or delete it")
+        print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: finished earlier, skipped")
+        return saved
+    print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: training into {run_dir}")
+    t0 = time.time()
+    summary = train(data_dir, run_dir, mcfg, tcfg, runtime, progress=False)
+    result = {"config": config, "run_dir": str(run_dir), "valid": summary["best_valid"], "steps": summary["steps"],
+              "best_step": summary["best_step"], "early_stopped": summary["early_stopped"],
+              "train_seconds": time.time() - t0}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> dict:
+    """Test metrics of a run's best validation checkpoint, computed once and kept in test.json."""
+    path = Path(run["run_dir"]) / "test.json"
+    if not path.exists():
+        model, _ = checkpoint.load_model(Path(run["run_dir"]) / "best")
+        device = apply(model, runtime)
+        res = evaluate_predictions(*predict(model, data, "test", batch_size, device), data.tasks)
+        path.write_text(json.dumps(res, indent=2) + "\n")
+    return json.loads(path.read_text())
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def _tuning(points: list[dict[str, float]], n_seeds: int) -> str:
+    if len(points) == 1:
+        return (f"none. Every model trained once per seed with {_point_text(points[0])} and the same preset and "
+                f"training settings; nothing was chosen per model.")
+    axes = ", ".join(f"{k} {{{', '.join(f'{v:g}' for v in sorted({p[k] for p in points}))}}}" for k in TUNED)
+    return (f"one point picked per model from the grid {axes} ({len(points)} points), the same for every model, "
+            f"by mean validation AUC over {n_seeds} seed(s) ({len(points) * n_seeds} runs per model); the test split "
+            f"was evaluated only for the picked point. Everything else is identical for all models.")
+
+
+def _point_text(p: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in p.items())
+
+
+def _versions(device: torch.device) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (e.g. a copied tree)
+        commit, dirty = None, None
+    v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+         "git_commit": commit, "git_dirty": dirty, "device": str(device), "platform": platform.platform()}
+    if device.type == "cuda":
+        v["gpu"] = torch.cuda.get_device_name(device)
+    return v
+
+
+def _pm(s: dict[str, float]) -> str:
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
+
+
+def to_markdown(r: dict) -> str:
+    t = r["train"]
+    overrides = f" with {r['model_overrides']}" if r["model_overrides"] else ""
+    every = f"every {t['eval_every']} steps" if t["eval_every"] else "twice per epoch"
+    lines = [
+        f"## {r['dataset']}: test, {r['test_candidates']} candidates, tasks {', '.join(r['tasks'])} "
+        f"(mean over tasks; mean ± std over seeds {r['seeds']})",
+        "",
+        "| model | AUC | GAUC | LogLoss | AUC vs DLRM | params dense | params total | FLOPs/request | picked "
+        "| valid AUC | best step / steps | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        impr = "-" if row["auc_impr_vs_dlrm"] is None else f"{100 * row['auc_impr_vs_dlrm']:+.2f}%"
+        va = row["valid_auc_by_point"][point_tag(row["picked"])]
+        lines.append(f"| {row['model']} | {_pm(row['auc'])} | {_pm(row['gauc'])} | {_pm(row['logloss'])} | {impr} "
+                     f"| {row['params']['dense']:,} | {row['params']['total']:,} | {row['flops']['exact']:.3g} "
+                     f"| {point_tag(row['picked'])} | {va:.4f} | {row['best_steps']:.0f} / {row['steps']:.0f} "
+                     f"| {row['train_seconds']:.0f} |")
+    p = r["popularity"]
+    lines.append(f"| popularity (train positive rate) | {p['auc']:.4f} | {p['gauc']:.4f} | {p['logloss']:.4f} "
+                 f"| | | | | | | | |")
+    v = r["versions"]
+    lines += [
+        "",
+        f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
+        f"{r['strategies']} (single-sequence baselines read block 0, `recent`), at most {t['epochs']} epoch(s), "
+        f"batch {t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay over the epoch cap, "
+        f"validation {every}, early stopping after {t['patience']} validations without gain, max_steps "
+        f"{t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
+        + (f"Training negatives: {t['train_negatives']} per positive, drawn afresh every epoch (validation and "
+           "test keep the prepared ones)." if r.get("implicit") else ""),
+        f"Tuning: {r['tuning']}",
+        "AUC vs DLRM = mean AUC / mean DLRM AUC - 1. picked: the grid point (learning rate, embedding rate "
+        "multiplier, embedding weight decay). FLOPs/request: forward matmul FLOPs (as "
+        f"torch.utils.flop_counter counts them) at L={r['flops_at']['L']} history events per block and "
+        f"M={r['flops_at']['M']} candidates (the mean per request). best step / steps and train s: per run, mean "
+        "over seeds.",
+        f"Command: `{r['command']}`",
+        f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
+        f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, device {v.get('gpu', v['device'])}.",
+    ]
+    return "\n".join(lines)

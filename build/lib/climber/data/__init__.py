@@ -1,0 +1,1 @@
+"""Data: readers for interaction logs, the event schema, and SUMI sample preparation."""

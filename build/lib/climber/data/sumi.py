@@ -1,0 +1,451 @@
+"""SUMI samples: "single user, multiple items" (docs/paper.md section 3.1) and multi-scale extraction.
+
+`prepare` turns an `EventLog` into SUMI samples stored as memory-mapped numpy arrays:
+
+* events, sorted by (user, time) stably, with `user_offsets` (CSR by user);
+* requests: one per (user, request), where a request groups a user's consecutive events whose
+  time gaps are at most `request_gap` (same scenario, at most `max_candidates` each). A
+  request's history is every event of that user strictly before the request's time, so no
+  sample ever sees the future, and its candidates are the request's own impressions with
+  their labels (implicit logs: each positive plus `negatives` sampled unseen items, seeded
+  and fixed at preparation, so evaluation is reproducible; training draws its negatives afresh
+  every epoch instead, `SumiData.batch(negatives=...)`);
+* a per-user time split: each user's last `eval_requests` requests are test, the ones before
+  them validation, the rest training (users with too few requests train only).
+
+`SumiData.batch` builds model inputs for a list of requests, applying the multi-scale
+extraction strategies (docs/paper.md section 2.1) with vectorised numpy: for each strategy a
+prefix count over the event array gives, in O(1) per request, the positions of the last n
+matching history events.
+
+Dense ids: items 0 = padding, 1 = unknown, 2.. real; users 0 = unknown, 1.. real.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber.config import PrepareConfig, parse_strategy
+from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
+from climber.files import recover_dir, replace_dir
+
+PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
+TRAIN, VALID, TEST = 0, 1, 2
+SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
+FORMAT_VERSION = 1
+
+
+def _dense(raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Map raw ids to dense ids starting at `first`; returns (vocabulary of raw ids, dense ids)."""
+    vocab, inv = np.unique(raw, return_inverse=True)
+    return vocab, inv.astype(np.int64) + first
+
+
+def _side_table(feats: SideFeatures | None, vocab: np.ndarray, first: int) -> np.ndarray:
+    """(first + len(vocab), F) codes aligned with dense ids; rows without features stay 0."""
+    if feats is None:
+        return np.zeros((first + len(vocab), 0), np.int32)
+    table = np.zeros((first + len(vocab), feats.codes.shape[1]), np.int32)
+    pos = np.searchsorted(vocab, feats.ids)
+    hit = (pos < len(vocab)) & (vocab[np.minimum(pos, len(vocab) - 1)] == feats.ids)
+    table[pos[hit] + first] = feats.codes[hit]
+    return table
+
+
+def _cards_widths(kind: str, table: np.ndarray, feats: SideFeatures | None) -> dict[str, list[int]]:
+    """The vocabulary entries of an aligned side-feature table: values and columns per feature."""
+    widths = feats.widths if feats is not None else ()
+    return {f"{kind}_feature_cards": list(feature_cards(table, widths)), f"{kind}_feature_widths": list(widths)}
+
+
+def _group_requests(user: np.ndarray, time: np.ndarray, scen: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """Request start flags over (user, time)-sorted events."""
+    n = len(user)
+    new = np.ones(n, bool)
+    new[1:] = (user[1:] != user[:-1]) | (time[1:] - time[:-1] > cfg.request_gap) | (scen[1:] != scen[:-1])
+    # split runs longer than max_candidates: position within the run, modulo the cap
+    run_id = np.cumsum(new) - 1
+    run_start = np.flatnonzero(new)
+    pos_in_run = np.arange(n) - run_start[run_id]
+    return new | (pos_in_run % cfg.max_candidates == 0)
+
+
+def _split(req_user: np.ndarray, k: int) -> np.ndarray:
+    """Per user (requests in time order): last k test, k before valid, others train."""
+    n = len(req_user)
+    last = np.ones(n, bool)
+    last[:-1] = req_user[1:] != req_user[:-1]
+    ends = np.flatnonzero(last)  # index of each user's last request
+    counts = np.diff(np.concatenate([[-1], ends]))
+    rank_from_end = np.repeat(ends, counts) - np.arange(n)  # 0 = user's last request
+    enough = np.repeat(counts >= 2 * k + 1, counts)
+    split = np.full(n, TRAIN, np.int8)
+    split[enough & (rank_from_end < k)] = TEST
+    split[enough & (rank_from_end >= k) & (rank_from_end < 2 * k)] = VALID
+    return split
+
+
+def check_strategies(strategies: tuple[str, ...], name: str, tasks: tuple[str, ...], n_scenarios: int,
+                     n_actions: int) -> None:
+    """Raise DataError for a strategy that names a task, scenario or action the data lacks."""
+    for s in strategies:
+        kind, arg, _ = parse_strategy(s)
+        if kind in ("pos", "neg") and arg not in tasks:
+            raise DataError(f"{name}: strategy {s!r} names task {arg!r}; tasks are {tasks}")
+        n = {"scenario": n_scenarios, "action": n_actions}.get(kind)
+        if n is not None and int(arg) >= n:
+            raise DataError(f"{name}: strategy {s!r}: no {kind} {arg}; the data's {kind} ids are 0..{n - 1}")
+
+
+def _drop_duplicates(log: EventLog) -> tuple[EventLog, int]:
+    """`log` without the rows equal to an earlier one in user, item, time, labels, action and
+    scenario (the first is kept, file order stays); and how many were dropped."""
+    rows = np.column_stack([log.user, log.item, log.time, log.action, log.scenario, log.labels])
+    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    if len(keep) == len(log):
+        return log, 0
+    cols = {c: getattr(log, c)[keep] for c in ("user", "item", "time", "labels", "action", "scenario")}
+    return dataclasses.replace(log, **cols), len(log) - len(keep)
+
+
+def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+    check_strategies(strategies, log.name, log.tasks, int(log.scenario.max()) + 1, int(log.action.max()) + 1)
+    if not log.implicit:
+        for t, col in zip(log.tasks, log.labels.T, strict=True):
+            if col.min() == col.max():
+                raise DataError(f"{log.name}: task {t!r} is {col[0]} in every row, so there is nothing to rank "
+                                "(drop that label column; a log of positives only is implicit: give no labels)")
+    log, duplicates = _drop_duplicates(log) if cfg.drop_duplicates else (log, 0)
+    item_vocab, item = _dense(log.item, FIRST_ITEM)
+    user_vocab, user = _dense(log.user, 1)
+    order = np.lexsort((log.time, user))  # stable: ties keep file order
+    user, item, time = user[order], item[order], log.time[order]
+    labels, action, scen = log.labels[order], log.action[order], log.scenario[order]
+    n_users = len(user_vocab) + 1
+    user_offsets = np.searchsorted(user, np.arange(n_users + 1)).astype(np.int64)
+
+    new = _group_requests(user, time, scen, cfg)
+    starts = np.flatnonzero(new)
+    ends = np.append(starts[1:], len(user))
+    req_user, req_time, req_scen = user[starts], time[starts], scen[starts]
+    # history = the user's events strictly before the request time: the first event of the
+    # user that shares the request's timestamp ends it
+    run = np.ones(len(user), bool)
+    run[1:] = (user[1:] != user[:-1]) | (time[1:] != time[:-1])
+    first_same = np.maximum.accumulate(np.where(run, np.arange(len(user)), 0))
+    req_hist_end = first_same[starts].astype(np.int64)
+
+    if log.implicit:
+        cand_item, cand_labels, cand_count = _sample_negatives(
+            item, user_offsets, req_user, starts, ends, cfg, n_items=len(item_vocab) + FIRST_ITEM,
+            n_tasks=len(log.tasks))
+    else:
+        cand_item, cand_labels, cand_count = item, labels, ends - starts
+    req_cand_start = np.concatenate([[0], np.cumsum(cand_count)]).astype(np.int64)
+
+    arrays = {
+        "user_offsets": user_offsets,
+        "ev_item": item.astype(np.int32),
+        "ev_time": time.astype(np.int64),
+        "ev_labels": labels.astype(np.int8),
+        "ev_action": action.astype(np.int16),
+        "ev_scenario": scen.astype(np.int16),
+        "req_user": req_user.astype(np.int32),
+        "req_time": req_time.astype(np.int64),
+        "req_scenario": req_scen.astype(np.int16),
+        "req_hist_end": req_hist_end,
+        "req_cand_start": req_cand_start,
+        "req_split": _split(req_user, cfg.eval_requests),
+        "cand_item": cand_item.astype(np.int32),
+        "cand_labels": cand_labels.astype(np.int8),
+        "item_features": _side_table(log.item_features, item_vocab, FIRST_ITEM),
+        "user_features": _side_table(log.user_features, user_vocab, 1),
+        "item_vocab": item_vocab,
+        "user_vocab": user_vocab,
+    }
+    split = arrays["req_split"]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": log.name,
+        "fingerprint": fingerprint(arrays),
+        "tasks": list(log.tasks),
+        "implicit": log.implicit,
+        "strategies": list(strategies),
+        "prepare": asdict(cfg),
+        "vocab": {
+            "n_items": len(item_vocab) + FIRST_ITEM,
+            "n_users": n_users,
+            "tasks": list(log.tasks),
+            "n_actions": int(action.max()) + 1,
+            "n_scenarios": int(scen.max()) + 1,
+            **_cards_widths("item", arrays["item_features"], log.item_features),
+            **_cards_widths("user", arrays["user_features"], log.user_features),
+        },
+        "item_feature_names": list(log.item_features.names) if log.item_features else [],
+        "user_feature_names": list(log.user_features.names) if log.user_features else [],
+        "counts": {
+            "events": int(len(user)),
+            "duplicates_dropped": duplicates,
+            "users": int(n_users - 1),
+            "items": int(len(item_vocab)),
+            **{f"requests_{s}": int((split == v).sum()) for s, v in SPLITS.items()},
+            **{f"candidates_{s}": int(cand_count[split == v].sum()) for s, v in SPLITS.items()},
+        },
+        "positive_rate": {t: float(cand_labels[:, i].mean()) for i, t in enumerate(log.tasks)},
+        "notes": log.notes,
+    }
+    _write_atomic(out_dir, arrays, meta)
+    return meta
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """A short hash of the arrays' names, types, shapes and bytes: which data a run was trained
+    on (hashed once at prepare, at memory speed; never recomputed when loading)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k} {a.dtype.str} {a.shape}\n".encode())
+        h.update(a.data)
+    return h.hexdigest()[:16]
+
+
+def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks):
+    """Implicit logs: candidates = each request's positives + `negatives` unseen items each, drawn
+    for all requests at once (`sample_unseen`; a loop over requests took 30 s for 1M events)."""
+    n_pos = ends - starts
+    cand_count = n_pos * (1 + cfg.negatives)
+    offs = np.concatenate([[0], np.cumsum(cand_count)])
+    req = np.repeat(np.arange(len(starts)), cand_count)  # each candidate slot's request
+    j = np.arange(int(offs[-1])) - offs[req]  # its place in the request: positives first
+    pos = j < n_pos[req]
+    cand_item = np.empty(len(req), np.int64)
+    cand_item[pos] = item[starts[req[pos]] + j[pos]]
+    ev_user = np.repeat(np.arange(len(user_offsets) - 1), np.diff(user_offsets))
+    seen = np.unique(ev_user * n_items + item.astype(np.int64))
+    cand_item[~pos] = sample_unseen(req_user[req[~pos]].astype(np.int64), seen, n_items,
+                                    np.random.default_rng(cfg.seed))
+    return cand_item, np.repeat(pos[:, None], n_tasks, 1).astype(np.int8), cand_count
+
+
+def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.random.Generator) -> np.ndarray:
+    """One item per entry of `user` (dense ids), uniform over the items that user never interacted
+    with; `seen` holds user * n_items + item of every event, sorted and unique. Rejection in
+    vectorised rounds (a user has seen a tiny fraction of the items), then, for the few entries
+    still rejected (heavy users), a draw from the user's unseen items directly."""
+    out = rng.integers(FIRST_ITEM, n_items, size=len(user))
+    todo = np.arange(len(user))
+    for _ in range(20):
+        keys = user[todo] * n_items + out[todo]
+        hit = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+        todo = todo[seen[hit] == keys]
+        if not len(todo):
+            return out
+        out[todo] = rng.integers(FIRST_ITEM, n_items, size=len(todo))
+    for u in np.unique(user[todo]):
+        lo, hi = np.searchsorted(seen, [u * n_items, (u + 1) * n_items])
+        unseen = np.setdiff1d(np.arange(FIRST_ITEM, n_items), seen[lo:hi] - u * n_items)
+        if not len(unseen):
+            raise DataError(f"user {u} has interacted with every item; cannot sample negatives")
+        mine = todo[user[todo] == u]
+        out[mine] = rng.choice(unseen, size=len(mine))
+    return out
+
+
+def _write_atomic(out_dir: Path, arrays: dict, meta: dict) -> None:
+    """Write into a sibling temp dir, then swap it in (`files.replace_dir`): a killed prepare
+    never leaves half a data set, nor destroys the one it was replacing."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for k, v in arrays.items():
+        np.save(tmp / f"{k}.npy", v)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+
+
+def strategy_selects(spec: str, tasks: tuple[str, ...], labels: np.ndarray, scenario: np.ndarray,
+                     action: np.ndarray) -> np.ndarray:
+    """(N,) bool: which events (labels (N, T), scenario (N,), action (N,)) strategy `spec` keeps.
+    The one definition of each strategy, for training batches and the serving cache alike."""
+    kind, arg, _ = parse_strategy(spec)
+    if kind == "recent":
+        return np.ones(len(scenario), bool)
+    if kind in ("pos", "neg"):
+        if arg not in tasks:
+            raise DataError(f"strategy {spec!r}: no task {arg!r} in {tasks}")
+        return labels[:, tasks.index(arg)] == (1 if kind == "pos" else 0)
+    return (scenario if kind == "scenario" else action) == int(arg)
+
+
+class SumiData:
+    """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches."""
+
+    def __init__(self, root: Path):
+        root = Path(root)
+        recover_dir(root)  # a prepare killed while swapping in a new data set: the old one is whole
+        meta_path = root / "meta.json"
+        if not meta_path.exists():
+            raise DataError(f"{root}: not a prepared data set (no meta.json); run `climber prepare` first")
+        self.root = root
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{root}: format version {self.meta.get('format_version')}, expected "
+                            f"{FORMAT_VERSION}; prepare it again")
+        self.a = {p.stem: np.load(p, mmap_mode="r") for p in root.glob("*.npy")}
+        self.tasks = tuple(self.meta["tasks"])
+        self._strategy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._seen: np.ndarray | None = None  # sorted user * n_items + item over all events
+
+    @property
+    def fingerprint(self) -> str | None:
+        """`fingerprint` of the arrays, recorded by prepare (None: prepared before fingerprints)."""
+        return self.meta.get("fingerprint")
+
+    @property
+    def implicit(self) -> bool:
+        return bool(self.meta["implicit"])
+
+    @property
+    def vocab(self) -> dict:
+        v = dict(self.meta["vocab"])
+        for k in ("tasks", "item_feature_cards", "user_feature_cards", "item_feature_widths", "user_feature_widths"):
+            v[k] = tuple(v.get(k, ()))  # data prepared before bags has no widths: one column per feature
+        return v
+
+    def requests(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.a["req_split"] == SPLITS[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        """(C, T) labels of the prepared candidates of `split`'s requests."""
+        a = self.a
+        return np.asarray(a["cand_labels"])[np.repeat(a["req_split"] == SPLITS[split], np.diff(a["req_cand_start"]))]
+
+    def bucket_by_length(self, order: np.ndarray, chunk: int, window: int, seq_len: int,
+                         rng: np.random.Generator) -> np.ndarray:
+        """`order` regrouped so that each run of `chunk` requests (a batch) holds similar
+        history lengths and candidate counts, which `batch` then pads little: within every
+        window of `window` chunks the requests are sorted by (events before the request,
+        capped at seq_len; candidates), cut into chunks, and the whole chunks shuffled (by
+        `rng`, so the order stays a pure function of the seed); a final partial chunk stays
+        last. The result is a permutation of `order`."""
+        a = self.a
+        hist = np.minimum(a["req_hist_end"][order] - a["user_offsets"][a["req_user"][order]], seq_len)
+        cands = a["req_cand_start"][order + 1] - a["req_cand_start"][order]
+        span = chunk * window
+        flat = np.concatenate([order[s : s + span][np.lexsort((cands[s : s + span], hist[s : s + span]))]
+                               for s in range(0, len(order), span)] or [order])
+        n = len(flat) // chunk
+        whole = flat[: n * chunk].reshape(n, chunk)[rng.permutation(n)].reshape(-1)
+        return np.concatenate([whole, flat[n * chunk :]])
+
+    def _matches(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positions of matching events, prefix counts (N+1,)) for one strategy."""
+        if spec not in self._strategy_cache:
+            a = self.a
+            m = strategy_selects(spec, self.tasks, a["ev_labels"], a["ev_scenario"], a["ev_action"])
+            self._strategy_cache[spec] = (np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
+        return self._strategy_cache[spec]
+
+    def sample_negatives(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item per entry of `user`, drawn uniformly from the items that user never
+        interacted with (in any split: the same definition as `prepare`'s fixed negatives)."""
+        n_items = int(self.meta["vocab"]["n_items"])
+        if self._seen is None:
+            a = self.a
+            ev_user = np.repeat(np.arange(len(a["user_offsets"]) - 1), np.diff(a["user_offsets"]))
+            self._seen = np.unique(ev_user * n_items + a["ev_item"].astype(np.int64))
+        return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng)
+
+    def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
+        """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)
+        or None): the prepared candidates, or each request's positives followed by `n` fresh
+        negatives per positive drawn by the generator."""
+        a = self.a
+        cs, ce = a["req_cand_start"][req], a["req_cand_start"][req + 1]
+        if negatives is None:
+            m = ce - cs
+            M = int(m.max())
+            cmask = np.arange(M)[None, :] < m[:, None]
+            return np.where(cmask, cs[:, None] + np.arange(M), 0), cmask, None
+        n, rng = negatives
+        W = int((ce - cs).max())
+        rows = cs[:, None] + np.arange(W)
+        in_req = rows < ce[:, None]
+        rows = np.where(in_req, rows, 0)
+        pos = in_req & (a["cand_labels"][rows] > 0).any(-1)  # (B, W)
+        n_pos = pos.sum(1)
+        order = np.argsort(~pos, axis=1, kind="stable")  # positives first, in prepared order
+        P = int(n_pos.max())
+        rows = np.take_along_axis(rows, order, 1)[:, :P]
+        M = P * (1 + n)
+        j = np.arange(M)[None, :]
+        is_pos = j < n_pos[:, None]
+        is_neg = (j >= P) & (j < P + n * n_pos[:, None])
+        user = np.broadcast_to(a["req_user"][req].astype(np.int64)[:, None], (len(req), M))
+        items = np.zeros((len(req), M), np.int64)
+        items[is_neg] = self.sample_negatives(user[is_neg], rng)
+        rows = np.concatenate([rows, np.zeros((len(req), M - P), rows.dtype)], 1)
+        return np.where(is_pos, rows, 0), is_pos | is_neg, np.where(is_neg, items, -1)
+
+    def batch(self, req: np.ndarray, strategies: tuple[str, ...], seq_len: int,
+              negatives: tuple[int, np.random.Generator] | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for requests `req`. History is left-padded (latest event last).
+
+        Returns hist_* (B, K, L) with L <= seq_len trimmed to the longest history in the batch,
+        cand_* (B, M) padded to the largest request, labels (B, M, T) float, and per-request
+        user, time and scenario (B,). `negatives` (implicit data, training): (n, generator):
+        each request's candidates are its positives and n fresh negatives per positive,
+        instead of the negatives fixed at preparation.
+        """
+        a = self.a
+        req = np.asarray(req, dtype=np.int64)
+        user = a["req_user"][req].astype(np.int64)
+        lo = a["user_offsets"][user]
+        hi = a["req_hist_end"][req]
+        idx, valid = [], []
+        for spec in strategies:
+            pos, cum = self._matches(spec)
+            cap = min(seq_len, parse_strategy(spec)[2] or seq_len)
+            c_lo, c_hi = cum[lo], cum[hi]
+            j = c_hi[:, None] - seq_len + np.arange(seq_len)  # (B, L) last seq_len matches
+            ok = (j >= c_lo[:, None]) & (j >= c_hi[:, None] - cap)
+            idx.append(np.where(ok, pos[np.clip(j, 0, max(len(pos) - 1, 0))] if len(pos) else 0, 0))
+            valid.append(ok)
+        idx, valid = np.stack(idx, 1), np.stack(valid, 1)  # (B, K, L)
+        used = valid.any(axis=(0, 1))
+        first = int(np.argmax(used)) if used.any() else seq_len - 1  # keep >= 1 column
+        idx, valid = idx[..., first:], valid[..., first:]
+
+        cj, cmask, fresh = self._candidates(req, negatives)
+        cand, labels = a["cand_item"][cj], a["cand_labels"][cj]
+        if fresh is not None:  # fresh negatives: their items, label 0
+            cand, labels = np.where(fresh >= 0, fresh, cand), np.where(fresh[..., None] >= 0, 0, labels)
+
+        def t(x, dtype=torch.long):
+            return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
+
+        return {
+            "user": t(user),
+            "req_time": t(a["req_time"][req]),
+            "req_scenario": t(a["req_scenario"][req]),
+            "hist_item": t(np.where(valid, a["ev_item"][idx], PAD_ITEM)),
+            "hist_time": t(a["ev_time"][idx]),
+            "hist_action": t(np.where(valid, a["ev_action"][idx], 0)),
+            "hist_scenario": t(np.where(valid, a["ev_scenario"][idx], 0)),
+            "hist_labels": t(np.where(valid[..., None], a["ev_labels"][idx], 0)),
+            "hist_mask": t(valid, torch.bool),
+            "cand_item": t(np.where(cmask, cand, PAD_ITEM)),
+            "cand_mask": t(cmask, torch.bool),
+            "labels": t(np.where(cmask[..., None], labels, 0), torch.float32),
+        }

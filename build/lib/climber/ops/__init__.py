@@ -1,0 +1,48 @@
+"""Attention backends of the Adaptive Transformer Layer, one interface, chosen once.
+
+A backend is a pair of functions with the meaning fixed by `climber/ops/reference.py`:
+
+    seq = prepare(pos, tim, pb, tb, valid, n_hist, dtype)   # f_b and the mask, once per forward
+    out, seq = attend(qkv, inv_tau, seq)                    # one layer's SUMI attention
+
+"reference" is plain PyTorch and runs anywhere; "triton" is `climber/ops/triton_attention.py`,
+for CUDA GPUs (or Triton's CPU interpreter in tests). Neither module imports the other. The
+model holds a backend as a plain attribute, not a parameter, so a checkpoint moves freely
+between them (`climber/runtime.py` picks one). New history tokens scored against a cache (the
+candidates in `Climber.score`, new events in `Climber.extend`) always use the reference's
+`attend_cached`: an (M, L + 1) problem with no kernel of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from climber.config import BACKENDS
+from climber.ops import reference, triton_attention
+
+
+@dataclass(frozen=True)
+class Attention:
+    name: str
+    prepare: Callable
+    attend: Callable
+
+
+REFERENCE = Attention("reference", reference.prepare, reference.attend)
+TRITON = Attention("triton", triton_attention.prepare, triton_attention.attend)
+
+
+def backend(name: str, device: torch.device | str) -> Attention:
+    """The backend `name` for `device`: "auto" is "triton" where its kernels can run, else
+    "reference"; "triton" where they cannot is an error."""
+    device = torch.device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, not {name!r}")
+    if name == "auto":
+        return TRITON if device.type == "cuda" and triton_attention.available(device) else REFERENCE
+    if name == "triton" and not triton_attention.available(device):
+        raise ValueError(f"the triton attention backend needs a CUDA GPU with Triton; {device} has none")
+    return TRITON if name == "triton" else REFERENCE

@@ -1,0 +1,435 @@
+"""The ATL attention on the GPU in Triton (docs/paper.md 2.3 and 3.1): `prepare` and `attend`
+with the meaning of `climber/ops/reference.py`, FlashAttention-style (tiles in SRAM, online
+softmax, no (S, S) probability matrix in memory), with the SUMI mask, the temperature and f_b.
+Four kernels: f_b built densely, attention forward, attention backward (one pass), and f_b's
+gradient reduced to the tables.
+
+f_b(block, scenario) is shared by every layer of a block, so `prepare` builds it densely once
+per forward, (B*K, H, S, S) in the compute dtype, from the small tables, the position buckets
+and the per-sample time buckets; each layer's kernel reads one bias tile beside its q.k tile:
+no bucket arithmetic or table gathers per score element. Backward, each layer adds d f_b =
+dS / tau for its tiles into one dense buffer in the compute dtype (every score element belongs
+to one program, so no atomics), and once every layer is done that sum is reduced to the tables,
+once per step (one-hot tensor-core dots accumulating in fp32, all heads of a chunk at once).
+The buffer is carried by autograd: `attend` returns f_b as the next layer's input, so the
+gradient that reaches a layer's backward is the later layers' sum, to which it adds its own.
+
+The backward is one pass over the key tiles (each program owns BN keys and walks the query
+tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
+dqkv by atomic adds in its dtype (a bf16 dQ is rounded once per key tile that sees its row,
+4 at S = 208, not once; the pass computing delta = rowsum(dO O) zeroes dQ first). That saves a
+second pass's recomputation of q.k, the bias read, exp and dO.V, and needs no fp32 buffer to
+zero and copy back. The exact d(1/tau) for a bf16 output needs each row's sum_j P dP, summed
+the same way (fp32).
+
+    s_ij = (q_i . k_j + bias_ij) / tau
+    allowed: j <= i and ((j < n_hist and key j valid) or j == i)
+
+`attend` takes the packed qkv projection blocks first, (K, B, S, 3, H, dh), as the model's
+projection leaves it; the kernels take any strides with dh contiguous, read q, k, v as views of
+it and write their gradients into one buffer with its strides; the output is stored (K, B, S,
+H, dh), which the output projection reads as is. No layout copies in or out, forward or
+backward. Leading key tiles that are all padding (histories are left-padded) are skipped per
+sample, and so are the query tiles of key tiles only their own rows see.
+
+Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
+both tables against the reference, on the GPU and, through Triton's interpreter
+(TRITON_INTERPRET=1), on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: this backend is GPU-only
+    triton = None
+
+BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
+# the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
+# `benchmarks/bench_attention.py --sweep`
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2)}
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: CUDA with Triton, or Triton's CPU interpreter."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass
+class Sequence:
+    """What the kernels need besides q, k, v and 1 / tau, built once per forward by `prepare`."""
+
+    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype; its gradient flows layer to layer
+    valid8: torch.Tensor  # (BK, S) int8 key validity
+    first: torch.Tensor  # (BK,) int32 first valid key (S if none)
+    n_hist: int  # leading history tokens; later ones (candidates) are keys for their own row only
+
+
+def prepare(pos, tim, pb, tb, valid, n_hist: int, dtype: torch.dtype) -> Sequence:
+    """Per-sample tables pos (B, K, H, P), tim (B, K, H, T); position buckets pb (S, S); time
+    buckets tb (B, K, S, S); key validity valid (B, K, S); the first n_hist tokens history ->
+    the kernels' inputs, f_b in `dtype`."""
+    if not available(valid.device):
+        raise RuntimeError("the Triton attention kernels need a CUDA GPU and Triton")
+    B, K, S = valid.shape
+    bias = _DenseBias.apply(pos.flatten(0, 1), tim.flatten(0, 1), pb, tb.reshape(B * K, S, S), dtype)
+    valid = valid.reshape(B * K, S)
+    first = torch.where(valid, torch.arange(S, device=valid.device), S).min(dim=-1).values.to(torch.int32)
+    return Sequence(bias, valid.to(torch.int8).contiguous(), first, n_hist)
+
+
+@torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
+def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, Sequence]:
+    """SUMI attention of one layer. qkv (K, B, S, 3, H, dh) blocks first; inv_tau (B, K, H) ->
+    (output (B, K, H, S, dh), seq for the next layer: the same f_b, through which autograd
+    carries the later layers' summed f_b gradient)."""
+    K, B, _, _, H, _ = qkv.shape
+    out, bias = _Attention.apply(qkv.transpose(0, 1), inv_tau.reshape(B * K, H).float(), seq.bias, seq.valid8,
+                                 seq.first, seq.n_hist)
+    return out, dataclasses.replace(seq, bias=bias)
+
+
+class _DenseBias(torch.autograd.Function):
+    """(BK, H, P) position and (BK, H, T) time tables, (S, S) position buckets and (BK, S, S) time
+    buckets -> dense f_b (BK, H, S, S) in `dtype`; backward reduces the layers' summed dense
+    gradient, which the kernels leave causal (zero above the diagonal), to the tables."""
+
+    @staticmethod
+    def forward(ctx, pos, tim, pb, tb, dtype):
+        BK, H, P = pos.shape
+        S, T = pb.shape[0], tim.shape[-1]
+        pb, tb = pb.to(torch.int16).contiguous(), tb.to(torch.int16).contiguous()  # bucket ids < 2^15
+        bias = torch.empty(BK, H, S, S, dtype=dtype, device=pos.device)
+        _bias_fwd_kernel[(BK * H, triton.cdiv(S, BLOCK))](
+            POS=pos.float().contiguous(), TIM=tim.float().contiguous(), PB=pb, TB=tb, OUT=bias, H=H, L=S, P=P, T=T,
+            BM=BLOCK, BN=BLOCK, num_warps=4)
+        ctx.save_for_backward(pb, tb)
+        ctx.sizes = P, T
+        ctx.set_materialize_grads(False)
+        return bias
+
+    @staticmethod
+    def backward(ctx, g):
+        if g is None:  # no layer's backward ran
+            return None, None, None, None, None
+        pb, tb = ctx.saved_tensors
+        P, T = ctx.sizes
+        BK, H, S, _ = g.shape
+        # per-bucket sums of g by one kernel that reads g once, as one-hot matmuls on the tensor
+        # cores: the buckets do not depend on the head, so a chunk of score entries of all heads
+        # (H, C) times the chunk's one-hot buckets (C, P) gives every head's sums at once. Neither
+        # scatter-adds (B*K*H*S*S values into a few thousand entries serialise on atomics: 173 ms
+        # at B*K = 64, S = 800 on an H200), nor per-sample one-hot products over whole rows
+        # (215 ms there), nor per-bucket masked sums (2.9 ms a step at the paper config)
+        n_tiles = triton.cdiv(S, BLOCK)
+        dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
+        dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
+        _bias_grad_kernel[(BK, n_tiles)](
+            G=g.contiguous(), PB=pb, TB=tb, DPOS=dpos, DTIM=dtim, H=H, L=S, P=P, T=T, HP=_dot_width(H),
+            PP=_dot_width(P), TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype), num_warps=4)
+        return dpos.sum(1), dtim.sum(1), None, None, None
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, inv_tau, bias, valid8, first, n_hist):
+        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32; bias (BK, H,
+        S, S) -> (B, K, H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K; and f_b, as
+        the next layer's input."""
+        B, K, S, _, H, dh = qkv.shape
+        if dh < 16 or dh & (dh - 1):
+            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        q, k, v = _split_heads(qkv)
+        out = _empty_heads(qkv)
+        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
+        inv_tau = inv_tau.contiguous()
+        _fwd_kernel[_grid(q, "fwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, OUT=out, LSE=lse,
+            **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
+        ctx.save_for_backward(qkv, inv_tau, bias, valid8, first, out, lse)
+        ctx.n_hist = n_hist
+        ctx.set_materialize_grads(False)
+        return out, bias.detach()  # a new tensor over f_b's memory: its gradient comes back to this layer
+
+    @staticmethod
+    def backward(ctx, dout, dbias):
+        """dbias: the later layers' summed f_b gradient (None after the last layer), to which
+        this layer's is added in place."""
+        qkv, inv_tau, bias, valid8, first, out, lse = ctx.saved_tensors
+        q, k, v = _split_heads(qkv)
+        B, K, H, S, dh = q.shape
+        need_dbias = ctx.needs_input_grad[2]
+        if dout is None:  # only f_b's gradient passes through this layer
+            return None, None, dbias, None, None, None
+        dout = dout.to(q.dtype)
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
+        dq, dk, dv = _split_heads(dqkv)
+        if need_dbias and dbias is None:  # the last layer: zeros (tiles only their own rows see stay so)
+            dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device)
+        dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
+        delta = torch.empty(B * K, H, S, dtype=torch.float32, device=q.device)  # rowsum(dO O)
+        _bwd_delta_kernel[_grid(q, "fwd")](
+            DO=dout, OUT=out, DELTA=delta, DQ=dq, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
+            NK=K, H=H, L=S, DH=dh, BM=TILES["fwd"][0])
+        # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
+        # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
+        row_sums = torch.zeros(2, B * K, H, S, dtype=torch.float32, device=q.device)
+        _bwd_kernel[_grid(q, "bwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, DO=dout, LSE=lse, DELTA=delta,
+            DK=dk, DV=dv, DQ=dq, DBIAS=dbias if need_dbias else bias, DINV=dinv, ROWS=row_sums,
+            **_strides("q", q), **_strides("d", dout), **_strides("g", dk), NK=K, H=H, L=S, NH=ctx.n_hist,
+            DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
+        dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
+        return dqkv, dinv.to(inv_tau.dtype), dbias if need_dbias else None, None, None, None
+
+
+def _split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed (B, K, S, 3, H, dh) projections -> q, k, v (B, K, H, S, dh), as views."""
+    return qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def _empty_heads(qkv: torch.Tensor) -> torch.Tensor:
+    """A (B, K, H, S, dh) output stored (B, K, S, H, dh), or (K, B, S, H, dh) when qkv is
+    stored with K outermost (the model's layout): the output projection then reads it as is."""
+    B, K, S, _, H, dh = qkv.shape
+    if K > 1 and B > 1 and qkv.stride(1) > qkv.stride(0):
+        return torch.empty(K, B, S, H, dh, dtype=qkv.dtype, device=qkv.device).permute(1, 0, 3, 2, 4)
+    return torch.empty(B, K, S, H, dh, dtype=qkv.dtype, device=qkv.device).transpose(2, 3)
+
+
+def _strides(name: str, x: torch.Tensor) -> dict[str, int]:
+    """A (B, K, H, S, dh) view's strides of B, K, H and S as the kernels' keyword arguments
+    s<name>b, s<name>k, s<name>h, s<name>l (dh is contiguous)."""
+    return {f"s{name}{axis}": s for axis, s in zip("bkhl", x.stride()[:4])}
+
+
+def _grid(q: torch.Tensor, kernel: str) -> tuple[int, int]:
+    """(sample-block x head, tiles): query tiles for fwd, key tiles for bwd."""
+    B, K, H, S, _ = q.shape
+    BM, BN, _, _ = TILES[kernel]
+    return B * K * H, triton.cdiv(S, BN if kernel == "bwd" else BM)
+
+
+def _meta(q: torch.Tensor, kernel: str) -> dict:
+    """Compile-time kernel arguments."""
+    BM, BN, warps, stages = TILES[kernel]
+    return dict(DH=q.shape[-1], BM=BM, BN=BN, PREC=_precision(q.dtype), num_warps=warps, num_stages=stages)
+
+
+def _dot_width(n: int) -> int:
+    """n padded to a tl.dot operand size: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 inputs get exact (not tf32) products; tf32 is ignored for
+    bf16 inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _program(H, BLOCK: tl.constexpr):
+        """This program's (sample-block x head) index bh, its b and h, and its tile's first row
+        (or key) and indices. bh is on grid axis 0 (no 65,535 limit), int64 for the offsets."""
+        bh = tl.program_id(0).to(tl.int64)
+        start = tl.program_id(1) * BLOCK
+        return bh, bh // H, bh % H, start, start + tl.arange(0, BLOCK)
+
+    @triton.jit
+    def _offset(b, h, NK, sb, sk, sh):
+        """Offset of sample-block b = (sample, block) and head h in a strided (B, K, H, L, DH) tensor."""
+        return (b // NK) * sb + (b % NK) * sk + h * sh
+
+    @triton.jit
+    def _load_rows(X, off, idx, sl, dims, ok):
+        """Rows `idx` (with validity `ok`) of the (L, DH) slice at `off` of a strided tensor."""
+        return tl.load(X + off + idx[:, None] * sl + dims[None, :], mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _store_rows(X, val, off, idx, sl, dims, ok):
+        tl.store(X + off + idx[:, None] * sl + dims[None, :], val.to(X.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _tile_scores(q, k, bias_ptrs, inv, valid_ptr, rows, cols, L, NH, PREC: tl.constexpr):
+        """Raw q.k + bias (BM, BN) in fp32, the scaled score s and the allowed mask (keys from
+        NH on, the candidates, are seen by their own row only)."""
+        col_ok = cols < L
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        raw = qk + tl.load(bias_ptrs, mask=(rows[:, None] < L) & col_ok[None, :], other=0.0).to(tl.float32)
+        key_ok = tl.load(valid_ptr + cols, mask=col_ok, other=0) != 0
+        diag = rows[:, None] == cols[None, :]
+        seen = key_ok & (cols < NH)
+        ok = (cols[None, :] <= rows[:, None]) & (seen[None, :] | diag) & col_ok[None, :]
+        return raw, raw * inv, ok
+
+    @triton.jit
+    def _bias_fwd_kernel(POS, TIM, PB, TB, OUT, H, L, P: tl.constexpr, T: tl.constexpr, BM: tl.constexpr,
+                         BN: tl.constexpr):
+        """One program per (BM rows, sample-block x head): its rows of the dense f_b, each entry
+        its position bucket's plus its time bucket's table value, written in the output dtype."""
+        bh, b, _, row0, rows = _program(H, BM)
+        row_ok = rows < L
+        for start in range(0, L, BN):
+            cols = start + tl.arange(0, BN)
+            ok = row_ok[:, None] & (cols[None, :] < L)
+            idx = rows[:, None] * L + cols[None, :]
+            pb = tl.load(PB + idx, mask=ok, other=0)
+            tb = tl.load(TB + b * L * L + idx, mask=ok, other=0)
+            val = tl.load(POS + bh * P + pb, mask=ok, other=0.0) + tl.load(TIM + bh * T + tb, mask=ok, other=0.0)
+            tl.store(OUT + bh * L * L + idx, val.to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _one_hot(buckets, N: tl.constexpr, dtype: tl.constexpr):
+        """(C,) bucket ids -> (C, N) one-hot rows in `dtype` (ids >= N match nothing)."""
+        return (buckets[:, None] == tl.arange(0, N)[None, :]).to(dtype)
+
+    @triton.jit
+    def _bias_grad_kernel(G, PB, TB, DPOS, DTIM, H, L, P: tl.constexpr, T: tl.constexpr, HP: tl.constexpr,
+                          PP: tl.constexpr, TP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          PREC: tl.constexpr):
+        """One program per (sample-block b, BM rows): per-head sums of the dense bias gradient
+        per position bucket and per time bucket over its rows' causal tiles, one partial per
+        row tile (summed in torch): deterministic, no atomics. Rows are taken R at a time, so
+        each chunk is (heads, R * BN entries) against (R * BN, buckets) one-hot: a tensor-core
+        dot (heads padded to HP >= 16)."""
+        R: tl.constexpr = 256 // BN
+        b = tl.program_id(0).to(tl.int64)
+        tile = tl.program_id(1)
+        row0 = tile * BM
+        heads = tl.arange(0, HP)
+        c = tl.arange(0, R * BN)
+        acc_p = tl.zeros([HP, PP], tl.float32)
+        acc_t = tl.zeros([HP, TP], tl.float32)
+        for r0 in range(row0, tl.minimum(row0 + BM, L), R):
+            i = r0 + c // BN
+            for start in range(0, tl.minimum(r0 + R, L), BN):  # tiles up to the diagonal
+                j = start + c % BN
+                ok = (i < L) & (j < L)
+                idx = i * L + j
+                g = tl.load(G + ((b * H + heads[:, None]) * L) * L + idx[None, :],
+                            mask=(heads[:, None] < H) & ok[None, :], other=0.0)  # (HP, R * BN)
+                pb = tl.load(PB + idx, mask=ok, other=PP)
+                tb = tl.load(TB + b * L * L + idx, mask=ok, other=TP)
+                # products with 0/1 are exact; the sums accumulate in fp32
+                acc_p += tl.dot(g, _one_hot(pb, PP, g.dtype), input_precision=PREC)
+                acc_t += tl.dot(g, _one_hot(tb, TP, g.dtype), input_precision=PREC)
+        out = (b * tl.num_programs(1) + tile) * H + heads[:, None]
+        p_ids, t_ids = tl.arange(0, PP), tl.arange(0, TP)
+        tl.store(DPOS + out * P + p_ids[None, :], acc_p, mask=(heads[:, None] < H) & (p_ids[None, :] < P))
+        tl.store(DTIM + out * T + t_ids[None, :], acc_t, mask=(heads[:, None] < H) & (t_ids[None, :] < T))
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, OUT, LSE, sqb, sqk, sqh, sql, sob, sok, soh, sol, NK, H, L,
+                    NH, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+        """One program per (BM query rows, sample-block b, head h): online softmax over the
+        causal key tiles from the first tile holding a valid key (or the diagonal tile)."""
+        bh, b, h, row0, rows = _program(H, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        qo = _offset(b, h, NK, sqb, sqk, sqh)  # q, k and v share strides (views of one qkv)
+        q = _load_rows(Q, qo, rows, sql, dims, row_ok)
+        inv = tl.load(INV + bh)
+        first = tl.load(FIRST + b)
+        lo = tl.minimum(first // BN * BN, row0 // BN * BN)
+        m = tl.full([BM], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, DH], tl.float32)
+        for start in range(lo, tl.minimum(row0 + BM, L), BN):
+            cols = start + tl.arange(0, BN)
+            kv_ok = cols < L
+            k = _load_rows(K, qo, cols, sql, dims, kv_ok)
+            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+            _, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            s_sum = s_sum * alpha + tl.sum(p, axis=1)
+            v = _load_rows(V, qo, cols, sql, dims, kv_ok)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            m = m_new
+        o = acc / s_sum[:, None]
+        _store_rows(OUT, o, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
+
+    @triton.jit
+    def _bwd_delta_kernel(DO, OUT, DELTA, DQ, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
+                          DH: tl.constexpr, BM: tl.constexpr):
+        """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ zeroed."""
+        bh, b, h, row0, rows = _program(H, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < L
+        do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
+        o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        tl.store(DELTA + bh * L + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
+        _store_rows(DQ, tl.zeros([BM, DH], tl.float32), _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DQ, DBIAS, DINV, ROWS, sqb, sqk, sqh,
+                    sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
+        """One program per (BN keys, b, h), over the query tiles at or below the diagonal: dK and
+        dV, dQ added (atomic, in dQ's dtype) into DQ, d bias = dS / tau added per tile to
+        the other layers' (if DBIAS_GRAD), sum dS (q.k + bias) into d(1/tau). dS uses delta =
+        rowsum(dO O), which is D = sum_j P dP only up to O's rounding (bf16): each row's D and
+        sum_j P (q.k + bias) are added into ROWS (2, BK, H, L) for the exact d(1/tau)
+        correction sum_i (delta_i - D_i) sum_j P (q.k + bias), made in torch."""
+        bh, b, h, col0, cols = _program(H, BN)
+        dims = tl.arange(0, DH)
+        col_ok = cols < L
+        qo, do_off = _offset(b, h, NK, sqb, sqk, sqh), _offset(b, h, NK, sdb, sdk, sdh)
+        k = _load_rows(K, qo, cols, sql, dims, col_ok)
+        v = _load_rows(V, qo, cols, sql, dims, col_ok)
+        inv = tl.load(INV + bh)
+        lo = col0 // BM * BM
+        # keys that are all padding, or all candidates, are seen by their own row only: the
+        # query tiles holding rows col0 .. col0 + BN - 1
+        own_only = (col0 + BN <= tl.load(FIRST + b)) | (col0 >= NH)
+        hi = tl.where(own_only, tl.minimum(col0 + BN, L), L)
+        dk = tl.zeros([BN, DH], tl.float32)
+        dv = tl.zeros([BN, DH], tl.float32)
+        dinv = tl.zeros([BN], tl.float32)
+        n_rows = tl.num_programs(0) * L
+        go = _offset(b, h, NK, sgb, sgk, sgh)
+        for start in range(lo, hi, BM):
+            rows = start + tl.arange(0, BM)
+            row_ok = rows < L
+            q = _load_rows(Q, qo, rows, sql, dims, row_ok)
+            do = _load_rows(DO, do_off, rows, sdl, dims, row_ok)
+            lse = tl.load(LSE + bh * L + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * L + rows, mask=row_ok, other=0.0)
+            # scores transposed to (BN keys, BM queries) would save the transposes below; kept
+            # in (BM, BN) so the mask logic is the forward's
+            bias_ptrs = BIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+            raw, s, ok = _tile_scores(q, k, bias_ptrs, inv, VALID + b * L, rows, cols, L, NH, PREC)
+            p = tl.where(ok & row_ok[:, None], tl.exp(s - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            pdp = p * tl.dot(do, tl.trans(v), input_precision=PREC)
+            ds = pdp - p * delta[:, None]  # d loss / d s
+            dinv += tl.sum(ds * raw, axis=0)
+            dsi = ds * inv  # d loss / d (q.k) = d loss / d bias
+            if DBIAS_GRAD:  # this program owns these entries: a plain read-modify-write
+                db_ptrs = DBIAS + bh * L * L + rows[:, None] * L + cols[None, :]
+                db_ok = row_ok[:, None] & col_ok[None, :]
+                tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
+            dsi = dsi.to(q.dtype)
+            dk += tl.dot(tl.trans(dsi), q, input_precision=PREC)
+            dq = tl.dot(dsi, k, input_precision=PREC).to(DQ.dtype.element_ty)
+            tl.atomic_add(DQ + go + rows[:, None] * sgl + dims[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+            tl.atomic_add(ROWS + bh * L + rows, tl.sum(pdp, axis=1), mask=row_ok, sem="relaxed")
+            tl.atomic_add(ROWS + n_rows + bh * L + rows, tl.sum(p * raw, axis=1), mask=row_ok, sem="relaxed")
+        _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
+        _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
+        tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))

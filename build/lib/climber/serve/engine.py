@@ -1,0 +1,355 @@
+"""The KV-cached "single user, multiple items" serving engine (docs/paper.md sections 3.1 and 3.2).
+
+A request is one user, one scenario and up to M candidates. The engine
+
+1. extracts the user's multi-scale sub-sequences (MSE, section 2.1) from its history (the
+   prepared data's events, then those posted while serving, kept in an `EventStore`) exactly
+   as `SumiData.batch` does for training: per block, the last
+   min(seq_len, '@n' cap) events its strategy selects, left-padded, latest event last;
+2. prefills them once with `Climber.prefill` (every layer's history keys/values, all K blocks
+   in one batched pass) and keeps the result in a byte-bounded LRU keyed by (user, scenario):
+   the request scenario selects the temperature and bias tables, so a cache only holds for
+   the scenario it was computed under;
+3. scores all candidates against the cache in one `Climber.score` pass. Requests of several
+   users are stacked into one batch, each cache left-padded to the longest; padding changes
+   no score, since attention sees only relative positions, time gaps and the mask.
+
+Incremental extension. History attention is causal and a token's keys/values do not depend
+on its absolute position (positions enter only through the relative bias, computed at
+attention time). So when events arrive, only the new tokens are computed: each runs through
+every layer attending to the cached keys/values and to itself (`Climber.extend`), and its
+keys/values are appended to the blocks whose strategy selects it ('recent' takes every event,
+'pos:like' only liked ones). Blocks stay right-aligned, so the relative distance between two
+real tokens, and from each token to the candidate slot, equals that of a prefill from scratch.
+
+Exact extension is impossible once a block's window is full: the oldest event must leave,
+and every later token's state depended on it. Blocks never interact before fusion, so only
+the overflowing blocks are recomputed from scratch (one prefill in which the other blocks are
+empty, at the length of the longest overflowing window), the others are extended; a request
+that needed it counts as `recompute`. A short capped block ('recent@16') is then cheap to
+redo, but a full 'recent' block (a user with seq_len events or more) costs a prefill at full
+length for every new event, and, because all K blocks run batched, K blocks of that length.
+
+Users are keyed by raw id (users unknown to the training data get a history too); items are
+mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
+items to the unknown id 1. A stored history is used whole, whatever the request time.
+
+Bounded history. An event that no block window holds (per block, the last `caps[k]` events its
+strategy selects) can never enter a window again, since windows only move forward; the store
+forgets it, so a user keeps at most sum(caps) posted events and no score changes. Extension
+stays exact: a forgotten new event implies a full window of later events in each block that
+selects it, so that block overflows and is rebuilt from the events that are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from climber import ops
+from climber.checkpoint import check_vocabulary, load_model
+from climber.config import parse_strategy
+from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
+from climber.model import Climber, HistoryCache
+from climber.serve.store import EventStore, History, SQLiteStore
+
+
+def dense_ids(vocab: np.ndarray, raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids -> (dense ids = first + position in the sorted `vocab`, 0 where unknown; known mask)."""
+    raw = np.asarray(raw, np.int64)
+    if len(vocab) == 0:
+        return np.zeros(raw.shape, np.int64), np.zeros(raw.shape, bool)
+    pos = np.searchsorted(vocab, raw)
+    known = vocab[np.minimum(pos, len(vocab) - 1)] == raw
+    return np.where(known, pos + first, 0), known
+
+
+class DataHistories:
+    """Users' histories from the prepared data (read-only, memory-mapped; None: no data)."""
+
+    def __init__(self, n_tasks: int, data: SumiData | None = None):
+        self.n_tasks, self.data = n_tasks, data
+
+    def __call__(self, user: int) -> History:
+        if self.data is None:
+            return History.empty(self.n_tasks)
+        a = self.data.a
+        dense = int(dense_ids(np.asarray(a["user_vocab"]), np.array([user]), first=1)[0][0])
+        if dense == 0:
+            return History.empty(self.n_tasks)
+        lo, hi = a["user_offsets"][dense], a["user_offsets"][dense + 1]
+        return History(*(np.asarray(a[k][lo:hi], np.int64)
+                         for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    cache: HistoryCache  # batch of one user
+    n_events: int  # the user's events (all ever, not only those kept) folded into `cache`
+    nbytes: int
+
+
+class ByteLRU:
+    """Least-recently-used map of cache entries, evicting the oldest until their bytes fit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d: OrderedDict[tuple[int, int], CacheEntry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: tuple[int, int]) -> CacheEntry | None:
+        entry = self._d.get(key)
+        if entry is not None:
+            self._d.move_to_end(key)
+        return entry
+
+    def put(self, key: tuple[int, int], entry: CacheEntry) -> int:
+        """Insert (replacing) `entry`; returns how many entries were evicted. An entry larger than
+        the whole budget is not kept: its request is served, the next one prefills again."""
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        if entry.nbytes > self.max_bytes:
+            return 0
+        self._d[key] = entry
+        self.bytes += entry.nbytes
+        evicted = 0
+        while self.bytes > self.max_bytes:
+            _, gone = self._d.popitem(last=False)
+            self.bytes -= gone.nbytes
+            evicted += 1
+        return evicted
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One request. History: `history` when given, else the store's for `user`, else empty."""
+
+    candidates: np.ndarray  # (M,) dense item ids
+    scenario: int
+    req_time: int
+    user: int | None = None  # raw user id: store key, cache key and (mapped) user features
+    history: History | None = None
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    probs: np.ndarray  # (M, T) per-task probabilities
+    cache: str  # how the history was encoded: hit | miss | extend | recompute | bypass
+    history_length: int  # events in the history used
+
+
+class Engine:
+    """Model + histories (prepared data, then an event store) + LRU of prefilled histories. Not
+    thread-safe: one worker calls `score_requests`; `append_events` may be called from any thread."""
+
+    def __init__(self, model: Climber, store: EventStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
+                 cache_bytes: int = 1 << 30, data: SumiData | None = None):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self.store, self.base = store, DataHistories(len(self.cfg.tasks), data)
+        self._append_lock = threading.Lock()  # check-then-write of one user's events
+        self.item_vocab, self.user_vocab = np.asarray(item_vocab), np.asarray(user_vocab)
+        self.cache = ByteLRU(cache_bytes)
+        # requests by outcome (hit, miss, extend, recompute, bypass), plus evict, recompute_blocks, user_evict
+        self.stats: Counter[str] = Counter()
+        seq_len = self.cfg.seq_len
+        self.caps = np.array([min(seq_len, parse_strategy(s)[2] or seq_len) for s in self.cfg.strategies])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_dir: Path, data_dir: Path | None = None, device: str = "cpu",
+                        dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30,
+                        store: str | Path = ":memory:", max_users: int = 1_000_000) -> Engine:
+        """Weights from `ckpt_dir` (safetensors, no code executed); id maps and histories from the
+        prepared data (default: the directory recorded in its config.json), then from the SQLite
+        event store at `store` (default: in memory, lost with the process)."""
+        model, config = load_model(ckpt_dir)
+        if not isinstance(model, Climber):  # baselines have no prefill / score split
+            raise ValueError(f"{ckpt_dir}: arch {config['model'].get('arch')!r} cannot be served; only Climber can")
+        data = SumiData(Path(data_dir or config["data"]))
+        check_vocabulary(config, data.vocab, ckpt_dir, data.root)
+        model = model.to(device=device, dtype=dtype)
+        model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
+        return cls(model, SQLiteStore(store, tuple(data.tasks), max_users), data.a["item_vocab"],
+                   data.a["user_vocab"], cache_bytes, data)
+
+    # ---- ids ----------------------------------------------------------------------------------
+    def item_ids(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw item ids -> (dense ids, unknown ones mapped to 1; unknown mask)."""
+        dense, known = dense_ids(self.item_vocab, raw, FIRST_ITEM)
+        return np.where(known, dense, UNKNOWN_ITEM), ~known
+
+    def user_id(self, raw: int | None) -> int:
+        """Raw user id -> dense id for the user-feature table (0 = unknown)."""
+        return 0 if raw is None else int(dense_ids(self.user_vocab, np.array([raw]), first=1)[0][0])
+
+    # ---- the three model operations ---------------------------------------------------------
+    def _selects(self, h: History) -> np.ndarray:
+        """(n, K) bool: which blocks' extraction strategies select each event (as SumiData does)."""
+        return np.stack([strategy_selects(s, self.cfg.tasks, h.labels, h.scenario, h.action)
+                         for s in self.cfg.strategies], axis=1)
+
+    def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """hist_* model inputs (1, K, L): per block the last `caps[k]` selected events,
+        left-padded to L = the longest block (at least one column), as `SumiData.batch` builds.
+        With `blocks` (K,) bool, the other blocks are left empty."""
+        sel = self._selects(h)
+        if blocks is not None:
+            sel &= blocks
+        windows = [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
+        L = max(1, *(len(w) for w in windows))
+        idx = np.zeros((len(windows), L), np.int64)
+        valid = np.zeros((len(windows), L), bool)
+        for k, w in enumerate(windows):
+            idx[k, L - len(w):] = w
+            valid[k, L - len(w):] = True
+
+        def take(col: np.ndarray) -> torch.Tensor:
+            out = np.zeros(idx.shape + col.shape[1:], np.int64)  # 0 = PAD_ITEM, and no action/label
+            out[valid] = col[idx[valid]]
+            return torch.from_numpy(out)[None].to(self.device)
+
+        return {"hist_item": take(h.item), "hist_time": take(h.time), "hist_action": take(h.action),
+                "hist_scenario": take(h.scenario), "hist_labels": take(h.labels),
+                "hist_mask": torch.from_numpy(valid)[None].to(self.device)}
+
+    @torch.inference_mode()
+    def prefill(self, history: History, scenario: int, user: int = 0) -> HistoryCache:
+        """Encode a history once for request scenario `scenario` (`user`: dense id, for features)."""
+        b = self.history_inputs(history)
+        b["req_scenario"] = torch.tensor([scenario], device=self.device)
+        b["user"] = torch.tensor([user], device=self.device)
+        return self.model.prefill(b)
+
+    @torch.inference_mode()
+    def score(self, cache: HistoryCache, candidates: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
+        """Per-task probabilities (B, M, T) for dense candidate ids (B, M) at request times (B,)."""
+        return torch.sigmoid(self.model.score(cache, candidates, req_time).float())
+
+    @torch.inference_mode()
+    def extend(self, cache: HistoryCache, history: History, n_new: int) -> tuple[HistoryCache, int]:
+        """`cache` (one user), which encodes history[:-n_new], brought up to all of `history`.
+
+        Blocks whose window has room for their new events get them appended one by one, running
+        only the new tokens; blocks whose window overflows are recomputed from scratch. Returns
+        (the cache, how many blocks were recomputed)."""
+        new = history[len(history) - n_new:]
+        sel = self._selects(new)  # (n, K)
+        counts = cache.hist_mask[0].sum(-1).cpu().numpy()  # (K,) events per block
+        overflow = counts + sel.sum(0) > self.caps  # (K,)
+        room = sel & ~overflow
+        for i in np.flatnonzero(room.any(1)):
+            cache = self._append(cache, new[i:i + 1], torch.from_numpy(room[i]).to(self.device))
+            counts += room[i]
+        if overflow.any():
+            cache = self._recompute_blocks(cache, history, overflow)
+        return cache, int(overflow.sum())
+
+    def _recompute_blocks(self, cache: HistoryCache, history: History, blocks: np.ndarray) -> HistoryCache:
+        """`cache` with `blocks` (K,) bool replaced by a prefill of their windows of `history`."""
+        b = self.history_inputs(history, blocks)
+        b["req_scenario"], b["user"] = cache.scenario, cache.user
+        fresh = self.model.prefill(b)  # the other blocks are empty, their rows padding
+        return cache.replace_blocks(fresh, torch.from_numpy(blocks).to(self.device)[None])
+
+    def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
+        """Fold one event into the cache of `blocks` (K,) bool (`Climber.extend`)."""
+        K = self.cfg.n_blocks
+
+        def per_block(col: np.ndarray) -> torch.Tensor:  # (1, ...) -> (1, K, 1, ...)
+            t = torch.from_numpy(np.asarray(col, np.int64)).to(self.device)
+            return t.view(1, 1, 1, *t.shape[1:]).expand(1, K, 1, *t.shape[1:])
+
+        event = {f"hist_{f}": per_block(getattr(ev, f)) for f in ("item", "time", "action", "scenario", "labels")}
+        return self.model.extend(cache, event, blocks[None])
+
+    # ---- histories --------------------------------------------------------------------------
+    def in_windows(self, h: History) -> np.ndarray:
+        """(n,) bool: the events of `h` that some block window holds (the only ones a score reads)."""
+        sel = self._selects(h)
+        keep = np.zeros(len(h), bool)
+        for k, cap in enumerate(self.caps):
+            keep[np.flatnonzero(sel[:, k])[-cap:]] = True
+        return keep
+
+    def history(self, user: int) -> tuple[History, np.ndarray, int]:
+        """The user's events that some block window holds (prepared data, then posted; dense item
+        ids), their positions among all the user's events, and how many events it has had."""
+        base, stored = self.base(user), self.store.load(user)
+        h = History.concat([base, dataclasses.replace(stored.events, item=self.item_ids(stored.events.item)[0])])
+        seq = np.concatenate([np.arange(len(base)), len(base) + stored.seq])
+        keep = self.in_windows(h)
+        return h[keep], seq[keep], len(base) + stored.count
+
+    def count(self, user: int) -> int:
+        """How many events the user has had (prepared data and posted)."""
+        return len(self.base(user)) + self.store.count(user)
+
+    def append_events(self, user: int, events: History) -> int:
+        """Append time-ordered events (raw item ids), none older than the user's last, and forget
+        the user's events that no block window holds any more. Caches catch up on the user's next
+        request. Returns the user's event count."""
+        if (np.diff(events.time) < 0).any():
+            raise ValueError("events are not in time order")
+        with self._append_lock:
+            base, stored = self.base(user), self.store.load(user)
+            last = stored.last_time if stored.last_time is not None else base.time[-1] if len(base) else None
+            if last is not None and len(events) and events.time[0] < last:
+                raise ValueError(f"event time {int(events.time[0])} is before user {user}'s last event ({int(last)})")
+            if not len(events):
+                return len(base) + stored.count
+            # windows depend on labels, scenarios and actions only, so raw and dense items mix here
+            keep = self.in_windows(History.concat([base, stored.events, events]))[len(base):]
+            seq = np.concatenate([stored.seq, stored.count + np.arange(len(events))])
+            self.stats["user_evict"] += self.store.append(user, events, drop=seq[~keep])
+            return len(base) + stored.count + len(events)
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int]:
+        """The request's prefilled history: from the LRU (hit), brought up to date with the
+        user's new events (extend, or recompute when a block window overflowed) or built (miss)."""
+        user = self.user_id(r.user)
+        if r.history is not None or r.user is None:  # explicit or anonymous history: not cached
+            h = r.history if r.history is not None else History.empty(len(self.cfg.tasks))
+            self.stats["bypass"] += 1
+            return self.prefill(h, r.scenario, user), "bypass", len(h)
+        key = (r.user, r.scenario)
+        entry = self.cache.get(key)
+        if entry is not None and self.count(r.user) == entry.n_events:
+            self.stats["hit"] += 1
+            return entry.cache, "hit", entry.n_events
+        h, seq, n = self.history(r.user)
+        if entry is None:
+            status, cache = "miss", self.prefill(h, r.scenario, user)
+        else:
+            cache, redone = self.extend(entry.cache, h, int((seq >= entry.n_events).sum()))
+            status = "recompute" if redone else "extend"
+            self.stats["recompute_blocks"] += redone
+        self.stats[status] += 1
+        self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
+        return cache, status, n
+
+    @torch.inference_mode()
+    def score_requests(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
+        """Score several users' requests in one batched candidate pass."""
+        got = [self._user_cache(r) for r in requests]
+        M = max(len(r.candidates) for r in requests)
+        cand = np.full((len(requests), M), PAD_ITEM, np.int64)  # padding slots are scored and dropped
+        for i, r in enumerate(requests):
+            cand[i, :len(r.candidates)] = r.candidates
+        req_time = torch.tensor([r.req_time for r in requests], device=self.device)
+        probs = self.score(HistoryCache.stack([c for c, _, _ in got]), torch.from_numpy(cand).to(self.device), req_time)
+        probs = probs.cpu().numpy()
+        return [ScoreResult(probs[i, :len(r.candidates)], status, n)
+                for i, (r, (_, status, n)) in enumerate(zip(requests, got, strict=True))]

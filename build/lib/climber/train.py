@@ -1,0 +1,459 @@
+"""Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP).
+
+`train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
+AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
+validation (AUC/GAUC/LogLoss), early stopping on mean validation AUC, and atomic, checksummed
+checkpoints (`checkpoint.py`) every `checkpoint_every` steps and every `checkpoint_minutes`.
+Run it again on the same `out_dir` and it resumes from the newest intact checkpoint: batches
+are a pure function of (seed, epoch, step) and the RNG state is saved, so a killed and resumed
+run ends with the same weights as an uninterrupted one. A non-finite loss stops training with
+`FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
+
+Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests and
+gradients are averaged by DDP (gloo on CPU, NCCL on GPU); rank 0 validates, logs and saves.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from climber import checkpoint
+from climber.config import ModelConfig, TrainConfig, from_dict
+from climber.data.events import DataError
+from climber.data.sumi import SumiData, check_strategies
+from climber.extras import MissingDependency, pyplot, require
+from climber.files import write_atomic
+from climber.metrics import evaluate_predictions
+from climber.model import make_model
+from climber.runtime import Runtime, autocast, resolve_device
+from climber.runtime import apply as apply_runtime
+
+
+class RequestBatches(torch.utils.data.Dataset):
+    """Batch i of an epoch's order; opens the memory-mapped data lazily in each worker.
+    `negatives` (training on implicit data): (per positive, seed words): batch i draws fresh
+    negatives from a generator seeded by (*seed words, first + i), a pure function of the
+    batch's place in the run, whichever worker builds it and wherever a resume starts."""
+
+    def __init__(self, root: Path, order: np.ndarray, batch_size: int, strategies, seq_len: int,
+                 negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
+        self.root, self.order, self.bs = root, order, batch_size
+        self.strategies, self.seq_len = tuple(strategies), seq_len
+        self.negatives, self.first = negatives, first
+        self._data: SumiData | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.bs)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._data is None:
+            self._data = SumiData(self.root)
+        neg = None
+        if self.negatives is not None:
+            n, words = self.negatives
+            neg = (n, np.random.default_rng([*words, self.first + i]))
+        return self._data.batch(self.order[i * self.bs : (i + 1) * self.bs], self.strategies, self.seq_len, neg)
+
+
+def loader(data: SumiData, req: np.ndarray, batch_size: int, cfg: ModelConfig, workers: int = 0, pin=False,
+           negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
+    ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len, negatives, first)
+    # a private generator: creating an iterator must not draw from the global RNG (dropout's),
+    # or a resumed run would diverge from an uninterrupted one
+    return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
+                                       prefetch_factor=4 if workers else None, generator=torch.Generator())
+
+
+def to_device(b: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
+def masked_bce(logits: torch.Tensor, b: dict, weights: torch.Tensor) -> torch.Tensor:
+    """Per-task BCE averaged over valid candidates, then weighted over tasks."""
+    mask = b["cand_mask"][..., None].float()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), b["labels"], reduction="none")
+    per_task = (loss * mask).sum((0, 1)) / mask.sum().clamp(min=1)
+    return (per_task * weights).sum()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int, device: torch.device,
+            workers: int = 0):
+    """(users (N,), labels (N, T), probs (N, T)) over every valid candidate of `split`."""
+    model.eval()
+    cfg = model.cfg
+    users, labels, probs = [], [], []
+    for b in loader(data, data.requests(split), batch_size, cfg, workers):
+        b = to_device(b, device)
+        with autocast(device):
+            p = torch.sigmoid(model(b).float())
+        m = b["cand_mask"]
+        users.append(b["user"][:, None].expand_as(m)[m].cpu())
+        labels.append(b["labels"][m].cpu())
+        probs.append(p[m].cpu())
+    return torch.cat(users).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
+
+
+def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> torch.nn.Module:
+    """A seeded model with the data's side-feature tables loaded into its buffers."""
+    torch.manual_seed(seed)
+    model = make_model(cfg)
+    model.item_features.copy_(torch.from_numpy(np.asarray(data.a["item_features"], dtype=np.int64)))
+    model.user_features.copy_(torch.from_numpy(np.asarray(data.a["user_features"], dtype=np.int64)))
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_mult: float = 1.0,
+                 embedding_weight_decay: float = 0.0) -> list[dict]:
+    """Weight decay on dense matrices, not on norms, biases or bias tables. Embedding tables
+    get their own group, at `embedding_lr_mult` times the learning rate and with
+    `embedding_weight_decay` (AdamW's decoupled decay, applied to every row each step)."""
+    decay, no_decay, embeddings = [], [], []
+    emb = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in emb:
+            embeddings.append(p)
+            continue
+        is_matrix = p.ndim >= 2 and not name.endswith(("pos_bias", "time_bias", "log_tau"))
+        (decay if is_matrix and "norm" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": embeddings, "weight_decay": embedding_weight_decay, "lr_mult": embedding_lr_mult}]
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+@dataclass
+class Run:
+    """A training run, set up: what the loop needs."""
+
+    out_dir: Path
+    data: SumiData
+    model: torch.nn.Module  # unwrapped: checkpoints and validation use it
+    step_fn: torch.nn.Module  # what the loop calls: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    run_config: dict
+    device: torch.device
+    rank: int
+    world: int
+    state: dict  # the loop's position and early-stopping record, saved with each checkpoint
+    tensorboard: object | None = None  # rank 0's SummaryWriter with `TrainConfig.tensorboard`
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig,
+          runtime: Runtime | None = None, progress: bool = True) -> dict:
+    """Train (or resume) into `out_dir`; returns a summary with the best validation metrics."""
+    runtime = runtime or Runtime()
+    run = setup(data_dir, out_dir, model_cfg, cfg, runtime)
+    loop(run, progress)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return _summary(run.out_dir, run.state)
+
+
+def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Runtime) -> Run:
+    """Process group (under torchrun), model on its device with the runtime applied, optimizer,
+    and the state of the newest intact checkpoint if `out_dir` holds one (same config required)."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = resolve_device(runtime.device)
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out_dir = Path(out_dir)
+    data = SumiData(data_dir)
+    check_data(data, model_cfg.strategies, announce=rank == 0)
+    run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
+                  "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
+                  "data_fingerprint": data.fingerprint}
+    model = build_model(model_cfg, data, cfg.seed)
+    apply_runtime(model, runtime)
+    groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "best_score": -math.inf, "bad_evals": 0,
+             "best_step": -1}
+    last, skipped = checkpoint.latest_intact(out_dir / "checkpoints")
+    if rank == 0:
+        for msg in skipped:
+            print(f"warning: skipping corrupt checkpoint: {msg}", file=sys.stderr)
+    if last is not None:
+        _check_resumable(checkpoint.read_config(last), run_config, out_dir)
+        model.load_state_dict(checkpoint.load_weights(last, str(device)))
+        ts = checkpoint.load_train_state(last)
+        opt.load_state_dict(ts["optimizer"])
+        torch.set_rng_state(ts["rng"])
+        state = ts["loop"]
+        if rank == 0:
+            print(f"resuming from {last} (step {state['step']}, epoch {state['epoch']})")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
+        for name in ("train_log.csv", "valid_log.csv"):  # rows after the resumed step (all, on a fresh start)
+            _truncate_log(out_dir / name, state["step"])
+    step_fn = DistributedDataParallel(model) if distributed else model
+    writer = None
+    if cfg.tensorboard and rank == 0:  # events after the resumed step are dropped, as the CSV rows are
+        tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", package="tensorboard")
+        writer = tb.SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] + 1 if last else None)
+    return Run(out_dir, data, model, step_fn, opt, cfg, run_config, device, rank, world, state, writer)
+
+
+def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = True) -> None:
+    """Raise DataError where training cannot work (no validation requests, a strategy naming what
+    the data lacks); say (`announce`) where validation AUC is undefined: a task whose validation labels
+    hold one class. Without any defined AUC the best checkpoint is picked by validation LogLoss."""
+    v = data.vocab
+    check_strategies(strategies, str(data.root), data.tasks, v["n_scenarios"], v["n_actions"])
+    k = data.meta["prepare"]["eval_requests"]
+    if not len(data.requests("valid")):
+        raise DataError(f"{data.root}: no validation requests (a user needs {2 * k + 1} requests or more to have "
+                        "validation and test ones); prepare with a smaller --request-gap or --max-candidates")
+    one_class = [t for t, col in zip(data.tasks, data.labels("valid").T, strict=True) if col.min() == col.max()]
+    if announce and one_class:
+        then = ("picking the best checkpoint by validation LogLoss" if len(one_class) == len(data.tasks)
+                else "mean AUC is over the other tasks")
+        print(f"warning: validation labels of task(s) {one_class} are all one class, so their AUC is undefined; "
+              f"{then}", file=sys.stderr)
+
+
+# what may change when a run resumes: the runtime (device, attention backend, compile), and these,
+# which leave the weights alone (eval cadence moves early stopping and best/, not the steps taken)
+RESUMABLE = {"num_workers", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+             "tensorboard"}
+
+
+def _check_resumable(saved: dict, new: dict, out_dir: Path) -> None:
+    """Raise ValueError unless a run saved with config `saved` may go on under `new`: the same
+    data (fingerprint) and math; more epochs are fine (the schedule stretches to the new end)."""
+    old_fp, new_fp = saved.get("data_fingerprint"), new["data_fingerprint"]
+    if old_fp is not None and old_fp != new_fp:
+        raise ValueError(f"{out_dir} was trained on other data ({saved['data']}, fingerprint {old_fp}; now "
+                         f"{new['data']}, {new_fp}); use another --out or the same data")
+    diff = []
+    for part, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        was = asdict(from_dict(cls, saved[part]))
+        for k, v in new[part].items():
+            free = part == "train" and (k in RESUMABLE or (k == "epochs" and v > was[k]))
+            if v != was[k] and not free:
+                diff.append(f"{part}.{k} {was[k]} -> {v}")
+    if diff:
+        raise ValueError(f"{out_dir} holds a run with a different config ({', '.join(diff)}); "
+                         "use another --out or delete it")
+
+
+def loop(run: Run, progress: bool = True) -> None:
+    """Optimizer steps from `run.state` on, validating, checkpointing and stopping early as the
+    config says. Batches are a pure function of (seed, epoch, step), so a resumed run continues
+    exactly where the checkpoint left off."""
+    cfg, data, state, device = run.cfg, run.data, run.state, run.device
+    model_cfg = run.model.cfg
+    train_req = data.requests("train")
+    steps_per_epoch = math.ceil(len(train_req) // run.world / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    eval_every = cfg.eval_every or max(1, steps_per_epoch // 2)
+    ckpt_every = cfg.checkpoint_every or eval_every
+    weights = torch.tensor(cfg.task_weights or [1.0 / len(data.tasks)] * len(data.tasks), device=device)
+    log_path = run.out_dir / "train_log.csv"
+    bar = tqdm(total=total, initial=state["step"], disable=not (run.main and progress), desc="train", unit="step")
+    t0 = last_save = time.time()
+    nonfinite = torch.zeros((), device=device)  # steps with a non-finite loss; read at checks, a host sync
+
+    while state["step"] < total and not state.get("stopped"):
+        epoch = state["epoch"]
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(train_req)
+        if cfg.bucket_window:  # global batches (batch_size x world) of similar history lengths
+            order = data.bucket_by_length(order, cfg.batch_size * run.world, cfg.bucket_window, model_cfg.seq_len,
+                                          np.random.default_rng([cfg.seed, epoch, 1]))
+        shard = order[run.rank::run.world][: len(order) // run.world]
+        negatives = (cfg.train_negatives, (cfg.seed, epoch, run.rank, 2)) if data.implicit else None
+        batches = loader(data, shard[state["step_in_epoch"] * cfg.batch_size :], cfg.batch_size, model_cfg,
+                         cfg.num_workers, pin=device.type == "cuda", negatives=negatives,
+                         first=state["step_in_epoch"])
+        run.model.train()
+        for b in batches:
+            b = to_device(b, device)
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(state["step"], total, cfg) * g.get("lr_mult", 1.0)
+            with autocast(device):
+                loss = masked_bce(run.step_fn(b), b, weights)
+            nonfinite += ~torch.isfinite(loss.detach())
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+            run.opt.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            if state["step_in_epoch"] >= steps_per_epoch:
+                state["epoch"], state["step_in_epoch"] = epoch + 1, 0
+            bar.update(1)
+            if run.main and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
+                lv = loss.item()  # the only host sync of the step, every log_every steps
+                bar.set_postfix(loss=f"{lv:.4f}")
+                _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
+                                "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}, run.tensorboard)
+            at_end = state["step"] >= total
+            validate = state["step"] % eval_every == 0 or at_end
+            save = state["step"] % ckpt_every == 0 or at_end
+            if validate or save or state["step"] % cfg.log_every == 0:
+                late = bool(cfg.checkpoint_minutes) and time.time() - last_save >= 60 * cfg.checkpoint_minutes
+                diverged, late = _agree(device, nonfinite > 0, late)
+                if diverged:
+                    bar.close()
+                    raise FloatingPointError(
+                        f"training loss is not finite (nan or inf) by step {state['step']}; stopped before "
+                        f"saving, so {run.out_dir / 'checkpoints'} keeps the last good checkpoint. Lower --lr "
+                        "or --grad-clip, or check the data")
+                save = save or late
+            if validate:
+                _validate(run, epoch)
+            if save or state.get("stopped"):
+                save_checkpoint(run)
+                last_save = time.time()
+            if at_end or state.get("stopped") or state["step_in_epoch"] == 0:
+                break
+    bar.close()
+    if run.tensorboard is not None:
+        run.tensorboard.close()
+    if run.main:
+        plot_curves(run.out_dir)
+
+
+def _agree(device: torch.device, *flags) -> list[bool]:
+    """Each flag, true on every rank if it is true on any (under torchrun), so ranks stop and
+    checkpoint together; one host sync."""
+    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).int()
+    if dist.is_initialized():
+        dist.all_reduce(t, dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def save_checkpoint(run: Run) -> None:
+    """The model, optimizer, RNG and loop state as checkpoints/step-N (rank 0), the oldest pruned."""
+    if run.main:
+        root = run.out_dir / "checkpoints"
+        checkpoint.save(root / f"{checkpoint.STEP_PREFIX}{run.state['step']:08d}", run.model, run.run_config,
+                        {"optimizer": run.opt.state_dict(), "rng": torch.get_rng_state(), "loop": dict(run.state)})
+        checkpoint.prune(root, run.cfg.keep_checkpoints)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _validate(run: Run, epoch: int) -> None:
+    """Validation AUC on rank 0: the best model saved as best/, early stopping after
+    `patience` validations without a gain; every rank learns whether to stop."""
+    state = run.state
+    if run.main:
+        users, labels, probs = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device)
+        res = evaluate_predictions(users, labels, probs, run.data.tasks)
+        auc = res["mean"]["auc"]
+        score = -res["mean"]["logloss"] if math.isnan(auc) else auc  # AUC undefined: one-class labels
+        row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
+                                                                           for k, v in r.items()}}
+        _log(run.out_dir / "valid_log.csv", row, run.tensorboard)
+        if score > state.get("best_score", state["best_auc"]):
+            state.update(best_score=score, best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
+            checkpoint.save(run.out_dir / "best", run.model, run.run_config)
+        else:
+            state["bad_evals"] += 1
+            if state["bad_evals"] >= run.cfg.patience:
+                state["stopped"] = True
+        tqdm.write(f"step {state['step']}: valid AUC {auc:.4f} GAUC {res['mean']['gauc']:.4f} "
+                   f"LogLoss {res['mean']['logloss']:.4f} (best {state['best_auc']:.4f})")
+        run.model.train()
+    if dist.is_initialized():
+        flag = torch.tensor([int(bool(state.get("stopped")))], device=run.device)
+        dist.broadcast(flag, 0)
+        state["stopped"] = bool(flag.item())
+
+
+def _log(path: Path, row: dict, tensorboard=None) -> None:
+    """Append a row to a CSV (one file per kind of row, so its columns are fixed); with a
+    SummaryWriter, its numbers also as scalars `<split>/<column>` at its step."""
+    if tensorboard is not None:
+        for k, v in row.items():
+            if k not in ("step", "epoch", "split") and isinstance(v, float | int) and not math.isnan(v):
+                tensorboard.add_scalar(f"{row['split']}/{k}", v, row["step"])
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def plot_curves(out_dir: Path) -> Path | None:
+    """curves.png in the run directory: training loss and validation mean AUC / GAUC by step, from
+    the CSV logs. Only where matplotlib is installed (the [plot] extra): training needs no plots."""
+    try:
+        plt = pyplot("the training-curve plot")
+    except MissingDependency:
+        return None
+    train_rows, valid_rows = (_read_log(out_dir / f"{k}_log.csv") for k in ("train", "valid"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a1.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], lw=1)
+    a1.set(xlabel="step", ylabel="training loss (BCE)")
+    for k in ("mean_auc", "mean_gauc"):
+        a2.plot([r["step"] for r in valid_rows], [r.get(k, math.nan) for r in valid_rows], marker="o", label=k[5:])
+    a2.set(xlabel="step", ylabel="validation (mean over tasks)")
+    a2.legend()
+    fig.suptitle(out_dir.name)
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in r.items() if k != "split"} for r in csv.DictReader(f)]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On (re)start, drop the rows logged after the step we start from (they will be redone) and
+    a last line cut short by a kill; rewritten atomically, so a kill meanwhile loses nothing."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines(keepends=True)  # whole lines only
+    keep = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= step]
+    if len(keep) > 1:
+        write_atomic(path, "".join(keep))
+    else:  # no row left (or not even a whole header): the next row writes a fresh header
+        path.unlink()
+
+
+def _summary(out_dir: Path, state: dict) -> dict:
+    return {"out_dir": str(out_dir), "steps": state["step"], "best_step": state["best_step"],
+            "best_valid_auc": state["best_auc"], "best_valid": state.get("best_valid"),
+            "early_stopped": bool(state.get("stopped"))}
