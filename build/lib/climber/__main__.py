@@ -1,3 +1,0 @@
-from climber.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""Data: readers for interaction logs, the event schema, and SUMI sample preparation."""
