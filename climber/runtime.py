@@ -50,10 +50,13 @@ class Runtime:
     attention: str = "auto"  # "auto" (triton on a CUDA GPU, else reference) | "reference" | "triton"
     compile: bool = False  # regional torch.compile (see the module docstring)
     threads: int = 0  # CPU threads of torch ops on a CPU device; 0: OMP_NUM_THREADS if set, else half the cores, <= 4
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicas) | "fsdp" (FSDP2, sharded; climber/distributed.py)
 
     def __post_init__(self) -> None:
         if self.attention not in ops.BACKENDS:
             raise ValueError(f"attention must be one of {ops.BACKENDS}, not {self.attention!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: automatic)")
 
