@@ -1,4 +1,4 @@
-"""Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP).
+"""Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP or FSDP2).
 
 `train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
 AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
@@ -9,8 +9,11 @@ are a pure function of (seed, epoch, step) and the RNG state is saved, so a kill
 run ends with the same weights as an uninterrupted one. A non-finite loss stops training with
 `FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
 
-Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests and
-gradients are averaged by DDP (gloo on CPU, NCCL on GPU); rank 0 validates, logs and saves.
+Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests, and
+gradients are averaged by DDP or reduce-scattered by FSDP2 (`climber/distributed.py`; gloo on
+CPU, NCCL on GPU). Every rank validates its part of the requests and rank 0 computes the
+metrics over all of them; rank 0 logs and saves `best/`; step checkpoints are rank 0's (DDP) or
+every rank's shards (FSDP2, torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
