@@ -22,6 +22,8 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +86,14 @@ def _abandon(tmp: Path, ckpt_dir: Path, e: Exception):
                                "intact, free space and resume") from e
 
 
+@contextmanager
+def _quiet_one_process():
+    """DCP warns on every save and load without a process group; on one process that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def is_sharded(ckpt_dir: Path) -> bool:
     """Whether the checkpoint was written by torch.distributed.checkpoint (a sharded run)."""
     return (Path(ckpt_dir) / ".metadata").exists()
@@ -112,7 +122,8 @@ def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.
     if dist.is_initialized():
         dist.barrier()
     try:
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
+        with _quiet_one_process():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         if main:
             _finish(tmp, config, train_state)
     except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
@@ -136,7 +147,8 @@ def load_into(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
 
         state = _dcp_state(model, optimizer)
         try:
-            dcp.load(state, checkpoint_id=str(ckpt_dir))
+            with _quiet_one_process():
+                dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
         except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
             raise CorruptCheckpoint(f"{ckpt_dir}: sharded checkpoint is unreadable ({e})") from e
         sd.set_model_state_dict(model, state["model"])
@@ -240,7 +252,8 @@ def _gather_sharded(ckpt_dir: Path, device: str) -> dict[str, torch.Tensor]:
         meta = reader.read_metadata().state_dict_metadata
         weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
                    if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
-        dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+        with _quiet_one_process():
+            dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
     except (OSError, RuntimeError, ValueError, dcp.api.CheckpointException) as e:
         raise CorruptCheckpoint(f"{ckpt_dir}: sharded checkpoint is unreadable ({e})") from e
     return {k: v.to(device) for k, v in weights.items()}
