@@ -7,6 +7,13 @@ A checkpoint can be trusted: `manifest.json`, written last, records each file's 
 SHA-256, and every load checks them, so a truncated, emptied or bit-flipped file is refused
 with a one-line `CorruptCheckpoint` error (resume skips to the newest intact checkpoint).
 Checkpoints saved before manifests existed load unverified, with a warning.
+
+Sharded runs (`--parallel fsdp`) save their step checkpoints with torch.distributed.checkpoint
+(DCP): every rank writes its own shards of the weights and AdamW's state into the checkpoint
+directory (`.metadata` and one `__<rank>_0.distcp` per rank, on a file system all ranks share),
+rank 0 the config and train_state.pt (loop state and every rank's RNG) and the manifest last. DCP
+reshards on load, so a run saved on N ranks resumes on M, one process included. `best/` is
+always the whole model in safetensors, which evaluate, export and serve read.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import json
 import pickle
 import shutil
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -37,28 +47,127 @@ class CheckpointWriteError(ValueError):
     """A checkpoint that could not be written (disk full, permissions); nothing older was touched."""
 
 
-def save(ckpt_dir: Path, model: torch.nn.Module, config: dict, train_state: dict | None = None) -> None:
-    """Write a checkpoint under a temporary sibling and swap it in; on a write error (e.g. a full
-    disk) the partial copy is removed and `CheckpointWriteError` names the cause, while the
-    checkpoint already at `ckpt_dir`, if any, stays as it was."""
+def save(ckpt_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], config: dict,
+         train_state: dict | None = None) -> None:
+    """Write a checkpoint of `model` (or of its state dict) under a temporary sibling and swap it
+    in; on a write error (e.g. a full disk) the partial copy is removed and `CheckpointWriteError`
+    names the cause, while the checkpoint already at `ckpt_dir`, if any, stays as it was."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = _fresh_tmp(ckpt_dir)
+    try:
+        weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors")
+        _finish(tmp, config, train_state)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        _abandon(tmp, ckpt_dir, e)
+    replace_dir(tmp, ckpt_dir)
+
+
+def _fresh_tmp(ckpt_dir: Path) -> Path:
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp: Path, config: dict, train_state: dict | None) -> None:
+    """config.json, train_state.pt, then the manifest of every file, written last: it vouches for the rest."""
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def _abandon(tmp: Path, ckpt_dir: Path, e: Exception):
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointWriteError(f"cannot write checkpoint {ckpt_dir}: {e}; the previous checkpoint is "
+                               "intact, free space and resume") from e
+
+
+@contextmanager
+def _quiet_one_process():
+    """DCP warns on every save and load without a process group; on one process that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def is_sharded(ckpt_dir: Path) -> bool:
+    """Whether the checkpoint was written by torch.distributed.checkpoint (a sharded run)."""
+    return (Path(ckpt_dir) / ".metadata").exists()
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What DCP saves and loads: the model's and AdamW's state dicts keyed by parameter name,
+    sharded (DTensors) for an FSDP2 model, whole for a plain one."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
+                 train_state: dict) -> None:
+    """A collective (every rank calls it): each rank writes its shards of the model and optimizer
+    with DCP into the temporary directory, rank 0 then the config, `train_state` and the manifest,
+    and swaps it in. Works on one process too (no process group)."""
+    import torch.distributed.checkpoint as dcp
+
     ckpt_dir = Path(ckpt_dir)
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        _fresh_tmp(ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if train_state is not None:
-            torch.save(train_state, tmp / "train_state.pt")
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2) + "\n")  # last: it vouches for the rest
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointWriteError(f"cannot write checkpoint {ckpt_dir}: {e}; the previous checkpoint is "
-                                   "intact, free space and resume") from e
-    replace_dir(tmp, ckpt_dir)
+        with _quiet_one_process():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+        if main:
+            _finish(tmp, config, train_state)
+    except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
+        if main:
+            _abandon(tmp, ckpt_dir, e)
+        raise CheckpointWriteError(f"cannot write checkpoint {ckpt_dir}: {e}") from e
+    if main:
+        replace_dir(tmp, ckpt_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_into(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict) -> None:
+    """Load a step checkpoint's weights and optimizer state into `model` and `optimizer`, plain or
+    sharded, whichever kind of run saved it (DCP reshards; a whole checkpoint is sliced)."""
+    from torch.distributed.checkpoint import state_dict as sd
+
+    ckpt_dir = Path(ckpt_dir)
+    if is_sharded(ckpt_dir):
+        import torch.distributed.checkpoint as dcp
+
+        state = _dcp_state(model, optimizer)
+        try:
+            with _quiet_one_process():
+                dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not dist.is_initialized())
+        except (OSError, RuntimeError, dcp.api.CheckpointException) as e:
+            raise CorruptCheckpoint(f"{ckpt_dir}: sharded checkpoint is unreadable ({e})") from e
+        sd.set_model_state_dict(model, state["model"])
+        sd.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        return
+    # a whole checkpoint (rank 0's safetensors, AdamW's state keyed by parameter index) into a
+    # sharded model: by name, each rank keeping its rows
+    full = sd.StateDictOptions(full_state_dict=True)
+    sd.set_model_state_dict(model, load_weights(ckpt_dir), options=full)
+    saved = train_state["optimizer"]
+    names = [n for g in optimizer.param_groups for n in _names(model, g["params"])]
+    by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    sd.set_optimizer_state_dict(model, optimizer, by_name, options=full)
+
+
+def _names(model: torch.nn.Module, params: list) -> list[str]:
+    name = {id(p): n for n, p in model.named_parameters()}
+    return [name[id(p)] for p in params]
 
 
 def verify(ckpt_dir: Path) -> None:
@@ -124,10 +233,30 @@ def read_config(ckpt_dir: Path) -> dict:
 
 
 def load_weights(ckpt_dir: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The whole model's state dict, from either kind of checkpoint."""
+    if is_sharded(ckpt_dir):
+        return _gather_sharded(Path(ckpt_dir), device)
     try:
         return load_file(Path(ckpt_dir) / "model.safetensors", device=device)
     except (SafetensorError, OSError) as e:
         raise CorruptCheckpoint(f"{ckpt_dir}: model.safetensors is unreadable ({e})") from e
+
+
+def _gather_sharded(ckpt_dir: Path, device: str) -> dict[str, torch.Tensor]:
+    """The model's tensors of a DCP checkpoint, whole, read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        reader = dcp.FileSystemReader(str(ckpt_dir))
+        meta = reader.read_metadata().state_dict_metadata
+        weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+                   if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        with _quiet_one_process():
+            dcp.load({"model": weights}, storage_reader=reader, no_dist=True)
+    except (OSError, RuntimeError, ValueError, dcp.api.CheckpointException) as e:
+        raise CorruptCheckpoint(f"{ckpt_dir}: sharded checkpoint is unreadable ({e})") from e
+    return {k: v.to(device) for k, v in weights.items()}
 
 
 def load_model(ckpt_dir: Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:

@@ -195,7 +195,8 @@ def cmd_run(ns) -> None:
     ns.strategies = None
     run_dir = ns.work / "runs" / f"{ns.source}-{ns.preset}"
     _train(ns, data_dir, run_dir)
-    res = evaluate(run_dir / "best", data_dir, "test", runtime=Runtime(**pick_fields(ns, Runtime, skip={"compile"})))
+    rt = Runtime(**pick_fields(ns, Runtime, skip={"compile", "parallel"}))
+    res = evaluate(run_dir / "best", data_dir, "test", runtime=rt)
     print()
     print(report(res))
     save_results(res, run_dir / "results_test.json")
@@ -354,7 +355,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. runs/x/best")
     p.add_argument("--data", type=Path, help="prepared data (default: the one it was trained on)")
     p.add_argument("--split", default="test", choices=("train", "valid", "test"), help="(default: test)")
-    add_dataclass_flags(p.add_argument_group(RUNTIME_GROUP), Runtime, skip={"compile"})
+    add_dataclass_flags(p.add_argument_group(RUNTIME_GROUP), Runtime, skip={"compile", "parallel"})
     p.add_argument("--output", type=Path, help="results JSON (default: results_<split>.json beside the checkpoint)")
     add_config_flags(p)
     p.set_defaults(fn=cmd_evaluate)

@@ -200,10 +200,14 @@ class Runtime:
     attention: str = field(default="auto", metadata={"choices": BACKENDS})
     compile: bool = False  # regional torch.compile (climber/runtime.py)
     threads: int = 0  # CPU threads of torch ops on a CPU device; 0: OMP_NUM_THREADS if set, else half the cores, <= 4
+    # under torchrun: ddp (replicas) | fsdp (FSDP2, sharded parameters and DCP checkpoints; climber/distributed.py)
+    parallel: str = field(default="ddp", metadata={"choices": ("ddp", "fsdp")})
 
     def __post_init__(self) -> None:
         if self.attention not in BACKENDS:
             raise ValueError(f"attention must be one of {BACKENDS}, not {self.attention!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0 (0: automatic)")
 

@@ -1,4 +1,4 @@
-"""Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP).
+"""Training: one entry point for a laptop CPU, one GPU (bf16 autocast) and `torchrun` (DDP or FSDP2).
 
 `train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
 AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
@@ -9,8 +9,11 @@ are a pure function of (seed, epoch, step) and the RNG state is saved, so a kill
 run ends with the same weights as an uninterrupted one. A non-finite loss stops training with
 `FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
 
-Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests and
-gradients are averaged by DDP (gloo on CPU, NCCL on GPU); rank 0 validates, logs and saves.
+Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests, and
+gradients are averaged by DDP or reduce-scattered by FSDP2 (`climber/distributed.py`; gloo on
+CPU, NCCL on GPU). Every rank validates its part of the requests and rank 0 computes the
+metrics over all of them; rank 0 logs and saves `best/`; step checkpoints are rank 0's (DDP) or
+every rank's shards (FSDP2, torch.distributed.checkpoint).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,10 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from climber import checkpoint
+from climber import checkpoint, distributed
 from climber.config import ModelConfig, TrainConfig, from_dict
 from climber.data.events import DataError
 from climber.data.sumi import SumiData, check_strategies
@@ -81,22 +82,27 @@ def to_device(b: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
 
-def masked_bce(logits: torch.Tensor, b: dict, weights: torch.Tensor) -> torch.Tensor:
-    """Per-task BCE averaged over valid candidates, then weighted over tasks."""
+def masked_bce(logits: torch.Tensor, b: dict, weights: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-task BCE summed over valid candidates and divided by `count` (default: their number,
+    a mean), then weighted over tasks."""
     mask = b["cand_mask"][..., None].float()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), b["labels"], reduction="none")
-    per_task = (loss * mask).sum((0, 1)) / mask.sum().clamp(min=1)
+    per_task = (loss * mask).sum((0, 1)) / (mask.sum() if count is None else count).clamp(min=1)
     return (per_task * weights).sum()
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int, device: torch.device,
-            workers: int = 0):
-    """(users (N,), labels (N, T), probs (N, T)) over every valid candidate of `split`."""
+            workers: int = 0, rank: int = 0, world: int = 1):
+    """(users (N,), labels (N, T), probs (N, T)) over every valid candidate of `split`; with
+    `world` > 1, over rank `rank`'s contiguous part of its requests (`distributed.shard`), so
+    that the parts gathered in rank order are the whole split's, in its order."""
     model.eval()
-    cfg = model.cfg
+    req = data.requests(split)
+    mine = distributed.shard(req, rank, world)
     users, labels, probs = [], [], []
-    for b in loader(data, data.requests(split), batch_size, cfg, workers):
+    n = 0
+    for b in loader(data, mine, batch_size, model.cfg, workers):
         b = to_device(b, device)
         with autocast(device):
             p = torch.sigmoid(model(b).float())
@@ -104,6 +110,16 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
         users.append(b["user"][:, None].expand_as(m)[m].cpu())
         labels.append(b["labels"][m].cpu())
         probs.append(p[m].cpu())
+        n += 1
+    if distributed.is_sharded(model):  # every rank's forwards gather the same units: as many as the most a rank has
+        spare = next(iter(loader(data, req[:1], 1, model.cfg)))
+        for _ in range(math.ceil(math.ceil(len(req) / world) / batch_size) - n):
+            with autocast(device):
+                model(to_device(spare, device))
+        model.reshard()  # the root unit stays gathered after a forward without backward
+    if not users:
+        T = len(data.tasks)
+        return np.zeros(0, np.int64), np.zeros((0, T), np.float32), np.zeros((0, T), np.float32)
     return torch.cat(users).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
@@ -179,11 +195,8 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
 def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Runtime) -> Run:
     """Process group (under torchrun), model on its device with the runtime applied, optimizer,
     and the state of the newest intact checkpoint if `out_dir` holds one (same config required)."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = resolve_device(runtime.device)
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = distributed.init(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -192,9 +205,10 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     check_data(data, model_cfg.strategies, announce=rank == 0)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
-                  "data_fingerprint": data.fingerprint}
+                  "data_fingerprint": data.fingerprint, "world": world}
     model = build_model(model_cfg, data, cfg.seed)
     apply_runtime(model, runtime)
+    step_fn = distributed.parallelize(model, runtime.parallel, world)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "best_score": -math.inf, "bad_evals": 0,
@@ -205,10 +219,15 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
             print(f"warning: skipping corrupt checkpoint: {msg}", file=sys.stderr)
     if last is not None:
         _check_resumable(checkpoint.read_config(last), run_config, out_dir)
-        model.load_state_dict(checkpoint.load_weights(last, str(device)))
         ts = checkpoint.load_train_state(last)
-        opt.load_state_dict(ts["optimizer"])
-        torch.set_rng_state(ts["rng"])
+        if checkpoint.is_sharded(last) or distributed.is_sharded(model):
+            checkpoint.load_into(last, model, opt, ts)
+        else:
+            model.load_state_dict(checkpoint.load_weights(last, str(device)))
+            opt.load_state_dict(ts["optimizer"])
+        rng = ts["rng"]  # a sharded save keeps every rank's; a resume on other ranks goes on from rank 0's
+        torch.set_rng_state(rng[rank] if isinstance(rng, list) and len(rng) == world else
+                            rng[0] if isinstance(rng, list) else rng)
         state = ts["loop"]
         if rank == 0:
             print(f"resuming from {last} (step {state['step']}, epoch {state['epoch']})")
@@ -217,7 +236,6 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         (out_dir / "config.json").write_text(json.dumps(run_config, indent=2, sort_keys=True) + "\n")
         for name in ("train_log.csv", "valid_log.csv"):  # rows after the resumed step (all, on a fresh start)
             _truncate_log(out_dir / name, state["step"])
-    step_fn = DistributedDataParallel(model) if distributed else model
     writer = None
     if cfg.tensorboard and rank == 0:  # events after the resumed step are dropped, as the CSV rows are
         tb = require("torch.utils.tensorboard", "tensorboard", "--tensorboard", package="tensorboard")
@@ -257,10 +275,14 @@ def _check_resumable(saved: dict, new: dict, out_dir: Path) -> None:
         raise ValueError(f"{out_dir} was trained on other data ({saved['data']}, fingerprint {old_fp}; now "
                          f"{new['data']}, {new_fp}); use another --out or the same data")
     diff = []
+    # the global batch (per-rank batch x ranks) is what the math sees: resumed on other ranks, a run
+    # may change its per-rank batch to keep it
+    same_global = saved.get("world", 1) * saved["train"]["batch_size"] == new["world"] * new["train"]["batch_size"]
     for part, cls in (("model", ModelConfig), ("train", TrainConfig)):
         was = asdict(from_dict(cls, saved[part]))
         for k, v in new[part].items():
-            free = part == "train" and (k in RESUMABLE or (k == "epochs" and v > was[k]))
+            free = part == "train" and (k in RESUMABLE or (k == "epochs" and v > was[k])
+                                        or (k == "batch_size" and same_global))
             if v != was[k] and not free:
                 diff.append(f"{part}.{k} {was[k]} -> {v}")
     if diff:
@@ -301,8 +323,14 @@ def loop(run: Run, progress: bool = True) -> None:
             b = to_device(b, device)
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(state["step"], total, cfg) * g.get("lr_mult", 1.0)
+            # each rank divides by the global batch's candidate count over the world size, so that
+            # the gradients' mean over ranks is the global batch's (as on one process); without it,
+            # a rank with fewer candidates would weigh each of them more
+            count = b["cand_mask"].sum().float()
+            if run.world > 1:
+                count = distributed.global_sum(count) / run.world
             with autocast(device):
-                loss = masked_bce(run.step_fn(b), b, weights)
+                loss = masked_bce(run.step_fn(b), b, weights, count)
             nonfinite += ~torch.isfinite(loss.detach())
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -314,8 +342,9 @@ def loop(run: Run, progress: bool = True) -> None:
             if state["step_in_epoch"] >= steps_per_epoch:
                 state["epoch"], state["step_in_epoch"] = epoch + 1, 0
             bar.update(1)
+            if state["step"] % cfg.log_every == 0 or state["step"] == 1:
+                lv = distributed.global_sum(loss.detach()).item() / run.world  # the global batch's loss
             if run.main and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
-                lv = loss.item()  # the only host sync of the step, every log_every steps
                 bar.set_postfix(loss=f"{lv:.4f}")
                 _log(log_path, {"step": state["step"], "epoch": epoch, "split": "train", "loss": lv,
                                 "lr": run.opt.param_groups[0]["lr"], "elapsed_s": time.time() - t0}, run.tensorboard)
@@ -356,23 +385,38 @@ def _agree(device: torch.device, *flags) -> list[bool]:
 
 
 def save_checkpoint(run: Run) -> None:
-    """The model, optimizer, RNG and loop state as checkpoints/step-N (rank 0), the oldest pruned."""
-    if run.main:
-        root = run.out_dir / "checkpoints"
-        checkpoint.save(root / f"{checkpoint.STEP_PREFIX}{run.state['step']:08d}", run.model, run.run_config,
+    """The model, optimizer, RNG and loop state as checkpoints/step-N, the oldest pruned. With
+    `--parallel fsdp` every rank writes its shards (torch.distributed.checkpoint); otherwise rank
+    0 writes the whole state (safetensors and train_state.pt)."""
+    root = run.out_dir / "checkpoints"
+    path = root / f"{checkpoint.STEP_PREFIX}{run.state['step']:08d}"
+    if run.run_config["runtime"]["parallel"] == "fsdp":
+        rng = [torch.empty_like(torch.get_rng_state()) for _ in range(run.world)]
+        if dist.is_initialized():
+            dist.all_gather(rng, torch.get_rng_state())
+        else:
+            rng = [torch.get_rng_state()]
+        checkpoint.save_sharded(path, run.model, run.opt, run.run_config, {"rng": rng, "loop": dict(run.state)})
+    elif run.main:
+        checkpoint.save(path, run.model, run.run_config,
                         {"optimizer": run.opt.state_dict(), "rng": torch.get_rng_state(), "loop": dict(run.state)})
+    if run.main:
         checkpoint.prune(root, run.cfg.keep_checkpoints)
     if dist.is_initialized():
         dist.barrier()
 
 
 def _validate(run: Run, epoch: int) -> None:
-    """Validation AUC on rank 0: the best model saved as best/, early stopping after
-    `patience` validations without a gain; every rank learns whether to stop."""
+    """Validation on every rank, each scoring its part of the requests; rank 0 gathers the
+    predictions and computes the metrics once, over all of them (exact global AUC and GAUC).
+    The best model is saved as best/ (whole, safetensors: what evaluate and serve read), and
+    training stops early after `patience` validations without a gain; every rank learns both."""
     state = run.state
+    preds = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device, rank=run.rank, world=run.world)
+    preds = distributed.gather(*preds)
+    improved = False
     if run.main:
-        users, labels, probs = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device)
-        res = evaluate_predictions(users, labels, probs, run.data.tasks)
+        res = evaluate_predictions(*preds, run.data.tasks)
         auc = res["mean"]["auc"]
         score = -res["mean"]["logloss"] if math.isnan(auc) else auc  # AUC undefined: one-class labels
         row = {"step": state["step"], "epoch": epoch, "split": "valid", **{f"{t}_{k}": v for t, r in res.items()
@@ -380,18 +424,20 @@ def _validate(run: Run, epoch: int) -> None:
         _log(run.out_dir / "valid_log.csv", row, run.tensorboard)
         if score > state.get("best_score", state["best_auc"]):
             state.update(best_score=score, best_auc=auc, bad_evals=0, best_step=state["step"], best_valid=res)
-            checkpoint.save(run.out_dir / "best", run.model, run.run_config)
+            improved = True
         else:
             state["bad_evals"] += 1
             if state["bad_evals"] >= run.cfg.patience:
                 state["stopped"] = True
         tqdm.write(f"step {state['step']}: valid AUC {auc:.4f} GAUC {res['mean']['gauc']:.4f} "
                    f"LogLoss {res['mean']['logloss']:.4f} (best {state['best_auc']:.4f})")
-        run.model.train()
-    if dist.is_initialized():
-        flag = torch.tensor([int(bool(state.get("stopped")))], device=run.device)
-        dist.broadcast(flag, 0)
-        state["stopped"] = bool(flag.item())
+    run.model.train()
+    improved, stopped = distributed.broadcast_flags(run.device, improved, bool(state.get("stopped")))
+    state["stopped"] = stopped
+    if improved:
+        weights = distributed.full_state_dict(run.model)  # a collective under FSDP
+        if run.main:
+            checkpoint.save(run.out_dir / "best", weights, run.run_config)
 
 
 def _log(path: Path, row: dict, tensorboard=None) -> None:

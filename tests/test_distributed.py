@@ -1,0 +1,218 @@
+"""Sharded training on 2 gloo processes (CPU): FSDP2 and DDP equal one process, DCP checkpoints
+resume on another number of ranks, validation on every rank equals validation on one, and FSDP2
+shards the embedding tables row-wise."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import Shard
+
+from climber import checkpoint, distributed
+from climber.config import TrainConfig, model_config
+from climber.data.sumi import PrepareConfig, SumiData, prepare
+from climber.metrics import evaluate_predictions
+from climber.runtime import Runtime
+from climber.train import build_model, loader, predict, train
+from tests.helpers import synthetic_log
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("recent", "pos:like", "recent@4")
+STEPS, SAVE = 20, 10
+# one process with batch 16 sees, step by step, the requests that 2 ranks with batch 8 see;
+# dropout off, as each rank would draw its own masks
+TRAIN = {"epochs": 2, "max_steps": STEPS, "lr": 3e-3, "warmup_steps": 5, "log_every": 1, "checkpoint_every": SAVE,
+         "eval_every": SAVE, "keep_checkpoints": 10, "patience": 100}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data") / "synthetic"
+    prepare(synthetic_log(n_users=29), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
+    return d
+
+
+def one_process(data_dir: Path, out: Path, parallel: str = "fsdp") -> dict:
+    mcfg = model_config("tiny", SumiData(data_dir).vocab, STRATEGIES, dropout=0.0, n_layers=2)
+    return train(data_dir, out, mcfg, TrainConfig(batch_size=16, **TRAIN), Runtime(device="cpu", parallel=parallel),
+                 progress=False)
+
+
+def two_ranks(data_dir: Path, out: Path, parallel: str, port: int) -> dict:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "climber", "train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--dropout", "0",
+           "--n-layers", "2", "--batch-size", "8", "--device", "cpu", "--parallel", parallel, *flags]
+    res = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    """One process, 20 steps of batch 16, DCP checkpoints at steps 10 and 20."""
+    out = tmp_path_factory.mktemp("runs") / "one"
+    one_process(data_dir, out)
+    return out
+
+
+def losses(run: Path) -> list[float]:
+    with (run / "train_log.csv").open() as f:
+        return [float(r["loss"]) for r in csv.DictReader(f)]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load_weights(run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}")
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    assert losses(run) == pytest.approx(losses(reference), abs=2e-5)
+    a, b = final_weights(run), final_weights(reference)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("parallel, port", [("fsdp", 29531), ("ddp", 29532)])
+def test_fsdp_and_ddp_on_two_ranks_equal_one_process(data_dir, reference, tmp_path, parallel, port):
+    out = tmp_path / parallel
+    summary = two_ranks(data_dir, out, parallel, port)
+    assert summary["steps"] == STEPS
+    assert_same_training(out, reference)
+    step = out / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
+    assert checkpoint.is_sharded(step) == (parallel == "fsdp")
+    if parallel == "fsdp":  # each rank wrote its own shards
+        assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # best/ is whole safetensors either way: what evaluate and serve read
+    model, _ = checkpoint.load_model(out / "best")
+    assert not checkpoint.is_sharded(out / "best") and model.cfg.n_layers == 2
+
+
+def cut_after(run: Path, src: Path, step: int) -> None:
+    """`run`: a copy of `src` as if killed after its checkpoint at `step`."""
+    shutil.copytree(src, run)
+    for p in (run / "checkpoints").glob(f"{checkpoint.STEP_PREFIX}*"):
+        if int(p.name[len(checkpoint.STEP_PREFIX):]) > step:
+            shutil.rmtree(p)
+
+
+def test_dcp_checkpoint_of_two_ranks_resumes_on_one_process(data_dir, reference, tmp_path):
+    full = tmp_path / "two"
+    two_ranks(data_dir, full, "fsdp", 29533)
+    run = tmp_path / "resumed"
+    cut_after(run, full, SAVE)
+    saved = checkpoint.load_weights(run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{SAVE:08d}")
+    one_process(data_dir, run)  # world 2 x batch 8 -> world 1 x batch 16: the same global batch
+    assert_same_training(run, reference)
+    assert json.loads((run / "config.json").read_text())["world"] == 1
+    # the shards, read back whole in one process, are the 2-rank run's weights at the save
+    again = checkpoint.load_weights(full / "checkpoints" / f"{checkpoint.STEP_PREFIX}{SAVE:08d}")
+    for k in saved:
+        assert torch.equal(saved[k], again[k]), k
+
+
+def test_dcp_checkpoint_of_one_process_resumes_on_two_ranks(data_dir, reference, tmp_path):
+    run = tmp_path / "resumed"
+    cut_after(run, reference, SAVE)
+    summary = two_ranks(data_dir, run, "fsdp", 29534)
+    assert summary["steps"] == STEPS
+    assert_same_training(run, reference)
+
+
+def test_dcp_resume_on_the_same_ranks_is_exact(data_dir, reference, tmp_path):
+    """One process, sharded format: killed after step 10 and resumed, it ends bit for bit where
+    the uninterrupted run does (weights, AdamW state and RNG all come back)."""
+    run = tmp_path / "resumed"
+    cut_after(run, reference, SAVE)
+    one_process(data_dir, run)
+    assert losses(run) == losses(reference)
+    a, b = final_weights(run), final_weights(reference)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_whole_checkpoint_resumes_sharded(data_dir, tmp_path):
+    """A run saved whole (--parallel ddp) goes on under FSDP2: the weights and AdamW's state
+    (keyed by parameter index) are sliced into the shards by name."""
+    ddp_ref = tmp_path / "ddp"
+    one_process(data_dir, ddp_ref, parallel="ddp")
+    run = tmp_path / "resumed"
+    cut_after(run, ddp_ref, SAVE)
+    two_ranks(data_dir, run, "fsdp", 29535)
+    assert checkpoint.is_sharded(run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}")
+    assert_same_training(run, ddp_ref)
+
+
+# --- validation on every rank, and the tables' shards, in 2 spawned gloo processes ---
+
+
+def _sharded_worker(rank: int, world: int, init: str, data_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        data = SumiData(Path(data_dir))
+        mcfg = model_config("tiny", data.vocab, STRATEGIES, dropout=0.0, n_layers=2)
+        model = build_model(mcfg, data, seed=0)
+        distributed.parallelize(model, "fsdp", world)
+        preds = distributed.gather(*predict(model, data, "valid", 7, torch.device("cpu"), rank=rank, world=world))
+        opt = torch.optim.AdamW(model.parameters())
+        model.train()
+        b = next(iter(loader(data, data.requests("train")[:4], 4, mcfg)))
+        model(b).float().pow(2).mean().backward()
+        opt.step()
+        w = model.item_emb.weight
+        shard = {"row_wise": w.placements == (Shard(0),), "local_rows": w.to_local().shape[0],
+                 "rows": w.shape[0], "grad_rows": w.grad.to_local().shape[0],
+                 "exp_avg_rows": opt.state[w]["exp_avg"].to_local().shape[0]}
+        if rank == 0:
+            np.savez(Path(out) / "preds.npz", *preds)
+        (Path(out) / f"shard{rank}.json").write_text(json.dumps(shard))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sharded")
+    mp.spawn(_sharded_worker, args=(2, f"file://{out / 'rdzv'}", str(data_dir), str(out)), nprocs=2)
+    return out
+
+
+def test_sharded_validation_equals_single_process(data_dir, sharded):
+    """Each rank scores its part of the requests (batches of 7, so the ranks' batch counts
+    differ and the short rank runs a spare forward); gathered, the predictions and the AUC and
+    GAUC are the one-process ones."""
+    data = SumiData(data_dir)
+    n = len(data.requests("valid"))
+    assert -(-(n // 2) // 7) != -(-(n - n // 2) // 7)  # the two halves need different batch counts
+    model = build_model(model_config("tiny", data.vocab, STRATEGIES, dropout=0.0, n_layers=2), data, seed=0)
+    users, labels, probs = predict(model, data, "valid", 7, torch.device("cpu"))
+    got = np.load(sharded / "preds.npz")
+    g_users, g_labels, g_probs = (got[f"arr_{i}"] for i in range(3))
+    assert np.array_equal(g_users, users) and np.array_equal(g_labels, labels)
+    np.testing.assert_allclose(g_probs, probs, rtol=1e-6, atol=1e-7)
+    want, have = (evaluate_predictions(*p, data.tasks) for p in ((users, labels, probs), (g_users, g_labels, g_probs)))
+    for task in want:
+        assert have[task] == pytest.approx(want[task], rel=1e-6)
+
+
+def test_fsdp_shards_embedding_tables_row_wise(data_dir, sharded):
+    """The item table is a DTensor split by rows (Shard(0)); its gradient and AdamW's moments
+    exist only for the local rows."""
+    rows = SumiData(data_dir).vocab["n_items"]
+    for rank in range(2):
+        s = json.loads((sharded / f"shard{rank}.json").read_text())
+        assert s["row_wise"] and s["rows"] == rows
+        assert s["local_rows"] == s["grad_rows"] == s["exp_avg_rows"] == len(np.array_split(np.arange(rows), 2)[rank])
