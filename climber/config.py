@@ -292,7 +292,7 @@ def pick_fields(ns: argparse.Namespace, cls, skip=()) -> dict:
 VOCAB_FIELDS = frozenset({"n_items", "n_users", "tasks", "n_actions", "n_scenarios", "item_feature_cards",
                           "user_feature_cards", "item_feature_widths", "user_feature_widths"})
 # what a run's config.json records besides its settings (checked on resume, not set by a file)
-RECORD_KEYS = frozenset({"dataset", "tasks", "data_fingerprint"})
+RECORD_KEYS = frozenset({"dataset", "tasks", "data_fingerprint", "world"})  # a run config.json's records
 SECTIONS = {"prepare": PrepareConfig, "model": ModelConfig, "train": TrainConfig, "runtime": Runtime}
 
 
