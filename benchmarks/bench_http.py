@@ -64,6 +64,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(args: list[str], log_path: Path, threads: int = 0) -> tuple[subprocess.Popen, str]:
+    """`climber.serve` with `args` (after --port) on a free loopback port, its output in `log_path`,
+    `threads` torch threads if given -> (the process, its URL) once /readyz answers 200."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "climber.serve", "--port", str(port), *args], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise SystemExit(f"server did not start:\n{log_path.read_text()}")
+        time.sleep(0.2)
+
+
 def scrape(url: str) -> dict[str, float]:
     """Counters of interest from /metrics: batch count and sum, cache outcomes."""
     out: dict[str, float] = {}
@@ -136,27 +158,11 @@ def main() -> None:
         data = SumiData(Path(config["data"]))
         items, users = np.asarray(data.a["item_vocab"]), np.asarray(data.a["user_vocab"])
         clock = {int(u): int(data.a["ev_time"].max()) + 1 for u in users}  # events after everything stored
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "climber.serve", "--checkpoint", str(ckpt), "--port", str(port),
-               "--store", ":memory:", "--device", args.device, "--max-batch", str(args.max_batch),
-               "--max-wait-ms", str(args.max_wait_ms),
-               "--max-candidates", str(max(1000, args.candidates))]
-        env_threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-        log_path = Path(tmp) / "server.log"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env_threads})
+        server, url = start_server(["--checkpoint", str(ckpt), "--store", ":memory:", "--device", args.device,
+                                    "--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                                    "--max-candidates", str(max(1000, args.candidates))],
+                                   Path(tmp) / "server.log", args.threads)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-                time.sleep(0.2)
             rows = []
             for conc in args.concurrency:
                 asyncio.run(load(url, args, conc, 1.0, items, users, clock))  # warm-up, not recorded

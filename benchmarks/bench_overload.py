@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.bench_http import free_port, synthetic_checkpoint
+from benchmarks.bench_http import start_server, synthetic_checkpoint
 from benchmarks.common import environment, percentiles, table
 from climber import checkpoint
 from climber.data.sumi import SumiData
@@ -122,27 +121,12 @@ def main() -> None:
             return {"user": int(users[g.integers(len(users))]), "candidates": g.choice(items, args.candidates).tolist(),
                     "req_time": req_time}
 
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server_args = ["--checkpoint", str(ckpt), "--port", str(port), "--device", "cpu", "--store",
-                       str(Path(tmp) / "events.sqlite"), "--max-batch", str(args.max_batch)]
+        server_args = ["--checkpoint", str(ckpt), "--device", "cpu", "--store", str(Path(tmp) / "events.sqlite"),
+                       "--max-batch", str(args.max_batch)]
         server_args += ["--queue-size", str(args.queue_size)] if args.queue_size else []
-        env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
         log_path = Path(tmp) / "server.log"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([sys.executable, "-m", "climber.serve", *server_args], stdout=log,
-                                      stderr=subprocess.STDOUT, env=env)
+        server, url = start_server(server_args, log_path, args.threads)
         try:
-            deadline = time.monotonic() + 300
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"server did not start:\n{log_path.read_text()}")
-                time.sleep(0.2)
             asyncio.run(closed_loop(url, args.clients, 3.0, body))  # warm-up: every user's cache
             unloaded, _ = asyncio.run(closed_loop(url, 1, 5.0, body))
             lat, codes = asyncio.run(closed_loop(url, args.clients, 8.0, body))
