@@ -233,11 +233,16 @@ def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, 
     pos = j < n_pos[req]
     cand_item = np.empty(len(req), np.int64)
     cand_item[pos] = item[starts[req[pos]] + j[pos]]
-    ev_user = np.repeat(np.arange(len(user_offsets) - 1), np.diff(user_offsets))
-    seen = np.unique(ev_user * n_items + item.astype(np.int64))
+    seen = seen_keys(user_offsets, item, n_items)
     cand_item[~pos] = sample_unseen(req_user[req[~pos]].astype(np.int64), seen, n_items,
                                     np.random.default_rng(cfg.seed), ranges)
     return cand_item, np.repeat(pos[:, None], n_tasks, 1).astype(np.int8), cand_count
+
+
+def seen_keys(user_offsets: np.ndarray, item: np.ndarray, n_items: int) -> np.ndarray:
+    """user * n_items + item of every event (CSR by user), sorted and unique: `sample_unseen`'s `seen`."""
+    ev_user = np.repeat(np.arange(len(user_offsets) - 1), np.diff(user_offsets))
+    return np.unique(ev_user * n_items + item.astype(np.int64))
 
 
 def sample_unseen(user: np.ndarray, seen: np.ndarray, n_items: int, rng: np.random.Generator,
@@ -376,8 +381,7 @@ class SumiData:
         n_items = int(self.meta["vocab"]["n_items"])
         if self._seen is None:
             a = self.a
-            ev_user = np.repeat(np.arange(len(a["user_offsets"]) - 1), np.diff(a["user_offsets"]))
-            self._seen = np.unique(ev_user * n_items + a["ev_item"].astype(np.int64))
+            self._seen = seen_keys(a["user_offsets"], a["ev_item"], n_items)
         return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng, self.a.get("user_item_range"))
 
     def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
