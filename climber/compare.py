@@ -111,6 +111,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
             "train_seconds": float(np.mean([r["train_seconds"] for r in runs[point_tag(best)]])),
             "steps": float(np.mean([r["steps"] for r in runs[point_tag(best)]])),
             "best_steps": float(np.mean([r["best_step"] for r in runs[point_tag(best)]])),
+            "trained_on": sorted({r.get("trained_on", "unrecorded") for r in runs[point_tag(best)]}),
         })
     if train_only:
         return None
@@ -150,7 +151,7 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     summary = train(data_dir, run_dir, mcfg, tcfg, runtime, progress=False)
     result = {"config": config, "run_dir": str(run_dir), "valid": summary["best_valid"], "steps": summary["steps"],
               "best_step": summary["best_step"], "early_stopped": summary["early_stopped"],
-              "train_seconds": time.time() - t0}
+              "train_seconds": time.time() - t0, "trained_on": _device_name(resolve_device(runtime.device))}
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -201,8 +202,12 @@ def _versions(device: torch.device) -> dict:
     v = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
          "git_commit": commit, "git_dirty": dirty, "device": str(device), "platform": platform.platform()}
     if device.type == "cuda":
-        v["gpu"] = torch.cuda.get_device_name(device)
+        v["gpu"] = _device_name(device)
     return v
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _pm(s: dict[str, float]) -> str:
@@ -239,6 +244,9 @@ def to_markdown(r: dict) -> str:
         lines += [f"| {row['model']} | " + " | ".join(_pm(row["auc_by_scenario"][s]) for s in scenarios) + " |"
                   for row in r["rows"]]
     v = r["versions"]
+    where = {}
+    for row in r["rows"]:
+        where.setdefault(", ".join(row.get("trained_on", ["unrecorded"])), []).append(row["model"])
     lines += [
         "",
         f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
@@ -254,7 +262,8 @@ def to_markdown(r: dict) -> str:
         f"torch.utils.flop_counter counts them) at L={r['flops_at']['L']} history events per block and "
         f"M={r['flops_at']['M']} candidates (the mean per request). best step / steps and train s: per run, mean "
         "over seeds.",
-        f"Command: `{r['command']}`",
+        "Trained on: " + "; ".join(f"{d} ({', '.join(m)})" for d, m in where.items()) + ". "
+        f"Command (the last call, which picks, tests and writes this table): `{r['command']}`",
         f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
         f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, device {v.get('gpu', v['device'])}.",
     ]

@@ -43,8 +43,10 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
     for r in rows.values():
         assert len(r["test_per_seed"]) == 2 and 0 < r["auc"]["mean"] < 1 and r["auc"]["std"] >= 0
         assert r["params"]["total"] > 0 and r["flops"]["exact"] > 0
+        assert r["trained_on"] == ["cpu"]  # where each run trained, for tables assembled from several machines
         assert f"| {r['model']} | {r['auc']['mean']:.4f} ± {r['auc']['std']:.4f} |" in md
     assert rows["dlrm"]["auc_impr_vs_dlrm"] == 0
+    assert "Trained on: cpu (dlrm, climber)." in md
     assert rows["climber"]["auc_impr_vs_dlrm"] == pytest.approx(rows["climber"]["auc"]["mean"] /
                                                                 rows["dlrm"]["auc"]["mean"] - 1)
     assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
