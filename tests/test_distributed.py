@@ -39,7 +39,7 @@ TRAIN = {"epochs": 2, "max_steps": STEPS, "lr": 3e-3, "warmup_steps": 5, "log_ev
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare(synthetic_log(n_users=29), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
+    prepare(synthetic_log(n_users=29, n_items=300), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
     return d
 
 
