@@ -133,7 +133,7 @@ class RowShardedTable(Table):
         pad = self.padding_idx - self.offset if self.padding_idx is not None else -1
         rows = F.embedding(local.clamp(0, len(w) - 1), w, pad if 0 <= pad < len(w) else None)
         rows = rows * own[:, None].to(rows.dtype)  # (world * n_max, d), zero where another rank owns the id
-        return self._scatter(rows, n_max)[: len(flat)].view(*ids.shape, -1)
+        return self._scatter(rows, n_max)[: len(flat)].view(*ids.shape, self.embedding_dim)
 
     @torch.compiler.disable
     def bag_mean(self, codes: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ class RowShardedTable(Table):
         own = (all_x != 0) & (local >= 0) & (local < len(w))
         sums = F.embedding_bag(local.clamp(0, len(w) - 1), w, mode="sum", per_sample_weights=own.to(w.dtype))
         size = (x != 0).sum(-1, keepdim=True).clamp(min=1)
-        return (self._scatter(sums, n_max)[: len(x)] / size).view(*codes.shape[:-1], -1)
+        return (self._scatter(sums, n_max)[: len(x)] / size).view(*codes.shape[:-1], self.embedding_dim)
 
     def _gather(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every rank's ids x (n, ...), padded with zeros to the largest n and concatenated in rank
