@@ -4,12 +4,17 @@ checkpoints need. The model file knows nothing of it.
 
 `Runtime.parallel`:
 - "ddp": every rank holds the whole model and optimizer; DDP all-reduces the gradients.
-- "fsdp": `torch.distributed.fsdp.fully_shard` (FSDP2). Every parameter becomes a DTensor
-  sharded on dim 0 over the ranks (`Shard(0)`), embedding tables included, which is a row-wise
-  split; gradients are reduce-scattered and AdamW's state exists only for the local rows. Each
-  layer's maps are their own units (gathered just before use, freed after); the rest (embedding
-  tables, biases, fusion, head) is the root unit, gathered for the whole step. Precision is
-  today's: fp32 weights and optimizer state, bf16 autocast on CUDA (docs/design.md).
+- "fsdp": `torch.distributed.fsdp.fully_shard` (FSDP2) for the dense parameters and small
+  tables: each becomes a DTensor sharded on dim 0 over the ranks (`Shard(0)`); gradients are
+  reduce-scattered and AdamW's state exists only for the local part. Each layer's maps are their
+  own units (gathered just before use, freed after); the rest (small tables, biases, fusion,
+  head) is the root unit, gathered for the whole step. The vocabulary tables (`Table`: items,
+  side features) of more than SMALL_TABLE rows are not FSDP2's: `shard_tables` splits each by
+  rows (`RowShardedTable`, a `Shard(0)` DTensor in no unit), so a rank only ever holds its block
+  of rows, their gradient and their AdamW moments, and a lookup moves the looked-up rows, not the
+  table (all-gather the ids, look up the owned rows, reduce-scatter; docs/design.md). DCP saves
+  and reshards both kinds alike. Precision is as under DDP: fp32 weights and optimizer state,
+  bf16 autocast on CUDA.
 
 With world size 1 (no `torchrun`) nothing is wrapped: "fsdp" then only picks the checkpoint
 format (torch.distributed.checkpoint, `climber/checkpoint.py`), so a run can move between one
