@@ -21,17 +21,12 @@ SMALL_TABLE = 256  # `lookup`: tables of at most this many rows get their gradie
 
 def embed_features(codes: torch.Tensor, tables: nn.ModuleList, widths: tuple[int, ...]) -> list[torch.Tensor]:
     """Side-feature codes (..., sum(widths)) -> one (..., d) embedding per feature: a one-column
-    feature's row, a bag's mean over its non-zero codes (zero for an empty bag), by
-    `F.embedding_bag`, which never materialises the (..., width, d) rows."""
+    feature's row, a bag's mean over its non-zero codes (`Table.bag_mean`)."""
     out, col = [], 0
     for emb, w in zip(tables, widths, strict=True):
         x = codes[..., col:col + w]
         col += w
-        if w == 1:
-            out.append(lookup(x[..., 0], emb.weight))
-        else:
-            bag = F.embedding_bag(x.reshape(-1, w), emb.weight, mode="mean", padding_idx=0)
-            out.append(bag.view(*x.shape[:-1], -1))
+        out.append(emb(x[..., 0]) if w == 1 else emb.bag_mean(x))
     return out
 
 
@@ -63,6 +58,24 @@ class _SmallLookup(torch.autograd.Function):
         return None, (hot.T @ grad.reshape(-1, grad.shape[-1]))[: ctx.rows].to(ctx.dtype)
 
 
+class Table(nn.Embedding):
+    """An id table of the vocabulary (items, side features), read only through its two methods:
+    a row per id, and a bag's mean. Nothing else reads its weight, so a data-parallel runtime
+    may swap a large one for a table whose rows are split over the ranks, with the same methods
+    (`climber/distributed.py`); this file stays the math."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
+        if self.padding_idx is not None:  # the item table: row 0 (padding) gets no gradient
+            return F.embedding(ids, self.weight, self.padding_idx)
+        return lookup(ids, self.weight)
+
+    def bag_mean(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (..., w) -> (..., d): the mean of the rows of the non-zero codes (zero for an
+        empty bag), by `F.embedding_bag`, which never materialises the (..., w, d) rows."""
+        bag = F.embedding_bag(codes.reshape(-1, codes.shape[-1]), self.weight, mode="mean", padding_idx=0)
+        return bag.view(*codes.shape[:-1], -1)
+
+
 class TokenEmbeddings(nn.Module):
     """Base class: the embedding tables, side-feature buffers, and `param_counts`."""
 
@@ -70,9 +83,9 @@ class TokenEmbeddings(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, T = cfg.d_model, len(cfg.tasks)
-        self.item_emb = nn.Embedding(cfg.n_items, d, padding_idx=0)
-        self.item_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.item_feature_cards)
-        self.user_feat_emb = nn.ModuleList(nn.Embedding(c, d) for c in cfg.user_feature_cards)
+        self.item_emb = Table(cfg.n_items, d, padding_idx=0)
+        self.item_feat_emb = nn.ModuleList(Table(c, d) for c in cfg.item_feature_cards)
+        self.user_feat_emb = nn.ModuleList(Table(c, d) for c in cfg.user_feature_cards)
         self.action_emb = nn.Embedding(cfg.n_actions, d)
         self.flag_emb = nn.Embedding(2 * T, d)  # index 2t + label_t
         self.scenario_emb = nn.Embedding(cfg.n_scenarios, d)

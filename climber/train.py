@@ -207,6 +207,8 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
                   "data_fingerprint": data.fingerprint, "world": world}
     model = build_model(model_cfg, data, cfg.seed)
+    if runtime.parallel == "fsdp" and world > 1:  # before the move: no large table is ever whole on the device
+        distributed.shard_tables(model, world, device)
     apply_runtime(model, runtime)
     step_fn = distributed.parallelize(model, runtime.parallel, world)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)

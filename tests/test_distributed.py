@@ -1,6 +1,6 @@
-"""Sharded training on 2 gloo processes (CPU): FSDP2 and DDP equal one process, DCP checkpoints
-resume on another number of ranks, validation on every rank equals validation on one, and FSDP2
-shards the embedding tables row-wise."""
+"""Sharded training on 2 gloo processes (CPU): FSDP2 with row-sharded embedding tables and DDP
+equal one process, DCP checkpoints resume on another number of ranks, validation on every rank
+equals validation on one, and the sharded lookup equals `F.embedding` on the whole table."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch.distributed.tensor import Shard
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from climber import checkpoint, distributed
 from climber.config import TrainConfig, model_config
 from climber.data.sumi import PrepareConfig, SumiData, prepare
+from climber.embeddings import SMALL_TABLE, Table
 from climber.metrics import evaluate_predictions
 from climber.runtime import Runtime
 from climber.train import build_model, loader, predict, train
@@ -39,7 +43,7 @@ TRAIN = {"epochs": 2, "max_steps": STEPS, "lr": 3e-3, "warmup_steps": 5, "log_ev
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("data") / "synthetic"
-    prepare(synthetic_log(n_users=29), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
+    prepare(synthetic_log(n_users=29, n_items=300), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES)
     return d
 
 
@@ -86,15 +90,19 @@ def assert_same_training(run: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("parallel, port", [("fsdp", 29531), ("ddp", 29532)])
-def test_fsdp_and_ddp_on_two_ranks_equal_one_process(data_dir, reference, tmp_path, parallel, port):
+def test_fsdp_with_sharded_tables_and_ddp_on_two_ranks_equal_one_process(data_dir, reference, tmp_path, parallel, port):
     out = tmp_path / parallel
     summary = two_ranks(data_dir, out, parallel, port)
     assert summary["steps"] == STEPS
     assert_same_training(out, reference)
     step = out / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
     assert checkpoint.is_sharded(step) == (parallel == "fsdp")
-    if parallel == "fsdp":  # each rank wrote its own shards
+    if parallel == "fsdp":  # each rank wrote its own shards: of the item table, its block of rows and their moments
         assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+        rows = SumiData(data_dir).vocab["n_items"]
+        for key in ("model.item_emb.weight", "optimizer.state.item_emb.weight.exp_avg"):
+            assert sorted(c.offsets[0] for c in meta[key].chunks) == [0, -(-rows // 2)], key
     # best/ is whole safetensors either way: what evaluate and serve read
     model, _ = checkpoint.load_model(out / "best")
     assert not checkpoint.is_sharded(out / "best") and model.cfg.n_layers == 2
@@ -108,7 +116,7 @@ def cut_after(run: Path, src: Path, step: int) -> None:
             shutil.rmtree(p)
 
 
-def test_dcp_checkpoint_of_two_ranks_resumes_on_one_process(data_dir, reference, tmp_path):
+def test_dcp_checkpoint_with_sharded_tables_of_two_ranks_resumes_on_one_process(data_dir, reference, tmp_path):
     full = tmp_path / "two"
     two_ranks(data_dir, full, "fsdp", 29533)
     run = tmp_path / "resumed"
@@ -123,7 +131,7 @@ def test_dcp_checkpoint_of_two_ranks_resumes_on_one_process(data_dir, reference,
         assert torch.equal(saved[k], again[k]), k
 
 
-def test_dcp_checkpoint_of_one_process_resumes_on_two_ranks(data_dir, reference, tmp_path):
+def test_dcp_checkpoint_of_one_process_resumes_on_two_ranks_with_sharded_tables(data_dir, reference, tmp_path):
     run = tmp_path / "resumed"
     cut_after(run, reference, SAVE)
     summary = two_ranks(data_dir, run, "fsdp", 29534)
@@ -173,9 +181,14 @@ def _sharded_worker(rank: int, world: int, init: str, data_dir: str, out: str) -
         model(b).float().pow(2).mean().backward()
         opt.step()
         w = model.item_emb.weight
+        model.unshard()  # FSDP2 gathers what its units hold: the small tables, not the split one
+        gathered = {"item": isinstance(model.item_emb.weight, DTensor), "action": isinstance(model.action_emb.weight,
+                                                                                            DTensor)}
+        model.reshard()
         shard = {"row_wise": w.placements == (Shard(0),), "local_rows": w.to_local().shape[0],
                  "rows": w.shape[0], "grad_rows": w.grad.to_local().shape[0],
-                 "exp_avg_rows": opt.state[w]["exp_avg"].to_local().shape[0]}
+                 "exp_avg_rows": opt.state[w]["exp_avg"].to_local().shape[0],
+                 "split": isinstance(model.item_emb, distributed.RowShardedTable), "dtensor_after_unshard": gathered}
         if rank == 0:
             np.savez(Path(out) / "preds.npz", *preds)
         (Path(out) / f"shard{rank}.json").write_text(json.dumps(shard))
@@ -208,11 +221,102 @@ def test_sharded_validation_equals_single_process(data_dir, sharded):
         assert have[task] == pytest.approx(want[task], rel=1e-6)
 
 
-def test_fsdp_shards_embedding_tables_row_wise(data_dir, sharded):
-    """The item table is a DTensor split by rows (Shard(0)); its gradient and AdamW's moments
-    exist only for the local rows."""
+def test_fsdp_shards_embedding_tables_row_wise_outside_its_units(data_dir, sharded):
+    """The item table (more than SMALL_TABLE rows) is a `RowShardedTable`: a DTensor split by
+    rows (Shard(0)), whose gradient and AdamW's moments exist only for the local rows, and which
+    FSDP2 never gathers (a small table, in FSDP2's root unit, is whole once unsharded)."""
     rows = SumiData(data_dir).vocab["n_items"]
+    assert rows > SMALL_TABLE
     for rank in range(2):
         s = json.loads((sharded / f"shard{rank}.json").read_text())
-        assert s["row_wise"] and s["rows"] == rows
-        assert s["local_rows"] == s["grad_rows"] == s["exp_avg_rows"] == len(np.array_split(np.arange(rows), 2)[rank])
+        assert s["split"] and s["row_wise"] and s["rows"] == rows
+        assert s["local_rows"] == s["grad_rows"] == s["exp_avg_rows"] == len(torch.arange(rows).chunk(2)[rank])
+        assert s["dtensor_after_unshard"] == {"item": True, "action": False}
+
+
+# --- the sharded lookup against F.embedding on the whole table, in 2 spawned gloo processes ---
+
+ROWS, D = 301, 8
+SIZES = ((3, 5), (2, 2))  # each rank's ids: different counts
+
+
+def _ids(rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, ROWS, SIZES[rank], generator=g)
+    ids[0, 0] = 0  # padding: its row is read, and gets no gradient
+    n = 4 - 3 * rank
+    codes = torch.randint(0, ROWS - 1, (n, 3), generator=g) * (torch.rand(n, 3, generator=g) < 0.7)
+    codes[-1] = 0  # an empty bag
+    return {"ids": ids, "codes": codes, "c": torch.randn(*SIZES[rank], D, generator=g),
+            "e": torch.randn(len(codes), D, generator=g)}
+
+
+def _loss(emb: torch.Tensor, bag: torch.Tensor, x: dict) -> torch.Tensor:
+    return (emb * x["c"]).sum() + (bag * x["e"]).sum()
+
+
+def _lookup_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        tables = nn.ModuleDict({"item": Table(ROWS, D, padding_idx=0), "feat": Table(ROWS - 1, D)})
+        whole = {k: t.weight.detach().clone() for k, t in tables.items()}
+        distributed.shard_tables(tables, world, torch.device("cpu"))
+        x = _ids(rank)
+        emb, bag = tables["item"](x["ids"]), tables["feat"].bag_mean(x["codes"])
+        _loss(emb, bag, x).backward()
+        empty = tables["item"](x["ids"][:0] if rank == 1 else x["ids"])  # one rank with no ids at all
+        res = {"emb": emb.detach(), "bag": bag.detach(), "empty_shape": tuple(empty.shape),
+               "local_rows": {k: t.weight.to_local().shape[0] for k, t in tables.items()},
+               "grad": {k: t.weight.grad.full_tensor() for k, t in tables.items()}}
+        try:
+            tables["item"](x["ids"] + (ROWS if rank == 1 else 0))  # rank 1 alone has ids past the table
+        except IndexError as e:
+            res["error"] = str(e)
+        torch.save(res, Path(out) / f"lookup{rank}.pt")
+        if rank == 0:
+            torch.save(whole, Path(out) / "whole.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def lookup(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lookup")
+    mp.spawn(_lookup_worker, args=(2, f"file://{out / 'rdzv'}", str(out)), nprocs=2)
+    return out
+
+
+def test_shard_lookup_equals_embedding_on_the_whole_table(lookup):
+    """Each rank's rows and bag means are `F.embedding` / `F.embedding_bag` on the whole table;
+    each table's gradient, gathered from the shards, is the mean over ranks of each rank's loss's
+    gradient on the whole table (as DDP averages), padding row 0 included (zero)."""
+    whole = torch.load(lookup / "whole.pt")
+    ref = {k: w.clone().requires_grad_() for k, w in whole.items()}
+    losses = []
+    for rank in range(2):
+        x, got = _ids(rank), torch.load(lookup / f"lookup{rank}.pt")
+        emb = F.embedding(x["ids"], ref["item"], padding_idx=0)
+        bag = F.embedding_bag(x["codes"], ref["feat"], mode="mean", padding_idx=0)
+        torch.testing.assert_close(got["emb"], emb.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(got["bag"], bag.detach(), rtol=1e-6, atol=1e-7)
+        assert got["local_rows"] == {"item": len(torch.arange(ROWS).chunk(2)[rank]),
+                                     "feat": len(torch.arange(ROWS - 1).chunk(2)[rank])}
+        losses.append(_loss(emb, bag, x))
+    torch.stack(losses).mean().backward()
+    for rank in range(2):
+        got = torch.load(lookup / f"lookup{rank}.pt")
+        for k in ref:
+            torch.testing.assert_close(got["grad"][k], ref[k].grad, rtol=1e-6, atol=1e-7, msg=k)
+    assert ref["item"].grad[0].abs().sum() == 0 and ref["item"].grad.abs().sum(-1).gt(0).sum() > 5
+    assert torch.load(lookup / "lookup0.pt")["empty_shape"] == (*SIZES[0], D)
+    assert torch.load(lookup / "lookup1.pt")["empty_shape"] == (0, SIZES[1][1], D)
+
+
+def test_shard_lookup_of_an_id_outside_the_table_fails_on_every_rank(lookup):
+    """Rank 1's ids run past the table: both ranks raise (neither waits forever in a collective),
+    naming the table, the rank and the table's size."""
+    for rank in range(2):
+        msg = torch.load(lookup / f"lookup{rank}.pt").get("error", "")
+        assert msg.startswith("item: id out of range (rank 1's batch") and f"table has {ROWS} rows" in msg, msg
