@@ -42,7 +42,7 @@ PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
 SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
 FORMAT_VERSION = 1
-SAMPLE_BLOCK = 1024  # users whose negatives share one seeded generator (_sample_negatives)
+SAMPLE_BLOCK = 256  # users whose negatives share one seeded generator (_sample_negatives)
 
 
 def _dense(raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,12 +110,16 @@ def check_strategies(strategies: tuple[str, ...], name: str, tasks: tuple[str, .
 def _drop_duplicates(log: EventLog) -> tuple[EventLog, int]:
     """`log` without the rows equal to an earlier one in user, item, time, labels, action and
     scenario (the first is kept, file order stays); and how many were dropped."""
-    rows = np.column_stack([log.user, log.item, log.time, log.action, log.scenario, log.labels])
-    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    keep = first_rows(log.user, log.item, log.time, log.action, log.scenario, log.labels)
     if len(keep) == len(log):
         return log, 0
     cols = {c: getattr(log, c)[keep] for c in ("user", "item", "time", "labels", "action", "scenario")}
     return dataclasses.replace(log, **cols), len(log) - len(keep)
+
+
+def first_rows(*cols: np.ndarray) -> np.ndarray:
+    """Indices, ascending, of the rows of `cols` (each (N,) or (N, k)) that equal no earlier row."""
+    return np.sort(np.unique(np.column_stack(cols), axis=0, return_index=True)[1])
 
 
 def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
