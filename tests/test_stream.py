@@ -139,3 +139,18 @@ def test_stream_prepare_that_fails_midway_leaves_no_half_written_output(tmp_path
         stream.prepare_stream(src, IMPLICIT, out, CFG, STRATEGIES, partitions=3)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous data, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log", "out"]  # no temporary or spill files
+
+
+def test_stream_cli_prepares_the_same_data_as_without_stream(tmp_path, capsys):
+    from climber.cli import main
+
+    src = write_parts(log_table(n_users=300), tmp_path / "log")
+    flags = ["--user", "uid", "--item", "iid", "--time", "ts", "--labels", "click", "like", "--scenario", "tab",
+             "--request-gap", "30"]
+    main(["prepare", str(src), "--out", str(tmp_path / "mem"), *flags])
+    main(["prepare", str(src), "--out", str(tmp_path / "stream"), *flags, "--stream", "--memory-limit", "0.001"])
+    assert "streaming" in capsys.readouterr().out
+    assert_same_prepared(tmp_path / "mem", tmp_path / "stream")
+    with pytest.raises(SystemExit):  # a built-in data set is not a table
+        main(["prepare", "ml-100k", "--out", str(tmp_path / "x"), "--stream"])
+    assert "--stream reads CSV/TSV/Parquet tables" in capsys.readouterr().err
