@@ -29,14 +29,17 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from climber.config import PrepareConfig, parse_strategy
 from climber.data.domains import user_item_ranges
 from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
 from climber.files import recover_dir, replace_dir
+
+if TYPE_CHECKING:  # torch is imported where batches are built: preparing data does not load it (~240 MB)
+    import torch
 
 PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
@@ -521,6 +524,8 @@ class SumiData:
         cand, labels = a["cand_item"][cj], a["cand_labels"][cj]
         if fresh is not None:  # fresh negatives: their items, label 0
             cand, labels = np.where(fresh >= 0, fresh, cand), np.where(fresh[..., None] >= 0, 0, labels)
+
+        import torch
 
         def t(x, dtype=torch.long):
             return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
