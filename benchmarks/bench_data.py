@@ -46,10 +46,9 @@ def main() -> None:
     # prepare's inputs for a LastFM-like log: events sorted by user, every event its own request
     user = np.sort(rng.integers(1, args.users + 1, args.events))
     item = rng.integers(FIRST_ITEM, args.items + FIRST_ITEM, args.events)
-    offsets = np.searchsorted(user, np.arange(args.users + 2))
     starts = np.arange(args.events)
     cfg = PrepareConfig(request_gap=0, max_candidates=1, negatives=4)
-    (cand, labels, count), t = timed(_sample_negatives, item, offsets, user, starts, starts + 1, cfg,
+    (cand, labels, count), t = timed(_sample_negatives, item, user, user, starts, starts + 1, cfg,
                                      args.items + FIRST_ITEM, 1)
     neg = labels[:, 0] == 0
     key = np.repeat(user, count)[neg] * (args.items + FIRST_ITEM) + cand[neg]

@@ -738,16 +738,24 @@ def read_table(path: Path, mapping: ColumnMapping) -> EventLog:
 def _ids(src: _Src, table: pa.Table, name: str) -> np.ndarray:
     """Integer ids as they are; other ids (strings, stripped) coded 0..K-1 in sorted order. A
     missing id (null, NaN, or a text in _MISSING_IDS) is an error at its line or row."""
+    col = id_column(src, table, name)
+    return col.to_numpy() if pa.types.is_integer(col.type) else _factorize(col) - 1
+
+
+def id_column(src: _Src, table: pa.Table, name: str) -> pa.ChunkedArray:
+    """Column `name` as ids: int64 where every value is an integer, else as it is (strings
+    stripped); a missing id is an error at its line or row. `_ids` codes the non-integer ones;
+    stream.py codes them over every batch of a log."""
     col = _int_if_possible(_no_nulls(src, table, name))
     if pa.types.is_integer(col.type):
-        return col.to_numpy()
+        return col
     if pa.types.is_floating(col.type):
         missing = pc.is_nan(col)
     else:
         missing = pc.is_in(pc.utf8_lower(col.cast(STR)), value_set=pa.array(_MISSING_IDS))
     _check(src, missing.to_numpy(zero_copy_only=False), f"column {name!r}: missing id",
            col.to_numpy(zero_copy_only=False))
-    return _factorize(col) - 1
+    return col
 
 
 def _seconds(src: _Src, table: pa.Table, name: str, unit: str) -> np.ndarray:

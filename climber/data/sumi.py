@@ -29,19 +29,23 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from climber.config import PrepareConfig, parse_strategy
 from climber.data.domains import user_item_ranges
 from climber.data.events import DataError, EventLog, SideFeatures, feature_cards
 from climber.files import recover_dir, replace_dir
 
+if TYPE_CHECKING:  # torch is imported where batches are built: preparing data does not load it (~240 MB)
+    import torch
+
 PAD_ITEM, UNKNOWN_ITEM, FIRST_ITEM = 0, 1, 2
 TRAIN, VALID, TEST = 0, 1, 2
 SPLITS = {"train": TRAIN, "valid": VALID, "test": TEST}
 FORMAT_VERSION = 1
+SAMPLE_BLOCK = 256  # users whose negatives share one seeded generator (_sample_negatives)
 
 
 def _dense(raw: np.ndarray, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -109,30 +113,77 @@ def check_strategies(strategies: tuple[str, ...], name: str, tasks: tuple[str, .
 def _drop_duplicates(log: EventLog) -> tuple[EventLog, int]:
     """`log` without the rows equal to an earlier one in user, item, time, labels, action and
     scenario (the first is kept, file order stays); and how many were dropped."""
-    rows = np.column_stack([log.user, log.item, log.time, log.action, log.scenario, log.labels])
-    keep = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    keep = first_rows(log.user, log.item, log.time, log.action, log.scenario, log.labels)
     if len(keep) == len(log):
         return log, 0
     cols = {c: getattr(log, c)[keep] for c in ("user", "item", "time", "labels", "action", "scenario")}
     return dataclasses.replace(log, **cols), len(log) - len(keep)
 
 
+def first_rows(*cols: np.ndarray) -> np.ndarray:
+    """Indices, ascending, of the rows of `cols` (each (N,) or (N, k)) that equal no earlier row."""
+    return np.sort(np.unique(np.column_stack(cols), axis=0, return_index=True)[1])
+
+
 def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
-    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta."""
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta.
+
+    The log is held in memory (about 340 bytes an event at peak); `climber.data.stream.prepare_stream`
+    builds the same files out of core, calling the same `build_users` on one range of users at a time."""
     check_strategies(strategies, log.name, log.tasks, int(log.scenario.max()) + 1, int(log.action.max()) + 1)
     if not log.implicit:
-        for t, col in zip(log.tasks, log.labels.T, strict=True):
-            if col.min() == col.max():
-                raise DataError(f"{log.name}: task {t!r} is {col[0]} in every row, so there is nothing to rank "
-                                "(drop that label column; a log of positives only is implicit: give no labels)")
+        check_labels_vary(log.name, log.tasks, log.labels.min(0), log.labels.max(0))
     log, duplicates = _drop_duplicates(log) if cfg.drop_duplicates else (log, 0)
     item_vocab, item = _dense(log.item, FIRST_ITEM)
     user_vocab, user = _dense(log.user, 1)
     order = np.lexsort((log.time, user))  # stable: ties keep file order
-    user, item, time = user[order], item[order], log.time[order]
-    labels, action, scen = log.labels[order], log.action[order], log.scenario[order]
+    events = {"user": user[order], "item": item[order], "time": log.time[order], "labels": log.labels[order],
+              "action": log.action[order], "scenario": log.scenario[order]}
     n_users = len(user_vocab) + 1
-    user_offsets = np.searchsorted(user, np.arange(n_users + 1)).astype(np.int64)
+    # a multi-domain log (data/domains.py): each user's negatives come from its domain's items
+    ranges = user_item_ranges(log, item_vocab, user_vocab, FIRST_ITEM, 1)
+    part = build_users(events, 0, n_users, cfg, log.implicit, len(item_vocab) + FIRST_ITEM, ranges)
+    arrays = {
+        "user_offsets": np.append(part.pop("user_offsets"), len(user)),
+        **part,
+        "req_cand_start": np.append(part["req_cand_start"], len(part["cand_item"])),
+        "item_features": _side_table(log.item_features, item_vocab, FIRST_ITEM),
+        "user_features": _side_table(log.user_features, user_vocab, 1),
+        "item_vocab": item_vocab,
+        "user_vocab": user_vocab,
+        **({} if ranges is None else {"user_item_range": ranges}),
+    }
+    stats = PrepareStats(len(log.tasks))
+    stats.add(arrays)
+    meta = build_meta(log, cfg, strategies, arrays, stats, duplicates, int(log.action.max()) + 1,
+                      int(log.scenario.max()) + 1, fingerprint(arrays))
+    _write_atomic(out_dir, arrays, meta)
+    return meta
+
+
+def check_labels_vary(name: str, tasks: tuple[str, ...], lo: np.ndarray, hi: np.ndarray) -> None:
+    """An explicit log's task whose label is the same in every row (min `lo` == max `hi`) has
+    nothing to rank: DataError."""
+    for t, a, b in zip(tasks, lo, hi, strict=True):
+        if a == b:
+            raise DataError(f"{name}: task {t!r} is {a} in every row, so there is nothing to rank "
+                            "(drop that label column; a log of positives only is implicit: give no labels)")
+
+
+def build_users(ev: dict[str, np.ndarray], u0: int, u1: int, cfg: PrepareConfig, implicit: bool, n_items: int,
+                ranges: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The SUMI arrays of the users with dense ids u0..u1-1, from all their events `ev` (user,
+    item dense; time, labels (N, T), action, scenario) sorted by (user, time), ties in file order.
+
+    Everything here is per user, so any split of the users into ranges gives the same arrays,
+    concatenated: `prepare` calls it once for every user, `stream.prepare_stream` once per
+    partition. Positions are local: `user_offsets` (u1 - u0,) and `req_hist_end` count events from
+    this range's first, `req_cand_start` (requests,) candidates from its first; the caller shifts
+    them and appends the final ends. Implicit logs' negatives are drawn per block of
+    `SAMPLE_BLOCK` users (`_sample_negatives`), so the ranges must start on a block boundary."""
+    user, item, time, scen = ev["user"], ev["item"], ev["time"], ev["scenario"]
+    labels, action = ev["labels"], ev["action"]
+    user_offsets = np.searchsorted(user, np.arange(u0, u1)).astype(np.int64)
 
     new = _group_requests(user, time, scen, cfg)
     starts = np.flatnonzero(new)
@@ -145,17 +196,12 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     first_same = np.maximum.accumulate(np.where(run, np.arange(len(user)), 0))
     req_hist_end = first_same[starts].astype(np.int64)
 
-    # a multi-domain log (data/domains.py): each user's negatives come from its domain's items
-    ranges = user_item_ranges(log, item_vocab, user_vocab, FIRST_ITEM, 1)
-    if log.implicit:
-        cand_item, cand_labels, cand_count = _sample_negatives(
-            item, user_offsets, req_user, starts, ends, cfg, n_items=len(item_vocab) + FIRST_ITEM,
-            n_tasks=len(log.tasks), ranges=ranges)
+    if implicit:
+        cand_item, cand_labels, cand_count = _sample_negatives(item, user, req_user, starts, ends, cfg, n_items,
+                                                               labels.shape[1], ranges)
     else:
         cand_item, cand_labels, cand_count = item, labels, ends - starts
-    req_cand_start = np.concatenate([[0], np.cumsum(cand_count)]).astype(np.int64)
-
-    arrays = {
+    return {
         "user_offsets": user_offsets,
         "ev_item": item.astype(np.int32),
         "ev_time": time.astype(np.int64),
@@ -166,49 +212,68 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
         "req_time": req_time.astype(np.int64),
         "req_scenario": req_scen.astype(np.int16),
         "req_hist_end": req_hist_end,
-        "req_cand_start": req_cand_start,
+        "req_cand_start": (np.cumsum(cand_count) - cand_count).astype(np.int64),
         "req_split": _split(req_user, cfg.eval_requests),
         "cand_item": cand_item.astype(np.int32),
         "cand_labels": cand_labels.astype(np.int8),
-        "item_features": _side_table(log.item_features, item_vocab, FIRST_ITEM),
-        "user_features": _side_table(log.user_features, user_vocab, 1),
-        "item_vocab": item_vocab,
-        "user_vocab": user_vocab,
-        **({} if ranges is None else {"user_item_range": ranges}),
     }
-    split = arrays["req_split"]
-    meta = {
+
+
+class PrepareStats:
+    """The counts meta.json reports, summed over `build_users` results (exact integers, so a
+    sum over partitions equals the count over the whole)."""
+
+    def __init__(self, n_tasks: int):
+        self.events = 0
+        self.requests = np.zeros(len(SPLITS), np.int64)
+        self.candidates = np.zeros(len(SPLITS), np.int64)
+        self.positives = np.zeros(n_tasks, np.int64)
+
+    def add(self, part: dict[str, np.ndarray]) -> None:
+        split = part["req_split"]
+        self.events += len(part["ev_item"])
+        self.requests += np.bincount(split, minlength=len(SPLITS))
+        count = np.diff(np.append(part["req_cand_start"][: len(split)], len(part["cand_item"])))
+        self.candidates += np.bincount(split, weights=count, minlength=len(SPLITS)).astype(np.int64)
+        self.positives += part["cand_labels"].sum(0, dtype=np.int64)
+
+
+def build_meta(log: EventLog, cfg: PrepareConfig, strategies: tuple[str, ...], arrays: dict[str, np.ndarray],
+               stats: PrepareStats, duplicates: int, n_actions: int, n_scenarios: int, fp: str) -> dict:
+    """meta.json of a prepared data set. `log` gives the name, tasks, side features' names and
+    notes (its event columns are not read); `arrays` the vocabularies and side tables."""
+    n_cand = int(stats.candidates.sum())
+    return {
         "format_version": FORMAT_VERSION,
         "name": log.name,
-        "fingerprint": fingerprint(arrays),
+        "fingerprint": fp,
         "tasks": list(log.tasks),
         "implicit": log.implicit,
         "strategies": list(strategies),
         "prepare": asdict(cfg),
         "vocab": {
-            "n_items": len(item_vocab) + FIRST_ITEM,
-            "n_users": n_users,
+            "n_items": len(arrays["item_vocab"]) + FIRST_ITEM,
+            "n_users": len(arrays["user_vocab"]) + 1,
             "tasks": list(log.tasks),
-            "n_actions": int(action.max()) + 1,
-            "n_scenarios": int(scen.max()) + 1,
+            "n_actions": n_actions,
+            "n_scenarios": n_scenarios,
             **_cards_widths("item", arrays["item_features"], log.item_features),
             **_cards_widths("user", arrays["user_features"], log.user_features),
         },
         "item_feature_names": list(log.item_features.names) if log.item_features else [],
         "user_feature_names": list(log.user_features.names) if log.user_features else [],
         "counts": {
-            "events": int(len(user)),
+            "events": stats.events,
             "duplicates_dropped": duplicates,
-            "users": int(n_users - 1),
-            "items": int(len(item_vocab)),
-            **{f"requests_{s}": int((split == v).sum()) for s, v in SPLITS.items()},
-            **{f"candidates_{s}": int(cand_count[split == v].sum()) for s, v in SPLITS.items()},
+            "users": len(arrays["user_vocab"]),
+            "items": len(arrays["item_vocab"]),
+            **{f"requests_{s}": int(stats.requests[v]) for s, v in SPLITS.items()},
+            **{f"candidates_{s}": int(stats.candidates[v]) for s, v in SPLITS.items()},
         },
-        "positive_rate": {t: float(cand_labels[:, i].mean()) for i, t in enumerate(log.tasks)},
+        # positives / candidates: the float numpy's mean of the 0/1 column gives (exact integer sums)
+        "positive_rate": {t: float(stats.positives[i]) / n_cand for i, t in enumerate(log.tasks)},
         "notes": log.notes,
     }
-    _write_atomic(out_dir, arrays, meta)
-    return meta
 
 
 def fingerprint(arrays: dict[str, np.ndarray]) -> str:
@@ -222,9 +287,14 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, n_tasks, ranges=None):
+def _sample_negatives(item, user, req_user, starts, ends, cfg, n_items, n_tasks, ranges=None):
     """Implicit logs: candidates = each request's positives + `negatives` unseen items each, drawn
-    for all requests at once (`sample_unseen`; a loop over requests took 30 s for 1M events)."""
+    for all requests at once (`sample_unseen`; a loop over requests took 30 s for 1M events).
+
+    The draws of the users u with u // SAMPLE_BLOCK == b come from a generator seeded by
+    (cfg.seed, b): a block's negatives depend on that block's events alone, so preparing the
+    users in any ranges that start on block boundaries (stream.py's partitions) gives the same
+    negatives as preparing them all at once."""
     n_pos = ends - starts
     cand_count = n_pos * (1 + cfg.negatives)
     offs = np.concatenate([[0], np.cumsum(cand_count)])
@@ -233,9 +303,15 @@ def _sample_negatives(item, user_offsets, req_user, starts, ends, cfg, n_items, 
     pos = j < n_pos[req]
     cand_item = np.empty(len(req), np.int64)
     cand_item[pos] = item[starts[req[pos]] + j[pos]]
-    seen = seen_keys(user_offsets, item, n_items)
-    cand_item[~pos] = sample_unseen(req_user[req[~pos]].astype(np.int64), seen, n_items,
-                                    np.random.default_rng(cfg.seed), ranges)
+    seen = np.unique(user.astype(np.int64) * n_items + item)
+    neg_user = req_user[req[~pos]].astype(np.int64)  # in user order: each block's slots are contiguous
+    block = neg_user // SAMPLE_BLOCK
+    cut = np.flatnonzero(np.diff(block)) + 1
+    neg = np.empty(len(neg_user), np.int64)
+    for a, b in zip(np.r_[0, cut], np.r_[cut, len(neg_user)]) if len(neg_user) else ():
+        rng = np.random.default_rng([cfg.seed, int(block[a])])
+        neg[a:b] = sample_unseen(neg_user[a:b], seen, n_items, rng, ranges)
+    cand_item[~pos] = neg
     return cand_item, np.repeat(pos[:, None], n_tasks, 1).astype(np.int8), cand_count
 
 
@@ -448,6 +524,8 @@ class SumiData:
         cand, labels = a["cand_item"][cj], a["cand_labels"][cj]
         if fresh is not None:  # fresh negatives: their items, label 0
             cand, labels = np.where(fresh >= 0, fresh, cand), np.where(fresh[..., None] >= 0, 0, labels)
+
+        import torch
 
         def t(x, dtype=torch.long):
             return torch.from_numpy(np.ascontiguousarray(x)).to(dtype)
