@@ -12,8 +12,10 @@ Sharded runs (`--parallel fsdp`) save their step checkpoints with torch.distribu
 (DCP): every rank writes its own shards of the weights and AdamW's state into the checkpoint
 directory (`.metadata` and one `__<rank>_0.distcp` per rank, on a file system all ranks share),
 rank 0 the config and train_state.pt (loop state and every rank's RNG) and the manifest last. DCP
-reshards on load, so a run saved on N ranks resumes on M, one process included. `best/` is
-always the whole model in safetensors, which evaluate, export and serve read.
+reshards on load, so a run saved on N ranks resumes on M, one process included. `best/` is the
+whole model in safetensors, or, for a model sharded over ranks, its weights' shards with DCP (no
+rank ever holds the whole model); `load_model` (evaluate, compare, export, serve, predict) reads
+either, a sharded one gathered whole into the one process.
 """
 
 from __future__ import annotations
@@ -99,19 +101,23 @@ def is_sharded(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / ".metadata").exists()
 
 
-def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """What DCP saves and loads: the model's and AdamW's state dicts keyed by parameter name,
-    sharded (DTensors) for an FSDP2 model, whole for a plain one."""
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """What DCP saves and loads: the model's and AdamW's (if any) state dicts keyed by parameter
+    name, sharded (DTensors) for an FSDP2 model, whole for a plain one."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return state
 
 
-def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict,
-                 train_state: dict) -> None:
+def save_sharded(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, config: dict,
+                 train_state: dict | None = None) -> None:
     """A collective (every rank calls it): each rank writes its shards of the model and optimizer
-    with DCP into the temporary directory, rank 0 then the config, `train_state` and the manifest,
-    and swaps it in. Works on one process too (no process group)."""
+    (none: the weights alone, as best/) with DCP into the temporary directory, rank 0 then the
+    config, `train_state` and the manifest, and swaps it in. Works on one process too (no process
+    group)."""
     import torch.distributed.checkpoint as dcp
 
     ckpt_dir = Path(ckpt_dir)
@@ -260,11 +266,14 @@ def _gather_sharded(ckpt_dir: Path, device: str) -> dict[str, torch.Tensor]:
 
 
 def load_model(ckpt_dir: Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model (eval mode) and its full config dict from a verified checkpoint directory."""
+    """The model (eval mode) and its full config dict from a verified checkpoint directory, whole
+    in this process (a sharded one gathered). Built on the meta device and given the loaded
+    tensors, so the weights are in memory once, and no init is drawn."""
     verify(ckpt_dir)
     config = read_config(ckpt_dir)
-    model = make_model(from_dict(ModelConfig, config["model"]))
-    model.load_state_dict(load_weights(ckpt_dir, map_location))
+    with torch.device("meta"):
+        model = make_model(from_dict(ModelConfig, config["model"]))
+    model.load_state_dict(load_weights(ckpt_dir, map_location), assign=True)
     return model.eval(), config
 
 

@@ -16,6 +16,11 @@ checkpoints need. The model file knows nothing of it.
   and reshards both kinds alike. Precision is as under DDP: fp32 weights and optimizer state,
   bf16 autocast on CUDA.
 
+  No rank ever holds a whole large table: training builds the model with those tables on the
+  meta device (`embeddings.meta_tables`) and `shard_tables` draws only the rank's rows of each
+  (`Table.init_rows`), the numbers that the same rows of the whole table built by one process
+  have for the same seed; so a run's start does not depend on how many ranks it has.
+
 With world size 1 (no `torchrun`) nothing is wrapped: "fsdp" then only picks the checkpoint
 format (torch.distributed.checkpoint, `climber/checkpoint.py`), so a run can move between one
 process and several.
@@ -84,8 +89,9 @@ def parallelize(model: nn.Module, parallel: str, world: int) -> nn.Module:
 def shard_tables(model: nn.Module, world: int, device: torch.device):
     """Split every `Table` of more than SMALL_TABLE rows over the ranks, in place (each becomes
     a `RowShardedTable` holding its block of rows on `device`); returns the ranks' device mesh.
-    Every rank must have built the same weights (the same seed). A collective-free no-op for
-    tables already split."""
+    A table on the meta device (`embeddings.meta_tables`) gets its block's init drawn, one built
+    whole is sliced; every rank must have built the same model (the same seed). A
+    collective-free no-op for tables already split."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = next((m.weight.device_mesh for m in model.modules() if isinstance(m, RowShardedTable)), None)
@@ -93,6 +99,9 @@ def shard_tables(model: nn.Module, world: int, device: torch.device):
     for name, m in model.named_modules():
         if type(m) is Table and m.num_embeddings > SMALL_TABLE:
             RowShardedTable.split(m, name, mesh)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"parameters {left} are on the meta device and are not tables that shard_tables splits")
     return mesh
 
 
@@ -121,7 +130,10 @@ class RowShardedTable(Table):
         per = -(-rows // world)
         if per * (world - 1) >= rows:
             raise ValueError(f"table {name} has {rows} rows, too few to split over {world} ranks")
-        mine = table.weight.detach()[rank * per:(rank + 1) * per].to(mesh.device_type).clone()
+        if table.weight.is_meta:  # built by `meta_tables`: draw this rank's rows alone
+            mine = table.init_rows(rank * per, min((rank + 1) * per, rows), mesh.device_type)
+        else:
+            mine = table.weight.detach()[rank * per:(rank + 1) * per].to(mesh.device_type).clone()
         w = DTensor.from_local(mine, mesh, [Shard(0)], run_check=False, shape=(rows, d),
                                stride=(d, 1))
         table.__class__ = RowShardedTable
@@ -199,16 +211,6 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict, on the CPU, on rank 0 (empty elsewhere). A collective for
-    a sharded model: every rank calls it."""
-    if not is_sharded(model):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def shard(items: np.ndarray, rank: int, world: int) -> np.ndarray:

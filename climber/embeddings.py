@@ -10,6 +10,10 @@ comparison isolate the architecture.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +21,23 @@ from torch import nn
 from climber.config import ModelConfig
 
 SMALL_TABLE = 256  # `lookup`: tables of at most this many rows get their gradient by a matmul
+INIT_STD = 0.02  # every embedding's init: N(0, 0.02)
+INIT_BLOCK = 8192  # a `Table`'s rows are drawn a block of this many at a time, each block from its own generator
+
+_META_TABLES: ContextVar[bool] = ContextVar("meta_tables", default=False)
+
+
+@contextmanager
+def meta_tables():
+    """Build the `Table`s of more than SMALL_TABLE rows on the meta device: no memory and no
+    values, only their shape and init seed, for a runtime that then materialises a block of rows
+    of each (`Table.init_rows`) without the table ever being whole. Everything else is built as
+    outside, drawing the same numbers from the global RNG."""
+    token = _META_TABLES.set(True)
+    try:
+        yield
+    finally:
+        _META_TABLES.reset(token)
 
 
 def embed_features(codes: torch.Tensor, tables: nn.ModuleList, widths: tuple[int, ...]) -> list[torch.Tensor]:
@@ -62,7 +83,42 @@ class Table(nn.Embedding):
     """An id table of the vocabulary (items, side features), read only through its two methods:
     a row per id, and a bag's mean. Nothing else reads its weight, so a data-parallel runtime
     may swap a large one for a table whose rows are split over the ranks, with the same methods
-    (`climber/distributed.py`); this file stays the math."""
+    (`climber/distributed.py`); this file stays the math.
+
+    Its init, N(0, INIT_STD) on every row (the padding row too: it is never trained), is a pure
+    function of its rows: the table draws one seed from the global RNG when built (in the
+    model's construction order, so a seeded model is reproducible), and block b of INIT_BLOCK
+    rows is drawn on the CPU by a generator seeded with (that seed, b). Any range of rows can
+    then be made alone (`init_rows`), equal to those rows of the whole table, on any device and
+    for any split over ranks; and the table's values take nothing else from the global RNG, so
+    the rest of the model is the same whether a table was built whole or on the meta device
+    (`meta_tables`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__(num_embeddings, embedding_dim, padding_idx, device="meta")  # no memory, no draws
+        self.init_seed = int(torch.randint(2**62, (), device="cpu"))
+        deferred = torch.get_default_device().type == "meta" or (_META_TABLES.get() and num_embeddings > SMALL_TABLE)
+        if not deferred:
+            self.weight = nn.Parameter(self.init_rows(0, num_embeddings))
+
+    def reset_parameters(self) -> None:
+        if self.weight.device.type != "meta":  # nn.Embedding calls it before the seed exists, on meta
+            with torch.no_grad():
+                self.weight.copy_(self.init_rows(0, self.num_embeddings))
+
+    def init_rows(self, start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows [start, stop) of the table's init, (stop - start, d) on `device`: the same numbers
+        whatever the range and the device (drawn on the CPU a block at a time, so the host holds
+        at most one block beyond the result)."""
+        out = torch.empty(stop - start, self.embedding_dim, device=device)
+        for b in range(start // INIT_BLOCK, -(-stop // INIT_BLOCK)):
+            lo, hi = b * INIT_BLOCK, min((b + 1) * INIT_BLOCK, self.num_embeddings)
+            seed = int(np.random.SeedSequence([self.init_seed, b]).generate_state(1, np.uint64)[0] >> 1)
+            block = torch.empty(hi - lo, self.embedding_dim, device="cpu").normal_(0.0, INIT_STD,
+                                                                     generator=torch.Generator().manual_seed(seed))
+            a, z = max(lo, start), min(hi, stop)
+            out[a - start:z - start].copy_(block[a - lo:z - lo])
+        return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (...) -> (..., d)
         if self.padding_idx is not None:  # the item table: row 0 (padding) gets no gradient

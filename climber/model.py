@@ -47,7 +47,7 @@ from torch import nn
 
 from climber import ops
 from climber.config import ModelConfig
-from climber.embeddings import TokenEmbeddings
+from climber.embeddings import Table, TokenEmbeddings
 from climber.ops.reference import attend_cached, bias, position_buckets, time_buckets
 
 
@@ -297,7 +297,7 @@ class Climber(TokenEmbeddings):
 
     @staticmethod
     def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Embedding):
+        if isinstance(m, nn.Embedding) and not isinstance(m, Table):  # a Table inits itself, by row blocks
             nn.init.normal_(m.weight, std=0.02)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)

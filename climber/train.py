@@ -11,13 +11,17 @@ run ends with the same weights as an uninterrupted one. A non-finite loss stops 
 
 Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests, and
 gradients are averaged by DDP or reduce-scattered by FSDP2 (`climber/distributed.py`; gloo on
-CPU, NCCL on GPU). Every rank validates its part of the requests and rank 0 computes the
-metrics over all of them; rank 0 logs and saves `best/`; step checkpoints are rank 0's (DDP) or
-every rank's shards (FSDP2, torch.distributed.checkpoint).
+CPU, NCCL on GPU). Under FSDP2 the large embedding tables are built on the meta device and each
+rank draws only its block of rows, equal to those rows of a one-process run's init
+(`distributed.shard_tables`). Every rank validates its part of the requests and rank 0 computes
+the metrics over all of them; rank 0 logs. Checkpoints, `best/` included, are rank 0's (DDP, one
+process) or every rank's shards (FSDP2 over several ranks, torch.distributed.checkpoint), which
+one process can load whole (`checkpoint.load_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -31,7 +35,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from climber import checkpoint, distributed
+from climber import checkpoint, distributed, embeddings
 from climber.config import ModelConfig, TrainConfig, from_dict
 from climber.data.events import DataError
 from climber.data.sumi import SumiData, check_strategies
@@ -123,10 +127,14 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
     return torch.cat(users).numpy(), torch.cat(labels).numpy(), torch.cat(probs).numpy()
 
 
-def build_model(cfg: ModelConfig, data: SumiData, seed: int) -> torch.nn.Module:
-    """A seeded model with the data's side-feature tables loaded into its buffers."""
+def build_model(cfg: ModelConfig, data: SumiData, seed: int, meta_tables: bool = False) -> torch.nn.Module:
+    """A seeded model with the data's side-feature tables loaded into its buffers. With
+    `meta_tables`, the vocabulary tables of more than SMALL_TABLE rows are left on the meta
+    device (no memory) for `distributed.shard_tables` to draw each rank's rows; everything else
+    is the same as without it."""
     torch.manual_seed(seed)
-    model = make_model(cfg)
+    with embeddings.meta_tables() if meta_tables else contextlib.nullcontext():
+        model = make_model(cfg)
     model.item_features.copy_(torch.from_numpy(np.asarray(data.a["item_features"], dtype=np.int64)))
     model.user_features.copy_(torch.from_numpy(np.asarray(data.a["user_features"], dtype=np.int64)))
     return model
@@ -206,8 +214,11 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
                   "data_fingerprint": data.fingerprint, "world": world}
-    model = build_model(model_cfg, data, cfg.seed)
-    if runtime.parallel == "fsdp" and world > 1:  # before the move: no large table is ever whole on the device
+    # under FSDP2 the large tables are built on the meta device and each rank draws its own rows:
+    # no large table is ever whole, on the host or the device
+    split = runtime.parallel == "fsdp" and world > 1
+    model = build_model(model_cfg, data, cfg.seed, meta_tables=split)
+    if split:
         distributed.shard_tables(model, world, device)
     apply_runtime(model, runtime)
     step_fn = distributed.parallelize(model, runtime.parallel, world)
@@ -411,8 +422,9 @@ def save_checkpoint(run: Run) -> None:
 def _validate(run: Run, epoch: int) -> None:
     """Validation on every rank, each scoring its part of the requests; rank 0 gathers the
     predictions and computes the metrics once, over all of them (exact global AUC and GAUC).
-    The best model is saved as best/ (whole, safetensors: what evaluate and serve read), and
-    training stops early after `patience` validations without a gain; every rank learns both."""
+    The best model is saved as best/ (whole in safetensors; each rank's shards with DCP when
+    the model is sharded over ranks), and training stops early after `patience` validations
+    without a gain; every rank learns both."""
     state = run.state
     preds = predict(run.model, run.data, "valid", run.cfg.batch_size * 2, run.device, rank=run.rank, world=run.world)
     preds = distributed.gather(*preds)
@@ -436,10 +448,10 @@ def _validate(run: Run, epoch: int) -> None:
     run.model.train()
     improved, stopped = distributed.broadcast_flags(run.device, improved, bool(state.get("stopped")))
     state["stopped"] = stopped
-    if improved:
-        weights = distributed.full_state_dict(run.model)  # a collective under FSDP
-        if run.main:
-            checkpoint.save(run.out_dir / "best", weights, run.run_config)
+    if improved and distributed.is_sharded(run.model):  # every rank writes its shards: no rank holds the model
+        checkpoint.save_sharded(run.out_dir / "best", run.model, None, run.run_config)
+    elif improved and run.main:
+        checkpoint.save(run.out_dir / "best", run.model, run.run_config)
 
 
 def _log(path: Path, row: dict, tensorboard=None) -> None:

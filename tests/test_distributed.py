@@ -1,9 +1,12 @@
-"""Sharded training on 2 gloo processes (CPU): FSDP2 with row-sharded embedding tables and DDP
-equal one process, DCP checkpoints resume on another number of ranks, validation on every rank
-equals validation on one, and the sharded lookup equals `F.embedding` on the whole table."""
+"""Sharded training on 2 gloo processes (CPU): FSDP2 with row-sharded embedding tables built on
+the meta device and DDP equal one process, a rank's rows of a table equal those rows of the
+whole init and no rank makes a tensor as large as the whole table, DCP checkpoints (best/
+included) resume or load on another number of ranks, validation on every rank equals validation
+on one, and the sharded lookup equals `F.embedding` on the whole table."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -21,15 +24,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from climber import checkpoint, distributed
 from climber.config import TrainConfig, model_config
 from climber.data.sumi import PrepareConfig, SumiData, prepare
-from climber.embeddings import SMALL_TABLE, Table
+from climber.embeddings import INIT_BLOCK, SMALL_TABLE, Table, meta_tables
 from climber.metrics import evaluate_predictions
+from climber.model import make_model
 from climber.runtime import Runtime
 from climber.train import build_model, loader, predict, train
-from tests.helpers import synthetic_log
+from tests.helpers import random_batch, synthetic_log, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("recent", "pos:like", "recent@4")
@@ -89,23 +94,57 @@ def assert_same_training(run: Path, reference: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
-@pytest.mark.parametrize("parallel, port", [("fsdp", 29531), ("ddp", 29532)])
-def test_fsdp_with_sharded_tables_and_ddp_on_two_ranks_equal_one_process(data_dir, reference, tmp_path, parallel, port):
-    out = tmp_path / parallel
-    summary = two_ranks(data_dir, out, parallel, port)
-    assert summary["steps"] == STEPS
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:
+    """2 ranks under fsdp, as `reference`: each rank builds the item table on the meta device and
+    draws its own rows."""
+    out = tmp_path_factory.mktemp("runs") / "fsdp"
+    assert two_ranks(data_dir, out, "fsdp", 29531)["steps"] == STEPS
+    return out
+
+
+def test_fsdp_with_sharded_tables_from_meta_init_on_two_ranks_equals_one_process(data_dir, reference, fsdp_run):
+    """The run equals one process, which built the table whole (the same init, row for row)."""
+    assert_same_training(fsdp_run, reference)
+    step = fsdp_run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
+    assert checkpoint.is_sharded(step)  # each rank wrote its own shards: of the item table, its rows and their moments
+    assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    rows = SumiData(data_dir).vocab["n_items"]
+    for key in ("model.item_emb.weight", "optimizer.state.item_emb.weight.exp_avg"):
+        assert sorted(c.offsets[0] for c in meta[key].chunks) == [0, -(-rows // 2)], key
+
+
+def test_ddp_on_two_ranks_equals_one_process(data_dir, reference, tmp_path):
+    out = tmp_path / "ddp"
+    assert two_ranks(data_dir, out, "ddp", 29532)["steps"] == STEPS
     assert_same_training(out, reference)
-    step = out / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
-    assert checkpoint.is_sharded(step) == (parallel == "fsdp")
-    if parallel == "fsdp":  # each rank wrote its own shards: of the item table, its block of rows and their moments
-        assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-        meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
-        rows = SumiData(data_dir).vocab["n_items"]
-        for key in ("model.item_emb.weight", "optimizer.state.item_emb.weight.exp_avg"):
-            assert sorted(c.offsets[0] for c in meta[key].chunks) == [0, -(-rows // 2)], key
-    # best/ is whole safetensors either way: what evaluate and serve read
-    model, _ = checkpoint.load_model(out / "best")
-    assert not checkpoint.is_sharded(out / "best") and model.cfg.n_layers == 2
+    assert not checkpoint.is_sharded(out / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}")
+    assert not checkpoint.is_sharded(out / "best")  # whole safetensors, written by rank 0
+    assert checkpoint.load_model(out / "best")[0].cfg.n_layers == 2
+
+
+def test_dcp_sharded_best_of_two_ranks_loads_whole_in_one_process(data_dir, reference, fsdp_run):
+    """best/ of the fsdp run is each rank's shards (no rank gathers the model); loaded whole by
+    one process it is the model at the best step (that step's checkpoint, gathered) and, within
+    the training tolerance, the one-process run's best/ (safetensors); evaluate reads it."""
+    from climber.evaluate import evaluate
+
+    assert checkpoint.is_sharded(fsdp_run / "best")
+    assert sorted(p.name for p in (fsdp_run / "best").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    last = fsdp_run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
+    best_step = checkpoint.load_train_state(last)["loop"]["best_step"]
+    assert best_step == checkpoint.load_train_state(reference / "checkpoints" / last.name)["loop"]["best_step"]
+    at_best = checkpoint.load_weights(fsdp_run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{best_step:08d}")
+    best = checkpoint.load_model(fsdp_run / "best")[0].state_dict()
+    assert best.keys() == at_best.keys()
+    for k, v in best.items():
+        assert torch.equal(v, at_best[k]), k
+    assert not checkpoint.is_sharded(reference / "best")
+    for k, v in checkpoint.load_model(reference / "best")[0].state_dict().items():
+        torch.testing.assert_close(best[k], v, rtol=1e-4, atol=1e-4, msg=k)
+    got, want = (evaluate(r / "best", data_dir, "test")["model"]["mean"] for r in (fsdp_run, reference))
+    assert got == pytest.approx(want, abs=1e-3, nan_ok=True)  # GAUC: nan where no user has both labels
 
 
 def cut_after(run: Path, src: Path, step: int) -> None:
@@ -116,9 +155,9 @@ def cut_after(run: Path, src: Path, step: int) -> None:
             shutil.rmtree(p)
 
 
-def test_dcp_checkpoint_with_sharded_tables_of_two_ranks_resumes_on_one_process(data_dir, reference, tmp_path):
-    full = tmp_path / "two"
-    two_ranks(data_dir, full, "fsdp", 29533)
+def test_dcp_checkpoint_with_sharded_tables_of_two_ranks_resumes_on_one_process(data_dir, reference, fsdp_run,
+                                                                                 tmp_path):
+    full = fsdp_run
     run = tmp_path / "resumed"
     cut_after(run, full, SAVE)
     saved = checkpoint.load_weights(run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{SAVE:08d}")
@@ -232,6 +271,113 @@ def test_fsdp_shards_embedding_tables_row_wise_outside_its_units(data_dir, shard
         assert s["split"] and s["row_wise"] and s["rows"] == rows
         assert s["local_rows"] == s["grad_rows"] == s["exp_avg_rows"] == len(torch.arange(rows).chunk(2)[rank])
         assert s["dtensor_after_unshard"] == {"item": True, "action": False}
+
+
+# --- tables built on the meta device: each rank draws its own rows, never the whole table ---
+
+
+def _model(data: SumiData, meta: bool = False) -> nn.Module:
+    return build_model(model_config("tiny", data.vocab, STRATEGIES, dropout=0.0, n_layers=2), data, 0, meta_tables=meta)
+
+
+def _bounds(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s rows of a table split by `RowShardedTable` (as `torch.chunk` splits)."""
+    block = torch.arange(rows).chunk(world)[rank]
+    return int(block[0]), int(block[-1]) + 1
+
+
+def test_shard_meta_init_equals_the_rows_of_the_whole_init(data_dir):
+    """Built under `meta_tables`, a model's large tables have no memory and everything else is
+    the whole-built model's, bit for bit (a table's values take nothing from the global RNG);
+    each rank's rows, drawn alone, are those rows of the whole table, for any split, across the
+    init's row blocks too."""
+    data = SumiData(data_dir)
+    whole, meta = _model(data), _model(data, meta=True)
+    large = {n for n, m in whole.named_modules() if isinstance(m, Table) and m.num_embeddings > SMALL_TABLE}
+    assert "item_emb" in large
+    for name, p in meta.named_parameters():
+        table = name.removesuffix(".weight") in large
+        assert p.is_meta == table, name
+        if not table:
+            assert torch.equal(p, whole.get_parameter(name)), name
+    for name, b in meta.named_buffers():
+        assert torch.equal(b, whole.get_buffer(name)), name
+    torch.manual_seed(1)
+    big = Table(2 * INIT_BLOCK + 100, 4)  # three init blocks, the last one short
+    tables = [(meta.get_submodule(n), whole.get_submodule(n).weight) for n in large] + [(big, big.weight)]
+    for t, w in tables:
+        for world in (2, 3):
+            for rank in range(world):
+                lo, hi = _bounds(t.num_embeddings, world, rank)
+                assert torch.equal(t.init_rows(lo, hi), w.detach()[lo:hi]), (t, world, rank)
+    assert big.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    with meta_tables():  # a table of at most SMALL_TABLE rows is never split, so it is built whole
+        assert not Table(SMALL_TABLE, 4).weight.is_meta and Table(SMALL_TABLE + 1, 4).weight.is_meta
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any floating tensor an op makes while it is on (for a DTensor, its
+    local part: what the rank holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta:
+                self.most = max(self.most, (t.to_local() if isinstance(t, DTensor) else t).numel())
+        return out
+
+
+BIG = tiny_config(n_items=3 * INIT_BLOCK + 100, item_feature_cards=(INIT_BLOCK + 50,))  # tables of several init blocks
+
+
+def _big(meta: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    with meta_tables() if meta else contextlib.nullcontext():
+        return make_model(BIG)
+
+
+def _meta_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        spy = _LargestTensor()
+        with spy:  # what train.setup does under fsdp, then one training step
+            model = _big(meta=True)
+            meta = model.item_emb.weight.is_meta
+            distributed.shard_tables(model, world, torch.device("cpu"))
+            distributed.parallelize(model, "fsdp", world)
+            rows = model.item_emb.weight.to_local().detach().clone()
+            opt = torch.optim.AdamW(model.parameters())
+            model(random_batch(BIG, seed=rank)).float().pow(2).mean().backward()
+            opt.step()
+        w = model.item_emb.weight
+        torch.save({"meta_before_split": meta, "rows": rows, "most": spy.most, "local": tuple(w.to_local().shape),
+                    "grad": tuple(w.grad.to_local().shape), "exp_avg": tuple(opt.state[w]["exp_avg"].to_local().shape)},
+                   Path(out) / f"meta{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_from_meta_never_makes_the_whole_table_on_a_rank(tmp_path):
+    """2 ranks build a model as training does under fsdp (`meta_tables`, then `shard_tables`)
+    and take a step: the item table (3 init blocks and a bit) is on the meta device until split;
+    each rank's rows are those of the one-process init; its weight, gradient and AdamW moment
+    hold its rows only; and no floating tensor any op makes on a rank, from the build to the
+    optimizer step, is larger than the rank's block of the item table (half the table)."""
+    whole = _big().item_emb.weight.detach()
+    rows, d = whole.shape
+    mp.spawn(_meta_worker, args=(2, f"file://{tmp_path / 'rdzv'}", str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"meta{rank}.pt")
+        lo, hi = _bounds(rows, 2, rank)
+        assert got["most"] <= (hi - lo) * d < rows * d, got["most"]
+        assert got["meta_before_split"]
+        assert torch.equal(got["rows"], whole[lo:hi])
+        assert got["local"] == got["grad"] == got["exp_avg"] == (hi - lo, d)
 
 
 # --- the sharded lookup against F.embedding on the whole table, in 2 spawned gloo processes ---

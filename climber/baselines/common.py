@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from climber.config import ModelConfig, parse_strategy
-from climber.embeddings import TokenEmbeddings
+from climber.embeddings import Table, TokenEmbeddings
 from climber.ops.reference import sumi_mask
 
 HISTORY_KEYS = ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_labels", "hist_mask")
@@ -74,7 +74,7 @@ class Baseline(TokenEmbeddings):
         """Climber's init: N(0, 0.02) embeddings and linears, zero biases; `residual_out`
         (the last linear of each residual branch) scaled down by sqrt(2 x layers)."""
         for m in self.modules():
-            if isinstance(m, (nn.Embedding, nn.Linear)):
+            if isinstance(m, (nn.Embedding, nn.Linear)) and not isinstance(m, Table):  # a Table inits itself
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
