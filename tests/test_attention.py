@@ -130,7 +130,7 @@ def check_table_gradients(dtype: torch.dtype, device: str) -> None:
     tim = torch.zeros(BK, H, T, device=device, requires_grad=True)
     pb, tb = torch.randint(0, P, (S, S), generator=g), torch.randint(0, T, (BK, S, S), generator=g)
     dense = torch.randn(BK, H, S, S, generator=g).tril().to(dtype)
-    bias = triton_attention._DenseBias.apply(pos, tim, pb.to(device), tb.to(device), dtype)
+    bias = torch.ops.climber.dense_bias(pos, tim, pb.to(device, torch.int16), tb.to(device, torch.int16), dtype)
     bias.backward(dense.to(device))
     dense = dense.float()
     want_pos = torch.zeros(BK, H, P).index_add_(2, pb.flatten(), dense.reshape(BK, H, -1))
