@@ -340,31 +340,53 @@ if triton is not None:
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
 
+
 # ---- the kernels as PyTorch operators ---------------------------------------------------------
-# Each launch is a `torch.library.triton_op` (namespace `climber`): eager it calls its kernels
-# directly; torch.compile and torch.export trace through it (the body is its own fake
-# implementation, run on fake tensors, so shapes, dtypes and strides are the real ones) and
-# inductor sees the Triton kernels themselves. Backward passes are ops too, tied on with
-# `register_autograd`. Ops return no views of their inputs; the one input written in place,
-# the f_b gradient, is declared in `mutates_args`.
+# Each launch is an operator in the `climber` namespace, its backward another, tied on with
+# `register_autograd`. On the GPU they are `torch.library.triton_op`s: eager they call their
+# kernels directly; torch.compile and torch.export trace through them and inductor sees the
+# Triton kernels themselves (`wrap_triton`). Triton's CPU interpreter (TRITON_INTERPRET=1, the
+# tests) makes @triton.jit return functions that `wrap_triton` cannot put in a graph; there the
+# same bodies are opaque `torch.library.custom_op`s. Either way tracing sees the fake
+# implementations below: the outputs' shapes, dtypes and strides, made by the same helpers as
+# the real ones. No op returns a view of an input; the one input written in place, the f_b
+# gradient, is declared in `mutates_args`.
 
 if triton is not None:
-    from torch.library import triton_op, wrap_triton
+    from triton.runtime.jit import JITFunction
 
-    @triton_op("climber::dense_bias", mutates_args=())
+    INTERPRETED = not isinstance(_fwd_kernel, JITFunction)
+    if INTERPRETED:
+        def wrap_triton(kernel):
+            return kernel
+
+        def _op(name: str, mutates_args=()):
+            return torch.library.custom_op(name, mutates_args=mutates_args)
+    else:
+        from torch.library import wrap_triton
+
+        def _op(name: str, mutates_args=()):
+            return torch.library.triton_op(name, mutates_args=mutates_args)
+
+    @_op("climber::dense_bias")
     def _dense_bias(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
         """(BK, H, P) position and (BK, H, T) time tables, int16 (S, S) position buckets and (BK,
         S, S) time buckets -> dense f_b (BK, H, S, S) in `dtype`."""
         BK, H, P = pos.shape
         S, T = pb.shape[0], tim.shape[-1]
-        bias = torch.empty(BK, H, S, S, dtype=dtype, device=pos.device)
+        bias = _dense_bias_fake(pos, tim, pb, tb, dtype)
         wrap_triton(_bias_fwd_kernel)[(BK * H, triton.cdiv(S, BLOCK))](
             POS=pos.float().contiguous(), TIM=tim.float().contiguous(), PB=pb, TB=tb, OUT=bias, H=H, L=S, P=P, T=T,
             BM=BLOCK, BN=BLOCK, num_warps=4)
         return bias
 
-    @triton_op("climber::dense_bias_backward", mutates_args=())
+    @_dense_bias.register_fake
+    def _dense_bias_fake(pos, tim, pb, tb, dtype):
+        S = pb.shape[0]
+        return torch.empty(*pos.shape[:2], S, S, dtype=dtype, device=pos.device)
+
+    @_op("climber::dense_bias_backward")
     def _dense_bias_backward(g: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor, P: int,
                              T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layers' summed dense gradient g (BK, H, S, S), which the kernels leave causal
@@ -384,10 +406,15 @@ if triton is not None:
             PP=_dot_width(P), TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype), num_warps=4)
         return dpos.sum(1), dtim.sum(1)
 
+    @_dense_bias_backward.register_fake
+    def _(g, pb, tb, P, T):
+        BK, H = g.shape[:2]
+        return g.new_empty(BK, H, P, dtype=torch.float32), g.new_empty(BK, H, T, dtype=torch.float32)
+
     def _dense_bias_setup(ctx, inputs, output):
-        _, tim, pb, tb, _ = inputs
+        pos, tim, pb, tb, _ = inputs
         ctx.save_for_backward(pb, tb)
-        ctx.sizes = inputs[0].shape[-1], tim.shape[-1]
+        ctx.sizes = pos.shape[-1], tim.shape[-1]
 
     def _dense_bias_grad(ctx, g):
         pb, tb = ctx.saved_tensors
@@ -396,7 +423,7 @@ if triton is not None:
 
     _dense_bias.register_autograd(_dense_bias_grad, setup_context=_dense_bias_setup)
 
-    @triton_op("climber::attention", mutates_args=())
+    @_op("climber::attention")
     def _attention(qkv: torch.Tensor, inv_tau: torch.Tensor, bias: torch.Tensor, link: torch.Tensor,
                    valid8: torch.Tensor, first: torch.Tensor,
                    n_hist: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -404,20 +431,26 @@ if triton is not None:
         S, S); link (BK, H, S, S), read by nothing: f_b's gradient path (see `attend`) ->
         output (B, K, H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K; the rows'
         log-sum-exp (BK, H, S) fp32 for the backward; this layer's link, (BK, H, S, S) with no
-        data (zero strides, one element): the next layer's, through which its gradient comes."""
+        data (one zero, expanded), through which the next layer's f_b gradient comes."""
         B, K, S, _, H, dh = qkv.shape
-        if dh < 16 or dh & (dh - 1):
-            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
         qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
         q, k, v = _split_heads(qkv)
-        out = _empty_heads(qkv)
-        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
+        out, lse, link = _attention_fake(qkv, inv_tau, bias, link, valid8, first, n_hist)
         wrap_triton(_fwd_kernel)[_grid(q, "fwd")](
             Q=q, K=k, V=v, BIAS=bias, INV=inv_tau.contiguous(), VALID=valid8, FIRST=first, OUT=out, LSE=lse,
             **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
-        return out, lse, torch.empty_strided(link.shape, (0,) * link.dim(), dtype=link.dtype, device=link.device)
+        return out, lse, link
 
-    @triton_op("climber::attention_backward", mutates_args=("dbias",))
+    @_attention.register_fake
+    def _attention_fake(qkv, inv_tau, bias, link, valid8, first, n_hist):
+        B, K, S, _, H, dh = qkv.shape
+        if dh < 16 or dh & (dh - 1):
+            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
+        out = _empty_heads(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
+        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
+        return out, lse, link.new_zeros(()).expand(link.shape)
+
+    @_op("climber::attention_backward", mutates_args=("dbias",))
     def _attention_backward(dout: torch.Tensor, qkv: torch.Tensor, inv_tau: torch.Tensor, bias: torch.Tensor,
                             valid8: torch.Tensor, first: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                             dbias: torch.Tensor | None, n_hist: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,6 +481,11 @@ if triton is not None:
         dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
         return dqkv, dinv
 
+    @_attention_backward.register_fake
+    def _(dout, qkv, inv_tau, bias, valid8, first, out, lse, dbias, n_hist):
+        dqkv = torch.empty_like(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
+        return dqkv, torch.empty(inv_tau.shape, dtype=torch.float32, device=qkv.device)
+
     def _attention_setup(ctx, inputs, output):
         qkv, inv_tau, bias, _, valid8, first, n_hist = inputs
         out, lse, _ = output
@@ -457,8 +495,9 @@ if triton is not None:
     def _attention_grad(ctx, dout, _, dlink):
         """dlink: the later layers' summed f_b gradient (zeros after the last layer: autograd
         materialises an unused output's gradient), to which this layer's is added in place and
-        which goes on to the previous layer's link (or, from the first layer, to f_b)."""
-        dbias = dlink if ctx.needs_input_grad[3] else None
+        which goes on to the previous layer's link (or, from the first layer, to f_b). The
+        kernel needs it contiguous; any other gradient (one a caller passed) is copied first."""
+        dbias = dlink.contiguous() if ctx.needs_input_grad[3] else None
         dqkv, dinv = torch.ops.climber.attention_backward(dout, *ctx.saved_tensors, dbias, ctx.n_hist)
         return dqkv, dinv, None, dbias, None, None, None
 
