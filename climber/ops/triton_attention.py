@@ -11,8 +11,16 @@ no bucket arithmetic or table gathers per score element. Backward, each layer ad
 dS / tau for its tiles into one dense buffer in the compute dtype (every score element belongs
 to one program, so no atomics), and once every layer is done that sum is reduced to the tables,
 once per step (one-hot tensor-core dots accumulating in fp32, all heads of a chunk at once).
-The buffer is carried by autograd: `attend` returns f_b as the next layer's input, so the
-gradient that reaches a layer's backward is the later layers' sum, to which it adds its own.
+The buffer is carried by autograd: each layer's op takes, beside f_b, a "link" input (f_b
+itself for the first layer, the previous layer's link output after that) and returns a link of
+its own, one zero expanded to f_b's shape, that holds no data; so the gradient that reaches a
+layer's backward through its link is the later layers' sum, to which it adds its own in place.
+
+The kernels are PyTorch operators (`climber::dense_bias`, `climber::attention` and their
+`_backward`s; see the end of the file): `torch.library.triton_op`s on the GPU, so
+torch.compile and torch.export trace `prepare` and `attend` without graph breaks and inductor
+launches the kernels itself; opaque `custom_op`s under Triton's CPU interpreter, whose kernels
+`wrap_triton` cannot trace. Eager, both launch the same kernels with the same arguments.
 
 The backward is one pass over the key tiles (each program owns BN keys and walks the query
 tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
@@ -34,7 +42,8 @@ sample, and so are the query tiles of key tiles only their own rows see.
 
 Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
 both tables against the reference, on the GPU and, through Triton's interpreter
-(TRITON_INTERPRET=1), on CPU.
+(TRITON_INTERPRET=1), on CPU; and the operators' registrations (`torch.library.opcheck`), one
+compiled graph for `prepare` and two layers' `attend`, and their export.
 """
 
 from __future__ import annotations
@@ -347,10 +356,10 @@ if triton is not None:
 # kernels directly; torch.compile and torch.export trace through them and inductor sees the
 # Triton kernels themselves (`wrap_triton`). Triton's CPU interpreter (TRITON_INTERPRET=1, the
 # tests) makes @triton.jit return functions that `wrap_triton` cannot put in a graph; there the
-# same bodies are opaque `torch.library.custom_op`s. Either way tracing sees the fake
-# implementations below: the outputs' shapes, dtypes and strides, made by the same helpers as
-# the real ones. No op returns a view of an input; the one input written in place, the f_b
-# gradient, is declared in `mutates_args`.
+# same bodies are opaque `torch.library.custom_op`s. The fake implementations below give
+# tracing the outputs' shapes, dtypes and strides, made by the code that makes the real
+# outputs. No op returns a view of an input; the one input written in place, the f_b gradient,
+# is declared in `mutates_args`.
 
 if triton is not None:
     from triton.runtime.jit import JITFunction
