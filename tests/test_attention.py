@@ -4,7 +4,9 @@ and the Triton kernels against the reference.
 On CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1 when there is
 no GPU; skipped if Triton is not installed), so outputs and the gradients of q, k, v, the
 temperature and both f_b tables are checked here as on the GPU. The `gpu` tests compare
-outputs and all gradients in fp32, and in bf16 against the reference's own bf16 error.
+outputs and all gradients in fp32, and in bf16 against the reference's own bf16 error. The
+kernels' `climber::` operators are checked by `torch.library.opcheck`, by one full-graph
+compile of `prepare` and two layers' `attend` (equal to eager) and by `torch.export`.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def check_table_gradients(dtype: torch.dtype, device: str) -> None:
     tim = torch.zeros(BK, H, T, device=device, requires_grad=True)
     pb, tb = torch.randint(0, P, (S, S), generator=g), torch.randint(0, T, (BK, S, S), generator=g)
     dense = torch.randn(BK, H, S, S, generator=g).tril().to(dtype)
-    bias = triton_attention._DenseBias.apply(pos, tim, pb.to(device), tb.to(device), dtype)
+    bias = torch.ops.climber.dense_bias(pos, tim, pb.to(device, torch.int16), tb.to(device, torch.int16), dtype)
     bias.backward(dense.to(device))
     dense = dense.float()
     want_pos = torch.zeros(BK, H, P).index_add_(2, pb.flatten(), dense.reshape(BK, H, -1))
@@ -239,6 +241,117 @@ def test_triton_bf16_is_as_accurate_as_reference_bf16(shape):
     for name in exact:
         e_fast, e_ref = relative_error(fast[name], exact[name]), relative_error(ref[name], exact[name])
         assert e_fast < 2 * e_ref + 1e-3, f"{name}: triton {e_fast:.1e}, reference {e_ref:.1e}"
+
+
+def op_cases(device: str) -> list[tuple[str, tuple]]:
+    """(op name, small inputs) for each of the kernels' operators: a partial tile, candidates
+    from n_hist = 12 on, some invalid keys, qkv strided (K, B) as the model stores it."""
+    g = torch.Generator().manual_seed(0)
+    B, K, H, S, dh, P, T = 1, 2, 2, 20, 16, 8, 4
+    BK = B * K
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=g).to(device).requires_grad_(grad)
+
+    pb = torch.randint(0, P, (S, S), generator=g).to(device, torch.int16)
+    tb = torch.randint(0, T, (BK, S, S), generator=g).to(device, torch.int16)
+    qkv, inv, bias = rand(K, B, S, 3, H, dh).transpose(0, 1), rand(BK, H).exp(), rand(BK, H, S, S)
+    valid = (torch.rand(BK, S, generator=g) > 0.3).to(device)
+    first = torch.where(valid, torch.arange(S, device=device), S).min(-1).values.to(torch.int32)
+    fwd = (qkv, inv, bias, bias, valid.to(torch.int8), first, 12)
+    out, lse, _ = torch.ops.climber.attention(*(a.detach() if torch.is_tensor(a) else a for a in fwd))
+    bwd = (rand(*out.shape, grad=False), qkv.detach(), inv.detach(), bias.detach(), *fwd[4:6], out, lse,
+           rand(BK, H, S, S, grad=False).tril(), 12)
+    return [("dense_bias", (rand(BK, H, P), rand(BK, H, T), pb, tb, torch.float32)),
+            ("dense_bias_backward", (rand(BK, H, S, S, grad=False).tril(), pb, tb, P, T)),
+            ("attention", fwd), ("attention_backward", bwd)]
+
+
+@interpreted
+@pytest.mark.parametrize("case", range(4))
+def test_triton_ops_pass_opcheck_in_interpreter(case):
+    """Each operator's schema (mutations declared, no output aliasing an input), its fake
+    implementation (shapes, dtypes and strides equal to the real outputs'), its autograd
+    registration and its behaviour under AOTAutograd with dynamic shapes. Under the interpreter
+    they are opaque custom ops; the GPU test checks the triton_op registrations."""
+    name, args = op_cases("cpu")[case]
+    torch.library.opcheck(getattr(torch.ops.climber, name), args)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", range(4))
+def test_triton_ops_pass_opcheck_on_gpu(case):
+    name, args = op_cases("cuda")[case]
+    torch.library.opcheck(getattr(torch.ops.climber, name), args)
+
+
+def two_layers(x: dict, n_hist: int):
+    """(f, inputs): f runs prepare and two layers' attend on the packed q, k, v, temperature and
+    tables of `x` and returns the layers' summed output; f_b's gradient passes layer to layer."""
+    B, K, H, S, dh = x["q"].shape
+    device = x["q"].device
+    i = torch.arange(S, device=device).clamp(max=n_hist)
+    pb = reference.position_buckets(i[:, None] - i[None, :], x["pos_table"].shape[-1])
+    tb = reference.time_buckets(x["time"][..., :, None] - x["time"][..., None, :], x["time_table"].shape[-1])
+
+    def f(qkv, tau, pos_table, time_table):
+        pos, tim = (t[:, x["scenario"]].transpose(0, 1) for t in (pos_table, time_table))
+        seq = ops.TRITON.prepare(pos, tim, pb, tb, x["hist_mask"], n_hist, qkv.dtype)
+        y1, seq = ops.TRITON.attend(qkv, 1 / tau, seq)
+        y2, seq = ops.TRITON.attend(qkv * 2, 0.5 / tau, seq)
+        return y1 + y2
+
+    qkv = torch.stack([x[n].transpose(2, 3) for n in "qkv"], dim=3).transpose(0, 1).contiguous()
+    return f, (qkv, x["tau"][..., 0, 0], x["pos_table"], x["time_table"])
+
+
+def compiled_and_eager(x: dict, n_hist: int, backend: str):
+    """The output and the gradients of every input, eager and under torch.compile(fullgraph=True)
+    (which fails on any graph break)."""
+    f, inputs = two_layers(x, n_hist)
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        results.append([out, *(t.grad for t in leaves)])
+    return results
+
+
+@interpreted
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_prepare_and_attend_compile_as_one_graph_in_interpreter(backend):
+    """prepare and two layers' attend trace into one graph, forward and backward, and the compiled
+    function gives the eager results to the bit (the same kernels; in the interpreter the ops
+    are opaque, so this checks their registration, not inductor's use of the kernels)."""
+    x = with_candidates(attention_inputs(2, 2, 2, 20, 16, 8, 4, 2, 1), 16)
+    eager, compiled = compiled_and_eager(x, 16, backend)
+    for got, want in zip(compiled, eager):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prepare_and_attend_compile_as_one_graph_on_gpu():
+    """On the GPU inductor traces through the triton_ops and launches the kernels itself."""
+    x = with_candidates(attention_inputs(*GPU_SHAPES[1], device="cuda"), 150)
+    eager, compiled = compiled_and_eager(x, 150, "inductor")
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_prepare_and_attend_export():
+    """torch.export keeps the operators as calls to `climber::` ops; the program gives the eager
+    output."""
+    x = with_candidates(attention_inputs(2, 2, 2, 20, 16, 8, 4, 2, 1), 16)
+    f, inputs = two_layers(x, 16)
+    program = torch.export.export(type("Attention", (torch.nn.Module,), {"forward": lambda self, *a: f(*a)})(),
+                                  inputs)
+    targets = {str(n.target) for n in program.graph.nodes}
+    assert {"climber.dense_bias.default", "climber.attention.default"} <= targets
+    assert torch.equal(program.module()(*inputs), f(*inputs))
 
 
 def test_auto_picks_the_reference_where_the_kernels_cannot_run(monkeypatch):

@@ -11,8 +11,16 @@ no bucket arithmetic or table gathers per score element. Backward, each layer ad
 dS / tau for its tiles into one dense buffer in the compute dtype (every score element belongs
 to one program, so no atomics), and once every layer is done that sum is reduced to the tables,
 once per step (one-hot tensor-core dots accumulating in fp32, all heads of a chunk at once).
-The buffer is carried by autograd: `attend` returns f_b as the next layer's input, so the
-gradient that reaches a layer's backward is the later layers' sum, to which it adds its own.
+The buffer is carried by autograd: each layer's op takes, beside f_b, a "link" input (f_b
+itself for the first layer, the previous layer's link output after that) and returns a link of
+its own, one zero expanded to f_b's shape, that holds no data; so the gradient that reaches a
+layer's backward through its link is the later layers' sum, to which it adds its own in place.
+
+The kernels are PyTorch operators (`climber::dense_bias`, `climber::attention` and their
+`_backward`s; see the end of the file): `torch.library.triton_op`s on the GPU, so
+torch.compile and torch.export trace `prepare` and `attend` without graph breaks and inductor
+launches the kernels itself; opaque `custom_op`s under Triton's CPU interpreter, whose kernels
+`wrap_triton` cannot trace. Eager, both launch the same kernels with the same arguments.
 
 The backward is one pass over the key tiles (each program owns BN keys and walks the query
 tiles that see them): dK, dV and d f_b are the program's own, dQ is added tile by tile into
@@ -34,7 +42,8 @@ sample, and so are the query tiles of key tiles only their own rows see.
 
 Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
 both tables against the reference, on the GPU and, through Triton's interpreter
-(TRITON_INTERPRET=1), on CPU.
+(TRITON_INTERPRET=1), on CPU; and the operators' registrations (`torch.library.opcheck`), one
+compiled graph for `prepare` and two layers' `attend`, and their export.
 """
 
 from __future__ import annotations
@@ -66,7 +75,8 @@ def available(device: torch.device) -> bool:
 class Sequence:
     """What the kernels need besides q, k, v and 1 / tau, built once per forward by `prepare`."""
 
-    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype; its gradient flows layer to layer
+    bias: torch.Tensor  # (BK, H, S, S) dense f_b in the compute dtype
+    link: torch.Tensor  # (BK, H, S, S), f_b itself or a layer's no-data link output: d f_b flows back through it
     valid8: torch.Tensor  # (BK, S) int8 key validity
     first: torch.Tensor  # (BK,) int32 first valid key (S if none)
     n_hist: int  # leading history tokens; later ones (candidates) are keys for their own row only
@@ -79,117 +89,21 @@ def prepare(pos, tim, pb, tb, valid, n_hist: int, dtype: torch.dtype) -> Sequenc
     if not available(valid.device):
         raise RuntimeError("the Triton attention kernels need a CUDA GPU and Triton")
     B, K, S = valid.shape
-    bias = _DenseBias.apply(pos.flatten(0, 1), tim.flatten(0, 1), pb, tb.reshape(B * K, S, S), dtype)
+    pb, tb = pb.to(torch.int16).contiguous(), tb.reshape(B * K, S, S).to(torch.int16).contiguous()  # ids < 2^15
+    bias = torch.ops.climber.dense_bias(pos.flatten(0, 1), tim.flatten(0, 1), pb, tb, dtype)
     valid = valid.reshape(B * K, S)
     first = torch.where(valid, torch.arange(S, device=valid.device), S).min(dim=-1).values.to(torch.int32)
-    return Sequence(bias, valid.to(torch.int8).contiguous(), first, n_hist)
+    return Sequence(bias, bias, valid.to(torch.int8).contiguous(), first, n_hist)
 
 
-@torch.compiler.disable  # opaque to torch.compile: the kernels are already fused
 def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[torch.Tensor, Sequence]:
     """SUMI attention of one layer. qkv (K, B, S, 3, H, dh) blocks first; inv_tau (B, K, H) ->
-    (output (B, K, H, S, dh), seq for the next layer: the same f_b, through which autograd
-    carries the later layers' summed f_b gradient)."""
+    (output (B, K, H, S, dh), seq for the next layer: the same f_b, and this layer's link,
+    through which autograd brings the later layers' summed f_b gradient back to this layer)."""
     K, B, _, _, H, _ = qkv.shape
-    out, bias = _Attention.apply(qkv.transpose(0, 1), inv_tau.reshape(B * K, H).float(), seq.bias, seq.valid8,
-                                 seq.first, seq.n_hist)
-    return out, dataclasses.replace(seq, bias=bias)
-
-
-class _DenseBias(torch.autograd.Function):
-    """(BK, H, P) position and (BK, H, T) time tables, (S, S) position buckets and (BK, S, S) time
-    buckets -> dense f_b (BK, H, S, S) in `dtype`; backward reduces the layers' summed dense
-    gradient, which the kernels leave causal (zero above the diagonal), to the tables."""
-
-    @staticmethod
-    def forward(ctx, pos, tim, pb, tb, dtype):
-        BK, H, P = pos.shape
-        S, T = pb.shape[0], tim.shape[-1]
-        pb, tb = pb.to(torch.int16).contiguous(), tb.to(torch.int16).contiguous()  # bucket ids < 2^15
-        bias = torch.empty(BK, H, S, S, dtype=dtype, device=pos.device)
-        _bias_fwd_kernel[(BK * H, triton.cdiv(S, BLOCK))](
-            POS=pos.float().contiguous(), TIM=tim.float().contiguous(), PB=pb, TB=tb, OUT=bias, H=H, L=S, P=P, T=T,
-            BM=BLOCK, BN=BLOCK, num_warps=4)
-        ctx.save_for_backward(pb, tb)
-        ctx.sizes = P, T
-        ctx.set_materialize_grads(False)
-        return bias
-
-    @staticmethod
-    def backward(ctx, g):
-        if g is None:  # no layer's backward ran
-            return None, None, None, None, None
-        pb, tb = ctx.saved_tensors
-        P, T = ctx.sizes
-        BK, H, S, _ = g.shape
-        # per-bucket sums of g by one kernel that reads g once, as one-hot matmuls on the tensor
-        # cores: the buckets do not depend on the head, so a chunk of score entries of all heads
-        # (H, C) times the chunk's one-hot buckets (C, P) gives every head's sums at once. Neither
-        # scatter-adds (B*K*H*S*S values into a few thousand entries serialise on atomics: 173 ms
-        # at B*K = 64, S = 800 on an H200), nor per-sample one-hot products over whole rows
-        # (215 ms there), nor per-bucket masked sums (2.9 ms a step at the paper config)
-        n_tiles = triton.cdiv(S, BLOCK)
-        dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
-        dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
-        _bias_grad_kernel[(BK, n_tiles)](
-            G=g.contiguous(), PB=pb, TB=tb, DPOS=dpos, DTIM=dtim, H=H, L=S, P=P, T=T, HP=_dot_width(H),
-            PP=_dot_width(P), TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype), num_warps=4)
-        return dpos.sum(1), dtim.sum(1), None, None, None
-
-
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, inv_tau, bias, valid8, first, n_hist):
-        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32; bias (BK, H,
-        S, S) -> (B, K, H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K; and f_b, as
-        the next layer's input."""
-        B, K, S, _, H, dh = qkv.shape
-        if dh < 16 or dh & (dh - 1):
-            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
-        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
-        q, k, v = _split_heads(qkv)
-        out = _empty_heads(qkv)
-        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
-        inv_tau = inv_tau.contiguous()
-        _fwd_kernel[_grid(q, "fwd")](
-            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, OUT=out, LSE=lse,
-            **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
-        ctx.save_for_backward(qkv, inv_tau, bias, valid8, first, out, lse)
-        ctx.n_hist = n_hist
-        ctx.set_materialize_grads(False)
-        return out, bias.detach()  # a new tensor over f_b's memory: its gradient comes back to this layer
-
-    @staticmethod
-    def backward(ctx, dout, dbias):
-        """dbias: the later layers' summed f_b gradient (None after the last layer), to which
-        this layer's is added in place."""
-        qkv, inv_tau, bias, valid8, first, out, lse = ctx.saved_tensors
-        q, k, v = _split_heads(qkv)
-        B, K, H, S, dh = q.shape
-        need_dbias = ctx.needs_input_grad[2]
-        if dout is None:  # only f_b's gradient passes through this layer
-            return None, None, dbias, None, None, None
-        dout = dout.to(q.dtype)
-        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
-        dq, dk, dv = _split_heads(dqkv)
-        if need_dbias and dbias is None:  # the last layer: zeros (tiles only their own rows see stay so)
-            dbias = torch.zeros(bias.shape, dtype=bias.dtype, device=q.device)
-        dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
-        delta = torch.empty(B * K, H, S, dtype=torch.float32, device=q.device)  # rowsum(dO O)
-        _bwd_delta_kernel[_grid(q, "fwd")](
-            DO=dout, OUT=out, DELTA=delta, DQ=dq, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
-            NK=K, H=H, L=S, DH=dh, BM=TILES["fwd"][0])
-        # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
-        # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
-        row_sums = torch.zeros(2, B * K, H, S, dtype=torch.float32, device=q.device)
-        _bwd_kernel[_grid(q, "bwd")](
-            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, DO=dout, LSE=lse, DELTA=delta,
-            DK=dk, DV=dv, DQ=dq, DBIAS=dbias if need_dbias else bias, DINV=dinv, ROWS=row_sums,
-            **_strides("q", q), **_strides("d", dout), **_strides("g", dk), NK=K, H=H, L=S, NH=ctx.n_hist,
-            DBIAS_GRAD=need_dbias, **_meta(q, "bwd"))
-        dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
-        return dqkv, dinv.to(inv_tau.dtype), dbias if need_dbias else None, None, None, None
+    out, _, link = torch.ops.climber.attention(qkv.transpose(0, 1), inv_tau.reshape(B * K, H).float(), seq.bias,
+                                               seq.link, seq.valid8, seq.first, seq.n_hist)
+    return out, dataclasses.replace(seq, link=link)
 
 
 def _split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -433,3 +347,167 @@ if triton is not None:
         _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
         _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
+
+
+
+# ---- the kernels as PyTorch operators ---------------------------------------------------------
+# Each launch is an operator in the `climber` namespace, its backward another, tied on with
+# `register_autograd`. On the GPU they are `torch.library.triton_op`s: eager they call their
+# kernels directly; torch.compile and torch.export trace through them and inductor sees the
+# Triton kernels themselves (`wrap_triton`). Triton's CPU interpreter (TRITON_INTERPRET=1, the
+# tests) makes @triton.jit return functions that `wrap_triton` cannot put in a graph; there the
+# same bodies are opaque `torch.library.custom_op`s. The fake implementations below give
+# tracing the outputs' shapes, dtypes and strides, made by the code that makes the real
+# outputs. No op returns a view of an input; the one input written in place, the f_b gradient,
+# is declared in `mutates_args`.
+
+if triton is not None:
+    from triton.runtime.jit import JITFunction
+
+    INTERPRETED = not isinstance(_fwd_kernel, JITFunction)
+    if INTERPRETED:
+        def wrap_triton(kernel):
+            return kernel
+
+        def _op(name: str, mutates_args=()):
+            return torch.library.custom_op(name, mutates_args=mutates_args)
+    else:
+        from torch.library import wrap_triton
+
+        def _op(name: str, mutates_args=()):
+            return torch.library.triton_op(name, mutates_args=mutates_args)
+
+    @_op("climber::dense_bias")
+    def _dense_bias(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+        """(BK, H, P) position and (BK, H, T) time tables, int16 (S, S) position buckets and (BK,
+        S, S) time buckets -> dense f_b (BK, H, S, S) in `dtype`."""
+        BK, H, P = pos.shape
+        S, T = pb.shape[0], tim.shape[-1]
+        bias = _dense_bias_fake(pos, tim, pb, tb, dtype)
+        wrap_triton(_bias_fwd_kernel)[(BK * H, triton.cdiv(S, BLOCK))](
+            POS=pos.float().contiguous(), TIM=tim.float().contiguous(), PB=pb, TB=tb, OUT=bias, H=H, L=S, P=P, T=T,
+            BM=BLOCK, BN=BLOCK, num_warps=4)
+        return bias
+
+    @_dense_bias.register_fake
+    def _dense_bias_fake(pos, tim, pb, tb, dtype):
+        S = pb.shape[0]
+        return torch.empty(*pos.shape[:2], S, S, dtype=dtype, device=pos.device)
+
+    @_op("climber::dense_bias_backward")
+    def _dense_bias_backward(g: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor, P: int,
+                             T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' summed dense gradient g (BK, H, S, S), which the kernels leave causal
+        (zero above the diagonal), reduced to the tables: (BK, H, P), (BK, H, T) in fp32."""
+        BK, H, S, _ = g.shape
+        # per-bucket sums of g by one kernel that reads g once, as one-hot matmuls on the tensor
+        # cores: the buckets do not depend on the head, so a chunk of score entries of all heads
+        # (H, C) times the chunk's one-hot buckets (C, P) gives every head's sums at once. Neither
+        # scatter-adds (B*K*H*S*S values into a few thousand entries serialise on atomics: 173 ms
+        # at B*K = 64, S = 800 on an H200), nor per-sample one-hot products over whole rows
+        # (215 ms there), nor per-bucket masked sums (2.9 ms a step at the paper config)
+        n_tiles = triton.cdiv(S, BLOCK)
+        dpos = torch.empty(BK, n_tiles, H, P, dtype=torch.float32, device=g.device)
+        dtim = torch.empty(BK, n_tiles, H, T, dtype=torch.float32, device=g.device)
+        wrap_triton(_bias_grad_kernel)[(BK, n_tiles)](
+            G=g.contiguous(), PB=pb, TB=tb, DPOS=dpos, DTIM=dtim, H=H, L=S, P=P, T=T, HP=_dot_width(H),
+            PP=_dot_width(P), TP=_dot_width(T), BM=BLOCK, BN=BLOCK, PREC=_precision(g.dtype), num_warps=4)
+        return dpos.sum(1), dtim.sum(1)
+
+    @_dense_bias_backward.register_fake
+    def _(g, pb, tb, P, T):
+        BK, H = g.shape[:2]
+        return g.new_empty(BK, H, P, dtype=torch.float32), g.new_empty(BK, H, T, dtype=torch.float32)
+
+    def _dense_bias_setup(ctx, inputs, output):
+        pos, tim, pb, tb, _ = inputs
+        ctx.save_for_backward(pb, tb)
+        ctx.sizes = pos.shape[-1], tim.shape[-1]
+
+    def _dense_bias_grad(ctx, g):
+        pb, tb = ctx.saved_tensors
+        dpos, dtim = torch.ops.climber.dense_bias_backward(g, pb, tb, *ctx.sizes)
+        return dpos, dtim, None, None, None
+
+    _dense_bias.register_autograd(_dense_bias_grad, setup_context=_dense_bias_setup)
+
+    @_op("climber::attention")
+    def _attention(qkv: torch.Tensor, inv_tau: torch.Tensor, bias: torch.Tensor, link: torch.Tensor,
+                   valid8: torch.Tensor, first: torch.Tensor,
+                   n_hist: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (B, K, S, 3, H, dh) (any strides, dh contiguous); inv_tau (B*K, H) fp32; bias (BK, H,
+        S, S); link (BK, H, S, S), read by nothing: f_b's gradient path (see `attend`) ->
+        output (B, K, H, S, dh), stored (B, K, S, H, dh) in qkv's order of B and K; the rows'
+        log-sum-exp (BK, H, S) fp32 for the backward; this layer's link, (BK, H, S, S) with no
+        data (one zero, expanded), through which the next layer's f_b gradient comes."""
+        B, K, S, _, H, dh = qkv.shape
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        q, k, v = _split_heads(qkv)
+        out, lse, link = _attention_fake(qkv, inv_tau, bias, link, valid8, first, n_hist)
+        wrap_triton(_fwd_kernel)[_grid(q, "fwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau.contiguous(), VALID=valid8, FIRST=first, OUT=out, LSE=lse,
+            **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
+        return out, lse, link
+
+    @_attention.register_fake
+    def _attention_fake(qkv, inv_tau, bias, link, valid8, first, n_hist):
+        B, K, S, _, H, dh = qkv.shape
+        if dh < 16 or dh & (dh - 1):
+            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
+        out = _empty_heads(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
+        lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
+        return out, lse, link.new_zeros(()).expand(link.shape)
+
+    @_op("climber::attention_backward", mutates_args=("dbias",))
+    def _attention_backward(dout: torch.Tensor, qkv: torch.Tensor, inv_tau: torch.Tensor, bias: torch.Tensor,
+                            valid8: torch.Tensor, first: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                            dbias: torch.Tensor | None, n_hist: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attention`'s gradient dout (B, K, H, S, dh) -> (dqkv with qkv's strides, d inv_tau
+        (B*K, H) fp32); this layer's d f_b is added in place to dbias (the later layers' sum,
+        zeros after the last layer), if given."""
+        qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+        q, k, v = _split_heads(qkv)
+        B, K, H, S, dh = q.shape
+        inv_tau = inv_tau.contiguous()
+        dout = dout.to(q.dtype)
+        dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+        dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
+        dq, dk, dv = _split_heads(dqkv)
+        dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
+        delta = torch.empty(B * K, H, S, dtype=torch.float32, device=q.device)  # rowsum(dO O)
+        wrap_triton(_bwd_delta_kernel)[_grid(q, "fwd")](
+            DO=dout, OUT=out, DELTA=delta, DQ=dq, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
+            NK=K, H=H, L=S, DH=dh, BM=TILES["fwd"][0])
+        # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
+        # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
+        row_sums = torch.zeros(2, B * K, H, S, dtype=torch.float32, device=q.device)
+        wrap_triton(_bwd_kernel)[_grid(q, "bwd")](
+            Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, DO=dout, LSE=lse, DELTA=delta,
+            DK=dk, DV=dv, DQ=dq, DBIAS=bias if dbias is None else dbias, DINV=dinv, ROWS=row_sums,
+            **_strides("q", q), **_strides("d", dout), **_strides("g", dk), NK=K, H=H, L=S, NH=n_hist,
+            DBIAS_GRAD=dbias is not None, **_meta(q, "bwd"))
+        dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
+        return dqkv, dinv
+
+    @_attention_backward.register_fake
+    def _(dout, qkv, inv_tau, bias, valid8, first, out, lse, dbias, n_hist):
+        dqkv = torch.empty_like(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
+        return dqkv, torch.empty(inv_tau.shape, dtype=torch.float32, device=qkv.device)
+
+    def _attention_setup(ctx, inputs, output):
+        qkv, inv_tau, bias, _, valid8, first, n_hist = inputs
+        out, lse, _ = output
+        ctx.save_for_backward(qkv, inv_tau, bias, valid8, first, out, lse)
+        ctx.n_hist = n_hist
+
+    def _attention_grad(ctx, dout, _, dlink):
+        """dlink: the later layers' summed f_b gradient (zeros after the last layer: autograd
+        materialises an unused output's gradient), to which this layer's is added in place and
+        which goes on to the previous layer's link (or, from the first layer, to f_b). The
+        kernel needs it contiguous; any other gradient (one a caller passed) is copied first."""
+        dbias = dlink.contiguous() if ctx.needs_input_grad[3] else None
+        dqkv, dinv = torch.ops.climber.attention_backward(dout, *ctx.saved_tensors, dbias, ctx.n_hist)
+        return dqkv, dinv, None, dbias, None, None, None
+
+    _attention.register_autograd(_attention_grad, setup_context=_attention_setup)
