@@ -9,7 +9,7 @@ With 2 ranks the model is built as `--parallel fsdp` training builds it: the lar
 meta device, each rank drawing only its rows (`embeddings.meta_tables`,
 `distributed.shard_tables`); `--whole-too` also runs the earlier way, every rank building the
 whole model and then splitting it, for contrast. Step times on a shared 2-core box are
-indications only. docs/design.md ("Row-sharded embedding tables") quotes it.
+indications only. docs/performance.md ("Row-sharded embedding tables") quotes it.
 
     python benchmarks/bench_shard_memory.py [--items 1000000] [--d 64] [--ranks 1 2] [--whole-too]
 """

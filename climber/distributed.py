@@ -12,7 +12,7 @@ checkpoints need. The model file knows nothing of it.
   side features) of more than SMALL_TABLE rows are not FSDP2's: `shard_tables` splits each by
   rows (`RowShardedTable`, a `Shard(0)` DTensor in no unit), so a rank only ever holds its block
   of rows, their gradient and their AdamW moments, and a lookup moves the looked-up rows, not the
-  table (all-gather the ids, look up the owned rows, reduce-scatter; docs/design.md). DCP saves
+  table (all-gather the ids, look up the owned rows, reduce-scatter; docs/performance.md). DCP saves
   and reshards both kinds alike. Precision is as under DDP: fp32 weights and optimizer state,
   bf16 autocast on CUDA.
 
@@ -118,7 +118,7 @@ class RowShardedTable(Table):
     gradients are all-gathered and each rank adds into its own rows only, the sum over every
     rank's batch, scaled by 1 / world: the mean over ranks, as DDP and FSDP2 average the dense
     gradients. Per lookup of n ids a rank sends and receives about world x n x d numbers
-    (docs/design.md). An id outside the table raises IndexError on every rank at once."""
+    (docs/performance.md). An id outside the table raises IndexError on every rank at once."""
 
     @staticmethod
     def split(table: Table, name: str, mesh) -> None:

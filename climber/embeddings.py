@@ -57,7 +57,7 @@ def lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     A lookup's backward adds each token's gradient into its row. With a few rows (actions,
     behaviour flags, scenarios, small side features) every token's adds go to the same rows
     and serialise on atomics (about 1.9 ms a step at the paper config on an H200, where
-    inductor compiles them as atomic adds; docs/design.md); one-hot(ids)^T @ grad, a (rows,
+    inductor compiles them as atomic adds; docs/performance.md); one-hot(ids)^T @ grad, a (rows,
     tokens) by (tokens, d) GEMM, does the same sums at once, deterministically."""
     if len(weight) > SMALL_TABLE:
         return F.embedding(ids, weight)
