@@ -206,7 +206,7 @@ def cmd_predict(ns) -> None:
 def cmd_compare(ns) -> None:
     from climber.compare import compare
 
-    budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", *TUNED}))
+    budget = TrainConfig(**pick_fields(ns, TrainConfig, skip={"seed", "scenarios", *TUNED}))
     grid = {"lr": ns.lrs, "embedding_lr_mult": ns.embedding_lr_mults,
             "embedding_weight_decay": ns.embedding_weight_decays, "train_negatives": ns.train_negative_counts}
     compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, grid,
@@ -436,7 +436,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="train the runs, then stop: no test, no table (parallel jobs; a last call reports)")
     add_dataclass_flags(p.add_argument_group(MODEL_GROUP), ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED,
                         defaults_none=True)
-    add_dataclass_flags(p.add_argument_group(TRAIN_GROUP), TrainConfig, skip={"seed", *TUNED})
+    add_dataclass_flags(p.add_argument_group(TRAIN_GROUP), TrainConfig, skip={"seed", "scenarios", *TUNED})
     add_dataclass_flags(p.add_argument_group(RUNTIME_GROUP), Runtime)
     add_config_flags(p)
     p.set_defaults(fn=cmd_compare)

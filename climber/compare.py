@@ -15,6 +15,11 @@ parameter counts, forward FLOPs per request, a popularity reference, the exact c
 the versions. Runs live in `<out>/runs/<model>/lr<lr>/seed<seed>/`; a finished run is skipped
 when the comparison is run again, an interrupted one resumes (`climber.train`), so separate
 processes may train disjoint `models` into one `out` and a last call writes the full table.
+
+On multi-scenario data (docs/design.md, scenarios) the `climber-per-domain` row trains one
+Climber per request scenario on that scenario's requests (`TrainConfig.scenarios`; runs in
+`.../seed<seed>/scenario<k>/`) and tests each on its scenario's test requests; its overall
+metrics are over the union of those predictions, the same candidates as every other row's.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ _TAG = {"lr": "lr", "embedding_lr_mult": "emb", "embedding_weight_decay": "ewd",
 
 
 def model_for(shared: ModelConfig, name: str) -> ModelConfig:
-    """The shared config with model `name`'s fields; "grow": g multiplies seq_len and n_layers."""
+    """The shared config with model `name`'s fields; "grow": g multiplies seq_len and n_layers;
+    "per_domain" (one model per scenario) is the comparison's business, not the model's."""
     spec = dict(COMPARE_MODELS[name])
     g = spec.pop("grow", 1)
+    spec.pop("per_domain", None)
     return replace(shared, **spec, seq_len=shared.seq_len * g, n_layers=shared.n_layers * g)
 
 
@@ -89,11 +96,18 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     n_cand = max(1, round(float(np.diff(data.a["req_cand_start"]).mean())))
     device = resolve_device(runtime.device)
     shared = model_config(preset, data.vocab, tuple(data.meta["strategies"]), **(model_overrides or {}))
+    domains = [int(k) for k in np.unique(data.a["req_scenario"])]  # the request scenarios the data has
+    if any(COMPARE_MODELS[m].get("per_domain") for m in models) and len(domains) < 2:
+        raise ValueError(f"climber-per-domain trains one model per request scenario, and {data_dir} has one "
+                         f"({domains}); compare it on a multi-scenario data set (e.g. prepare beauty+grocery)")
     rows = []
     for name in sorted(models, key=list(COMPARE_MODELS).index):
         mcfg = model_for(shared, name)
-        runs = {point_tag(p): [_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
-                                    replace(train_cfg, **p, seed=s), name, runtime) for s in seeds] for p in points}
+        per_domain = COMPARE_MODELS[name].get("per_domain", False)
+        split = domains if per_domain else None
+        runs = {point_tag(p): [_seed_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
+                                         replace(train_cfg, **p, seed=s), name, runtime, split) for s in seeds]
+                for p in points}
         if train_only:
             continue
         # model selection on validation only: the grid point with the best mean validation AUC
@@ -107,7 +121,10 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
             "auc_by_scenario": None if scen_tests[0] is None else
             {s: _mean_std([t[s]["mean"]["auc"] for t in scen_tests]) for s in scen_tests[0]},
             **{m: _mean_std([t["mean"][m] for t in tests]) for m in METRICS},
-            "params": model.param_counts(), "flops": model.flops(mcfg.seq_len, n_cand),
+            # per domain: every domain model's parameters (each holds whole tables), one model's FLOPs,
+            # since a request is scored by its scenario's model only
+            "params": {k: v * (len(domains) if per_domain else 1) for k, v in model.param_counts().items()},
+            "flops": model.flops(mcfg.seq_len, n_cand), "domain_models": len(domains) if per_domain else None,
             "train_seconds": float(np.mean([r["train_seconds"] for r in runs[point_tag(best)]])),
             "steps": float(np.mean([r["steps"] for r in runs[point_tag(best)]])),
             "best_steps": float(np.mean([r["best_step"] for r in runs[point_tag(best)]])),
@@ -156,15 +173,54 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     return result
 
 
+def _seed_run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, name: str, runtime: Runtime,
+              domains: list[int] | None) -> dict:
+    """One seed of a row: one run, or with `domains` one run per request scenario in
+    run_dir/scenario<k>, trained and validated on that scenario's requests, seen as one run:
+    their validation AUCs averaged (the grid pick's score), their steps and training time summed
+    (the row's cost), tested at run_dir (`_test`)."""
+    if domains is None:
+        return _run(data_dir, run_dir, mcfg, tcfg, name, runtime)
+    runs = [_run(data_dir, run_dir / f"scenario{k}", mcfg, replace(tcfg, scenarios=(k,)), f"{name} scenario {k}",
+                 runtime) for k in domains]
+    return {"run_dir": str(run_dir), "domains": {str(k): r["run_dir"] for k, r in zip(domains, runs, strict=True)},
+            "valid": {"mean": {"auc": float(np.mean([r["valid"]["mean"]["auc"] for r in runs]))}},
+            **{k: sum(r[k] for r in runs) for k in ("steps", "best_step", "train_seconds")},
+            "trained_on": ", ".join(sorted({r.get("trained_on", "unrecorded") for r in runs}))}
+
+
+def _predict_test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple[np.ndarray, ...]:
+    """(users, labels, probs) over every test candidate, in `predict`'s order: by the run's best
+    checkpoint, or for a per-domain run each scenario's candidates by that scenario's model."""
+    parts = run.get("domains") or {None: run["run_dir"]}
+    reqs = data.requests("test")
+    scen = np.repeat(data.a["req_scenario"][reqs], np.diff(data.a["req_cand_start"])[reqs])  # (C,)
+    out = None
+    for k, run_dir in parts.items():
+        model, _ = checkpoint.load_model(Path(run_dir) / "best")
+        device = apply(model, runtime)
+        view = data if k is None else SumiData(data.root, (int(k),))
+        part = predict(model, view, "test", batch_size, device)
+        if k is None:
+            return part
+        at = scen == int(k)
+        if at.sum() != len(part[0]):
+            raise ValueError(f"{len(part[0])} predictions for the {at.sum()} test candidates of scenario {k}")
+        if out is None:
+            out = tuple(np.zeros((len(scen), *x.shape[1:]), x.dtype) for x in part)
+        for whole, x in zip(out, part, strict=True):
+            whole[at] = x
+    return out
+
+
 def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple[dict, dict | None]:
-    """Test metrics of a run's best validation checkpoint, computed once and kept in test.json,
-    and on multi-scenario data per request scenario (test_by_scenario.json; else None)."""
+    """Test metrics of a run's best validation checkpoint (per-domain: of its domain models,
+    each on its scenario's requests), computed once and kept in test.json, and on
+    multi-scenario data per request scenario (test_by_scenario.json; else None)."""
     path, scen_path = Path(run["run_dir"]) / "test.json", Path(run["run_dir"]) / "test_by_scenario.json"
     multi = data.meta["vocab"]["n_scenarios"] > 1
     if not path.exists() or (multi and not scen_path.exists()):
-        model, _ = checkpoint.load_model(Path(run["run_dir"]) / "best")
-        device = apply(model, runtime)
-        users, labels, probs = predict(model, data, "test", batch_size, device)
+        users, labels, probs = _predict_test(data, run, runtime, batch_size)
         path.write_text(json.dumps(evaluate_predictions(users, labels, probs, data.tasks), indent=2) + "\n")
         if multi:
             scen_path.write_text(json.dumps(by_scenario(data, "test", users, labels, probs), indent=2) + "\n")
@@ -243,6 +299,15 @@ def to_markdown(r: dict) -> str:
                   "|---|" + "---|" * len(scenarios)]
         lines += [f"| {row['model']} | " + " | ".join(_pm(row["auc_by_scenario"][s]) for s in scenarios) + " |"
                   for row in r["rows"]]
+    per_domain = [row for row in r["rows"] if row.get("domain_models")]
+    if per_domain:
+        lines += ["", f"{per_domain[0]['model']}: {per_domain[0]['domain_models']} Climbers, one per request scenario, "
+                  "each trained and validated on its scenario's requests only (histories keep all of a user's events) "
+                  "and tested on its scenario's test requests; the row's metrics are over the union of their test "
+                  "predictions, the same candidates as the other rows'. Its grid point is picked by the domain models' "
+                  "mean validation AUC; params are the sum over the domain models (each holds whole embedding "
+                  "tables); FLOPs/request are one domain model's, since a request is scored by its scenario's model "
+                  "only; best step / steps and train s are summed over the domain models."]
     v = r["versions"]
     where = {}
     for row in r["rows"]:

@@ -174,6 +174,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes (0: batches built in the training process)
     keep_checkpoints: int = 2  # newest checkpoints kept in <out>/checkpoints (best/ is kept apart)
     tensorboard: bool = False  # also log to <out>/tensorboard (the [tensorboard] extra)
+    # train and validate on the requests of these request scenarios only (empty: all); histories
+    # keep every event. `climber compare`'s climber-per-domain row trains one model per scenario
+    scenarios: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ValueError("patience and keep_checkpoints must be at least 1")
         if self.checkpoint_minutes < 0 or self.log_every < 1:
             raise ValueError("checkpoint_minutes must be >= 0 and log_every at least 1")
+        if any(s < 0 for s in self.scenarios) or len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"scenarios must be distinct ids >= 0, not {self.scenarios}")
 
 
 @dataclass(frozen=True)
@@ -418,6 +423,8 @@ COMPARE_MODELS: dict[str, dict] = {
     "climber-mse": {"arch": "climber", "adaptive": False, "bgf": False},  # "without ATL and BGF (MSE only)"
     "climber-nobgf": {"arch": "climber", "bgf": False},  # "without BGF"
     "climber-shared-tau": {"arch": "climber", "scenario_adaptive": False},  # one temperature and bias for all scenarios
+    # one Climber per request scenario, each trained, validated and tested on its scenario's requests
+    "climber-per-domain": {"arch": "climber", "per_domain": True},
     "climber": {"arch": "climber"},
     "climber-large": {"arch": "climber", "grow": 2},  # twice the history length and twice the layers
     "climber-nomatch": {"arch": "climber", "match_readout": False},  # without the match readout (model.py, step 6)

@@ -209,7 +209,7 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(out_dir)
-    data = SumiData(data_dir)
+    data = SumiData(data_dir, cfg.scenarios)  # cfg.scenarios: only those scenarios' requests train and validate
     check_data(data, model_cfg.strategies, announce=rank == 0)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
@@ -262,9 +262,12 @@ def check_data(data: SumiData, strategies: tuple[str, ...], announce: bool = Tru
     hold one class. Without any defined AUC the best checkpoint is picked by validation LogLoss."""
     v = data.vocab
     check_strategies(strategies, str(data.root), data.tasks, v["n_scenarios"], v["n_actions"])
+    if any(s >= v["n_scenarios"] for s in data.scenarios):
+        raise DataError(f"{data.root}: scenarios {data.scenarios} asked for; the data's are 0..{v['n_scenarios'] - 1}")
     k = data.meta["prepare"]["eval_requests"]
     if not len(data.requests("valid")):
-        raise DataError(f"{data.root}: no validation requests (a user needs {2 * k + 1} requests or more to have "
+        of = f" of scenarios {data.scenarios}" if data.scenarios else ""
+        raise DataError(f"{data.root}: no validation requests{of} (a user needs {2 * k + 1} requests or more to have "
                         "validation and test ones); prepare with a smaller --request-gap or --max-candidates")
     one_class = [t for t, col in zip(data.tasks, data.labels("valid").T, strict=True) if col.min() == col.max()]
     if announce and one_class:

@@ -14,6 +14,7 @@ import pytest
 from climber import compare as compare_mod
 from climber.config import TrainConfig
 from climber.data.sumi import PrepareConfig, SumiData, prepare
+from climber.runtime import Runtime
 from tests.helpers import synthetic_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,3 +116,56 @@ def test_negatives_axis_is_dropped_on_explicit_data(data_dir, tmp_path):
     compare_mod.compare(data_dir, tmp_path / "c", ["dlrm"], [0], "tiny", TINY, {"train_negatives": (4, 16)},
                         train_only=True)
     assert [p.name for p in (tmp_path / "c" / "runs" / "dlrm").iterdir()] == ["lr0.001_emb1_ewd0_neg4"]
+
+
+def test_per_domain_row_trains_one_model_per_scenario_on_its_requests(data_dir, tmp_path, monkeypatch):
+    """climber-per-domain: one Climber per request scenario, trained and validated on that
+    scenario's requests only, tested on its own; the row's metrics over the union of the
+    scenarios' test predictions (the same candidates as a shared model's), resumable."""
+    out = tmp_path / "dom"
+    trained = []  # (run dir, training requests' scenarios, validation requests' scenarios)
+    real_train = compare_mod.train
+
+    def train_spy(data_dir, run_dir, mcfg, tcfg, runtime, progress=True):
+        view = SumiData(data_dir, tcfg.scenarios)
+        a = view.a
+        trained.append((Path(run_dir).name, set(a["req_scenario"][view.requests("train")].tolist()),
+                        set(a["req_scenario"][view.requests("valid")].tolist())))
+        return real_train(data_dir, run_dir, mcfg, tcfg, runtime, progress)
+
+    monkeypatch.setattr(compare_mod, "train", train_spy)
+    report = compare_mod.compare(data_dir, out, ["climber", "climber-per-domain"], [0], "tiny", TINY)
+    assert sorted(trained) == [("scenario0", {0}, {0}), ("scenario1", {1}, {1}), ("seed0", {0, 1}, {0, 1})]
+    rows = {r["model"]: r for r in report["rows"]}
+    dom, one = rows["climber-per-domain"], rows["climber"]
+    assert dom["domain_models"] == 2 and dom["params"]["total"] == 2 * one["params"]["total"]
+    assert dom["flops"] == one["flops"]  # a request goes through its scenario's model only
+    for k in ("0", "1"):  # each domain model's saved run config names its scenario; its metrics are its own
+        run_dir = out / "runs" / "climber-per-domain" / "lr0.001_emb1_ewd0_neg4" / "seed0" / f"scenario{k}"
+        assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["scenarios"] == [int(k)]
+        assert json.loads((run_dir / "config.json").read_text())["train"]["scenarios"] == [int(k)]
+        assert 0 < dom["auc_by_scenario"][k]["mean"] < 1
+    seed_dir = out / "runs" / "climber-per-domain" / "lr0.001_emb1_ewd0_neg4" / "seed0"
+    overall = json.loads((seed_dir / "test.json").read_text())
+    assert dom["auc"]["mean"] == pytest.approx(overall["mean"]["auc"])
+    # the union holds every test candidate, in the order a shared model's test has them
+    data = SumiData(data_dir)
+    run = {"run_dir": str(seed_dir), "domains": {k: str(seed_dir / f"scenario{k}") for k in ("0", "1")}}
+    users, labels, _ = compare_mod._predict_test(data, run, Runtime(device="cpu"), 32)
+    assert np.array_equal(labels, data.labels("test")) and len(users) == data.meta["counts"]["candidates_test"]
+    assert "climber-per-domain: 2 Climbers, one per request scenario" in (out / "compare.md").read_text()
+
+    monkeypatch.setattr(compare_mod, "train", lambda *a, **kw: pytest.fail("a finished domain run was trained again"))
+    again = compare_mod.compare(data_dir, out, ["climber-per-domain"], [0], "tiny", TINY)
+    assert again["rows"][0]["auc"] == dom["auc"]
+
+
+def test_per_domain_row_needs_several_scenarios(tmp_path):
+    import dataclasses
+
+    d = tmp_path / "one"
+    log = synthetic_log()
+    prepare(dataclasses.replace(log, scenario=np.zeros_like(log.scenario)), d, PrepareConfig(request_gap=50,
+            max_candidates=4), ("recent", "pos:like"))
+    with pytest.raises(ValueError, match="one model per request scenario"):
+        compare_mod.compare(d, tmp_path / "c", ["climber-per-domain"], [0], "tiny", TINY)

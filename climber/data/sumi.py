@@ -383,10 +383,14 @@ def strategy_selects(spec: str, tasks: tuple[str, ...], labels: np.ndarray, scen
 
 
 class SumiData:
-    """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches."""
+    """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches.
+    `scenarios` (not empty): a view whose splits hold only the requests of those request
+    scenarios (training one model per domain, `TrainConfig.scenarios`); histories, vocabulary
+    and negatives stay the whole data's."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, scenarios: tuple[int, ...] = ()):
         root = Path(root)
+        self.scenarios = tuple(scenarios)
         recover_dir(root)  # a prepare killed while swapping in a new data set: the old one is whole
         meta_path = root / "meta.json"
         if not meta_path.exists():
@@ -417,13 +421,18 @@ class SumiData:
             v[k] = tuple(v.get(k, ()))  # data prepared before bags has no widths: one column per feature
         return v
 
+    def _in_split(self, split: str) -> np.ndarray:
+        """(requests,) bool: the requests of `split` (of the view's scenarios, if any)."""
+        sel = self.a["req_split"] == SPLITS[split]
+        return sel & np.isin(self.a["req_scenario"], self.scenarios) if self.scenarios else sel
+
     def requests(self, split: str) -> np.ndarray:
-        return np.flatnonzero(self.a["req_split"] == SPLITS[split])
+        return np.flatnonzero(self._in_split(split))
 
     def labels(self, split: str) -> np.ndarray:
         """(C, T) labels of the prepared candidates of `split`'s requests."""
         a = self.a
-        return np.asarray(a["cand_labels"])[np.repeat(a["req_split"] == SPLITS[split], np.diff(a["req_cand_start"]))]
+        return np.asarray(a["cand_labels"])[np.repeat(self._in_split(split), np.diff(a["req_cand_start"]))]
 
     def bucket_by_length(self, order: np.ndarray, chunk: int, window: int, seq_len: int,
                          rng: np.random.Generator) -> np.ndarray:
