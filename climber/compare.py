@@ -162,7 +162,7 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
         if saved["config"] != config:
             raise ValueError(f"{run_dir} holds a run with a different config; use another --out or delete it")
         print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: finished earlier, skipped")
-        return saved
+        return {**saved, "run_dir": str(run_dir)}  # where it is now: runs trained elsewhere can be copied in
     print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: training into {run_dir}")
     t0 = time.time()
     summary = train(data_dir, run_dir, mcfg, tcfg, runtime, progress=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,10 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
     assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in report["rows"]]
     with pytest.raises(ValueError, match="different config"):  # a changed budget never reuses old runs
         compare_mod.compare(data_dir, out, ["dlrm"], [0], "tiny", TrainConfig(epochs=2, batch_size=16))
+    moved = tmp_path / "moved"  # runs trained elsewhere (another machine, another folder) copied in
+    shutil.move(out, moved)
+    again = compare_mod.compare(data_dir, moved, ["climber", "dlrm"], [0, 1], "tiny", TINY)
+    assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in report["rows"]]
 
 
 def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_path):
