@@ -15,10 +15,12 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
 `max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
 batched model call in a dedicated thread (the event loop keeps accepting requests).
-Admission comes before any work (`Gate`): a wrong token gets 401 and, once `queue_size`
-requests are admitted, /score gets 429 before its body is read or parsed; bodies over
-`max_body_kb` get 413, bodies not received within `body_timeout_s` 408, and a request not
-answered within `timeout_s` of its arrival 503. Posted events persist in an `EventStore`.
+Admission comes before any work (`Gate`): a Host header outside `allowed_hosts` gets 400, a
+wrong token 401 and, once `queue_size` requests are admitted, /score gets 429 before its body
+is read or parsed; bodies over `max_body_kb` get 413, bodies not received within
+`body_timeout_s` 408, and a request not answered within `timeout_s` of its arrival 503. A
+request head not received within `header_timeout_s` gets 408 from the HTTP protocol itself
+(`http_protocol`). Posted events persist in an `EventStore`.
 The model loads before the port opens (a bad checkpoint stops the process); weights come from
 safetensors, so loading executes no code. The default bind address is loopback only.
 """
@@ -224,12 +226,13 @@ class MicroBatcher:
 
 
 class Gate:
-    """ASGI middleware that decides before any work is done: a missing or wrong bearer token gets
-    401, and /score is refused with 429 while `queue_size` requests are admitted, checked before
-    the body is read (nothing is parsed) and again after. The body is then read whole: over
-    `max_body_kb` it gets 413, not received within `body_timeout_s` 408. An admitted request gets a
-    deadline (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records
-    every request's latency by path and status (499: the client left first)."""
+    """ASGI middleware that decides before any work is done: a Host header not in
+    `allowed_hosts` (when any are given) gets 400, a missing or wrong bearer token 401, and /score
+    is refused with 429 while `queue_size` requests are admitted, checked before the body is read
+    (nothing is parsed) and again after. The body is then read whole: over `max_body_kb` it gets
+    413, not received within `body_timeout_s` 408. An admitted request gets a deadline
+    (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records every
+    request's latency by path and status (499: the client left first)."""
 
     PATHS = ("/score", "/events", "/healthz", "/readyz", "/metrics")
 
@@ -238,6 +241,14 @@ class Gate:
         self.app, self.settings, self.metrics, self.admission = app, settings, metrics, admission
         self.token = token.encode() if token else None
         self.guarded = {"/events"} | ({"/score", "/metrics"} if settings.auth_reads else set())
+        self.hosts = frozenset(settings.allowed_hosts)
+
+    def host_allowed(self, scope: Scope) -> bool:
+        if not self.hosts:
+            return True
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]  # [::1]:80, a:80
+        return name in self.hosts
 
     def authorized(self, scope: Scope) -> bool:
         if self.token is None or scope["path"] not in self.guarded:
@@ -275,6 +286,9 @@ class Gate:
             await response(scope, receive, send_status)
 
         try:
+            if not self.host_allowed(scope):
+                self.metrics.rejected.labels("host").inc()
+                return await reply(_error(400, "Host header not allowed (see --allowed-hosts)"))
             if not self.authorized(scope):
                 self.metrics.rejected.labels("unauthorized").inc()
                 return await reply(_error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}))
@@ -317,6 +331,48 @@ class Gate:
     def overloaded(self) -> JSONResponse:
         self.metrics.rejected.labels("queue_full").inc()
         return _error(429, "overloaded: too many requests in progress, retry later", headers={"Retry-After": "1"})
+
+
+def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools if installed, else h11) with a deadline on request heads:
+    a connection whose request line and headers are not complete `header_timeout_s` after it
+    opened, or after its previous response, gets 408 and is closed. uvicorn closes idle keep-alive
+    connections (no byte for 5 s) but waits forever on a head sent a byte at a time (slowloris),
+    or on a connection that sends nothing at all, and such connections would use up
+    `max_connections`. (Bodies are timed by the Gate.)"""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: %d\r\n\r\n%s")
+    body = b'{"error": "request head not received within %g s"}' % header_timeout_s
+    reply = reply % (len(body), body)
+
+    class HeadTimeout(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_head_timer(self) -> None:
+            # uvicorn sets self.cycle when a request head is complete, so an unchanged cycle at the
+            # deadline means no new head arrived since the timer was armed
+            if getattr(self, "head_timer", None):
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_timeout, self.cycle)
+
+        def head_timeout(self, cycle: object) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeadTimeout
 
 
 # ---- the app ----------------------------------------------------------------------------------
