@@ -192,6 +192,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads in the server (CPU)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     args = ap.parse_args()
+    if args.queue_size and args.clients > args.queue_size:  # the sustained phase would count its own 429s
+        ap.error(f"--clients {args.clients} > --queue-size {args.queue_size}: closed-loop clients beyond the queue "
+                 "get 429s and measure no sustained rate")
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = synthetic_checkpoint(Path(tmp), args)
