@@ -15,7 +15,7 @@ each request reached its socket (`send_lag`), so a generator that falls behind s
 
 Reports goodput (200 answers per second) over the sustained rate, p99 of 429 and of accepted
 answers, 503s, client transport errors, "Too many open files" in the server log, the server's
-RSS before the overload and after a pause, cores used by client and server, and the load
+RSS at rest (5 s idle) before and after the overload, cores used by client and server, and the load
 average (client and server share the machine with whatever else runs on it).
 
     python -m benchmarks.bench_overload --threads 1
@@ -231,6 +231,7 @@ def main() -> None:
             c0 = cpu_now()
             lat, codes = asyncio.run(closed_loop(port, args.clients, 8.0, payloads))
             sustained, cpu_sustained = codes[200] / 8.0, cpu_since(c0)
+            time.sleep(5)  # at rest, as after the overload: the server releases memory after an idle second
             rss_before = rss_mib(server.pid)
             load_before = os.getloadavg()
             c0 = t0 = cpu_now()

@@ -28,6 +28,8 @@ safetensors, so loading executes no code. The default bind address is loopback o
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import secrets
@@ -159,6 +161,18 @@ class EngineCollector(Collector):
 
 
 # ---- micro-batching ---------------------------------------------------------------------------
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; elsewhere nothing). The allocator
+    keeps the high-water mark of the largest batches (a 2x overload fills batches of max_batch),
+    so without this RSS stays up after a burst although nothing is live; trimming costs a few ms
+    and is done only when the model has been idle for a second."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+
 class Admission:
     """How many /score requests are admitted (queued or being scored), against `capacity`."""
 
@@ -176,6 +190,7 @@ class MicroBatcher:
                  settings: ServeSettings, metrics: Metrics):
         self.run, self.executor, self.settings, self.metrics = run, executor, settings, metrics
         self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue()
+        self.worked = False  # a model call ran since memory was last released
 
     async def submit(self, req: ScoreRequest, deadline: float) -> ScoreResult:
         """The request's result; raises TimeoutError at `deadline` (event loop clock)."""
@@ -186,7 +201,13 @@ class MicroBatcher:
 
     async def _collect(self) -> list[tuple[ScoreRequest, asyncio.Future]]:
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        try:  # after work, an idle second gives the memory of the last batches back to the OS
+            first = await asyncio.wait_for(self.queue.get(), 1.0 if self.worked else None)
+        except asyncio.TimeoutError:
+            self.worked = False
+            await loop.run_in_executor(self.executor, release_memory)
+            first = await self.queue.get()
+        batch = [first]
         deadline = loop.time() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch:
             if not self.queue.empty():
@@ -220,6 +241,7 @@ class MicroBatcher:
                         f.set_exception(e)
                 continue
             self.metrics.model_seconds.observe(time.perf_counter() - t0)
+            self.worked = True
             for (_, f), res in zip(batch, results, strict=True):
                 if not f.done():
                     f.set_result(res)
