@@ -263,6 +263,7 @@ def main() -> None:
         "p99_429_ms": p.get("429", {}).get("p99_ms"), "p50_429_ms": p.get("429", {}).get("p50_ms"),
         "accepted_p99_ms": p.get("200", {}).get("p99_ms"), "unloaded_p99_ms": percentiles(unloaded)["p99_ms"],
         "accepted_p99_vs_unloaded": p.get("200", {}).get("p99_ms", float("nan")) / percentiles(unloaded)["p99_ms"],
+        "accepted_p99_vs_sustained": p.get("200", {}).get("p99_ms", float("nan")) / percentiles(lat)["p99_ms"],
         "p99_503_ms": p.get("503", {}).get("p99_ms"),
         "emfile_in_server_log": server_log.count("Too many open files"),
         "tracebacks_in_server_log": server_log.count("Traceback"),
