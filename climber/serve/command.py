@@ -34,10 +34,8 @@ class ServeSettings:
     timeout_s: float = 5.0  # a /score request not answered this long after it arrived: 503
     max_body_kb: int = 1024  # larger request bodies: 413
     body_timeout_s: float = 10.0  # a request body not received by then: 408
-    header_timeout_s: float = 10.0  # a request head not complete this long after the connection opened or its last
-    # response: 408 and the connection closed (uvicorn times out idle keep-alive connections, not slow heads)
-    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted, else 400; none given: the loopback names when
-    # bound to loopback (a DNS-rebinding page cannot reach the server through a browser), any name otherwise
+    header_timeout_s: float = 10.0  # a request head not in by then (from connecting or the last reply): 408, closed
+    allowed_hosts: tuple[str, ...] = ()  # Host names served (else 400); none given: loopback names if bound to loopback
     max_connections: int = 1000  # open connections; beyond: 503 (and the open-file limit is raised to fit)
     auth_reads: bool = False  # with a token (CLIMBER_TOKEN), /score and /metrics need it too, not only /events
     cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
