@@ -15,10 +15,12 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
 `max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
 batched model call in a dedicated thread (the event loop keeps accepting requests).
-Admission comes before any work (`Gate`): a wrong token gets 401 and, once `queue_size`
-requests are admitted, /score gets 429 before its body is read or parsed; bodies over
-`max_body_kb` get 413, bodies not received within `body_timeout_s` 408, and a request not
-answered within `timeout_s` of its arrival 503. Posted events persist in an `EventStore`.
+Admission comes before any work (`Gate`): a Host header outside `allowed_hosts` gets 400, a
+wrong token 401 and, once `queue_size` requests are admitted, /score gets 429 before its body
+is read or parsed; bodies over `max_body_kb` get 413, bodies not received within
+`body_timeout_s` 408, and a request not answered within `timeout_s` of its arrival 503. A
+request head not received within `header_timeout_s` gets 408 from the HTTP protocol itself
+(`http_protocol`). Posted events persist in an `EventStore`.
 The model loads before the port opens (a bad checkpoint stops the process); weights come from
 safetensors, so loading executes no code. The default bind address is loopback only.
 """
@@ -26,6 +28,8 @@ safetensors, so loading executes no code. The default bind address is loopback o
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import logging
 import secrets
@@ -157,6 +161,18 @@ class EngineCollector(Collector):
 
 
 # ---- micro-batching ---------------------------------------------------------------------------
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; elsewhere nothing). The allocator
+    keeps the high-water mark of the largest batches (a 2x overload fills batches of max_batch),
+    so without this RSS stays up after a burst although nothing is live; trimming costs a few ms
+    and is done only when the model has been idle for a second."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+
 class Admission:
     """How many /score requests are admitted (queued or being scored), against `capacity`."""
 
@@ -174,6 +190,7 @@ class MicroBatcher:
                  settings: ServeSettings, metrics: Metrics):
         self.run, self.executor, self.settings, self.metrics = run, executor, settings, metrics
         self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue()
+        self.worked = False  # a model call ran since memory was last released
 
     async def submit(self, req: ScoreRequest, deadline: float) -> ScoreResult:
         """The request's result; raises TimeoutError at `deadline` (event loop clock)."""
@@ -184,7 +201,13 @@ class MicroBatcher:
 
     async def _collect(self) -> list[tuple[ScoreRequest, asyncio.Future]]:
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        try:  # after work, an idle second gives the memory of the last batches back to the OS
+            first = await asyncio.wait_for(self.queue.get(), 1.0 if self.worked else None)
+        except asyncio.TimeoutError:
+            self.worked = False
+            await loop.run_in_executor(self.executor, release_memory)
+            first = await self.queue.get()
+        batch = [first]
         deadline = loop.time() + self.settings.max_wait_ms / 1000
         while len(batch) < self.settings.max_batch:
             if not self.queue.empty():
@@ -218,18 +241,20 @@ class MicroBatcher:
                         f.set_exception(e)
                 continue
             self.metrics.model_seconds.observe(time.perf_counter() - t0)
+            self.worked = True
             for (_, f), res in zip(batch, results, strict=True):
                 if not f.done():
                     f.set_result(res)
 
 
 class Gate:
-    """ASGI middleware that decides before any work is done: a missing or wrong bearer token gets
-    401, and /score is refused with 429 while `queue_size` requests are admitted, checked before
-    the body is read (nothing is parsed) and again after. The body is then read whole: over
-    `max_body_kb` it gets 413, not received within `body_timeout_s` 408. An admitted request gets a
-    deadline (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records
-    every request's latency by path and status (499: the client left first)."""
+    """ASGI middleware that decides before any work is done: a Host header not in
+    `allowed_hosts` (when any are given) gets 400, a missing or wrong bearer token 401, and /score
+    is refused with 429 while `queue_size` requests are admitted, checked before the body is read
+    (nothing is parsed) and again after. The body is then read whole: over `max_body_kb` it gets
+    413, not received within `body_timeout_s` 408. An admitted request gets a deadline
+    (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records every
+    request's latency by path and status (499: the client left first)."""
 
     PATHS = ("/score", "/events", "/healthz", "/readyz", "/metrics")
 
@@ -238,6 +263,14 @@ class Gate:
         self.app, self.settings, self.metrics, self.admission = app, settings, metrics, admission
         self.token = token.encode() if token else None
         self.guarded = {"/events"} | ({"/score", "/metrics"} if settings.auth_reads else set())
+        self.hosts = frozenset(settings.allowed_hosts)
+
+    def host_allowed(self, scope: Scope) -> bool:
+        if not self.hosts:
+            return True
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]  # [::1]:80, a:80
+        return name in self.hosts
 
     def authorized(self, scope: Scope) -> bool:
         if self.token is None or scope["path"] not in self.guarded:
@@ -275,6 +308,9 @@ class Gate:
             await response(scope, receive, send_status)
 
         try:
+            if not self.host_allowed(scope):
+                self.metrics.rejected.labels("host").inc()
+                return await reply(_error(400, "Host header not allowed (see --allowed-hosts)"))
             if not self.authorized(scope):
                 self.metrics.rejected.labels("unauthorized").inc()
                 return await reply(_error(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}))
@@ -317,6 +353,48 @@ class Gate:
     def overloaded(self) -> JSONResponse:
         self.metrics.rejected.labels("queue_full").inc()
         return _error(429, "overloaded: too many requests in progress, retry later", headers={"Retry-After": "1"})
+
+
+def http_protocol(header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (httptools if installed, else h11) with a deadline on request heads:
+    a connection whose request line and headers are not complete `header_timeout_s` after it
+    opened, or after its previous response, gets 408 and is closed. uvicorn closes idle keep-alive
+    connections (no byte for 5 s) but waits forever on a head sent a byte at a time (slowloris),
+    or on a connection that sends nothing at all, and such connections would use up
+    `max_connections`. (Bodies are timed by the Gate.)"""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+             b"content-length: %d\r\n\r\n%s")
+    body = b'{"error": "request head not received within %g s"}' % header_timeout_s
+    reply = reply % (len(body), body)
+
+    class HeadTimeout(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self.arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self.arm_head_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def arm_head_timer(self) -> None:
+            # uvicorn sets self.cycle when a request head is complete, so an unchanged cycle at the
+            # deadline means no new head arrived since the timer was armed
+            if getattr(self, "head_timer", None):
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(header_timeout_s, self.head_timeout, self.cycle)
+
+        def head_timeout(self, cycle: object) -> None:
+            if self.cycle is cycle and not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+    return HeadTimeout
 
 
 # ---- the app ----------------------------------------------------------------------------------

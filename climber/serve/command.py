@@ -7,6 +7,7 @@ web stack (FastAPI, uvicorn), e.g. on a GPU box that has only torch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -33,6 +34,8 @@ class ServeSettings:
     timeout_s: float = 5.0  # a /score request not answered this long after it arrived: 503
     max_body_kb: int = 1024  # larger request bodies: 413
     body_timeout_s: float = 10.0  # a request body not received by then: 408
+    header_timeout_s: float = 10.0  # a request head not in by then (from connecting or the last reply): 408, closed
+    allowed_hosts: tuple[str, ...] = ()  # Host names served (else 400); none given: loopback names if bound to loopback
     max_connections: int = 1000  # open connections; beyond: 503 (and the open-file limit is raised to fit)
     auth_reads: bool = False  # with a token (CLIMBER_TOKEN), /score and /metrics need it too, not only /events
     cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
@@ -43,8 +46,20 @@ class ServeSettings:
         if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb,
                self.max_users, self.max_connections) < 1:
             raise ValueError("serve limits must be positive")
-        if min(self.max_wait_ms, self.cache_mb, self.max_future_s) < 0 or min(self.timeout_s, self.body_timeout_s) <= 0:
-            raise ValueError("max_wait_ms, cache_mb and max_future_s must be >= 0, timeout_s and body_timeout_s > 0")
+        if min(self.max_wait_ms, self.cache_mb, self.max_future_s) < 0 or min(
+                self.timeout_s, self.body_timeout_s, self.header_timeout_s) <= 0:
+            raise ValueError("max_wait_ms, cache_mb and max_future_s must be >= 0, the timeouts > 0")
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))  # argparse: a list
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        return host == "localhost"
 
 
 def check_bind(host: str, token: str | None) -> None:
@@ -53,11 +68,7 @@ def check_bind(host: str, token: str | None) -> None:
     if token is not None and len(token) < 16:
         raise ValueError("CLIMBER_TOKEN must be at least 16 characters (e.g. python -c 'import secrets; "
                          "print(secrets.token_urlsafe())')")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name
-        loopback = host == "localhost"
-    if not loopback and token is None:
+    if not is_loopback(host) and token is None:
         raise ValueError(f"--host {host} is reachable from other machines: set CLIMBER_TOKEN to a secret "
                          "(clients then send 'Authorization: Bearer <token>'), or bind 127.0.0.1")
 
@@ -99,10 +110,12 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     import uvicorn
 
     from climber.runtime import resolve_device
-    from climber.serve.app import build_app
+    from climber.serve.app import build_app, http_protocol
     from climber.serve.engine import Engine
 
     settings = ServeSettings(**pick_fields(ns, ServeSettings))
+    if not settings.allowed_hosts and is_loopback(ns.host):
+        settings = dataclasses.replace(settings, allowed_hosts=LOOPBACK_NAMES)
     token = os.environ.get("CLIMBER_TOKEN")  # not a flag: command lines are visible to every local user
     check_bind(ns.host, token)
     raise_open_files(settings.max_connections)
@@ -115,4 +128,4 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # no access log: one line per request costs more than scoring a small request
     uvicorn.run(build_app(lambda: engine, settings, token), host=ns.host, port=ns.port, access_log=False,
-                limit_concurrency=settings.max_connections)
+                limit_concurrency=settings.max_connections, http=http_protocol(settings.header_timeout_s))
