@@ -231,6 +231,7 @@ def _sharded_worker(rank: int, world: int, init: str, data_dir: str, out: str) -
         if rank == 0:
             np.savez(Path(out) / "preds.npz", *preds)
         (Path(out) / f"shard{rank}.json").write_text(json.dumps(shard))
+        dist.barrier()  # no rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -358,6 +359,7 @@ def _meta_worker(rank: int, world: int, init: str, out: str) -> None:
         torch.save({"meta_before_split": meta, "rows": rows, "most": spy.most, "local": tuple(w.to_local().shape),
                     "grad": tuple(w.grad.to_local().shape), "exp_avg": tuple(opt.state[w]["exp_avg"].to_local().shape)},
                    Path(out) / f"meta{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -423,6 +425,7 @@ def _lookup_worker(rank: int, world: int, init: str, out: str) -> None:
         torch.save(res, Path(out) / f"lookup{rank}.pt")
         if rank == 0:
             torch.save(whole, Path(out) / "whole.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
