@@ -192,17 +192,13 @@ def _seed_run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfi
 def _predict_test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple[np.ndarray, ...]:
     """(users, labels, probs) over every test candidate, in `predict`'s order: by the run's best
     checkpoint, or for a per-domain run each scenario's candidates by that scenario's model."""
-    parts = run.get("domains") or {None: run["run_dir"]}
+    if not run.get("domains"):
+        return _predict_best(Path(run["run_dir"]), data, runtime, batch_size)
     reqs = data.requests("test")
     scen = np.repeat(data.a["req_scenario"][reqs], np.diff(data.a["req_cand_start"])[reqs])  # (C,)
     out = None
-    for k, run_dir in parts.items():
-        model, _ = checkpoint.load_model(Path(run_dir) / "best")
-        device = apply(model, runtime)
-        view = data if k is None else SumiData(data.root, (int(k),))
-        part = predict(model, view, "test", batch_size, device)
-        if k is None:
-            return part
+    for k, run_dir in run["domains"].items():
+        part = _predict_best(Path(run_dir), SumiData(data.root, (int(k),)), runtime, batch_size)
         at = scen == int(k)
         if at.sum() != len(part[0]):
             raise ValueError(f"{len(part[0])} predictions for the {at.sum()} test candidates of scenario {k}")
@@ -211,6 +207,11 @@ def _predict_test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) 
         for whole, x in zip(out, part, strict=True):
             whole[at] = x
     return out
+
+
+def _predict_best(run_dir: Path, data: SumiData, runtime: Runtime, batch_size: int) -> tuple[np.ndarray, ...]:
+    model, _ = checkpoint.load_model(run_dir / "best")
+    return predict(model, data, "test", batch_size, apply(model, runtime))
 
 
 def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple[dict, dict | None]:
