@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 import os
 from contextlib import AbstractContextManager
@@ -76,16 +77,33 @@ def cpu_threads(requested: int = 0) -> int:
     return max(1, min(len(os.sched_getaffinity(0)) // 2, MAX_AUTO_THREADS))
 
 
+@functools.cache
+def _libc():
+    """The C library, or None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_large_allocations() -> bool:
     """Make glibc serve allocations up to 1 GiB from its heap and keep freed memory, rather than
     mmap and unmap each one (see the module docstring). False where libc is not glibc."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def release_memory() -> None:
+    """Return freed heap memory to the OS (glibc's malloc_trim; elsewhere nothing). The allocator
+    keeps the high-water mark of the largest batches (a 2x overload fills batches of max_batch),
+    so without this RSS stays up after a burst although nothing is live; trimming costs a few ms,
+    so the server does it only when the model has been idle for a second."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def autocast(device: torch.device) -> AbstractContextManager:

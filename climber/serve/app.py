@@ -28,8 +28,6 @@ safetensors, so loading executes no code. The default bind address is loopback o
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import secrets
@@ -50,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from climber.runtime import release_memory
 from climber.serve.command import ServeSettings
 from climber.serve.engine import Engine, History, ScoreRequest, ScoreResult
 
@@ -161,18 +160,6 @@ class EngineCollector(Collector):
 
 
 # ---- micro-batching ---------------------------------------------------------------------------
-def release_memory() -> None:
-    """Return freed heap memory to the OS (glibc's malloc_trim; elsewhere nothing). The allocator
-    keeps the high-water mark of the largest batches (a 2x overload fills batches of max_batch),
-    so without this RSS stays up after a burst although nothing is live; trimming costs a few ms
-    and is done only when the model has been idle for a second."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-
 class Admission:
     """How many /score requests are admitted (queued or being scored), against `capacity`."""
 
