@@ -334,11 +334,16 @@ def test_prepare_and_attend_compile_as_one_graph_in_interpreter(backend):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prepare_and_attend_compile_as_one_graph_on_gpu():
-    """On the GPU inductor traces through the triton_ops and launches the kernels itself."""
+    """On the GPU inductor traces through the triton_ops and launches the kernels itself. The
+    gradients are summed by atomic adds in no fixed order, so compiled and eager agree to fp32
+    round-off, not to the bit (seen on an H100: entries differ by at most 9e-5 of the tensor's
+    largest, d tau; dqkv by 2.5e-6). Before the kernels wrote the packed gradient through its
+    base, inductor handed them re-laid-out clones of the q, k, v views, and a quarter of dQ
+    was garbage."""
     x = with_candidates(attention_inputs(*GPU_SHAPES[1], device="cuda"), 150)
     eager, compiled = compiled_and_eager(x, 150, "inductor")
-    for got, want in zip(compiled, eager):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("output", "qkv", "tau", "pos", "time"), compiled, eager):
+        assert relative_error(got, want) < (3e-4 if name == "tau" else 1e-4), name
 
 
 @interpreted

@@ -279,23 +279,25 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _bwd_delta_kernel(DO, OUT, DELTA, DQ, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
+    def _bwd_delta_kernel(DO, OUT, DELTA, DG, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
                           DH: tl.constexpr, BM: tl.constexpr):
-        """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ zeroed."""
+        """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ (the q part of the
+        packed gradient DG) zeroed."""
         bh, b, h, row0, rows = _program(H, BM)
         dims = tl.arange(0, DH)
         row_ok = rows < L
         do = _load_rows(DO, _offset(b, h, NK, sdb, sdk, sdh), rows, sdl, dims, row_ok)
         o = _load_rows(OUT, _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
         tl.store(DELTA + bh * L + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1), mask=row_ok)
-        _store_rows(DQ, tl.zeros([BM, DH], tl.float32), _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
+        _store_rows(DG, tl.zeros([BM, DH], tl.float32), _offset(b, h, NK, sgb, sgk, sgh), rows, sgl, dims, row_ok)
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DK, DV, DQ, DBIAS, DINV, ROWS, sqb, sqk, sqh,
-                    sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
+    def _bwd_kernel(Q, K, V, BIAS, INV, VALID, FIRST, DO, LSE, DELTA, DG, DBIAS, DINV, ROWS, sqb, sqk, sqh,
+                    sql, sdb, sdk, sdh, sdl, sgb, sgk, sgh, sgl, sgp, NK, H, L, NH, DH: tl.constexpr, BM: tl.constexpr,
                     BN: tl.constexpr, PREC: tl.constexpr, DBIAS_GRAD: tl.constexpr):
         """One program per (BN keys, b, h), over the query tiles at or below the diagonal: dK and
-        dV, dQ added (atomic, in dQ's dtype) into DQ, d bias = dS / tau added per tile to
+        dV, dQ added (atomic, in dQ's dtype), into the packed gradient DG (q, k, v parts sgp
+        apart), d bias = dS / tau added per tile to
         the other layers' (if DBIAS_GRAD), sum dS (q.k + bias) into d(1/tau). dS uses delta =
         rowsum(dO O), which is D = sum_j P dP only up to O's rounding (bf16): each row's D and
         sum_j P (q.k + bias) are added into ROWS (2, BK, H, L) for the exact d(1/tau)
@@ -340,12 +342,12 @@ if triton is not None:
                 tl.store(db_ptrs, dsi + tl.load(db_ptrs, mask=db_ok, other=0.0), mask=db_ok)
             dsi = dsi.to(q.dtype)
             dk += tl.dot(tl.trans(dsi), q, input_precision=PREC)
-            dq = tl.dot(dsi, k, input_precision=PREC).to(DQ.dtype.element_ty)
-            tl.atomic_add(DQ + go + rows[:, None] * sgl + dims[None, :], dq, mask=row_ok[:, None], sem="relaxed")
+            dq = tl.dot(dsi, k, input_precision=PREC).to(DG.dtype.element_ty)
+            tl.atomic_add(DG + go + rows[:, None] * sgl + dims[None, :], dq, mask=row_ok[:, None], sem="relaxed")
             tl.atomic_add(ROWS + bh * L + rows, tl.sum(pdp, axis=1), mask=row_ok, sem="relaxed")
             tl.atomic_add(ROWS + n_rows + bh * L + rows, tl.sum(p * raw, axis=1), mask=row_ok, sem="relaxed")
-        _store_rows(DK, dk, go, cols, sgl, dims, col_ok)
-        _store_rows(DV, dv, go, cols, sgl, dims, col_ok)
+        _store_rows(DG + sgp, dk, go, cols, sgl, dims, col_ok)
+        _store_rows(DG + 2 * sgp, dv, go, cols, sgl, dims, col_ok)
         tl.atomic_add(DINV + bh, tl.sum(dinv, axis=0))
 
 
@@ -472,21 +474,25 @@ if triton is not None:
         inv_tau = inv_tau.contiguous()
         dout = dout.to(q.dtype)
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-        dqkv = torch.empty_like(qkv)  # qkv's strides: the projection's backward reads it as is
-        dq, dk, dv = _split_heads(dqkv)
+        # qkv's strides: the projection's backward reads it as is. The kernels write it through
+        # its base pointer and strides, not through the q, k, v views: torch.compile clones a
+        # kernel's written inputs, and a clone of a strided view is laid out afresh while the
+        # kernel is handed the view's strides (seen as garbage dQ under inductor, torch 2.11)
+        dqkv = torch.empty_like(qkv)
+        dq = _split_heads(dqkv)[0]
         dinv = torch.zeros(B * K, H, dtype=torch.float32, device=q.device)
         delta = torch.empty(B * K, H, S, dtype=torch.float32, device=q.device)  # rowsum(dO O)
         wrap_triton(_bwd_delta_kernel)[_grid(q, "fwd")](
-            DO=dout, OUT=out, DELTA=delta, DQ=dq, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
+            DO=dout, OUT=out, DELTA=delta, DG=dqkv, **_strides("d", dout), **_strides("o", out), **_strides("g", dq),
             NK=K, H=H, L=S, DH=dh, BM=TILES["fwd"][0])
         # dQ is summed over the key tiles by atomic adds into dqkv (zeroed by the delta pass), and
         # so are each row's sum_j P dP and sum_j P (q.k + bias), in fp32, for the exact d(1/tau)
         row_sums = torch.zeros(2, B * K, H, S, dtype=torch.float32, device=q.device)
         wrap_triton(_bwd_kernel)[_grid(q, "bwd")](
             Q=q, K=k, V=v, BIAS=bias, INV=inv_tau, VALID=valid8, FIRST=first, DO=dout, LSE=lse, DELTA=delta,
-            DK=dk, DV=dv, DQ=dq, DBIAS=bias if dbias is None else dbias, DINV=dinv, ROWS=row_sums,
-            **_strides("q", q), **_strides("d", dout), **_strides("g", dk), NK=K, H=H, L=S, NH=n_hist,
-            DBIAS_GRAD=dbias is not None, **_meta(q, "bwd"))
+            DG=dqkv, DBIAS=bias if dbias is None else dbias, DINV=dinv, ROWS=row_sums,
+            **_strides("q", q), **_strides("d", dout), **_strides("g", dq), sgp=dqkv.stride(3), NK=K, H=H, L=S,
+            NH=n_hist, DBIAS_GRAD=dbias is not None, **_meta(q, "bwd"))
         dinv += ((delta - row_sums[0]) * row_sums[1]).sum(-1)
         return dqkv, dinv
 
