@@ -7,9 +7,8 @@
 #
 # DATA_ROOT holds the prepared data dirs ml-100k kuairand lastfm beauty grocery (`climber
 # prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json} and the
-# training logs to OUT/<dataset>/log_<model>_seed<seed>.txt. The committed records are benchmarks/results/table2/
-# (this script's defaults) and benchmarks/results/table2/embedding-lr-10x/ (EXTRA="--embedding-lr-mult 10",
-# see that folder's README).
+# training logs to OUT/<dataset>/log_<model>_seed<seed>.txt. The committed record is
+# benchmarks/results/table2/ (its README has the exact commands).
 #
 # Protocol, the same for every model of a data set (climber/compare.py): preset small (4 blocks
 # x 50 events, d 64, 2 heads, 2 layers); warm-up 50 steps then cosine decay over an epoch cap
@@ -31,16 +30,18 @@
 #
 # The models are small, so one process cannot keep the GPU busy: (model, data set, seed) jobs
 # run JOBS at a time (default 8; 16 CPU cores = 8 x (trainer + one loader worker)), slowest first.
-# A last `climber compare` per data set, with all models, finds every run finished and only
-# writes the table; it is the command recorded in compare.md (run alone, it would train the
+# With one grid point each job also tests its run (the point every model picks is known before
+# training), so runs finished before a time limit keep their test metrics; with several, jobs only
+# train and the test split is evaluated once, for the picked point. A last `climber compare` per
+# data set, with all models, finds every run finished and only writes the table; it is the command recorded in compare.md (run alone, it would train the
 # same runs one after another). Rerunning this script skips finished runs and resumes
 # interrupted ones.
 #
 # Environment: JOBS (default 8); GPUS (default 1): jobs are spread over that many GPUs by their
-# xargs slot (slot mod GPUS); SEEDS (default "0 1 2"); LRS, EMB_MULTS, EMB_WDS, NEGS (the grid);
-# PATIENCE; DATASETS (default all five); MODELS (default all nine Table 2 rows); EXTRA, flags
-# appended to every call, e.g. a CPU smoke test of the script:
-# DATASETS=ml-100k SEEDS=0 EXTRA="--max-steps 2 --device cpu".
+# xargs slot (slot mod GPUS), unless DEVICE names one device for all (e.g. cpu); SEEDS (default
+# "0 1 2"); LRS, EMB_MULTS, EMB_WDS, NEGS (the grid); PATIENCE; DATASETS (default all five);
+# MODELS (default all nine Table 2 rows); EXTRA, flags appended to every call. A CPU smoke test:
+# DATASETS=ml-100k SEEDS=0 MODELS="dlrm din" DEVICE=cpu EXTRA="--max-steps 2" benchmarks/run_compare.sh .gpudata /tmp/smoke
 set -euo pipefail
 
 ROOT=$(realpath "${1:?usage: $0 DATA_ROOT [OUT]}")
@@ -84,7 +85,7 @@ compare() {  # data set, then models; every other flag is the same for all calls
         --patience "$PATIENCE" --device "${DEVICE:-cuda:0}" --num-workers 1 --log-every 50 $(budget "$ds") $EXTRA
 }
 export -f compare budget
-export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS NEGS PATIENCE GPUS
+export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS NEGS PATIENCE GPUS DEVICE
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }
@@ -92,12 +93,15 @@ for ds in "${DATASETS[@]}"; do
 done
 
 t0=$(date +%s)
-# one job per (model, data set, seed), longest first; jobs only train (--train-only), so the
-# test split is evaluated below, once, for the grid point each model picks over all seeds
+# one job per (model, data set, seed), longest first; with several grid points jobs only train
+# (--train-only), so the test split is evaluated below, once, for the point each model picks
+read -r -a GRID <<< "$LRS $EMB_MULTS $EMB_WDS $NEGS"
+ONLY=""; [ "${#GRID[@]}" -gt 4 ] && ONLY="--train-only"
+export ONLY
 for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do echo "$ds $m $s"; done; done; done |
-    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=cuda:$((SLOT % GPUS)) \
-        compare "$0" "$1" --train-only > "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
-        echo "FAILED: $0 $1 seed $2, see $OUT/$0/log_$1_seed$2.txt" >&2; exit 255; }'
+    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))} \
+        compare "$0" "$1" $ONLY > "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
+        echo "FAILED: $0 $1 seed $2, see $OUT/$0/log_$1_seed$2.txt" >&2; exit 1; }'
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables
     compare "$ds" "${MODELS[@]}" | grep -v '^\[compare\]'
