@@ -52,7 +52,7 @@ RUNTIME_GROUP = "runtime: where and how fast, not part of a checkpoint (Runtime;
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
                     mapping: dict | None = None, synthetic: SyntheticConfig | None = None,
-                    fmt: str | None = None) -> dict:
+                    fmt: str | None = None, shards: int = 1) -> dict:
     combined = [] if fmt or synthetic or "+" not in source else source.split("+")
     if combined:  # several built-in data sets as one, each source a scenario (climber/data/domains.py)
         unknown = [n for n in combined if n not in DATASETS]
@@ -78,7 +78,7 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
         log = combine([readers.read_source(n) for n in combined], combined)
     else:
         log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
-    meta = prepare(log, out, cfg, tuple(strategies))
+    meta = prepare(log, out, cfg, tuple(strategies), shards)
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
           f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
@@ -109,7 +109,7 @@ def _prepare_stream(ns) -> None:
     cfg = dataclasses.replace(PrepareConfig(), **pick_fields(ns, PrepareConfig))
     t0 = time.time()
     meta = prepare_stream(ns.source, mapping, ns.out, cfg, tuple(ns.strategies or ("recent", "recent@16")),
-                          memory_limit=ns.memory_limit * 2**30)
+                          memory_limit=ns.memory_limit * 2**30, shards=ns.shards)
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {ns.out} streaming in {time.time() - t0:.1f}s: {c['events']} events, "
           f"{c['users']} users, {c['items']} items; dropped {c['duplicates_dropped']} exact duplicate rows; "
@@ -123,7 +123,7 @@ def cmd_prepare(ns) -> None:
     if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
         synthetic = SyntheticConfig(**{**pick_fields(ns, SyntheticConfig), "seed": ns.seed or 0})
         _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()),
-                        synthetic=synthetic)
+                        synthetic=synthetic, shards=ns.shards)
         return
     mapping = None
     if ns.source not in DATASETS or ns.format:
@@ -131,7 +131,7 @@ def cmd_prepare(ns) -> None:
                                                "item_features", "user_features", "time_unit")
                    if getattr(ns, k) not in (None, [])}
     _prepare_source(ns.source, ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies) if ns.strategies else None,
-                    mapping, fmt=ns.format)
+                    mapping, fmt=ns.format, shards=ns.shards)
 
 
 def _configs(ns, data) -> tuple[ModelConfig, TrainConfig, Runtime]:
@@ -354,6 +354,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="prepare a CSV/TSV/Parquet file or directory out of core, in bounded memory (the same files)")
     p.add_argument("--memory-limit", type=float, default=2.0,
                    help="--stream: GiB to aim for; half goes to one partition of users (~400 bytes an event)")
+    p.add_argument("--shards", type=int, default=1, metavar="N",
+                   help="record in meta.json N ranges of users balanced by events (default 1: none); the arrays "
+                        "stay one directory, byte for byte. Under torchrun with W ranks (N a multiple of W), each "
+                        "rank trains and validates on its own shards' users: its batches read only their ranges of "
+                        "the arrays")
     add_dataclass_flags(p, PrepareConfig, defaults_none=True)
     g = p.add_argument_group("column mapping for a generic file")
     for k in ("user", "item", "time", "action", "scenario"):

@@ -213,12 +213,6 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def shard(items: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Rank `rank`'s contiguous part of `items` (sizes differ by at most one), so that the
-    parts gathered in rank order are `items` again."""
-    return np.array_split(items, world)[rank]
-
-
 def gather(*arrays: np.ndarray) -> tuple[np.ndarray, ...] | None:
     """Each array concatenated over the ranks in rank order, on rank 0; None on the others."""
     if not dist.is_initialized():

@@ -9,14 +9,15 @@ are a pure function of (seed, epoch, step) and the RNG state is saved, so a kill
 run ends with the same weights as an uninterrupted one. A non-finite loss stops training with
 `FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
 
-Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests, and
-gradients are averaged by DDP or reduce-scattered by FSDP2 (`climber/distributed.py`; gloo on
-CPU, NCCL on GPU). Under FSDP2 the large embedding tables are built on the meta device and each
-rank draws only its block of rows, equal to those rows of a one-process run's init
-(`distributed.shard_tables`). Every rank validates its part of the requests and rank 0 computes
-the metrics over all of them; rank 0 logs. Checkpoints, `best/` included, are rank 0's (DDP, one
-process) or every rank's shards (FSDP2 over several ranks, torch.distributed.checkpoint), which
-one process can load whole (`checkpoint.load_model`).
+Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests (on data
+prepared with `--shards`, of its own shards' requests: its users and its byte ranges of the
+arrays, `SumiData.rank_parts`), and gradients are averaged by DDP or reduce-scattered by FSDP2
+(`climber/distributed.py`; gloo on CPU, NCCL on GPU). Under FSDP2 the large embedding tables
+are built on the meta device and each rank draws only its block of rows, equal to those rows of
+a one-process run's init (`distributed.shard_tables`). Every rank validates its part of the
+requests and rank 0 computes the metrics over all of them; rank 0 logs. Checkpoints, `best/`
+included, are rank 0's (DDP, one process) or every rank's shards (FSDP2 over several ranks,
+torch.distributed.checkpoint), which one process can load whole (`checkpoint.load_model`).
 """
 
 from __future__ import annotations
@@ -99,11 +100,13 @@ def masked_bce(logits: torch.Tensor, b: dict, weights: torch.Tensor, count: torc
 def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int, device: torch.device,
             workers: int = 0, rank: int = 0, world: int = 1):
     """(users (N,), labels (N, T), probs (N, T)) over every valid candidate of `split`; with
-    `world` > 1, over rank `rank`'s contiguous part of its requests (`distributed.shard`), so
-    that the parts gathered in rank order are the whole split's, in its order."""
+    `world` > 1, over rank `rank`'s part of its requests: its shards' (`SumiData.rank_parts`),
+    else a contiguous part, so that the parts gathered in rank order hold the whole split (in
+    its order, without shards)."""
     model.eval()
     req = data.requests(split)
-    mine = distributed.shard(req, rank, world)
+    parts = data.rank_parts(req, world) or np.array_split(req, world)
+    mine = parts[rank]
     users, labels, probs = [], [], []
     n = 0
     for b in loader(data, mine, batch_size, model.cfg, workers):
@@ -117,7 +120,7 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
         n += 1
     if distributed.is_sharded(model):  # every rank's forwards gather the same units: as many as the most a rank has
         spare = next(iter(loader(data, req[:1], 1, model.cfg)))
-        for _ in range(math.ceil(math.ceil(len(req) / world) / batch_size) - n):
+        for _ in range(math.ceil(max(map(len, parts)) / batch_size) - n):
             with autocast(device):
                 model(to_device(spare, device))
         model.reshard()  # the root unit stays gathered after a forward without backward
@@ -313,7 +316,12 @@ def loop(run: Run, progress: bool = True) -> None:
     cfg, data, state, device = run.cfg, run.data, run.state, run.device
     model_cfg = run.model.cfg
     train_req = data.requests("train")
-    steps_per_epoch = math.ceil(len(train_req) // run.world / cfg.batch_size)
+    # with a shard index each rank trains on its own shards' requests, every epoch as many as the
+    # rank with the fewest has (the others leave out a random few); else on a strided part of one
+    # global order (leaving out len % world)
+    parts = data.rank_parts(train_req, run.world)
+    per_rank = len(train_req) // run.world if parts is None else min(map(len, parts))
+    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     eval_every = cfg.eval_every or max(1, steps_per_epoch // 2)
     ckpt_every = cfg.checkpoint_every or eval_every
@@ -325,11 +333,15 @@ def loop(run: Run, progress: bool = True) -> None:
 
     while state["step"] < total and not state.get("stopped"):
         epoch = state["epoch"]
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(train_req)
-        if cfg.bucket_window:  # global batches (batch_size x world) of similar history lengths
-            order = data.bucket_by_length(order, cfg.batch_size * run.world, cfg.bucket_window, model_cfg.seq_len,
+        rng = np.random.default_rng([cfg.seed, epoch])
+        if parts is None:  # one order for all: a step's batches on the ranks are a global batch's strided parts
+            order, chunk = rng.permutation(train_req), cfg.batch_size * run.world
+        else:  # the rank's own: a random per_rank of its requests
+            order, chunk = rng.permutation(parts[run.rank])[:per_rank], cfg.batch_size
+        if cfg.bucket_window:  # (global) batches of similar history lengths
+            order = data.bucket_by_length(order, chunk, cfg.bucket_window, model_cfg.seq_len,
                                           np.random.default_rng([cfg.seed, epoch, 1]))
-        shard = order[run.rank::run.world][: len(order) // run.world]
+        shard = order[run.rank::run.world][:per_rank] if parts is None else order
         negatives = (cfg.train_negatives, (cfg.seed, epoch, run.rank, 2)) if data.implicit else None
         batches = loader(data, shard[state["step_in_epoch"] * cfg.batch_size :], cfg.batch_size, model_cfg,
                          cfg.num_workers, pin=device.type == "cuda", negatives=negatives,

@@ -2,7 +2,8 @@
 the meta device and DDP equal one process, a rank's rows of a table equal those rows of the
 whole init and no rank makes a tensor as large as the whole table, DCP checkpoints (best/
 included) resume or load on another number of ranks, validation on every rank equals validation
-on one, and the sharded lookup equals `F.embedding` on the whole table."""
+on one, and the sharded lookup equals `F.embedding` on the whole table; on data prepared with
+`--shards`, each rank trains and validates on its own shards' users only."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from climber import checkpoint, distributed
 from climber.config import TrainConfig, model_config
-from climber.data.sumi import PrepareConfig, SumiData, prepare
+from climber.data.events import DataError
+from climber.data.sumi import TRAIN as TRAIN_SPLIT
+from climber.data.sumi import VALID, PrepareConfig, SumiData, prepare
 from climber.embeddings import INIT_BLOCK, SMALL_TABLE, Table, meta_tables
 from climber.metrics import evaluate_predictions
 from climber.model import make_model
@@ -469,3 +472,138 @@ def test_shard_lookup_of_an_id_outside_the_table_fails_on_every_rank(lookup):
     for rank in range(2):
         msg = torch.load(lookup / f"lookup{rank}.pt").get("error", "")
         assert msg.startswith("item: id out of range (rank 1's batch") and f"table has {ROWS} rows" in msg, msg
+
+
+# --- data prepared with --shards: each rank trains and validates on its own shards' users ---
+
+SHARDS, SHARD_SAVE = 4, 15
+# two whole epochs (22 steps each), one validation at the end, a checkpoint mid-epoch
+SHARD_TRAIN = TrainConfig(batch_size=16, epochs=2, lr=3e-3, warmup_steps=5, log_every=1, eval_every=1000,
+                          checkpoint_every=SHARD_SAVE, keep_checkpoints=10, patience=100, bucket_window=2)
+
+
+@pytest.fixture(scope="module")
+def shard_data(tmp_path_factory) -> Path:
+    """`data_dir`'s log with a shard index of 4 user ranges: 2 a rank on 2 ranks."""
+    d = tmp_path_factory.mktemp("data") / "sharded"
+    prepare(synthetic_log(n_users=29, n_items=300), d, PrepareConfig(request_gap=50, max_candidates=4), STRATEGIES,
+            shards=SHARDS)
+    return d
+
+
+def _shard_train_worker(rank: int, world: int, init: str, data_dir: str, out: str, spy: str) -> None:
+    """`train` on rank `rank` (DDP, gloo), recording the requests of every batch the rank builds."""
+    os.environ["WORLD_SIZE"] = str(world)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    seen, batch = [], SumiData.batch
+    SumiData.batch = lambda self, req, *a, **k: seen.append(req.tolist()) or batch(self, req, *a, **k)
+    mcfg = model_config("tiny", SumiData(data_dir).vocab, STRATEGIES, dropout=0.0, n_layers=2)
+    summary = train(Path(data_dir), Path(out), mcfg, SHARD_TRAIN, Runtime(device="cpu", parallel="ddp"),
+                    progress=False)
+    (Path(spy) / f"rank{rank}.json").write_text(json.dumps({"batches": seen, "summary": summary}))
+
+
+def shard_train(data_dir: Path, out: Path, spy: Path) -> list[dict]:
+    """Train on 2 spawned ranks; each rank's batches (request ids, in order) and summary."""
+    spy.mkdir()
+    mp.spawn(_shard_train_worker, args=(2, f"file://{spy / 'rdzv'}", str(data_dir), str(out), str(spy)), nprocs=2)
+    return [json.loads((spy / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def shard_run(shard_data, tmp_path_factory) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("shard_run")
+    return root / "run", shard_train(shard_data, root / "run", root / "spy")
+
+
+def split_batches(data: SumiData, spied: dict, split: int) -> list[np.ndarray]:
+    """The batches of a rank whose requests are of `split` (training's or validation's), in order."""
+    return [np.array(b) for b in spied["batches"] if data.a["req_split"][b[0]] == split]
+
+
+def own_users(data: SumiData, rank: int, world: int) -> np.ndarray:
+    """(n_users,) bool: the users of rank `rank`'s shards, rank, rank + world, ..."""
+    users, own = data.meta["shards"]["users"], np.zeros(data.vocab["n_users"], bool)
+    for k in range(rank, SHARDS, world):
+        own[users[k]:users[k + 1]] = True
+    return own
+
+
+def test_shard_training_ranks_take_only_their_shards_users(shard_data, shard_run):
+    data = SumiData(shard_data)
+    _, spied = shard_run
+    for rank in range(2):
+        batches = split_batches(data, spied[rank], TRAIN_SPLIT)
+        assert len(batches) == spied[rank]["summary"]["steps"]
+        assert own_users(data, rank, 2)[data.a["req_user"][np.concatenate(batches)]].all(), rank
+    # the check can fail: the strided part of one global order (data without shards) mixes the ranks' users
+    strided = np.random.default_rng([0, 0]).permutation(data.requests("train"))[0::2]
+    assert not own_users(data, 0, 2)[data.a["req_user"][strided]].all()
+
+
+def test_shard_training_sees_each_request_once_an_epoch_but_the_drop(shard_data, shard_run):
+    """Every epoch each rank takes as many of its requests as the rank with the fewest has, each
+    once; the rank with more leaves out the difference (a random few, drawn afresh every epoch)."""
+    data = SumiData(shard_data)
+    _, spied = shard_run
+    train_req = data.requests("train")
+    parts = data.rank_parts(train_req, 2)
+    assert np.array_equal(np.sort(np.concatenate(parts)), train_req)  # the ranks' parts split the requests
+    per_rank = min(map(len, parts))
+    steps = -(-per_rank // SHARD_TRAIN.batch_size)
+    assert per_rank < max(map(len, parts))  # a rank has requests to leave out
+    dropped = []
+    for rank in range(2):
+        batches = split_batches(data, spied[rank], TRAIN_SPLIT)
+        assert len(batches) == SHARD_TRAIN.epochs * steps
+        for e in range(SHARD_TRAIN.epochs):
+            got = np.concatenate(batches[e * steps:(e + 1) * steps])
+            assert len(np.unique(got)) == len(got) == per_rank and np.isin(got, parts[rank]).all()
+            dropped.append(frozenset(parts[rank]) - frozenset(got))
+    assert len(dropped[0]) == len(dropped[1]) == len(parts[0]) - per_rank and dropped[0] != dropped[1]
+
+
+def test_shard_validation_on_two_ranks_equals_one_process(shard_data, shard_run):
+    """Each rank scores its own shards' validation requests; rank 0's metrics over the gathered
+    predictions (in rank order, not the split's) are one process's on the same weights."""
+    from climber.evaluate import evaluate
+
+    data = SumiData(shard_data)
+    run, spied = shard_run
+    valid = data.requests("valid")
+    for rank in range(2):
+        got = np.concatenate(split_batches(data, spied[rank], VALID))
+        assert np.array_equal(np.sort(got), data.rank_parts(valid, 2)[rank])
+    summary = spied[0]["summary"]
+    assert summary["best_step"] == summary["steps"]  # one validation, at the end: best/ holds the final weights
+    want = evaluate(run / "best", shard_data, "valid")["model"]
+    for task, res in want.items():
+        assert summary["best_valid"][task] == pytest.approx(res, rel=1e-6, nan_ok=True), task
+
+
+def test_shard_training_resumed_equals_uninterrupted(shard_data, shard_run, tmp_path):
+    """Killed mid-epoch after its checkpoint and resumed on 2 ranks, a run takes the same batches
+    from there and ends with the same weights, bit for bit."""
+    full, spied = shard_run
+    run = tmp_path / "resumed"
+    cut_after(run, full, SHARD_SAVE)
+    again = shard_train(shard_data, run, tmp_path / "spy")
+    data = SumiData(shard_data)
+    for rank in range(2):
+        done = split_batches(data, spied[rank], TRAIN_SPLIT)[SHARD_SAVE:]
+        assert [b.tolist() for b in split_batches(data, again[rank], TRAIN_SPLIT)] == [b.tolist() for b in done]
+    assert losses(run) == losses(full)
+    last = f"{checkpoint.STEP_PREFIX}{spied[0]['summary']['steps']:08d}"
+    a, b = (checkpoint.load_weights(r / "checkpoints" / last) for r in (run, full))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_shards_that_the_ranks_cannot_split_evenly_are_a_clear_error(shard_data):
+    data = SumiData(shard_data)
+    for world in (3, 8):
+        with pytest.raises(DataError, match=f"4 shards cannot be split evenly over {world} ranks; prepare with "
+                                            f"--shards a multiple of {world}"):
+            data.rank_parts(data.requests("train"), world)
+    assert data.rank_parts(data.requests("train"), 1) is None  # one process reads everything, as without shards

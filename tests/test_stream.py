@@ -1,5 +1,6 @@
 """Out-of-core prepare (climber/data/stream.py): the same prepared files as the in-memory
-`prepare` on the same log, clear errors on bad input, and no half-written output."""
+`prepare` on the same log, clear errors on bad input, and no half-written output; a shard index
+(`--shards`) that cuts between users in balance and leaves the arrays alone."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from climber.config import PrepareConfig
 from climber.data import stream
 from climber.data.events import DataError
 from climber.data.readers import ColumnMapping, read_table
-from climber.data.sumi import SAMPLE_BLOCK, SumiData, prepare
+from climber.data.sumi import SAMPLE_BLOCK, SumiData, prepare, shard_index
 
 EXPLICIT = ColumnMapping(user="uid", item="iid", time="ts", labels=("click", "like"), action="act",
                          scenario="tab", item_features=("cat",), user_features=("age",))
@@ -65,14 +66,14 @@ def assert_same_prepared(a: Path, b: Path) -> None:
 
 
 def both(src: Path, mapping: ColumnMapping, tmp_path: Path, monkeypatch, partitions: int = 3,
-         **kw) -> tuple[Path, Path, int]:
+         shards: int = 1) -> tuple[Path, Path, int]:
     """Prepare `src` in memory and streamed; returns both directories and the partitions built."""
     calls = []
     build = stream.build_users
     monkeypatch.setattr(stream, "build_users", lambda *a, **k: calls.append(a[1]) or build(*a, **k))
-    prepare(read_table(src, mapping), tmp_path / "mem", CFG, STRATEGIES)
+    prepare(read_table(src, mapping), tmp_path / "mem", CFG, STRATEGIES, shards)
     stream.prepare_stream(src, mapping, tmp_path / "stream", CFG, STRATEGIES, partitions=partitions,
-                          batch_rows=700, **kw)
+                          batch_rows=700, shards=shards)
     return tmp_path / "mem", tmp_path / "stream", len(calls)
 
 
@@ -147,10 +148,61 @@ def test_stream_cli_prepares_the_same_data_as_without_stream(tmp_path, capsys):
     src = write_parts(log_table(n_users=300), tmp_path / "log")
     flags = ["--user", "uid", "--item", "iid", "--time", "ts", "--labels", "click", "like", "--scenario", "tab",
              "--request-gap", "30"]
-    main(["prepare", str(src), "--out", str(tmp_path / "mem"), *flags])
-    main(["prepare", str(src), "--out", str(tmp_path / "stream"), *flags, "--stream", "--memory-limit", "0.001"])
+    main(["prepare", str(src), "--out", str(tmp_path / "mem"), *flags, "--shards", "4"])
+    main(["prepare", str(src), "--out", str(tmp_path / "stream"), *flags, "--stream", "--memory-limit", "0.001",
+          "--shards", "4"])
     assert "streaming" in capsys.readouterr().out
     assert_same_prepared(tmp_path / "mem", tmp_path / "stream")
+    assert len(SumiData(tmp_path / "stream").meta["shards"]["users"]) == 5
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    assert "--shards N" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # a built-in data set is not a table
         main(["prepare", "ml-100k", "--out", str(tmp_path / "x"), "--stream"])
     assert "--stream reads CSV/TSV/Parquet tables" in capsys.readouterr().err
+
+
+def test_shard_index_cuts_between_users_in_balance_and_leaves_the_arrays_alone(tmp_path, monkeypatch):
+    """--shards 3, in memory and streamed: the same directory, meta's index included; without the
+    index, the directory of --shards 1 (the arrays and fingerprint byte for byte, no index). The
+    shards tile the users, requests, events and candidates, no user's requests or events cross a
+    boundary, and each holds E/N events give or take less than m, the most events of one user
+    (`sumi.shard_index`, whose bound holds while m <= E/N, as here)."""
+    src = write_parts(log_table(), tmp_path / "log")
+    mem, streamed, _ = both(src, EXPLICIT, tmp_path, monkeypatch, shards=3)
+    assert_same_prepared(mem, streamed)
+    stream.prepare_stream(src, EXPLICIT, tmp_path / "one", CFG, STRATEGIES)
+    for p in (tmp_path / "one").glob("*.npy"):
+        assert p.read_bytes() == (streamed / p.name).read_bytes(), p.name
+    one, three = (json.loads((d / "meta.json").read_text()) for d in (tmp_path / "one", streamed))
+    index = three.pop("shards")
+    assert three == one and "shards" not in one
+
+    a = SumiData(streamed).a
+    users, req, ev, cand = (np.array(index[k]) for k in ("users", "requests", "events", "candidates"))
+    n_users, E = len(a["user_offsets"]) - 1, len(a["ev_item"])
+    assert [users[0], req[0], ev[0], cand[0]] == [1, 0, 0, 0]
+    assert [users[-1], req[-1], ev[-1], cand[-1]] == [n_users, len(a["req_user"]), E, len(a["cand_item"])]
+    assert (np.diff(users) > 0).all() and (np.diff(req) > 0).all()
+    for k in range(3):
+        mine = a["req_user"][req[k]:req[k + 1]]
+        assert ((mine >= users[k]) & (mine < users[k + 1])).all()
+        assert a["user_offsets"][users[k]] == ev[k] and a["req_cand_start"][req[k]] == cand[k]
+    m = np.diff(a["user_offsets"]).max()
+    assert m <= E / 3 and (abs(np.diff(ev) - E / 3) < m).all()
+    # a user with more than E/N events: no bound, but every shard keeps a user
+    skewed = {"user_offsets": np.array([0, 0, 1, 101, 102, 103]), "req_user": np.arange(1, 5),
+              "req_cand_start": np.arange(5)}
+    assert shard_index(skewed, 3)["users"] == [1, 3, 4, 5]
+
+
+def test_shards_of_zero_or_more_than_the_users_are_a_clear_error(tmp_path):
+    table = log_table(n_users=40)
+    pq.write_table(table, tmp_path / "log.parquet")
+    with pytest.raises(DataError, match=r"--shards 0: a shard is a range of whole users, so 1 to 40"):
+        prepare(read_table(tmp_path / "log.parquet", EXPLICIT), tmp_path / "out", CFG, STRATEGIES, shards=0)
+    with pytest.raises(DataError, match=r"--shards 41: a shard is a range of whole users, so 1 to 40"):
+        stream.prepare_stream(tmp_path / "log.parquet", EXPLICIT, tmp_path / "out", CFG, STRATEGIES, shards=41)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.parquet"]
+    stream.prepare_stream(tmp_path / "log.parquet", EXPLICIT, tmp_path / "out", CFG, STRATEGIES, shards=40)
+    assert np.diff(SumiData(tmp_path / "out").meta["shards"]["users"]).tolist() == [1] * 40

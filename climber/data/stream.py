@@ -51,6 +51,7 @@ from climber.data.sumi import (
     build_meta,
     build_users,
     check_labels_vary,
+    check_shards,
     check_strategies,
     first_rows,
 )
@@ -261,8 +262,8 @@ def partition_bounds(user_counts: np.ndarray, target: int) -> np.ndarray:
 
 def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Path, cfg: PrepareConfig,
                    strategies: tuple[str, ...], memory_limit: float = 2 * 2**30, partitions: int | None = None,
-                   batch_rows: int = BATCH_ROWS) -> dict:
-    """`sumi.prepare(readers.read_table(path, mapping), out_dir, cfg, strategies)`, out of core
+                   batch_rows: int = BATCH_ROWS, shards: int = 1) -> dict:
+    """`sumi.prepare(readers.read_table(path, mapping), out_dir, cfg, strategies, shards)`, out of core
     (see the module docstring). Partitions hold about memory_limit / 2 / BYTES_PER_EVENT events,
     or `partitions` (at least, as whole user blocks allow) splits them evenly. Returns meta."""
     path, out_dir, m = Path(path), Path(out_dir), mapping
@@ -296,6 +297,7 @@ def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Pa
     if not implicit:
         check_labels_vary(name, tasks, lo, hi)
     user_vocab, item_vocab = values["user"].as_numpy(), values["item"].as_numpy()
+    check_shards(name, shards, len(user_vocab))
     n_items = len(item_vocab) + FIRST_ITEM
     user_counts = np.concatenate([[0], values["user"].counts])
     target = -(-rows // partitions) if partitions else max(1, int(memory_limit / 2 / BYTES_PER_EVENT))
@@ -326,7 +328,7 @@ def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Pa
         log = SimpleNamespace(name=name, tasks=tasks, implicit=implicit, item_features=side["item"],
                               user_features=side["user"], notes={"source": str(path), "mapping": asdict(m)})
         meta = build_meta(log, cfg, strategies, arrays, stats, duplicates, top["action"] + 1, top["scenario"] + 1,
-                          fingerprint_files(tmp, list(arrays)))
+                          fingerprint_files(tmp, list(arrays)), shards)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         replace_dir(tmp, out_dir)
     except BaseException:

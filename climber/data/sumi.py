@@ -11,7 +11,10 @@
   and fixed at preparation, so evaluation is reproducible; training draws its negatives afresh
   every epoch instead, `SumiData.batch(negatives=...)`);
 * a per-user time split: each user's last `eval_requests` requests are test, the ones before
-  them validation, the rest training (users with too few requests train only).
+  them validation, the rest training (users with too few requests train only);
+* with `shards` > 1, a shard index in meta.json (`shard_index`): contiguous ranges of users
+  balanced by events, each a contiguous range of every per-event, per-request and per-candidate
+  array, so that each rank under `torchrun` trains on its own users (`SumiData.rank_parts`).
 
 `SumiData.batch` builds model inputs for a list of requests, applying the multi-scale
 extraction strategies (docs/paper.md section 2.1) with vectorised numpy: for each strategy a
@@ -125,8 +128,9 @@ def first_rows(*cols: np.ndarray) -> np.ndarray:
     return np.sort(np.unique(np.column_stack(cols), axis=0, return_index=True)[1])
 
 
-def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...]) -> dict:
-    """Build SUMI samples from `log` and write them to `out_dir` (atomically). Returns meta.
+def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[str, ...], shards: int = 1) -> dict:
+    """Build SUMI samples from `log` and write them to `out_dir` (atomically), with a shard index
+    of `shards` user ranges if more than one (`shard_index`). Returns meta.
 
     The log is held in memory (about 340 bytes an event at peak); `climber.data.stream.prepare_stream`
     builds the same files out of core, calling the same `build_users` on one range of users at a time."""
@@ -136,6 +140,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     log, duplicates = _drop_duplicates(log) if cfg.drop_duplicates else (log, 0)
     item_vocab, item = _dense(log.item, FIRST_ITEM)
     user_vocab, user = _dense(log.user, 1)
+    check_shards(log.name, shards, len(user_vocab))
     order = np.lexsort((log.time, user))  # stable: ties keep file order
     events = {"user": user[order], "item": item[order], "time": log.time[order], "labels": log.labels[order],
               "action": log.action[order], "scenario": log.scenario[order]}
@@ -156,7 +161,7 @@ def prepare(log: EventLog, out_dir: Path, cfg: PrepareConfig, strategies: tuple[
     stats = PrepareStats(len(log.tasks))
     stats.add(arrays)
     meta = build_meta(log, cfg, strategies, arrays, stats, duplicates, int(log.action.max()) + 1,
-                      int(log.scenario.max()) + 1, fingerprint(arrays))
+                      int(log.scenario.max()) + 1, fingerprint(arrays), shards)
     _write_atomic(out_dir, arrays, meta)
     return meta
 
@@ -239,9 +244,11 @@ class PrepareStats:
 
 
 def build_meta(log: EventLog, cfg: PrepareConfig, strategies: tuple[str, ...], arrays: dict[str, np.ndarray],
-               stats: PrepareStats, duplicates: int, n_actions: int, n_scenarios: int, fp: str) -> dict:
+               stats: PrepareStats, duplicates: int, n_actions: int, n_scenarios: int, fp: str,
+               shards: int = 1) -> dict:
     """meta.json of a prepared data set. `log` gives the name, tasks, side features' names and
-    notes (its event columns are not read); `arrays` the vocabularies and side tables."""
+    notes (its event columns are not read); `arrays` the vocabularies, side tables and, with
+    `shards` > 1, the offsets the shard index is cut from (one shard: no index, meta as without shards)."""
     n_cand = int(stats.candidates.sum())
     return {
         "format_version": FORMAT_VERSION,
@@ -273,7 +280,32 @@ def build_meta(log: EventLog, cfg: PrepareConfig, strategies: tuple[str, ...], a
         # positives / candidates: the float numpy's mean of the 0/1 column gives (exact integer sums)
         "positive_rate": {t: float(stats.positives[i]) / n_cand for i, t in enumerate(log.tasks)},
         "notes": log.notes,
+        **({"shards": shard_index(arrays, shards)} if shards > 1 else {}),
     }
+
+
+def check_shards(name: str, shards: int, users: int) -> None:
+    """A shard is a range of whole users: DataError unless 1 <= shards <= users."""
+    if not 1 <= shards <= users:
+        raise DataError(f"{name}: --shards {shards}: a shard is a range of whole users, so 1 to {users} (the "
+                        "data's users)")
+
+
+def shard_index(arrays: dict[str, np.ndarray], shards: int) -> dict[str, list[int]]:
+    """`shards` contiguous ranges of dense users, balanced by events, as boundaries (N + 1 each):
+    shard k holds users[k]..users[k+1]-1, and so requests[k]..requests[k+1]-1 (req_* arrays),
+    events[k]..events[k+1]-1 (ev_*) and candidates[k]..candidates[k+1]-1 (cand_*).
+
+    Boundary k is the first one between users at or past k/N of the E events, so while no user
+    has more than E/N events (m, the most one user has), a shard holds more than E/N - m and
+    fewer than E/N + m; each shard keeps at least one user either way."""
+    offsets = np.asarray(arrays["user_offsets"])  # (n_users + 1,); user 0, the unknown one, has no events
+    n_users, k = len(offsets) - 1, np.arange(shards + 1)
+    users = 1 + np.searchsorted(offsets[1:], -(-offsets[-1] * k // shards))
+    users = np.minimum(np.maximum.accumulate(users - k) + k, n_users - shards + k)  # a user or more a shard
+    requests = np.searchsorted(arrays["req_user"], users)
+    return {"users": users.tolist(), "requests": requests.tolist(), "events": offsets[users].tolist(),
+            "candidates": np.asarray(arrays["req_cand_start"])[requests].tolist()}
 
 
 def fingerprint(arrays: dict[str, np.ndarray]) -> str:
@@ -428,6 +460,21 @@ class SumiData:
 
     def requests(self, split: str) -> np.ndarray:
         return np.flatnonzero(self._in_split(split))
+
+    def rank_parts(self, req: np.ndarray, world: int) -> list[np.ndarray] | None:
+        """`req` (request ids, ascending) split over `world` ranks by the shard index: rank r's part
+        is its requests in shards r, r + world, r + 2 world, ... (so its users, and its byte ranges
+        of the arrays). None without a shard index or with one rank; a DataError unless `world`
+        divides the number of shards."""
+        index = self.meta.get("shards")
+        if index is None or world == 1:
+            return None
+        n = len(index["requests"]) - 1
+        if n % world:
+            raise DataError(f"{self.root}: {n} shards cannot be split evenly over {world} ranks; prepare with "
+                            f"--shards a multiple of {world}")
+        rank = (np.searchsorted(index["requests"], req, side="right") - 1) % world
+        return [req[rank == r] for r in range(world)]
 
     def labels(self, split: str) -> np.ndarray:
         """(C, T) labels of the prepared candidates of `split`'s requests."""
