@@ -148,9 +148,9 @@ class TrainConfig:
 
     epochs: int = 10  # passes over the training requests (early stopping may end sooner)
     batch_size: int = 128  # requests per optimizer step (per process under torchrun)
-    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, then cosine decay to the end)
+    lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, then cosine decay to the end)
     # embedding tables' learning rate / lr: each row is updated only when its id is in the batch
-    embedding_lr_mult: float = 1.0
+    embedding_lr_mult: float = 10.0
     # batches per window whose requests are sorted by history length before batching (0: off):
     # less padding, so less compute per step (SumiData.bucket_by_length)
     bucket_window: int = 0
@@ -158,7 +158,7 @@ class TrainConfig:
     embedding_weight_decay: float = 0.0  # decoupled weight decay on the embedding tables
     # implicit data: negatives per positive for each training request, drawn afresh every epoch
     # (seeded by seed, epoch and batch); validation and test keep the prepared, fixed ones
-    train_negatives: int = 4
+    train_negatives: int = 16
     warmup_steps: int = 100  # steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     seed: int = 0  # initialisation, batch order and training negatives

@@ -86,7 +86,7 @@ def test_grid_point_picked_on_validation_and_test_run_only_for_it(data_dir, tmp_
     tested = {p.parent.parent.name for p in out.glob("runs/transformer/*/seed*/test.json")}
     assert tested == {compare_mod.point_tag(row["picked"])}  # the other points never saw the test split
     md = (out / "compare.md").read_text()
-    grid_text = "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0}, train_negatives {4}"
+    grid_text = "lr {0.001, 0.01}, embedding_lr_mult {1, 10}, embedding_weight_decay {0}, train_negatives {16}"
     assert grid_text + " (4 points)" in md
     # two request scenarios: each picked run's test per scenario, their mean in the row and the table
     scen = [json.loads(p.read_text()) for p in out.glob("runs/transformer/*/seed*/test_by_scenario.json")]
