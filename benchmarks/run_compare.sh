@@ -7,7 +7,8 @@
 #
 # DATA_ROOT holds the prepared data dirs ml-100k kuairand lastfm beauty grocery (`climber
 # prepare <name> --out DATA_ROOT/<name>`); results go to OUT/<dataset>/compare.{md,json} and the
-# training logs to OUT/<dataset>/log_<model>_seed<seed>.txt. The committed record is
+# training logs to OUT/<dataset>/log_<model>_seed<seed>.txt (appended to: a rerun that skips
+# finished runs keeps their logs). The committed record is
 # benchmarks/results/table2/ (its README has the exact commands).
 #
 # Protocol, the same for every model of a data set (climber/compare.py): preset small (4 blocks
@@ -100,7 +101,7 @@ ONLY=""; [ "${#GRID[@]}" -gt 4 ] && ONLY="--train-only"
 export ONLY
 for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do echo "$ds $m $s"; done; done; done |
     xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))} \
-        compare "$0" "$1" $ONLY > "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
+        compare "$0" "$1" $ONLY >> "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
         echo "FAILED: $0 $1 seed $2, see $OUT/$0/log_$1_seed$2.txt" >&2; exit 1; }'
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables

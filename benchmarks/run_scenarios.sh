@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scenario adaptation, measured (docs/design.md, scenarios), on one GPU: on a
+# Scenario adaptation, measured (docs/scenarios.md), on one GPU: on a
 # multi-domain set (Beauty + Grocery + LastFM, each source a request scenario) and on a SYNTHETIC
 # set whose scenarios read the history differently (`--scenario-recency 3`: search depends on the
 # last few events, the daily mix on long-term taste), `climber compare` with the rows

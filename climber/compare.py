@@ -16,7 +16,7 @@ the versions. Runs live in `<out>/runs/<model>/lr<lr>/seed<seed>/`; a finished r
 when the comparison is run again, an interrupted one resumes (`climber.train`), so separate
 processes may train disjoint `models` into one `out` and a last call writes the full table.
 
-On multi-scenario data (docs/design.md, scenarios) the `climber-per-domain` row trains one
+On multi-scenario data (docs/scenarios.md) the `climber-per-domain` row trains one
 Climber per request scenario on that scenario's requests (`TrainConfig.scenarios`; runs in
 `.../seed<seed>/scenario<k>/`) and tests each on its scenario's test requests; its overall
 metrics are over the union of those predictions, the same candidates as every other row's.

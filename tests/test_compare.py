@@ -53,7 +53,7 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
                                                                 rows["dlrm"]["auc"]["mean"] - 1)
     assert report["command"].startswith("climber compare --data") and "--seeds 0 1" in report["command"]
     assert "Tuning: none." in md and report["versions"]["torch"] and "popularity" in md
-    assert len(list(out.glob("runs/*/lr0.001_emb1_ewd0_neg4/seed*/run.json"))) == 4
+    assert len(list(out.glob("runs/*/lr0.003_emb10_ewd0_neg16/seed*/run.json"))) == 4
     per_request = np.diff(SumiData(data_dir).a["req_cand_start"]).mean()
     assert report["flops_at"] == {"L": 8, "M": round(per_request)}  # FLOPs of a mean-sized request
 
@@ -120,7 +120,7 @@ def test_negatives_axis_is_dropped_on_explicit_data(data_dir, tmp_path):
     assert not SumiData(data_dir).implicit
     compare_mod.compare(data_dir, tmp_path / "c", ["dlrm"], [0], "tiny", TINY, {"train_negatives": (4, 16)},
                         train_only=True)
-    assert [p.name for p in (tmp_path / "c" / "runs" / "dlrm").iterdir()] == ["lr0.001_emb1_ewd0_neg4"]
+    assert [p.name for p in (tmp_path / "c" / "runs" / "dlrm").iterdir()] == ["lr0.003_emb10_ewd0_neg16"]
 
 
 def test_per_domain_row_trains_one_model_per_scenario_on_its_requests(data_dir, tmp_path, monkeypatch):
@@ -146,11 +146,11 @@ def test_per_domain_row_trains_one_model_per_scenario_on_its_requests(data_dir, 
     assert dom["domain_models"] == 2 and dom["params"]["total"] == 2 * one["params"]["total"]
     assert dom["flops"] == one["flops"]  # a request goes through its scenario's model only
     for k in ("0", "1"):  # each domain model's saved run config names its scenario; its metrics are its own
-        run_dir = out / "runs" / "climber-per-domain" / "lr0.001_emb1_ewd0_neg4" / "seed0" / f"scenario{k}"
+        run_dir = out / "runs" / "climber-per-domain" / "lr0.003_emb10_ewd0_neg16" / "seed0" / f"scenario{k}"
         assert json.loads((run_dir / "run.json").read_text())["config"]["train"]["scenarios"] == [int(k)]
         assert json.loads((run_dir / "config.json").read_text())["train"]["scenarios"] == [int(k)]
         assert 0 < dom["auc_by_scenario"][k]["mean"] < 1
-    seed_dir = out / "runs" / "climber-per-domain" / "lr0.001_emb1_ewd0_neg4" / "seed0"
+    seed_dir = out / "runs" / "climber-per-domain" / "lr0.003_emb10_ewd0_neg16" / "seed0"
     overall = json.loads((seed_dir / "test.json").read_text())
     assert dom["auc"]["mean"] == pytest.approx(overall["mean"]["auc"])
     # the union holds every test candidate, in the order a shared model's test has them
