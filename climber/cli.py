@@ -356,8 +356,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="--stream: GiB to aim for; half goes to one partition of users (~400 bytes an event)")
     p.add_argument("--shards", type=int, default=1, metavar="N",
                    help="record in meta.json N ranges of users balanced by events (default 1: none); the arrays "
-                        "stay one directory, byte for byte. Under torchrun with W ranks (N a multiple of W), each "
-                        "rank trains and validates on its own shards' users: its batches read only their ranges of "
+                        "stay one directory, byte for byte. Under torchrun with W ranks (N a multiple of W), rank r "
+                        "trains and validates on the users of shards rN/W..(r+1)N/W-1 and reads only their range of "
                         "the arrays")
     add_dataclass_flags(p, PrepareConfig, defaults_none=True)
     g = p.add_argument_group("column mapping for a generic file")

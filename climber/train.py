@@ -10,14 +10,15 @@ run ends with the same weights as an uninterrupted one. A non-finite loss stops 
 `FloatingPointError` before anything is validated or saved, so the checkpoints on disk stay good.
 
 Under `torchrun`, each rank takes a disjoint shard of every epoch's shuffled requests (on data
-prepared with `--shards`, of its own shards' requests: its users and its byte ranges of the
-arrays, `SumiData.rank_parts`), and gradients are averaged by DDP or reduce-scattered by FSDP2
-(`climber/distributed.py`; gloo on CPU, NCCL on GPU). Under FSDP2 the large embedding tables
-are built on the meta device and each rank draws only its block of rows, equal to those rows of
-a one-process run's init (`distributed.shard_tables`). Every rank validates its part of the
-requests and rank 0 computes the metrics over all of them; rank 0 logs. Checkpoints, `best/`
-included, are rank 0's (DDP, one process) or every rank's shards (FSDP2 over several ranks,
-torch.distributed.checkpoint), which one process can load whole (`checkpoint.load_model`).
+prepared with `--shards`, of its own block of shards' requests: its users, one byte range of each
+array, `SumiData.rank_parts`, whose events alone it reads, `SumiData.for_rank`), and gradients
+are averaged by DDP or reduce-scattered by FSDP2 (`climber/distributed.py`; gloo on CPU, NCCL on
+GPU). Under FSDP2 the large embedding tables are built on the meta device and each rank draws
+only its block of rows, equal to those rows of a one-process run's init
+(`distributed.shard_tables`). Every rank validates its part of the requests and rank 0 computes
+the metrics over all of them; rank 0 logs. Checkpoints, `best/` included, are rank 0's (DDP, one
+process) or every rank's shards (FSDP2 over several ranks, torch.distributed.checkpoint), which
+one process can load whole (`checkpoint.load_model`).
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ from climber.runtime import apply as apply_runtime
 
 
 class RequestBatches(torch.utils.data.Dataset):
-    """Batch i of an epoch's order; opens the memory-mapped data lazily in each worker.
-    `negatives` (training on implicit data): (per positive, seed words): batch i draws fresh
-    negatives from a generator seeded by (*seed words, first + i), a pure function of the
-    batch's place in the run, whichever worker builds it and wherever a resume starts."""
+    """Batch i of an epoch's order; opens the memory-mapped data lazily in each worker, as the
+    view of `users` (`SumiData`'s: a rank's reads only its users' events). `negatives` (training
+    on implicit data): (per positive, seed words): batch i draws fresh negatives from a generator
+    seeded by (*seed words, first + i), a pure function of the batch's place in the run, whichever
+    worker builds it and wherever a resume starts."""
 
     def __init__(self, root: Path, order: np.ndarray, batch_size: int, strategies, seq_len: int,
-                 negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
-        self.root, self.order, self.bs = root, order, batch_size
+                 negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0,
+                 users: tuple[int, int] | None = None):
+        self.root, self.order, self.bs, self.users = root, order, batch_size, users
         self.strategies, self.seq_len = tuple(strategies), seq_len
         self.negatives, self.first = negatives, first
         self._data: SumiData | None = None
@@ -66,7 +69,7 @@ class RequestBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self._data is None:
-            self._data = SumiData(self.root)
+            self._data = SumiData(self.root, users=self.users)
         neg = None
         if self.negatives is not None:
             n, words = self.negatives
@@ -76,7 +79,7 @@ class RequestBatches(torch.utils.data.Dataset):
 
 def loader(data: SumiData, req: np.ndarray, batch_size: int, cfg: ModelConfig, workers: int = 0, pin=False,
            negatives: tuple[int, tuple[int, ...]] | None = None, first: int = 0):
-    ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len, negatives, first)
+    ds = RequestBatches(data.root, req, batch_size, cfg.strategies, cfg.seq_len, negatives, first, data.users)
     # a private generator: creating an iterator must not draw from the global RNG (dropout's),
     # or a resumed run would diverge from an uninterrupted one
     return torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin,
@@ -100,9 +103,9 @@ def masked_bce(logits: torch.Tensor, b: dict, weights: torch.Tensor, count: torc
 def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int, device: torch.device,
             workers: int = 0, rank: int = 0, world: int = 1):
     """(users (N,), labels (N, T), probs (N, T)) over every valid candidate of `split`; with
-    `world` > 1, over rank `rank`'s part of its requests: its shards' (`SumiData.rank_parts`),
-    else a contiguous part, so that the parts gathered in rank order hold the whole split (in
-    its order, without shards)."""
+    `world` > 1, over rank `rank`'s part of its requests: its block of shards' (`SumiData.rank_parts`;
+    `data` may then be the rank's view, `SumiData.for_rank`), else a contiguous part, so that the
+    parts gathered in rank order hold the whole split (in its order, without shards)."""
     model.eval()
     req = data.requests(split)
     parts = data.rank_parts(req, world) or np.array_split(req, world)
@@ -119,7 +122,8 @@ def predict(model: torch.nn.Module, data: SumiData, split: str, batch_size: int,
         probs.append(p[m].cpu())
         n += 1
     if distributed.is_sharded(model):  # every rank's forwards gather the same units: as many as the most a rank has
-        spare = next(iter(loader(data, req[:1], 1, model.cfg)))
+        first = np.searchsorted(data.a["req_user"], data.users[:1])  # a request of the view's first user
+        spare = next(iter(loader(data, first, 1, model.cfg)))
         for _ in range(math.ceil(max(map(len, parts)) / batch_size) - n):
             with autocast(device):
                 model(to_device(spare, device))
@@ -212,7 +216,9 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(out_dir)
-    data = SumiData(data_dir, cfg.scenarios)  # cfg.scenarios: only those scenarios' requests train and validate
+    # cfg.scenarios: only those scenarios' requests train and validate; with a shard index, a rank
+    # reads only its block of shards' events
+    data = SumiData(data_dir, cfg.scenarios).for_rank(rank, world)
     check_data(data, model_cfg.strategies, announce=rank == 0)
     run_config = {"model": asdict(model_cfg), "train": asdict(cfg), "runtime": asdict(runtime),
                   "data": str(Path(data_dir).resolve()), "dataset": data.meta["name"], "tasks": list(data.tasks),
@@ -316,9 +322,9 @@ def loop(run: Run, progress: bool = True) -> None:
     cfg, data, state, device = run.cfg, run.data, run.state, run.device
     model_cfg = run.model.cfg
     train_req = data.requests("train")
-    # with a shard index each rank trains on its own shards' requests, every epoch as many as the
-    # rank with the fewest has (the others leave out a random few); else on a strided part of one
-    # global order (leaving out len % world)
+    # with a shard index each rank trains on its own block of shards' requests, every epoch as many
+    # as the rank with the fewest has (the others leave out a random few); else on a strided part
+    # of one global order (leaving out len % world)
     parts = data.rank_parts(train_req, run.world)
     per_rank = len(train_req) // run.world if parts is None else min(map(len, parts))
     steps_per_epoch = math.ceil(per_rank / cfg.batch_size)

@@ -3,12 +3,14 @@ the meta device and DDP equal one process, a rank's rows of a table equal those 
 whole init and no rank makes a tensor as large as the whole table, DCP checkpoints (best/
 included) resume or load on another number of ranks, validation on every rank equals validation
 on one, and the sharded lookup equals `F.embedding` on the whole table; on data prepared with
-`--shards`, each rank trains and validates on its own shards' users only."""
+`--shards`, each rank trains and validates on its own block of shards' users only, and its view of
+the data builds the same batches as the whole data's while reading none of the other users' events."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -492,20 +494,28 @@ def shard_data(tmp_path_factory) -> Path:
 
 
 def _shard_train_worker(rank: int, world: int, init: str, data_dir: str, out: str, spy: str) -> None:
-    """`train` on rank `rank` (DDP, gloo), recording the requests of every batch the rank builds."""
+    """`train` on rank `rank` (DDP, gloo), recording the requests of every batch the rank builds and
+    the users of the views (`SumiData.users`) that build them."""
     os.environ["WORLD_SIZE"] = str(world)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    seen, batch = [], SumiData.batch
-    SumiData.batch = lambda self, req, *a, **k: seen.append(req.tolist()) or batch(self, req, *a, **k)
+    seen, views, batch = [], set(), SumiData.batch
+
+    def recorded(self, req, *a, **k):
+        seen.append(req.tolist())
+        views.add(self.users)
+        return batch(self, req, *a, **k)
+
+    SumiData.batch = recorded
     mcfg = model_config("tiny", SumiData(data_dir).vocab, STRATEGIES, dropout=0.0, n_layers=2)
     summary = train(Path(data_dir), Path(out), mcfg, SHARD_TRAIN, Runtime(device="cpu", parallel="ddp"),
                     progress=False)
-    (Path(spy) / f"rank{rank}.json").write_text(json.dumps({"batches": seen, "summary": summary}))
+    (Path(spy) / f"rank{rank}.json").write_text(json.dumps({"batches": seen, "views": sorted(views),
+                                                            "summary": summary}))
 
 
 def shard_train(data_dir: Path, out: Path, spy: Path) -> list[dict]:
-    """Train on 2 spawned ranks; each rank's batches (request ids, in order) and summary."""
+    """Train on 2 spawned ranks; each rank's batches (request ids, in order), views' users and summary."""
     spy.mkdir()
     mp.spawn(_shard_train_worker, args=(2, f"file://{spy / 'rdzv'}", str(data_dir), str(out), str(spy)), nprocs=2)
     return [json.loads((spy / f"rank{r}.json").read_text()) for r in range(2)]
@@ -523,10 +533,9 @@ def split_batches(data: SumiData, spied: dict, split: int) -> list[np.ndarray]:
 
 
 def own_users(data: SumiData, rank: int, world: int) -> np.ndarray:
-    """(n_users,) bool: the users of rank `rank`'s shards, rank, rank + world, ..."""
-    users, own = data.meta["shards"]["users"], np.zeros(data.vocab["n_users"], bool)
-    for k in range(rank, SHARDS, world):
-        own[users[k]:users[k + 1]] = True
+    """(n_users,) bool: the users of rank `rank`'s block of shards, rank N/world .. (rank + 1) N/world - 1."""
+    users, own, per = data.meta["shards"]["users"], np.zeros(data.vocab["n_users"], bool), SHARDS // world
+    own[users[rank * per]:users[(rank + 1) * per]] = True
     return own
 
 
@@ -537,6 +546,7 @@ def test_shard_training_ranks_take_only_their_shards_users(shard_data, shard_run
         batches = split_batches(data, spied[rank], TRAIN_SPLIT)
         assert len(batches) == spied[rank]["summary"]["steps"]
         assert own_users(data, rank, 2)[data.a["req_user"][np.concatenate(batches)]].all(), rank
+        assert spied[rank]["views"] == [list(data.for_rank(rank, 2).users)]  # built by the rank's view alone
     # the check can fail: the strided part of one global order (data without shards) mixes the ranks' users
     strided = np.random.default_rng([0, 0]).permutation(data.requests("train"))[0::2]
     assert not own_users(data, 0, 2)[data.a["req_user"][strided]].all()
@@ -607,3 +617,99 @@ def test_shards_that_the_ranks_cannot_split_evenly_are_a_clear_error(shard_data)
                                             f"--shards a multiple of {world}"):
             data.rank_parts(data.requests("train"), world)
     assert data.rank_parts(data.requests("train"), 1) is None  # one process reads everything, as without shards
+
+
+# --- a rank's view of its block of shards (SumiData.for_rank): its users' events alone ---
+
+KINDS = ("recent", "pos:like", "neg:click", "scenario:1@4", "action:2", "recent@4")  # every kind of strategy
+
+
+@pytest.fixture(scope="module", params=["explicit", "implicit"])
+def kinds_data(request, tmp_path_factory) -> Path:
+    """`shard_data`'s log, or its rows as an implicit log, with strategies of every kind."""
+    log = synthetic_log(n_users=29, n_items=300)
+    if request.param == "implicit":
+        log = dataclasses.replace(log, labels=np.ones_like(log.labels), implicit=True)
+    d = tmp_path_factory.mktemp("data") / request.param
+    prepare(log, d, PrepareConfig(request_gap=50, max_candidates=4, negatives=3), KINDS, shards=SHARDS)
+    return d
+
+
+def batches_of(data: SumiData, req: np.ndarray) -> list[dict]:
+    """`data`'s batches of 8 of `req` with seq_len 6 (so the caps bite); on implicit data, with 2
+    fresh negatives a positive from a generator seeded by the batch's first request."""
+    out = []
+    for i in range(0, len(req), 8):
+        r = req[i : i + 8]
+        out.append(data.batch(r, KINDS, 6, (2, np.random.default_rng(int(r[0]))) if data.implicit else None))
+    return out
+
+
+def assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_shard_view_builds_the_whole_datas_batches_of_its_requests(kinds_data):
+    whole = SumiData(kinds_data)
+    req = np.arange(len(whole.a["req_user"]))  # every split's
+    index = whole.meta["shards"]
+    for world in (2, 4):
+        per = SHARDS // world
+        for rank, part in enumerate(whole.rank_parts(req, world)):
+            view = whole.for_rank(rank, world)
+            assert view.users == (index["users"][rank * per], index["users"][(rank + 1) * per])
+            assert view.events == (index["events"][rank * per], index["events"][(rank + 1) * per])
+            assert_same_batches(batches_of(view, part), batches_of(whole, part))
+    assert whole.for_rank(0, 1) is whole  # one process: the whole data, as without shards
+
+
+class Guarded:
+    """An event array that fails on any read of a row outside [lo, hi): by an index or a slice, or
+    of the whole array (any other use: `.astype`, numpy's array protocols)."""
+
+    def __init__(self, arr: np.ndarray, lo: int, hi: int):
+        self.arr, self.lo, self.hi = arr, lo, hi
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    def __getitem__(self, key):
+        rows = np.atleast_1d(np.arange(len(self.arr))[key[0] if isinstance(key, tuple) else key])
+        if len(rows) and (rows.min() < self.lo or rows.max() >= self.hi):
+            raise AssertionError(f"read rows {rows.min()}..{rows.max()}, outside {self.lo}..{self.hi - 1}")
+        return self.arr[key]
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"read the whole array (.{name})")
+
+
+def test_shard_view_reads_no_event_outside_its_users(kinds_data):
+    """With every ev_* array guarded to the rank's events, its view builds the whole data's
+    batches; the whole data, guarded alike, fails (its strategies' matches read every event)."""
+    whole = SumiData(kinds_data)
+    req, events = np.arange(len(whole.a["req_user"])), whole.meta["shards"]["events"]
+    for rank, part in enumerate(whole.rank_parts(req, 2)):
+        view, plain = whole.for_rank(rank, 2), SumiData(kinds_data)
+        for data in (view, plain):
+            for k in [k for k in data.a if k.startswith("ev_")]:
+                data.a[k] = Guarded(data.a[k], events[2 * rank], events[2 * rank + 2])  # 2 of the 4 shards a rank
+        assert_same_batches(batches_of(view, part), batches_of(whole, part))
+        with pytest.raises(AssertionError, match="read rows 0..|read the whole array"):
+            batches_of(plain, part)
+
+
+def test_shard_view_refuses_requests_of_other_users(kinds_data):
+    whole = SumiData(kinds_data)
+    mine, theirs = whole.rank_parts(whole.requests("train"), 2)[::-1]
+    view = whole.for_rank(1, 2)
+    u0, u1 = view.users
+    r, u = int(theirs[-1]), int(whole.a["req_user"][theirs[-1]])
+    assert u < u0
+    with pytest.raises(DataError, match=rf"request {r} is of user {u}, outside this view's users {u0}\.\.{u1 - 1}"):
+        view.batch(np.r_[mine[:3], r], KINDS, 6)
+    with pytest.raises(DataError, match=rf"user {u}, outside this view's users"):
+        view.sample_negatives(np.array([u0, u]), np.random.default_rng(0))

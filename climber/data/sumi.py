@@ -14,7 +14,8 @@
   them validation, the rest training (users with too few requests train only);
 * with `shards` > 1, a shard index in meta.json (`shard_index`): contiguous ranges of users
   balanced by events, each a contiguous range of every per-event, per-request and per-candidate
-  array, so that each rank under `torchrun` trains on its own users (`SumiData.rank_parts`).
+  array, so that each rank under `torchrun` trains on its own users: one contiguous block of
+  shards (`SumiData.rank_parts`), whose events alone its `SumiData.for_rank` view reads.
 
 `SumiData.batch` builds model inputs for a list of requests, applying the multi-scale
 extraction strategies (docs/paper.md section 2.1) with vectorised numpy: for each strategy a
@@ -418,9 +419,13 @@ class SumiData:
     """Prepared SUMI samples, memory-mapped, plus the multi-scale extraction for batches.
     `scenarios` (not empty): a view whose splits hold only the requests of those request
     scenarios (training one model per domain, `TrainConfig.scenarios`); histories, vocabulary
-    and negatives stay the whole data's."""
+    and negatives stay the whole data's. `users` (u0, u1): a view that reads only the events of
+    users u0..u1-1, `events` = user_offsets[u0]..user_offsets[u1]-1 (a rank's block of shards,
+    `for_rank`): the strategies' matches and the seen items for fresh negatives are built over
+    those events alone, and a request of another user is a DataError; the requests, candidates
+    and vocabulary stay the whole data's. Default: every user."""
 
-    def __init__(self, root: Path, scenarios: tuple[int, ...] = ()):
+    def __init__(self, root: Path, scenarios: tuple[int, ...] = (), users: tuple[int, int] | None = None):
         root = Path(root)
         self.scenarios = tuple(scenarios)
         recover_dir(root)  # a prepare killed while swapping in a new data set: the old one is whole
@@ -434,8 +439,11 @@ class SumiData:
                             f"{FORMAT_VERSION}; prepare it again")
         self.a = {p.stem: np.load(p, mmap_mode="r") for p in root.glob("*.npy")}
         self.tasks = tuple(self.meta["tasks"])
+        offsets = self.a["user_offsets"]
+        self.users = (0, len(offsets) - 1) if users is None else (int(users[0]), int(users[1]))
+        self.events = (int(offsets[self.users[0]]), int(offsets[self.users[1]]))
         self._strategy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._seen: np.ndarray | None = None  # sorted user * n_items + item over all events
+        self._seen: np.ndarray | None = None  # sorted user * n_items + item over the view's events
 
     @property
     def fingerprint(self) -> str | None:
@@ -461,20 +469,43 @@ class SumiData:
     def requests(self, split: str) -> np.ndarray:
         return np.flatnonzero(self._in_split(split))
 
-    def rank_parts(self, req: np.ndarray, world: int) -> list[np.ndarray] | None:
-        """`req` (request ids, ascending) split over `world` ranks by the shard index: rank r's part
-        is its requests in shards r, r + world, r + 2 world, ... (so its users, and its byte ranges
-        of the arrays). None without a shard index or with one rank; a DataError unless `world`
-        divides the number of shards."""
+    def _rank_bounds(self, world: int, key: str) -> list[int] | None:
+        """The `world` + 1 boundaries, in the shard index's `key` ("users", "requests", "events" or
+        "candidates"), of the ranks' blocks of shards: of N shards, rank r holds r N/world ..
+        (r + 1) N/world - 1, one contiguous range of each array. None without a shard index or
+        with one rank; a DataError unless `world` divides N."""
         index = self.meta.get("shards")
         if index is None or world == 1:
             return None
-        n = len(index["requests"]) - 1
+        n = len(index[key]) - 1
         if n % world:
             raise DataError(f"{self.root}: {n} shards cannot be split evenly over {world} ranks; prepare with "
                             f"--shards a multiple of {world}")
-        rank = (np.searchsorted(index["requests"], req, side="right") - 1) % world
-        return [req[rank == r] for r in range(world)]
+        return index[key][:: n // world]
+
+    def rank_parts(self, req: np.ndarray, world: int) -> list[np.ndarray] | None:
+        """`req` (request ids, ascending) split over `world` ranks by the shard index: rank r's part
+        is its requests in its block of shards, r N/world .. (r + 1) N/world - 1 (so its users, and
+        one byte range of each array). None without a shard index or with one rank; a DataError
+        unless `world` divides the number of shards N."""
+        bounds = self._rank_bounds(world, "requests")
+        return None if bounds is None else np.split(req, np.searchsorted(req, bounds[1:-1]))
+
+    def for_rank(self, rank: int, world: int) -> SumiData:
+        """The view rank `rank` of `world` trains and validates with: with a shard index, one of its
+        block of shards' users, which reads only their events (`users`); else this data."""
+        bounds = self._rank_bounds(world, "users")
+        return self if bounds is None else SumiData(self.root, self.scenarios, (bounds[rank], bounds[rank + 1]))
+
+    def _check_users(self, user: np.ndarray, req: np.ndarray | None = None) -> None:
+        """A DataError for a user (of request `req`, if given) outside the view's users, whose
+        events it does not read."""
+        u0, u1 = self.users
+        out = np.flatnonzero((user < u0) | (user >= u1))
+        if len(out):
+            of = "user" if req is None else f"request {int(req[out[0]])} is of user"
+            raise DataError(f"{self.root}: {of} {int(user[out[0]])}, outside this view's users {u0}..{u1 - 1} (a "
+                            "rank's shards), whose events alone it reads")
 
     def labels(self, split: str) -> np.ndarray:
         """(C, T) labels of the prepared candidates of `split`'s requests."""
@@ -500,21 +531,26 @@ class SumiData:
         return np.concatenate([whole, flat[n * chunk :]])
 
     def _matches(self, spec: str) -> tuple[np.ndarray, np.ndarray]:
-        """(positions of matching events, prefix counts (N+1,)) for one strategy."""
+        """(positions of the view's matching events, into the whole ev_* arrays; prefix counts
+        (e1 - e0 + 1,) over its events e0..e1-1) for one strategy."""
         if spec not in self._strategy_cache:
-            a = self.a
-            m = strategy_selects(spec, self.tasks, a["ev_labels"], a["ev_scenario"], a["ev_action"])
-            self._strategy_cache[spec] = (np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
+            a, (e0, e1) = self.a, self.events
+            m = strategy_selects(spec, self.tasks, a["ev_labels"][e0:e1], a["ev_scenario"][e0:e1],
+                                 a["ev_action"][e0:e1])
+            self._strategy_cache[spec] = (e0 + np.flatnonzero(m), np.concatenate([[0], np.cumsum(m)]))
         return self._strategy_cache[spec]
 
     def sample_negatives(self, user: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One item per entry of `user`, drawn uniformly from the items that user never
-        interacted with (in any split: the same definition as `prepare`'s fixed negatives)."""
+        interacted with (in any split: the same definition as `prepare`'s fixed negatives); a
+        DataError for a user outside the view's."""
+        user = np.asarray(user, np.int64)
+        self._check_users(user)
         n_items = int(self.meta["vocab"]["n_items"])
-        if self._seen is None:
-            a = self.a
-            self._seen = seen_keys(a["user_offsets"], a["ev_item"], n_items)
-        return sample_unseen(np.asarray(user, np.int64), self._seen, n_items, rng, self.a.get("user_item_range"))
+        if self._seen is None:  # the view's users' events: their keys, as over all events
+            a, (u0, u1), (e0, e1) = self.a, self.users, self.events
+            self._seen = u0 * n_items + seen_keys(a["user_offsets"][u0 : u1 + 1] - e0, a["ev_item"][e0:e1], n_items)
+        return sample_unseen(user, self._seen, n_items, rng, self.a.get("user_item_range"))
 
     def _candidates(self, req: np.ndarray, negatives: tuple[int, np.random.Generator] | None):
         """(candidate rows into cand_* (B, M), their validity (B, M), fresh negative items (B, M)
@@ -555,21 +591,24 @@ class SumiData:
         cand_* (B, M) padded to the largest request, labels (B, M, T) float, and per-request
         user, time and scenario (B,). `negatives` (implicit data, training): (n, generator):
         each request's candidates are its positives and n fresh negatives per positive,
-        instead of the negatives fixed at preparation.
+        instead of the negatives fixed at preparation. A DataError for a request of a user
+        outside the view's.
         """
-        a = self.a
+        a, e0 = self.a, self.events[0]
         req = np.asarray(req, dtype=np.int64)
         user = a["req_user"][req].astype(np.int64)
+        self._check_users(user, req)
         lo = a["user_offsets"][user]
         hi = a["req_hist_end"][req]
         idx, valid = [], []
         for spec in strategies:
             pos, cum = self._matches(spec)
             cap = min(seq_len, parse_strategy(spec)[2] or seq_len)
-            c_lo, c_hi = cum[lo], cum[hi]
+            c_lo, c_hi = cum[lo - e0], cum[hi - e0]
             j = c_hi[:, None] - seq_len + np.arange(seq_len)  # (B, L) last seq_len matches
             ok = (j >= c_lo[:, None]) & (j >= c_hi[:, None] - cap)
-            idx.append(np.where(ok, pos[np.clip(j, 0, max(len(pos) - 1, 0))] if len(pos) else 0, 0))
+            # padding points at the view's first event (its values are masked below): no read outside it
+            idx.append(np.where(ok, pos[np.clip(j, 0, max(len(pos) - 1, 0))] if len(pos) else e0, e0))
             valid.append(ok)
         idx, valid = np.stack(idx, 1), np.stack(valid, 1)  # (B, K, L)
         used = valid.any(axis=(0, 1))
@@ -591,7 +630,7 @@ class SumiData:
             "req_time": t(a["req_time"][req]),
             "req_scenario": t(a["req_scenario"][req]),
             "hist_item": t(np.where(valid, a["ev_item"][idx], PAD_ITEM)),
-            "hist_time": t(a["ev_time"][idx]),
+            "hist_time": t(np.where(valid, a["ev_time"][idx], 0)),
             "hist_action": t(np.where(valid, a["ev_action"][idx], 0)),
             "hist_scenario": t(np.where(valid, a["ev_scenario"][idx], 0)),
             "hist_labels": t(np.where(valid[..., None], a["ev_labels"][idx], 0)),
