@@ -32,7 +32,7 @@ from climber.scaling.fit import (
     fit_saturating,
 )
 from climber.scaling.planner import _in_hull, candidates, plan
-from climber.scaling.sweep import Grid, read_rows, sweep
+from climber.scaling.sweep import Grid, append_row, read_rows, sweep
 from tests.helpers import tiny_config
 
 TRAIN = TrainConfig(epochs=1, batch_size=64, warmup_steps=5, log_every=100)
@@ -109,6 +109,44 @@ def test_sweep_resumes_after_sigkill(data_dir, tmp_path):
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
     assert rows[: len(first)] == first
     assert sum("skipped" in m for m in msgs) == len(first)
+
+
+def test_sweep_shards_partition_the_grid(data_dir, tmp_path):
+    """Two shards of one grid, sharing a results file, train each point exactly once; a bad
+    shard index is refused."""
+    results = tmp_path / "r.jsonl"
+    grid = Grid(models=("climber", "dlrm"), lengths=(4,), layers=(1, 2), preset="tiny")  # 3 points
+    first = sweep(data_dir, results, grid, TRAIN, shard=(0, 2), log=lambda m: None)
+    assert len(first) == 2  # points 1 and 3
+    rows = sweep(data_dir, results, grid, TRAIN, shard=(1, 2), log=lambda m: None)
+    assert sorted((r["model"], r["n_layers"]) for r in rows) == [("climber", 1), ("climber", 2), ("dlrm", None)]
+    msgs: list[str] = []
+    assert len(sweep(data_dir, results, grid, TRAIN, log=msgs.append)) == 3  # unsharded: all done
+    assert all("skipped" in m for m in msgs)
+    with pytest.raises(ValueError, match="shard 2/2"):
+        sweep(data_dir, results, grid, TRAIN, shard=(2, 2))
+
+
+def _append_many(path: str, tag: int, n: int) -> None:
+    for i in range(n):
+        append_row(Path(path), {"key": f"{tag}-{i}", "pad": "x" * 1_000_000})
+
+
+def test_append_row_from_concurrent_processes_keeps_every_line(tmp_path):
+    """Processes appending to one results file under the lock: every row arrives whole, once."""
+    import multiprocessing as mp
+
+    path = tmp_path / "r.jsonl"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_many, args=(str(path), t, 25)) for t in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    lines = path.read_text().splitlines()
+    assert len(lines) == 100
+    assert sorted(json.loads(line)["key"] for line in lines) == sorted(f"{t}-{i}" for t in range(4) for i in range(25))
 
 
 # ---- fits ------------------------------------------------------------------------------------------

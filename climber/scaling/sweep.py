@@ -14,6 +14,10 @@ Resumable: a run whose key (model, sizes, and a hash of the full model config, t
 config and data set) is already in the results file is skipped, and each run trains in its own
 directory, so `train()` resumes it from its last checkpoint after an interruption.
 
+Parallel: `shard=(i, n)` runs every n-th grid point from the i-th, so n processes (one per
+shard, e.g. on one GPU whose small models one process cannot keep busy) share one grid and one
+results file; rows are appended under an exclusive file lock, a whole line at a time.
+
 Models that do not use a dimension are swept only over what applies: whether a model has
 layers is probed by building it (on the meta device, no memory) with 1 and 2 layers and
 comparing parameter counts, so baselines are handled by name through `make_model`.
@@ -22,6 +26,7 @@ comparing parameter counts, so baselines are handled by name through `make_model
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import platform
@@ -99,15 +104,17 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def append_row(path: Path, row: dict) -> None:
-    """Append one JSON line, first dropping a partial last line left by a kill mid-write."""
+    """Append one JSON line, first dropping a partial last line left by a kill mid-write; under
+    an exclusive lock, so processes sharing the file never interleave or cut each other's rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size:
-        text = path.read_bytes()
-        if not text.endswith(b"\n"):
-            path.write_bytes(text[: text.rfind(b"\n") + 1])
-    with path.open("a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
+    with path.open("a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        size = f.seek(0, 2)
+        if size and (f.seek(size - 1), f.read(1))[1] != b"\n":
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(row, sort_keys=True) + "\n").encode())
 
 
 def _metrics(res: dict) -> dict:
@@ -165,8 +172,12 @@ def run_one(cfg: ModelConfig, tcfg: TrainConfig, data: SumiData, run_dir: Path, 
 
 def sweep(data_dir: Path, results: Path, grid: Grid, tcfg: TrainConfig, runs_dir: Path | None = None,
           strategies: tuple[str, ...] | None = None, log: Callable[[str], None] = print,
-          runtime: Runtime | None = None) -> list[dict]:
-    """Run every grid point not yet in `results` (appending a row after each); returns all rows."""
+          runtime: Runtime | None = None, shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run every grid point of `shard` (index, count) not yet in `results` (appending a row after
+    each); returns all rows of the file."""
+    i_shard, n_shards = shard
+    if not 0 <= i_shard < n_shards:
+        raise ValueError(f"shard {i_shard}/{n_shards}: the index must be in [0, {n_shards})")
     data = SumiData(data_dir)
     strategies = strategies or tuple(data.meta["strategies"])
     results = Path(results)
@@ -177,6 +188,8 @@ def sweep(data_dir: Path, results: Path, grid: Grid, tcfg: TrainConfig, runs_dir
     layered = {arch: uses_layers(model_config(grid.preset, data.vocab, strategies, arch=arch))
                for arch in grid.models}
     for i, cfg in enumerate(configs, 1):
+        if (i - 1) % n_shards != i_shard:
+            continue
         key = run_key(cfg, tcfg, meta, layered[cfg.arch])
         if key in done:
             log(f"[{i}/{len(configs)}] {key}: in {results}, skipped")
