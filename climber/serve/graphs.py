@@ -90,6 +90,7 @@ class Bucketed:
         self.max_batch, self.max_candidates, self.max_len = max_batch, max_candidates, model.cfg.seq_len
         self.cuda_graphs = cuda_graphs
         self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.side = torch.cuda.Stream(self.device) if cuda_graphs else None  # where captures warm up
         self._buffers: dict[str, torch.Tensor] = {}
         self._calls: dict[tuple, tuple[dict, Callable[[], object]]] = {}  # bucket -> (static inputs, run)
 
@@ -160,12 +161,11 @@ class Bucketed:
 
     def _capture(self, fn: Callable[[], object]) -> Callable[[], object]:
         """A CUDA graph of `fn`, warmed up on a side stream first (PyTorch's CUDA graphs recipe)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             for _ in range(WARMUP):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn()
