@@ -8,11 +8,16 @@ Three ways to score a request, on the same random model and history:
       the candidate pass, M candidates against the cached keys/values.
 Each is timed end to end, probabilities on the host. Sweeps vary one of candidates (M),
 history length (L) and layers around a base point. Per (L, layers) it also times a prefill and
-one new event folded into a cached history (`Engine.extend`, with the given strategies: a full
-capped block such as 'recent@16' is recomputed, the others extended).
+one new event folded into a cached history (`Engine.extend`), twice (`history_costs`): into L - 1
+events, where 'recent' and 'pos:like' have room and take it without recomputing anything (a full
+capped block such as 'recent@16' is recomputed: a prefill of its 16 tokens), and into L events,
+where the 'recent' window is full, so by construction that block is recomputed: a prefill of the
+overflowing blocks at full length. `--cuda-graphs` runs the engine's model calls as the server
+does on a GPU (`Engine.use_cuda_graphs`).
 
     python -m benchmarks.bench_serving --device cpu --quick
     python -m benchmarks.bench_serving --device cuda            # bf16, d=256, 4 heads, base L=800, 12 layers
+    python -m benchmarks.bench_serving --device cuda --cuda-graphs
 
 Prints a table, then one JSON line; writes benchmarks/results/serving_<device>[_quick].json.
 """
@@ -48,13 +53,18 @@ def build(args: argparse.Namespace, L: int, layers: int) -> Engine:
         mode = None if args.compile == "default" else args.compile
         model.score = torch.compile(model.score, dynamic=False, mode=mode)
     empty = np.zeros(0, np.int64)
-    return Engine(model, SQLiteStore(":memory:", TASKS), empty, empty)
+    engine = Engine(model, SQLiteStore(":memory:", TASKS), empty, empty)
+    if args.cuda_graphs:
+        engine.use_cuda_graphs(1, max(*args.candidates, args.base[2]))
+    return engine
 
 
-def random_history(n: int, seed: int = 0) -> History:
+def random_history(n: int, cfg: ModelConfig, seed: int = 0) -> History:
+    """n events of dense item ids, oldest first."""
     g = np.random.default_rng(seed)
-    return History(g.integers(2, N_ITEMS, n), 1_700_000_000 + np.cumsum(g.integers(1, 3600, n)),
-                   g.integers(0, N_ACTIONS, n), g.integers(0, N_SCENARIOS, n), g.integers(0, 2, (n, len(TASKS))))
+    return History(g.integers(2, cfg.n_items, n), 1_700_000_000 + np.cumsum(g.integers(1, 3600, n)),
+                   g.integers(0, cfg.n_actions, n), g.integers(0, cfg.n_scenarios, n),
+                   g.integers(0, 2, (n, len(cfg.tasks))))
 
 
 def timed(fn: Callable[[], object], args: argparse.Namespace) -> list[float]:
@@ -119,23 +129,32 @@ def run_point(args: argparse.Namespace, engine: Engine, h: History, M: int) -> d
     return row
 
 
-def history_costs(args: argparse.Namespace, engine: Engine, h: History) -> dict:
-    """Prefill of L events, and one new event folded into a cached history of L - 1."""
-    cache = engine.prefill(h[: len(h) - 1], 1, 3)
-    _, redone = engine.extend(cache, h, 1)
-    pre = percentiles(timed(lambda: engine.prefill(h, 1, 3).kv[-1][1].cpu(), args))
-    ext = percentiles(timed(lambda: engine.extend(cache, h, 1)[0].kv[-1][1].cpu(), args))
-    return {"L": engine.cfg.seq_len, "layers": engine.cfg.n_layers, "prefill_p50_ms": pre["p50_ms"],
-            "prefill_p99_ms": pre["p99_ms"], "event_p50_ms": ext["p50_ms"], "event_p99_ms": ext["p99_ms"],
-            "event_blocks_recomputed": redone}
+def history_costs(args: argparse.Namespace, engine: Engine) -> dict:
+    """A prefill of L = seq_len events, and one new event folded into a cached history of L - 1
+    events ('room': 'recent' and 'pos:like' take it, a full capped block is recomputed) and of L
+    events ('full': the 'recent' window overflows and is recomputed at full length), as the
+    server does it (`Engine.extend`); `*_vs_prefill` are p50 ratios."""
+    L = engine.cfg.seq_len
+    h = random_history(L + 1, engine.cfg)
+    out: dict = {"L": L, "layers": engine.cfg.n_layers}
+    p = percentiles(timed(lambda: engine.prefill(h[:L], 1, 3).kv[-1][1].cpu(), args))
+    out.update(prefill_p50_ms=p["p50_ms"], prefill_p99_ms=p["p99_ms"])
+    for case, n in (("room", L - 1), ("full", L)):
+        cache, hist = engine.prefill(h[:n], 1, 3), h[:n + 1]
+        _, redone = engine.extend(cache, hist, 1)
+        p = percentiles(timed(lambda c=cache, x=hist: engine.extend(c, x, 1)[0].kv[-1][1].cpu(), args))
+        out.update({f"event_{case}_p50_ms": p["p50_ms"], f"event_{case}_p99_ms": p["p99_ms"],
+                    f"event_{case}_blocks_recomputed": redone,
+                    f"event_{case}_vs_prefill": p["p50_ms"] / out["prefill_p50_ms"]})
+    return out
 
 
 def bf16_error(args: argparse.Namespace, L: int, layers: int, M: int) -> float:
     """Largest |p_bf16 - p_fp32| over the base request's candidates (same weights)."""
-    eager = {**vars(args), "compile": "none"}  # one more compile here would only cost time
+    eager = {**vars(args), "compile": "none", "cuda_graphs": False}  # more graphs here would only cost time
     engine = build(argparse.Namespace(**eager), L, layers)
     ref = build(argparse.Namespace(**{**eager, "torch_dtype": torch.float32}), L, layers)
-    h = random_history(L)
+    h = random_history(L, engine.cfg)
     cand = torch.randint(2, N_ITEMS, (1, M), generator=torch.Generator().manual_seed(1)).to(args.device)
     t = torch.tensor([int(h.time[-1]) + 60], device=args.device)
     got = engine.score(engine.prefill(h, 1, 3), cand, t)
@@ -164,6 +183,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
     ap.add_argument("--compile", default="none", choices=("none", "default", "reduce-overhead", "max-autotune"),
                     help="torch.compile the candidate pass (compiles once per shape, in the warm-up)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="the engine's model calls replayed from CUDA graphs, as the server runs them on a GPU")
     ap.add_argument("--name", help="results file name (default serving_<device>[_quick])")
     args = ap.parse_args()
     q = args.quick
@@ -190,10 +211,10 @@ def main() -> None:
     for sweep, L, layers, M in points:
         if (L, layers, M) not in measured:  # the base point is in every sweep: measured once
             engines = {(L, layers): engines.get((L, layers)) or build(args, L, layers)}  # one model in memory
-            engine, h = engines[(L, layers)], random_history(L)
-            measured[(L, layers, M)] = run_point(args, engine, h, M)
+            engine = engines[(L, layers)]
+            measured[(L, layers, M)] = run_point(args, engine, random_history(L, engine.cfg), M)
             if (L, layers) not in costs:
-                costs[(L, layers)] = history_costs(args, engine, h)
+                costs[(L, layers)] = history_costs(args, engine)
         rows.append({"sweep": sweep, **measured[(L, layers, M)]})
         print(f"  {sweep}: L={L} layers={layers} M={M}: cached p50 {rows[-1]['cached_p50_ms']:.2f} ms", flush=True)
 
@@ -206,10 +227,14 @@ def main() -> None:
     print("latencies in ms; (a) per-candidate, no cache; (b) SUMI, no cache; (c) SUMI, cached history")
     print(table(list(costs.values()), [
         ("L", "L", "d"), ("layers", "layers", "d"), ("prefill_p50_ms", "prefill p50", ".2f"),
-        ("prefill_p99_ms", "prefill p99", ".2f"), ("event_p50_ms", "+1 event p50", ".2f"),
-        ("event_p99_ms", "+1 event p99", ".2f"), ("event_blocks_recomputed", "blocks redone", "d")]))
+        ("prefill_p99_ms", "prefill p99", ".2f"), ("event_room_p50_ms", "+1 room p50", ".2f"),
+        ("event_room_p99_ms", "+1 room p99", ".2f"), ("event_room_blocks_recomputed", "redone", "d"),
+        ("event_full_p50_ms", "+1 full p50", ".2f"), ("event_full_p99_ms", "+1 full p99", ".2f"),
+        ("event_full_blocks_recomputed", "redone", "d")]))
+    print("+1 room: one event into L - 1 cached events; +1 full: into L, the 'recent' window full (recomputed)")
     model_cfg = {"d_model": args.d_model, "heads": args.heads, "strategies": args.strategies,
-                 "attention": args.attention, "dtype": args.dtype, "tasks": len(TASKS), "compile": args.compile}
+                 "attention": args.attention, "dtype": args.dtype, "tasks": len(TASKS), "compile": args.compile,
+                 "cuda_graphs": args.cuda_graphs}
     summary = {"benchmark": "serving", "env": environment(args.device), "model": model_cfg, "base": args.base,
                "rows": rows, "history_costs": list(costs.values())}
     if args.dtype == "bf16":

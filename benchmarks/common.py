@@ -31,10 +31,11 @@ def environment(device: str) -> dict:
     return env
 
 
-def write_results(name: str, module: str, payload: dict) -> Path:
-    """benchmarks/results/<name>.json with the exact command (`python -m <module> ...`) that produced it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write_results(name: str, module: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """<directory>/<name>.json (default benchmarks/results/) with the exact command (`python -m <module> ...`)
+    that produced it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     payload = {"command": " ".join(shlex.quote(a) for a in ["python", "-m", module, *sys.argv[1:]]), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

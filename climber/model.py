@@ -178,6 +178,15 @@ class HistoryCache:
         return HistoryCache([(pad(k, -2), pad(v, -2)) for k, v in self.kv], pad(self.hist_mask, -1),
                             pad(self.hist_time, -1), self.scenario, self.user, self.hist_sum)
 
+    def last(self, n: int) -> HistoryCache:
+        """Every block's last `n` columns: leading columns dropped (views; they must be padding, as
+        they are when no block holds more than `n` tokens), or padding added when it has fewer."""
+        L = self.hist_mask.shape[-1]
+        if n >= L:
+            return self.pad_left(n - L)
+        return HistoryCache([(k[..., L - n:, :], v[..., L - n:, :]) for k, v in self.kv], self.hist_mask[..., L - n:],
+                            self.hist_time[..., L - n:], self.scenario, self.user, self.hist_sum)
+
     @staticmethod
     def stack(caches: list[HistoryCache]) -> HistoryCache:
         """One batch from several caches, each left-padded to the longest history."""
@@ -460,9 +469,10 @@ class Climber(TokenEmbeddings):
         layer against the cached tokens and itself, exactly its row in a prefill from scratch
         (history attention is causal and positions enter only relative to the query), and its
         keys and values are appended. `event`: hist_* of shape (B, K, 1), the same event in every
-        block. A block with no padding left gets a padding column first."""
-        if (cache.hist_mask[..., 0] & blocks).any():
-            cache = cache.pad_left(1)
+        block. The returned cache is one column wider (every block gets a padding column first, so
+        a full block loses nothing): no shape or branch depends on the data, so a CUDA graph can
+        capture it, and the caller drops the columns no block needs (`HistoryCache.last`)."""
+        cache = cache.pad_left(1)
         x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
         t = event["hist_time"][:, 0, 0]
         _, kv, _ = self._through_cache(x, cache, t)

@@ -117,6 +117,9 @@ def test_score_roundtrip_is_cached_and_equals_the_engine(client, reference):
     want = reference.score_requests([ScoreRequest(dense, 1, 1_010_000, user=104)])[0].probs
     np.testing.assert_allclose(probs(a), want, atol=1e-6, rtol=0)
     np.testing.assert_array_equal(probs(b), probs(a))
+    for r in (first, second, client.get("/healthz")):  # the server's own time, for load generators
+        name, _, dur = r.headers["server-timing"].partition(";dur=")
+        assert name == "app" and 0 < float(dur) < 30_000
 
 
 def test_events_extend_the_cached_history(client, reference):

@@ -12,6 +12,8 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 * GET /healthz (the process answers), /readyz (the model worker runs and the queue has room),
   /metrics (Prometheus: latency, batch sizes, queue depth, refusals, cache outcomes).
 
+Responses from the app carry `Server-Timing: app;dur=<ms>`, their time in the server since arrival.
+
 Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
 `max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
 batched model call in a dedicated thread (the event loop keeps accepting requests).
@@ -241,7 +243,9 @@ class Gate:
     (nothing is parsed) and again after. The body is then read whole: over `max_body_kb` it gets
     413, not received within `body_timeout_s` 408. An admitted request gets a deadline
     (`scope["state"]["deadline"]`, loop clock) of `timeout_s` from its arrival. Records every
-    request's latency by path and status (499: the client left first)."""
+    request's latency by path and status (499: the client left first), and tells the client its
+    own in a `Server-Timing: app;dur=<ms>` header (arrival to response head: what a load
+    generator cannot see, the server's share of its latency)."""
 
     PATHS = ("/score", "/events", "/healthz", "/readyz", "/metrics")
 
@@ -289,6 +293,8 @@ class Gate:
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                took = f"app;dur={(time.perf_counter() - t0) * 1e3:.3f}".encode()
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"server-timing", took)]}
             await send(msg)
 
         async def reply(response: Response) -> None:

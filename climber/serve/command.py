@@ -41,6 +41,7 @@ class ServeSettings:
     cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
     max_users: int = 1_000_000  # users with posted events in the store; beyond: the least recently written goes
     max_future_s: float = 300.0  # posted events later than the server's clock + this: 422
+    cuda_graphs: bool = True  # on a GPU, replay the model calls from CUDA graphs, captured before the port opens
 
     def __post_init__(self) -> None:
         if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb,
@@ -126,6 +127,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     engine = Engine.from_checkpoint(ns.checkpoint, ns.data, device, dtype, int(settings.cache_mb * 2**20),
                                     ns.store, settings.max_users)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if device.type == "cuda" and settings.cuda_graphs:  # captured here, so no request waits for a capture
+        engine.use_cuda_graphs(settings.max_batch, settings.max_candidates)
     # no access log: one line per request costs more than scoring a small request
     uvicorn.run(build_app(lambda: engine, settings, token), host=ns.host, port=ns.port, access_log=False,
                 limit_concurrency=settings.max_connections, http=http_protocol(settings.header_timeout_s))

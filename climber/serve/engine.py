@@ -26,9 +26,12 @@ Exact extension is impossible once a block's window is full: the oldest event mu
 and every later token's state depended on it. Blocks never interact before fusion, so only
 the overflowing blocks are recomputed from scratch (one prefill in which the other blocks are
 empty, at the length of the longest overflowing window), the others are extended; a request
-that needed it counts as `recompute`. A short capped block ('recent@16') is then cheap to
-redo, but a full 'recent' block (a user with seq_len events or more) costs a prefill at full
-length for every new event, and, because all K blocks run batched, K blocks of that length.
+that needed it counts as `recompute`. A short capped block ('recent@16', full for any user with
+16 events) is a prefill of 16 tokens, but a full 'recent' block (a user with seq_len events or
+more) costs a prefill at full length for every new event, and, because all K blocks run
+batched, K blocks of that length. On a GPU these calls are launch-bound (a prefill of 16 tokens
+launches as many kernels as one of 800), so `use_cuda_graphs` replays all three model calls
+from CUDA graphs (`climber/serve/graphs.py`).
 
 Users are keyed by raw id (users unknown to the training data get a history too); items are
 mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
@@ -57,6 +60,7 @@ from climber.checkpoint import check_vocabulary, load_model
 from climber.config import parse_strategy
 from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
 from climber.model import Climber, HistoryCache
+from climber.serve.graphs import Bucketed
 from climber.serve.store import EventStore, History, SQLiteStore
 
 
@@ -155,6 +159,7 @@ class Engine:
     def __init__(self, model: Climber, store: EventStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
                  cache_bytes: int = 1 << 30, data: SumiData | None = None):
         self.model = model.eval()
+        self.calls: Climber | Bucketed = self.model  # prefill, score and extend go through this
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.store, self.base = store, DataHistories(len(self.cfg.tasks), data)
@@ -182,6 +187,14 @@ class Engine:
         model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
         return cls(model, SQLiteStore(store, tuple(data.tasks), max_users), data.a["item_vocab"],
                    data.a["user_vocab"], cache_bytes, data)
+
+    def use_cuda_graphs(self, max_batch: int, max_candidates: int, cuda_graphs: bool = True) -> int:
+        """Run the model calls padded to shape buckets from now on (`climber/serve/graphs.py`), up
+        to `max_batch` requests of `max_candidates`: replayed from CUDA graphs, the common buckets
+        captured now (`cuda_graphs`, on a GPU), else eagerly, which is how the tests check the
+        padding on a CPU. Returns how many graphs were captured."""
+        self.calls = Bucketed(self.model, max_batch, max_candidates, cuda_graphs)
+        return self.calls.warm() if cuda_graphs else 0
 
     # ---- ids ----------------------------------------------------------------------------------
     def item_ids(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -229,12 +242,12 @@ class Engine:
         b = self.history_inputs(history)
         b["req_scenario"] = torch.tensor([scenario], device=self.device)
         b["user"] = torch.tensor([user], device=self.device)
-        return self.model.prefill(b)
+        return self.calls.prefill(b)
 
     @torch.inference_mode()
     def score(self, cache: HistoryCache, candidates: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
         """Per-task probabilities (B, M, T) for dense candidate ids (B, M) at request times (B,)."""
-        return torch.sigmoid(self.model.score(cache, candidates, req_time).float())
+        return torch.sigmoid(self.calls.score(cache, candidates, req_time).float())
 
     @torch.inference_mode()
     def extend(self, cache: HistoryCache, history: History, n_new: int) -> tuple[HistoryCache, int]:
@@ -251,6 +264,7 @@ class Engine:
         for i in np.flatnonzero(room.any(1)):
             cache = self._append(cache, new[i:i + 1], torch.from_numpy(room[i]).to(self.device))
             counts += room[i]
+            cache = cache.last(max(1, int(counts.max())))  # `Climber.extend` added a column
         if overflow.any():
             cache = self._recompute_blocks(cache, history, overflow)
         return cache, int(overflow.sum())
@@ -259,7 +273,7 @@ class Engine:
         """`cache` with `blocks` (K,) bool replaced by a prefill of their windows of `history`."""
         b = self.history_inputs(history, blocks)
         b["req_scenario"], b["user"] = cache.scenario, cache.user
-        fresh = self.model.prefill(b)  # the other blocks are empty, their rows padding
+        fresh = self.calls.prefill(b)  # the other blocks are empty, their rows padding
         return cache.replace_blocks(fresh, torch.from_numpy(blocks).to(self.device)[None])
 
     def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
@@ -271,7 +285,7 @@ class Engine:
             return t.view(1, 1, 1, *t.shape[1:]).expand(1, K, 1, *t.shape[1:])
 
         event = {f"hist_{f}": per_block(getattr(ev, f)) for f in ("item", "time", "action", "scenario", "labels")}
-        return self.model.extend(cache, event, blocks[None])
+        return self.calls.extend(cache, event, blocks[None])
 
     # ---- histories --------------------------------------------------------------------------
     def in_windows(self, h: History) -> np.ndarray:

@@ -1,0 +1,214 @@
+"""The serving engine's model calls padded to shape buckets and replayed from CUDA graphs
+(docs/paper.md section 3.2; docs/serving.md says why).
+
+At serving sizes a model call is launch-bound on a GPU: a candidate pass of 12 layers is a few
+hundred small kernels, and at L = 800, d = 256 and 1,000 candidates the host takes longer to
+launch them than the GPU to run them (7.9 ms eager, 2.6 ms as one graph on an H200). A CUDA graph
+replays a captured call's kernels with one launch, but only at the shapes and addresses it was
+captured with. So `Bucketed` pads each call up to a bucket, copies its inputs into that bucket's
+static buffers, replays the bucket's graph and slices the output back:
+
+* `score`: batch B, candidates M and cached history length L, each to the next power of two
+  (at least `FLOOR` for M and L), capped at the server's max batch, its max candidates and the
+  model's longest block window (seq_len; no cache is wider);
+* `prefill` and `extend` (one user, as the engine calls them): history length L.
+
+Padding changes no score. Histories are left-padded and attention sees only relative positions,
+time gaps and the mask, so masked columns before a history change nothing (`HistoryCache.stack`
+pads the same way); batch rows and candidates never see each other, so padding rows and columns
+(left holding whatever an earlier call put there, always finite: each buffer only ever holds
+one field's values) touch no real row, and none of them is NaN (a candidate always sees itself,
+and the match and pooled readouts define an empty history as 0).
+
+The same padded calls run without graphs (`cuda_graphs=False`), which is how the CPU tests check
+the padding. Graphs are captured on first use of a bucket; `warm` captures the common ones (every
+batch and length bucket at the largest candidate bucket, every prefill and extend bucket) before
+the server opens its port, so only unusual shapes pay a capture (a few eager calls) when they
+first come. The buckets of one call share their input buffers (views of one buffer sized for the
+largest), and all graphs share one memory pool; that is safe because calls run one at a time on
+one stream and each output is copied out before the next replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from climber.model import Climber, HistoryCache
+
+log = logging.getLogger("climber.serve")
+
+FLOOR = 16  # smallest candidate and history bucket: below it padding costs a GPU nothing
+WARMUP = 2  # eager calls on a side stream before a capture (lazy initialisation, Triton's compiles)
+
+
+def bucket(n: int, cap: int, floor: int = 1) -> int:
+    """The smallest power of two >= n and >= floor, at most `cap` (n <= cap)."""
+    return min(cap, max(floor, 1 << (n - 1).bit_length()))
+
+
+def buckets(cap: int, floor: int = 1) -> list[int]:
+    """Every bucket up to `cap`, largest first."""
+    return sorted({bucket(n, cap, floor) for n in (1 << i for i in range(cap.bit_length() + 1)) if n <= cap} | {cap},
+                  reverse=True)
+
+
+def _put(dst: HistoryCache, src: HistoryCache) -> None:
+    """Copy `src` (b rows, L columns) into the first b rows of `dst` (L or more columns), right-aligned:
+    the columns before it become padding."""
+    b, L = src.hist_mask.shape[0], src.hist_mask.shape[-1]
+    dst.hist_mask[:b, :, :-L] = False
+    dst.hist_mask[:b, :, -L:] = src.hist_mask
+    dst.hist_time[:b, :, -L:] = src.hist_time
+    for (dk, dv), (k, v) in zip(dst.kv, src.kv, strict=True):
+        dk[:b, :, :, -L:] = k
+        dv[:b, :, :, -L:] = v
+    dst.scenario[:b], dst.user[:b], dst.hist_sum[:b] = src.scenario, src.user, src.hist_sum
+
+
+def _cut(c: HistoryCache, L: int) -> HistoryCache:
+    """A fresh copy of the last L columns of a graph's output cache (its memory is reused by the next replay)."""
+    c = c.last(L)
+    return HistoryCache([(k.clone(), v.clone()) for k, v in c.kv], c.hist_mask.clone(), c.hist_time.clone(),
+                        c.scenario.clone(), c.user.clone(), c.hist_sum.clone())
+
+
+class Bucketed:
+    """`Climber.prefill`, `score` and `extend` with the same arguments and results (fresh tensors),
+    run padded to shape buckets: replayed from CUDA graphs with `cuda_graphs`, else eagerly. Calls
+    beyond the caps (or of several users, for prefill and extend) run unpadded on the model."""
+
+    def __init__(self, model: Climber, max_batch: int, max_candidates: int, cuda_graphs: bool):
+        p = next(model.parameters())
+        if cuda_graphs and p.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {p.device}")
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        self.max_batch, self.max_candidates, self.max_len = max_batch, max_candidates, model.cfg.seq_len
+        self.cuda_graphs = cuda_graphs
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.side = torch.cuda.Stream(self.device) if cuda_graphs else None  # where captures warm up
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._calls: dict[tuple, tuple[dict, Callable[[], object]]] = {}  # bucket -> (static inputs, run)
+
+    # ---- the three calls --------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
+        (B, M), L = cand_item.shape, cache.hist_mask.shape[-1]
+        if B > self.max_batch or M > self.max_candidates or L > self.max_len:
+            return self.model.score(cache, cand_item, req_time)
+        x, run = self._call("score", bucket(B, self.max_batch), bucket(M, self.max_candidates, FLOOR),
+                            bucket(L, self.max_len, FLOOR))
+        _put(x["cache"], cache)
+        x["cand_item"][:B, :M] = cand_item
+        x["req_time"][:B] = req_time
+        return run()[:B, :M].clone()
+
+    @torch.inference_mode()
+    def prefill(self, b: dict) -> HistoryCache:
+        B, _, L = b["hist_mask"].shape
+        if B > 1 or L > self.max_len:
+            return self.model.prefill(b)
+        x, run = self._call("prefill", 1, 1, bucket(L, self.max_len, FLOOR))
+        x["hist_mask"][..., :-L] = False
+        for k, v in b.items():
+            if k.startswith("hist_"):
+                x[k][:, :, -L:] = v
+        x["req_scenario"][:], x["user"][:] = b["req_scenario"], b["user"]
+        return _cut(run(), L)
+
+    @torch.inference_mode()
+    def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
+        B, _, L = cache.hist_mask.shape
+        if B > 1 or L > self.max_len:
+            return self.model.extend(cache, event, blocks)
+        x, run = self._call("extend", 1, 1, bucket(L, self.max_len, FLOOR))
+        _put(x["cache"], cache)
+        for k, v in event.items():
+            x[k][:] = v
+        x["blocks"][:] = blocks
+        return _cut(run(), L + 1)  # `Climber.extend` adds a column
+
+    # ---- buckets ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def warm(self) -> int:
+        """Capture the common buckets now, largest first; returns how many graphs there are."""
+        t0 = time.perf_counter()
+        M = bucket(self.max_candidates, self.max_candidates, FLOOR)
+        for L in buckets(self.max_len, FLOOR):
+            for B in buckets(self.max_batch):
+                self._call("score", B, M, L)
+            self._call("prefill", 1, 1, L)
+            self._call("extend", 1, 1, L)
+        log.info("%d CUDA graphs captured in %.1f s", len(self._calls), time.perf_counter() - t0)
+        return len(self._calls)
+
+    def _call(self, kind: str, B: int, M: int, L: int) -> tuple[dict, Callable[[], object]]:
+        """The bucket's static inputs and the call that runs the model on them (a graph's replay)."""
+        key = (kind, B, M, L)
+        if key not in self._calls:
+            x = self._inputs(kind, B, M, L)
+            m = self.model
+            fn = {"score": lambda: m.score(x["cache"], x["cand_item"], x["req_time"]),
+                  "prefill": lambda: m.prefill(x),
+                  "extend": lambda: m.extend(x["cache"], {k: v for k, v in x.items() if k.startswith("hist_")},
+                                             x["blocks"])}[kind]
+            self._calls[key] = x, self._capture(fn) if self.cuda_graphs else fn
+        return self._calls[key]
+
+    def _capture(self, fn: Callable[[], object]) -> Callable[[], object]:
+        """A CUDA graph of `fn`, warmed up on a side stream first (PyTorch's CUDA graphs recipe)."""
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for _ in range(WARMUP):
+                fn()
+        torch.cuda.current_stream().wait_stream(self.side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+
+        def replay() -> object:
+            graph.replay()
+            return out
+
+        return replay
+
+    def _inputs(self, kind: str, B: int, M: int, L: int) -> dict:
+        """Static inputs of one bucket: views of buffers sized for the kind's largest bucket."""
+        cfg, dev = self.model.cfg, self.device
+        K, H, T = cfg.n_blocks, cfg.n_heads, len(cfg.tasks)
+        Bc, Mc = (self.max_batch, self.max_candidates) if kind == "score" else (1, 1)
+
+        def buf(name: str, shape: tuple[int, ...], dtype: torch.dtype, cap: tuple[int, ...]) -> torch.Tensor:
+            name = f"{kind}.{name}"
+            if name not in self._buffers:  # zeros: padding never reads uninitialised memory
+                self._buffers[name] = torch.zeros(math.prod(cap), dtype=dtype, device=dev)
+            return self._buffers[name][:math.prod(shape)].view(shape)
+
+        def per_token(name: str, dtype: torch.dtype, *tail: int) -> torch.Tensor:  # (B, K, L, *tail)
+            return buf(name, (B, K, L, *tail), dtype, (Bc, K, self.max_len, *tail))
+
+        x: dict = {}
+        if kind in ("score", "extend"):
+            nl, dh = cfg.n_layers, cfg.d_model // H
+            kv = buf("kv", (nl, 2, B, K, H, L, dh), self.dtype, (nl, 2, Bc, K, H, self.max_len, dh))
+            x["cache"] = HistoryCache([(kv[i, 0], kv[i, 1]) for i in range(nl)], per_token("mask", torch.bool),
+                                      per_token("time", torch.long), buf("scenario", (B,), torch.long, (Bc,)),
+                                      buf("user", (B,), torch.long, (Bc,)),
+                                      buf("hist_sum", (B, K, cfg.d_model), self.dtype, (Bc, K, cfg.d_model)))
+        if kind == "score":
+            x["cand_item"] = buf("cand", (B, M), torch.long, (Bc, Mc))
+            x["req_time"] = buf("req_time", (B,), torch.long, (Bc,))
+        if kind == "prefill":
+            x.update({f"hist_{f}": per_token(f, torch.long) for f in ("item", "time", "action", "scenario")})
+            x.update(hist_labels=per_token("labels", torch.long, T), hist_mask=per_token("mask", torch.bool),
+                     req_scenario=buf("req_scenario", (1,), torch.long, (1,)), user=buf("user", (1,), torch.long, (1,)))
+        if kind == "extend":  # one event, the same in every block, and the blocks that take it
+            x.update({f"hist_{f}": buf(f"event_{f}", (1, K, 1), torch.long, (1, K, 1))
+                      for f in ("item", "time", "action", "scenario")})
+            x["hist_labels"] = buf("event_labels", (1, K, 1, T), torch.long, (1, K, 1, T))
+            x["blocks"] = buf("blocks", (1, K), torch.bool, (1, K))
+        return x
