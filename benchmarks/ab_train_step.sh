@@ -15,7 +15,7 @@ OLD=$(realpath "${1:?usage: $0 OLD_DIR OUT}")
 OUT=${2:?usage: $0 OLD_DIR OUT}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 ROUNDS=${ROUNDS:-2}
 LIMIT=${LIMIT:-420}
 (nvidia-smi --query-gpu=name,driver_version --format=csv,noheader

@@ -72,7 +72,7 @@ budget() {  # data set -> its flags
         beauty) echo "--batch-size 1024 --epochs 20" ;;
         grocery) echo "--batch-size 512 --epochs 20" ;;
         beauty+grocery+lastfm) echo "--batch-size 1024 --epochs 20" ;;  # benchmarks/run_scenarios.sh
-        synthetic-recency3) echo "--batch-size 512 --epochs 20" ;;
+        synthetic-*) echo "--batch-size 512 --epochs 20" ;;  # benchmarks/run_scenarios.sh
         *) echo "unknown data set $1" >&2; exit 2 ;;
     esac
 }
