@@ -17,12 +17,13 @@ from climber.serve.graphs import FLOOR, Bucketed, bucket, buckets
 from tests.helpers import perturb, random_batch, tiny_config
 
 SEQ_LEN, MAX_BATCH, MAX_CAND = 40, 6, 40  # length buckets 16, 32, 40; batch 1, 2, 4, 6; candidates 16, 32, 40
-ATOL = 1e-5
+ATOL, RTOL = 1e-4, 1e-5  # fp32 round-off (logits up to ~25): padded shapes sum in another order
 
 
 def make(device: str = "cpu") -> Climber:
     torch.manual_seed(0)
-    model = Climber(tiny_config(seq_len=SEQ_LEN)).eval()
+    # head dim 16: on a GPU "auto" picks the Triton kernels, which need a power of two >= 16
+    model = Climber(tiny_config(seq_len=SEQ_LEN, d_model=32)).eval()
     perturb(model)
     model = model.to(device)
     model.attention = ops.backend("auto", device)
@@ -51,9 +52,9 @@ def assert_caches_match(got: HistoryCache, want: HistoryCache, atol: float) -> N
     m = want.hist_mask
     assert torch.equal(got.hist_time[m], want.hist_time[m])
     for (k1, v1), (k2, v2) in zip(got.kv, want.kv, strict=True):
-        torch.testing.assert_close(k1.transpose(2, 3)[m], k2.transpose(2, 3)[m], atol=atol, rtol=0)
-        torch.testing.assert_close(v1.transpose(2, 3)[m], v2.transpose(2, 3)[m], atol=atol, rtol=0)
-    torch.testing.assert_close(got.hist_sum, want.hist_sum, atol=atol, rtol=0)
+        torch.testing.assert_close(k1.transpose(2, 3)[m], k2.transpose(2, 3)[m], atol=atol, rtol=RTOL)
+        torch.testing.assert_close(v1.transpose(2, 3)[m], v2.transpose(2, 3)[m], atol=atol, rtol=RTOL)
+    torch.testing.assert_close(got.hist_sum, want.hist_sum, atol=atol, rtol=RTOL)
 
 
 @torch.inference_mode()
@@ -64,7 +65,7 @@ def assert_calls_match(model: Climber, padded: Bucketed, B: int, L: int, M: int,
     cache = model.prefill(b)
     got, want = padded.score(cache, b["cand_item"], b["req_time"]), model.score(cache, b["cand_item"], b["req_time"])
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    torch.testing.assert_close(got, want, atol=atol, rtol=RTOL)
     one = {k: v[:1] for k, v in b.items()}
     assert_caches_match(padded.prefill(one), model.prefill(one), atol)
     ev, blocks = one_event(model.cfg, seed, dev)
@@ -112,7 +113,7 @@ def test_padding_rows_and_columns_change_no_real_row():
     padded.score(filler, other["cand_item"], other["req_time"])
     again = padded.score(cache, b["cand_item"], b["req_time"])
     assert torch.equal(first, again)
-    torch.testing.assert_close(first, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(first, want, atol=ATOL, rtol=RTOL)
     _, run = padded._call("score", 4, 16, 32)
     with torch.inference_mode():
         assert torch.isfinite(run()).all()  # the padding row (an empty history) too
@@ -128,7 +129,7 @@ def test_cache_last_drops_leading_padding_and_pads():
         for n in (6, 10, 13):
             c = cache.last(n)
             assert c.hist_mask.shape[-1] == n and c.kv[0][0].shape[-2] == n
-            torch.testing.assert_close(model.score(c, b["cand_item"], b["req_time"]), want, atol=ATOL, rtol=0)
+            torch.testing.assert_close(model.score(c, b["cand_item"], b["req_time"]), want, atol=ATOL, rtol=RTOL)
 
 
 def store_engine(model: Climber) -> Engine:
@@ -157,7 +158,7 @@ def assert_engines_agree(model: Climber, cuda_graphs: bool, atol: float) -> None
                              user=int(u)) for u in users]  # up to 9 candidates: over max_candidates
         for a, b in zip(plain.score_requests(reqs), padded.score_requests(reqs), strict=True):
             assert (a.cache, a.history_length) == (b.cache, b.history_length)
-            np.testing.assert_allclose(b.probs, a.probs, atol=atol, rtol=0)
+            np.testing.assert_allclose(b.probs, a.probs, atol=atol, rtol=RTOL)
     assert padded.stats == plain.stats and plain.stats["recompute"] and plain.stats["recompute_blocks"] > 12
 
 
