@@ -41,7 +41,7 @@ class ServeSettings:
     cache_mb: float = 1024.0  # user KV-cache budget, bytes of cached tensors
     max_users: int = 1_000_000  # users with posted events in the store; beyond: the least recently written goes
     max_future_s: float = 300.0  # posted events later than the server's clock + this: 422
-    cuda_graphs: bool = False  # on a GPU, replay the model calls from CUDA graphs captured before the port opens (not yet verified on a GPU: off by default)
+    cuda_graphs: bool = False  # on a GPU, replay the model calls from CUDA graphs captured at start-up (opt-in)
 
     def __post_init__(self) -> None:
         if min(self.max_candidates, self.max_history, self.max_batch, self.queue_size, self.max_body_kb,
