@@ -74,8 +74,10 @@ elif env["STAGE"] == "sweep":
 
     def log(msg: str) -> None:  # after each run, OUT gets the results so far (a call may hit its time limit)
         print(f"[shard {shard}] {msg}", flush=True)
-        if results.exists():
-            shutil.copy(results, out / "results.jsonl")
+        if results.exists():  # copied aside, then renamed: shards copying at once never tear OUT's file
+            tmp = out / f".results.jsonl.{shard}"
+            shutil.copy(results, tmp)
+            os.replace(tmp, out / "results.jsonl")
 
     sweep(data, results, grid, tcfg, work / "runs", log=log, runtime=Runtime(device=env["DEVICE"]),
           shard=(shard, int(env["JOBS"])))

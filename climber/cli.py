@@ -235,20 +235,22 @@ def cmd_run(ns) -> None:
           f"wall time {time.time() - t0:.0f}s")
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N)."""
+    i, sep, n = text.partition("/")
+    if not (sep and i.isdigit() and n.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N, e.g. 0/4")
+    return int(i), int(n)
+
+
 def cmd_scale_sweep(ns) -> None:
     from climber.scaling.sweep import Grid, sweep
 
     grid = Grid(tuple(ns.models), tuple(ns.lengths), tuple(ns.layers), tuple(ns.widths or ()), ns.preset)
     t0 = time.time()
-    try:
-        shard = tuple(int(v) for v in ns.shard.split("/"))
-        if len(shard) != 2:
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"--shard {ns.shard!r}: expected I/N, e.g. 0/4") from None
     rows = sweep(ns.data, ns.out, grid, TrainConfig(**pick_fields(ns, TrainConfig)), ns.runs,
                  tuple(ns.strategies) if ns.strategies else None, runtime=Runtime(**pick_fields(ns, Runtime)),
-                 shard=shard)
+                 shard=ns.shard)
     print(f"{len(rows)} rows in {ns.out} ({time.time() - t0:.0f}s)")
 
 
@@ -465,8 +467,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--widths", nargs="*", type=int, help="d_model values (default: the preset's)")
     add_preset_flag(p)
     p.add_argument("--strategies", nargs="*", help="extraction strategies (default: the data set's)")
-    p.add_argument("--shard", default="0/1", help="I/N: run every N-th grid point from the I-th (N processes "
-                   "share one grid and results file; default 0/1, all)")
+    p.add_argument("--shard", type=shard_arg, default=(0, 1), metavar="I/N",
+                   help="run every N-th grid point from the I-th (N processes share one grid and results file; "
+                        "default 0/1, all)")
     add_dataclass_flags(p.add_argument_group(TRAIN_GROUP), TrainConfig)
     add_dataclass_flags(p.add_argument_group(RUNTIME_GROUP), Runtime)
     p.set_defaults(fn=cmd_scale_sweep)
