@@ -90,6 +90,7 @@ export ROOT OUT PY EXTRA SEEDS LRS EMB_MULTS EMB_WDS NEGS PATIENCE GPUS DEVICE
 
 for ds in "${DATASETS[@]}"; do
     [ -f "$ROOT/$ds/meta.json" ] || { echo "missing prepared data $ROOT/$ds" >&2; exit 2; }
+    budget "$ds" > /dev/null  # an unknown data set stops here (inside compare's $(...) it would not)
     mkdir -p "$OUT/$ds"
 done
 
