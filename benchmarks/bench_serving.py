@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--d-model", type=int)
     ap.add_argument("--heads", type=int)
     ap.add_argument("--strategies", nargs="+", default=["recent", "pos:like", "recent@16"])
-    ap.add_argument("--attention", default="auto", choices=ops.BACKENDS, help="attention backend of the prefill")
+    ap.add_argument("--attention", default="auto", choices=ops.BACKENDS,
+                    help="attention backend of every model call: prefill, candidate pass, extend")
     ap.add_argument("--base", type=int, nargs=3, metavar=("L", "LAYERS", "M"), help="the point the sweeps vary")
     ap.add_argument("--candidates", type=int, nargs="+")
     ap.add_argument("--lengths", type=int, nargs="+")

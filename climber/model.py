@@ -48,7 +48,7 @@ from torch import nn
 from climber import ops
 from climber.config import ModelConfig
 from climber.embeddings import Table, TokenEmbeddings
-from climber.ops.reference import attend_cached, bias, position_buckets, time_buckets
+from climber.ops.reference import bias, match_readout, position_buckets, time_buckets
 
 
 class BlockLinear(nn.Module):
@@ -233,21 +233,6 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv.permute(3, 1, 0, 4, 2, 5).unbind(0)
 
 
-def _match(q: torch.Tensor, k_hist: torch.Tensor, hist_mask: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
-    """The match readout: queries q (B, K, H, M, dh) against history keys (B, K, H, L, dh) with
-    validity (B, K, L) and 1 / tau (B, K, H) -> (B, K, H, M, 2): each query's mean logit over
-    the valid keys, q . mean(k) / tau, and their log-mean-exp, a soft maximum that grows with
-    the number and strength of close matches (as an item co-occurrence score does); 0 for an
-    empty history. f_b is left out: the match is between items, not positions. In fp32."""
-    q, k = q.float(), k_hist.float()
-    valid = hist_mask[:, :, None, None, :]  # (B, K, 1, 1, L)
-    logits = torch.einsum("bkhmd,bkhld->bkhml", q, k) * inv_tau[..., None, None].float()
-    n = valid.sum(-1).clamp(min=1)
-    mean = logits.masked_fill(~valid, 0).sum(-1) / n
-    lme = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), -1) - n.log()
-    return torch.stack([mean, torch.where(valid.any(-1), lme, 0.0)], -1)
-
-
 def _match_features(match: list[torch.Tensor]) -> torch.Tensor | None:
     """Per-layer match readouts [(B, K, H, M, 2)] -> the head's extra inputs (B, M, N_L * K * H * 2)."""
     if not match:
@@ -357,7 +342,8 @@ class Climber(TokenEmbeddings):
                 return x.new_zeros(K, B, 0, d), kv, None
             if self.cfg.match_readout:
                 q, k, _ = _heads(qkv)
-                match.append(_match(q[..., n_hist:, :], k[..., :n_hist, :], valid[..., :n_hist], inv))
+                match.append(match_readout(q[..., n_hist:, :], k[..., :n_hist, :], valid[..., :n_hist],
+                                           inv[..., None, None]))
             if seq is None:  # f_b in the projections' dtype (the compute dtype under autocast)
                 seq = self.attention.prepare(*self._tables(scenario), pb, tb, valid, n_hist, qkv.dtype)
             y, seq = self.attention.attend(qkv, inv, seq)
@@ -385,10 +371,11 @@ class Climber(TokenEmbeddings):
         kv, match = [], []
         for layer, inv, (k_hist, v_hist) in zip(self.layers, self._inv_tau(cache.scenario), cache.kv, strict=True):
             q, k, v = _heads(layer.qkv(n).view(K, B, M, 3, H, d // H))
-            y = attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias, cache.hist_mask)
+            y, m = self.attention.attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias,
+                                                cache.hist_mask, self.cfg.match_readout)
             kv.append((k, v))
-            if self.cfg.match_readout:
-                match.append(_match(q, k_hist, cache.hist_mask, inv))
+            if m is not None:
+                match.append(m)
             h, n = layer(h, y)
         return h.view(K, B, M, d), kv, _match_features(match)
 

@@ -7,6 +7,9 @@ temperature and both f_b tables are checked here as on the GPU. The `gpu` tests 
 outputs and all gradients in fp32, and in bf16 against the reference's own bf16 error. The
 kernels' `climber::` operators are checked by `torch.library.opcheck`, by one full-graph
 compile of `prepare` and two layers' `attend` (equal to eager) and by `torch.export`.
+`attend_cached` (serving, forward only) is checked against the reference, output and match
+readout, on shapes off the tiles, empty and one-key histories, M = 1 and large logits, and
+through a model's `score` and `extend`; on the GPU also in bf16 and replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -262,13 +265,17 @@ def op_cases(device: str) -> list[tuple[str, tuple]]:
     out, lse, _ = torch.ops.climber.attention(*(a.detach() if torch.is_tensor(a) else a for a in fwd))
     bwd = (rand(*out.shape, grad=False), qkv.detach(), inv.detach(), bias.detach(), *fwd[4:6], out, lse,
            rand(BK, H, S, S, grad=False).tril(), 12)
+    # attend_cached (forward only, inputs without gradients): M = 5 new tokens against the S keys
+    new, cache = (rand(K, B, n, 3, H, dh, grad=False).permute(3, 1, 0, 4, 2, 5).unbind(0) for n in (5, S))
+    cached = (*new, inv.detach().flatten(), *cache[1:], rand(BK * H, S, grad=False), rand(BK * H, grad=False),
+              *fwd[4:6], True)
     return [("dense_bias", (rand(BK, H, P), rand(BK, H, T), pb, tb, torch.float32)),
             ("dense_bias_backward", (rand(BK, H, S, S, grad=False).tril(), pb, tb, P, T)),
-            ("attention", fwd), ("attention_backward", bwd)]
+            ("attention", fwd), ("attention_backward", bwd), ("attend_cached", cached)]
 
 
 @interpreted
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_triton_ops_pass_opcheck_in_interpreter(case):
     """Each operator's schema (mutations declared, no output aliasing an input), its fake
     implementation (shapes, dtypes and strides equal to the real outputs'), its autograd
@@ -280,7 +287,7 @@ def test_triton_ops_pass_opcheck_in_interpreter(case):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(5))
 def test_triton_ops_pass_opcheck_on_gpu(case):
     name, args = op_cases("cuda")[case]
     torch.library.opcheck(getattr(torch.ops.climber, name), args)
@@ -357,6 +364,130 @@ def test_prepare_and_attend_export():
     targets = {str(n.target) for n in program.graph.nodes}
     assert {"climber.dense_bias.default", "climber.attention.default"} <= targets
     assert torch.equal(program.module()(*inputs), f(*inputs))
+
+
+# ---- attend_cached: new tokens against a history cache (serving), forward only ------------------
+# (B, K, H, M new tokens, L cached keys, dh): the new tokens and the cache both off the 64-row
+# tiles, over several key tiles and within one; M = 1 (Climber.extend); M over two query tiles
+# against a cache shorter than a tile; every head dim the model allows.
+CACHED_SHAPES = [(2, 3, 2, 37, 70, 16), (1, 3, 1, 1, 130, 32), (2, 2, 2, 70, 20, 64), (1, 3, 1, 5, 9, 128)]
+
+
+def cached_inputs(B, K, H, M, L, dh, seed=0, scale=1.0, dtype=torch.float32, device="cpu") -> dict:
+    """`attend_cached`'s inputs in the model's layouts: the new tokens' q, k, v views of one
+    packed projection (K, B, M, 3, H, dh), the cached keys and values views of another (as
+    prefill leaves them), 1 / tau expanded over blocks. Left-padded histories of random length
+    with some holes; the first three (sample, block) rows have no valid key, one, and L less holes.
+    `scale` multiplies q and the cached keys (large logits)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def heads(n, scaled):  # (K, B, n, 3, H, dh), part `scaled` times `scale` -> q, k, v (B, K, H, n, dh), views
+        packed = torch.randn(K, B, n, 3, H, dh, generator=g)
+        packed[..., scaled, :, :] *= scale
+        return packed.to(device, dtype).permute(3, 1, 0, 4, 2, 5).unbind(0)
+
+    q, k, v = heads(M, 0)
+    _, k_hist, v_hist = heads(L, 1)
+    lengths = torch.randint(0, L + 1, (B, K), generator=g)
+    lengths.view(-1)[:3] = torch.tensor([0, 1, L])[:B * K]
+    valid = (torch.arange(L) >= L - lengths[..., None]) & ((torch.rand(B, K, L, generator=g) > 0.2)
+                                                           | (lengths <= 1)[..., None])
+    inv_tau = (torch.rand(B, 1, H, generator=g) * 2 + 0.5).expand(B, K, H)[..., None, None]
+    hist_bias, self_bias = torch.randn(B, K, H, 1, L, generator=g) * 2, torch.randn(B, K, H, 1, 1, generator=g)
+    return dict(q=q, k=k, v=v, inv_tau=inv_tau.to(device, dtype), k_hist=k_hist, v_hist=v_hist,
+                hist_bias=hist_bias.to(device, dtype), self_bias=self_bias.to(device, dtype),
+                hist_valid=valid.to(device))
+
+
+def assert_cached_match_reference(x: dict, rtol: float, atol: float) -> None:
+    """The kernel's output and both match features equal the reference's; without `match` the
+    kernel gives the same output and no features."""
+    (y, m), (y_ref, m_ref) = (impl.attend_cached(**x, match=True) for impl in (ops.TRITON, ops.REFERENCE))
+    assert y.dtype == x["q"].dtype and m.dtype == torch.float32 and m.shape == (*x["q"].shape[:-1], 2)
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(m[..., 0], m_ref[..., 0], rtol=rtol, atol=atol, msg="mean logit")
+    torch.testing.assert_close(m[..., 1], m_ref[..., 1], rtol=rtol, atol=atol, msg="log-mean-exp")
+    empty = ~x["hist_valid"].any(-1)
+    assert empty.any() and (m[empty] == 0).all()  # no valid key: both features 0
+    y_only, none = ops.TRITON.attend_cached(**x, match=False)
+    assert none is None and torch.equal(y_only, y)
+
+
+@interpreted
+@pytest.mark.parametrize("shape", CACHED_SHAPES)
+def test_triton_cached_matches_reference_in_interpreter(shape):
+    assert_cached_match_reference(cached_inputs(*shape), rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+def test_triton_cached_large_logits_do_not_overflow_in_interpreter():
+    """Logits q.k / tau up to some 4e4 (exp overflows fp32 beyond 88): both online log-sum-exps
+    keep every exponent <= 0. Features that large differ from the reference's by fp32 round-off
+    of the logits (summed in another order), some 1e-4 absolute."""
+    x = cached_inputs(*CACHED_SHAPES[0], scale=30.0)
+    assert x["q"].abs().max() * x["k_hist"].abs().max() > 3000
+    assert_cached_match_reference(x, rtol=1e-5, atol=1e-3)
+
+
+@interpreted
+def test_triton_serving_equals_reference_in_interpreter():
+    """`Climber.score` and `Climber.extend` (one attend_cached per layer, match readout on) give
+    the same logits and new keys and values with either backend, against one prefilled cache."""
+    torch.manual_seed(0)
+    model = Climber(tiny_config(d_model=32, seq_len=20, match_readout=True)).eval()  # head dim 16
+    perturb(model)
+    b = random_batch(model.cfg, B=3, L=20, M=6, seed=2)
+    B, K, _ = b["hist_mask"].shape
+    event = {n: b[n][:, :1, -1:].expand(B, K, 1, *b[n].shape[3:]) for n in b if n.startswith("hist_")}
+    event["hist_time"] = b["req_time"][:, None, None].expand(B, K, 1)
+    blocks = torch.rand(B, K, generator=torch.Generator().manual_seed(0)) < 0.6
+    with torch.inference_mode():
+        cache = model.prefill(b)
+        out = {}
+        for name in ("reference", "triton"):
+            model.attention = ops.backend(name, "cpu")
+            out[name] = model.score(cache, b["cand_item"], b["req_time"]), model.extend(cache, event, blocks)
+    (logits, ext), (logits_ref, ext_ref) = out["triton"], out["reference"]
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
+    for (k, v), (k_ref, v_ref) in zip(ext.kv, ext_ref.kv, strict=True):
+        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [*CACHED_SHAPES, (1, 3, 4, 1000, 800, 64)])  # the last: the serving benchmark's
+def test_triton_cached_matches_reference_on_gpu(shape):
+    """fp32 to round-off; bf16 inputs about as far from the fp32 reference (on the same rounded
+    inputs) as the reference's own bf16 run (torch's default: no tf32 in the fp32 reference's matmuls)."""
+    x = cached_inputs(*shape, device="cuda")
+    assert_cached_match_reference(x, rtol=1e-5, atol=1e-5)
+    x = cached_inputs(*shape, dtype=torch.bfloat16, device="cuda")
+    exact = ops.REFERENCE.attend_cached(**{n: t.float() if t.is_floating_point() else t for n, t in x.items()},
+                                        match=True)
+    fast, ref = ops.TRITON.attend_cached(**x, match=True), ops.REFERENCE.attend_cached(**x, match=True)
+    for name, i in (("output", 0), ("match", 1)):
+        e_fast, e_ref = relative_error(fast[i].float(), exact[i]), relative_error(ref[i].float(), exact[i])
+        assert e_fast < 2 * e_ref + 1e-3, f"{name}: triton {e_fast:.1e}, reference {e_ref:.1e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_cached_is_captured_by_a_cuda_graph():
+    """attend_cached captured in a CUDA graph (no host synchronisation, no data-dependent shape)
+    and replayed on new inputs copied into the captured ones equals an eager call on those."""
+    shape = (2, 3, 4, 100, 300, 64)
+    static = {n: t.clone() for n, t in cached_inputs(*shape, dtype=torch.bfloat16, device="cuda").items()}
+    ops.TRITON.attend_cached(**static, match=True)  # compiles the kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, m = ops.TRITON.attend_cached(**static, match=True)
+    new = cached_inputs(*shape, seed=1, dtype=torch.bfloat16, device="cuda")
+    for n, t in static.items():
+        t.copy_(new[n])
+    graph.replay()
+    y_eager, m_eager = ops.TRITON.attend_cached(**new, match=True)
+    assert torch.equal(y, y_eager) and torch.equal(m, m_eager)
 
 
 def test_auto_picks_the_reference_where_the_kernels_cannot_run(monkeypatch):

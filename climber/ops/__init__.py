@@ -1,16 +1,19 @@
 """Attention backends of the Adaptive Transformer Layer, one interface, chosen once.
 
-A backend is a pair of functions with the meaning fixed by `climber/ops/reference.py`:
+A backend is three functions with the meaning fixed by `climber/ops/reference.py`:
 
     seq = prepare(pos, tim, pb, tb, valid, n_hist, dtype)   # f_b and the mask, once per forward
     out, seq = attend(qkv, inv_tau, seq)                    # one layer's SUMI attention
+    # new tokens against a history cache, and the match readout's features (or None)
+    out, feats = attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid, match)
 
 "reference" is plain PyTorch and runs anywhere; "triton" is `climber/ops/triton_attention.py`,
 for CUDA GPUs (or Triton's CPU interpreter in tests). Neither module imports the other. The
 model holds a backend as a plain attribute, not a parameter, so a checkpoint moves freely
-between them (`climber/runtime.py` picks one). New history tokens scored against a cache (the
-candidates in `Climber.score`, new events in `Climber.extend`) always use the reference's
-`attend_cached`: an (M, L + 1) problem with no kernel of its own.
+between them (`climber/runtime.py` picks one). `attend_cached` serves new tokens against a
+history cache (the candidates in `Climber.score`, new events in `Climber.extend`), an (M, L + 1)
+problem, and with `match` also returns the match readout's features from the same logits; the
+Triton version is forward only (serving), one kernel that reads the cached keys and values once.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ class Attention:
     name: str
     prepare: Callable
     attend: Callable
+    attend_cached: Callable
 
 
-REFERENCE = Attention("reference", reference.prepare, reference.attend)
-TRITON = Attention("triton", triton_attention.prepare, triton_attention.attend)
+REFERENCE = Attention("reference", reference.prepare, reference.attend, reference.attend_cached)
+TRITON = Attention("triton", triton_attention.prepare, triton_attention.attend, triton_attention.attend_cached)
 
 
 def backend(name: str, device: torch.device | str) -> Attention:

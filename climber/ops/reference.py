@@ -1,6 +1,7 @@
 """The attention of the Adaptive Transformer Layer in plain PyTorch: the specification
-(docs/paper.md sections 2.3 and 3.1). `climber/ops/triton_attention.py` implements `prepare`
-and `attend` with the same meaning on the GPU; tests check the two agree, outputs and gradients.
+(docs/paper.md sections 2.3 and 3.1). `climber/ops/triton_attention.py` implements `prepare`,
+`attend` and `attend_cached` with the same meaning on the GPU; tests check the two agree, outputs
+and gradients (`attend_cached`, for serving, is forward only).
 
 Scores follow the paper: A = softmax((Q K^T + f_b) / tau). tau is a learned temperature per
 (layer, block, scenario, head), passed as 1 / tau; f_b is a bias per (block, scenario, head)
@@ -18,8 +19,9 @@ computes the history rows as an (L, L) problem and the candidate rows as (M, L +
 history row shared by every candidate plus the candidate's own key (`softmax_attention`'s
 `self_kv`), which is the masked (L + M)^2 formulation with its zeros left out. `attend_cached`
 is the same candidate computation against cached history keys and values (scoring, and new
-history events folded into a cache). Shapes: B requests, K blocks, H heads, L history tokens,
-M candidates, dh head width.
+history events folded into a cache); it also returns the match readout's features
+(`match_readout`), so that a kernel can make both from one read of the cached keys. Shapes: B
+requests, K blocks, H heads, L history tokens, M candidates, dh head width.
 """
 
 from __future__ import annotations
@@ -138,11 +140,29 @@ def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[tor
     return out, seq
 
 
-def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid) -> torch.Tensor:
+def match_readout(q, k_hist, hist_valid, inv_tau) -> torch.Tensor:
+    """The match readout (climber/model.py, step 6): queries q (B, K, H, M, dh) against history
+    keys k_hist (B, K, H, L, dh) with validity hist_valid (B, K, L) and 1 / tau (B, K, H, 1, 1)
+    -> (B, K, H, M, 2) fp32: each query's mean logit over the valid keys, q . mean(k) / tau, and
+    their log-mean-exp, a soft maximum that grows with the number and strength of close matches
+    (as an item co-occurrence score does); 0 for an empty history. f_b is left out: the match is
+    between items, not positions. In fp32."""
+    q, k = q.float(), k_hist.float()
+    valid = hist_valid[:, :, None, None, :]  # (B, K, 1, 1, L)
+    logits = torch.einsum("bkhmd,bkhld->bkhml", q, k) * inv_tau.float()
+    n = valid.sum(-1).clamp(min=1)
+    mean = logits.masked_fill(~valid, 0).sum(-1) / n
+    lme = torch.logsumexp(logits.masked_fill(~valid, float("-inf")), -1) - n.log()
+    return torch.stack([mean, torch.where(valid.any(-1), lme, 0.0)], -1)
+
+
+def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid,
+                  match: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """New tokens against a history cache: each sees the valid cached keys and itself.
 
     q, k, v (B, K, H, M, dh) of the new tokens; inv_tau (B, K, H, 1, 1); k_hist, v_hist
     (B, K, H, L, dh); hist_bias (B, K, H, 1, L), the same for every new token (same position and
-    time); self_bias (B, K, H, 1, 1); hist_valid (B, K, L) -> (B, K, H, M, dh)."""
-    return softmax_attention(q, k_hist, v_hist, inv_tau, hist_bias, hist_valid[:, :, None, None, :], (k, v),
-                             self_bias)
+    time); self_bias (B, K, H, 1, 1); hist_valid (B, K, L) -> (output (B, K, H, M, dh), and with
+    `match` the queries' `match_readout` against the cached keys (B, K, H, M, 2) fp32, else None)."""
+    y = softmax_attention(q, k_hist, v_hist, inv_tau, hist_bias, hist_valid[:, :, None, None, :], (k, v), self_bias)
+    return y, match_readout(q, k_hist, hist_valid, inv_tau) if match else None

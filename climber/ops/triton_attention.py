@@ -2,7 +2,8 @@
 with the meaning of `climber/ops/reference.py`, FlashAttention-style (tiles in SRAM, online
 softmax, no (S, S) probability matrix in memory), with the SUMI mask, the temperature and f_b.
 Four kernels: f_b built densely, attention forward, attention backward (one pass), and f_b's
-gradient reduced to the tables.
+gradient reduced to the tables. A fifth, forward only, serves `attend_cached` (new tokens
+against a history cache, below).
 
 f_b(block, scenario) is shared by every layer of a block, so `prepare` builds it densely once
 per forward, (B*K, H, S, S) in the compute dtype, from the small tables, the position buckets
@@ -40,6 +41,15 @@ H, dh), which the output projection reads as is. No layout copies in or out, for
 backward. Leading key tiles that are all padding (histories are left-padded) are skipped per
 sample, and so are the query tiles of key tiles only their own rows see.
 
+`attend_cached` (serving: candidates, or new history events, against every layer's cached keys
+and values) is one forward-only kernel per layer: each program takes BM new tokens of one
+(sample, block, head), starts the online softmax with each token's score to its own key, and
+streams the cached key and value tiles once, from the first tile holding a valid key; f_b is
+one row (BN values a tile) shared by all the tokens, and no (M, L) score matrix is stored. With
+`match` the same tiles of q.k / tau give the match readout (mean and log-mean-exp over the
+valid keys, without f_b; a second online max, so a large f_b cannot overflow it). No host
+synchronisation and no data-dependent shape, so a CUDA graph can capture it.
+
 Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
 both tables against the reference, on the GPU and, through Triton's interpreter
 (TRITON_INTERPRET=1), on CPU; and the operators' registrations (`torch.library.opcheck`), one
@@ -62,8 +72,9 @@ except ImportError:  # CPU-only install: this backend is GPU-only
 
 BLOCK = 64  # the bias kernels' tile (rows and columns); a power of two >= 16 for tl.dot
 # the attention kernels' (query rows, key columns, warps, pipeline stages), tuned on the H200 by
-# `benchmarks/bench_attention.py --sweep`
-TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2)}
+# `benchmarks/bench_attention.py --sweep`; "cached" (`attend_cached`: the same two dots a key tile)
+# takes the forward's, untuned
+TILES = {"fwd": (64, 64, 4, 3), "bwd": (32, 64, 4, 2), "cached": (64, 64, 4, 3)}
 
 
 def available(device: torch.device) -> bool:
@@ -104,6 +115,27 @@ def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[tor
     out, _, link = torch.ops.climber.attention(qkv.transpose(0, 1), inv_tau.reshape(B * K, H).float(), seq.bias,
                                                seq.link, seq.valid8, seq.first, seq.n_hist)
     return out, dataclasses.replace(seq, link=link)
+
+
+def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid,
+                  match: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New tokens against a history cache, forward only: `reference.attend_cached` in one kernel.
+
+    q, k, v (B, K, H, M, dh) of the new tokens; inv_tau (B, K, H, 1, 1); k_hist, v_hist
+    (B, K, H, L, dh) (any strides, dh contiguous); hist_bias (B, K, H, 1, L); self_bias
+    (B, K, H, 1, 1); hist_valid (B, K, L) -> (output (B, K, H, M, dh) in q's dtype, stored
+    (K, B, M, H, dh) as the output projection reads it; with `match` the match readout
+    (B, K, H, M, 2) fp32, else None)."""
+    if not available(q.device):
+        raise RuntimeError("the Triton attention kernels need a CUDA GPU and Triton")
+    B, K, H, M, _ = q.shape
+    L = k_hist.shape[-2]
+    valid = hist_valid.reshape(B * K, L)
+    first = (valid.cumsum(-1) == 0).sum(-1).to(torch.int32)  # leading padding: those key tiles are skipped
+    out, feats = torch.ops.climber.attend_cached(q, k, v, inv_tau.reshape(B * K * H).float(), k_hist, v_hist,
+                                                 hist_bias.reshape(B * K * H, L), self_bias.reshape(B * K * H),
+                                                 valid.to(torch.int8), first, match)
+    return out, feats if match else None
 
 
 def _split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -279,6 +311,58 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
+    def _cached_kernel(Q, K, V, KH, VH, HBIAS, SBIAS, INV, VALID, FIRST, OUT, MATCH, sqb, sqk, sqh, sql, skb, skk,
+                       skh, skl, svb, svk, svh, svl, skhb, skhk, skhh, skhl, svhb, svhk, svhh, svhl, sob, sok, soh,
+                       sol, NK, H, M, L, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                       WITH_MATCH: tl.constexpr):
+        """One program per (BM new tokens, sample-block b, head h): the online softmax starts
+        from each token's own key (so its running max is finite from the start) and takes the
+        cached key tiles once each, from the first tile holding a valid key. With WITH_MATCH the
+        same q.k / tau, without f_b, also feed the match readout: their sum over the valid keys
+        and a second online log-sum-exp."""
+        bh, b, h, _, rows = _program(H, BM)
+        dims = tl.arange(0, DH)
+        row_ok = rows < M
+        q = _load_rows(Q, _offset(b, h, NK, sqb, sqk, sqh), rows, sql, dims, row_ok)
+        k = _load_rows(K, _offset(b, h, NK, skb, skk, skh), rows, skl, dims, row_ok)
+        inv = tl.load(INV + bh)
+        m = (tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) + tl.load(SBIAS + bh).to(tl.float32)) * inv
+        s_sum = tl.full([BM], 1.0, tl.float32)
+        acc = _load_rows(V, _offset(b, h, NK, svb, svk, svh), rows, svl, dims, row_ok).to(tl.float32)
+        n = tl.zeros([BM], tl.float32)  # match: the number of valid keys (the same in every row),
+        total = tl.zeros([BM], tl.float32)  # the sum of their q.k / tau,
+        m2 = tl.full([BM], float("-inf"), tl.float32)  # and the running max and sum of exp of those
+        s2 = tl.zeros([BM], tl.float32)
+        kh_off, vh_off = _offset(b, h, NK, skhb, skhk, skhh), _offset(b, h, NK, svhb, svhk, svhh)
+        for start in range(tl.load(FIRST + b) // BN * BN, L, BN):
+            cols = start + tl.arange(0, BN)
+            key_ok = tl.load(VALID + b * L + cols, mask=cols < L, other=0) != 0
+            kh = _load_rows(KH, kh_off, cols, skhl, dims, key_ok)  # padding keys are not read
+            qk = tl.dot(q, tl.trans(kh), input_precision=PREC) * inv  # (BM, BN) q.k / tau
+            hb = tl.load(HBIAS + bh * L + cols, mask=key_ok, other=0.0).to(tl.float32) * inv  # f_b / tau, one row
+            s = tl.where(key_ok[None, :], qk + hb[None, :], float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            s_sum = s_sum * alpha + tl.sum(p, axis=1)
+            vh = _load_rows(VH, vh_off, cols, svhl, dims, key_ok)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vh.dtype), vh, input_precision=PREC)
+            m = m_new
+            if WITH_MATCH:
+                n += tl.sum(key_ok.to(tl.float32), axis=0)
+                total += tl.sum(tl.where(key_ok[None, :], qk, 0.0), axis=1)
+                x = tl.where(key_ok[None, :], qk, float("-inf"))
+                m2_new = tl.maximum(m2, tl.max(x, axis=1))
+                m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)  # no valid key yet
+                s2 = s2 * tl.exp(m2 - m2_safe) + tl.sum(tl.exp(x - m2_safe[:, None]), axis=1)
+                m2 = m2_new
+        _store_rows(OUT, acc / s_sum[:, None], _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+        if WITH_MATCH:  # (mean, log-mean-exp), both 0 with no valid key
+            lme = tl.where(n > 0, m2 + tl.log(s2) - tl.log(tl.maximum(n, 1.0)), 0.0)
+            tl.store(MATCH + (bh * M + rows) * 2, total / tl.maximum(n, 1.0), mask=row_ok)
+            tl.store(MATCH + (bh * M + rows) * 2 + 1, lme, mask=row_ok)
+
+    @triton.jit
     def _bwd_delta_kernel(DO, OUT, DELTA, DG, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
                           DH: tl.constexpr, BM: tl.constexpr):
         """delta = rowsum(dO O) for BM rows of (b, h), and those rows of dQ (the q part of the
@@ -452,11 +536,14 @@ if triton is not None:
             **_strides("q", q), **_strides("o", out), NK=K, H=H, L=S, NH=n_hist, **_meta(q, "fwd"))
         return out, lse, link
 
+    def _check_head_dim(dh: int) -> None:
+        if dh < 16 or dh & (dh - 1):
+            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
+
     @_attention.register_fake
     def _attention_fake(qkv, inv_tau, bias, link, valid8, first, n_hist):
         B, K, S, _, H, dh = qkv.shape
-        if dh < 16 or dh & (dh - 1):
-            raise ValueError(f"the Triton attention needs a power-of-two head dim >= 16, not {dh}")
+        _check_head_dim(dh)
         out = _empty_heads(qkv if qkv.stride(-1) == 1 else qkv.contiguous())
         lse = torch.empty(B * K, H, S, dtype=torch.float32, device=qkv.device)
         return out, lse, link.new_zeros(()).expand(link.shape)
@@ -517,3 +604,31 @@ if triton is not None:
         return dqkv, dinv, None, dbias, None, None, None
 
     _attention.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+    @_op("climber::attend_cached")
+    def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_tau: torch.Tensor,
+                       k_hist: torch.Tensor, v_hist: torch.Tensor, hist_bias: torch.Tensor, self_bias: torch.Tensor,
+                       valid8: torch.Tensor, first: torch.Tensor, match: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """New tokens q, k, v (B, K, H, M, dh) against the cached k_hist, v_hist (B, K, H, L, dh)
+        (any strides, dh contiguous); inv_tau (B*K*H,) fp32; f_b's row hist_bias (B*K*H, L) and
+        the own key's self_bias (B*K*H,); key validity valid8 (B*K, L) int8 and each row's first
+        valid key (B*K,) int32 (L if none) -> output (B, K, H, M, dh) in q's dtype, stored (K, B,
+        M, H, dh); the match readout (B, K, H, M, 2) fp32, or (B, K, H, M, 0) without `match`.
+        Forward only (no autograd registered)."""
+        q, k, v, k_hist, v_hist = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, k_hist, v_hist))
+        _, K, H, M, _ = q.shape
+        out, feats = _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, valid8, first, match)
+        wrap_triton(_cached_kernel)[_grid(q, "cached")](
+            Q=q, K=k, V=v, KH=k_hist, VH=v_hist, HBIAS=hist_bias.contiguous(), SBIAS=self_bias.contiguous(),
+            INV=inv_tau.contiguous(), VALID=valid8.contiguous(), FIRST=first, OUT=out, MATCH=feats if match else out,
+            **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kh", k_hist),
+            **_strides("vh", v_hist), **_strides("o", out), NK=K, H=H, M=M, L=k_hist.shape[-2], WITH_MATCH=match,
+            **_meta(q, "cached"))
+        return out, feats
+
+    @_attend_cached.register_fake
+    def _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, valid8, first, match):
+        B, K, H, M, dh = q.shape
+        _check_head_dim(dh)
+        out = torch.empty(K, B, M, H, dh, dtype=q.dtype, device=q.device).permute(1, 0, 3, 2, 4)
+        return out, torch.empty(B, K, H, M, 2 if match else 0, dtype=torch.float32, device=q.device)

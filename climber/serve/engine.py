@@ -184,7 +184,7 @@ class Engine:
         data = SumiData(Path(data_dir or config["data"]))
         check_vocabulary(config, data.vocab, ckpt_dir, data.root)
         model = model.to(device=device, dtype=dtype)
-        model.attention = ops.backend("auto", device)  # prefill: the Triton kernels on a GPU
+        model.attention = ops.backend("auto", device)  # the Triton kernels on a GPU
         return cls(model, SQLiteStore(store, tuple(data.tasks), max_users), data.a["item_vocab"],
                    data.a["user_vocab"], cache_bytes, data)
 
