@@ -71,7 +71,7 @@ budget() {  # data set -> its flags
         lastfm) echo "--batch-size 512 --epochs 30" ;;
         beauty) echo "--batch-size 1024 --epochs 20" ;;
         grocery) echo "--batch-size 512 --epochs 20" ;;
-        beauty+grocery+lastfm) echo "--batch-size 1024 --epochs 20" ;;  # benchmarks/run_scenarios.sh
+        beauty+grocery+lastfm) echo "--batch-size 2048 --epochs 20" ;;  # benchmarks/run_scenarios.sh
         synthetic-*) echo "--batch-size 512 --epochs 20" ;;  # benchmarks/run_scenarios.sh
         *) echo "unknown data set $1" >&2; exit 2 ;;
     esac
@@ -100,10 +100,17 @@ t0=$(date +%s)
 read -r -a GRID <<< "$LRS $EMB_MULTS $EMB_WDS $NEGS"
 ONLY=""; [ "${#GRID[@]}" -gt 4 ] && ONLY="--train-only"
 export ONLY
-for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do echo "$ds $m $s"; done; done; done |
-    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))} \
-        compare "$0" "$1" $ONLY >> "$OUT/$0/log_$1_seed$2.txt" 2>&1 || {
-        echo "FAILED: $0 $1 seed $2, see $OUT/$0/log_$1_seed$2.txt" >&2; exit 1; }'
+# climber-per-domain: one job per request scenario (`--domain`), so that a row's domain models train side by side
+domains() {  # data set -> its request scenarios
+    $PY -c "import numpy as np, sys; print(*np.unique(np.load(sys.argv[1] + '/req_scenario.npy')))" "$ROOT/$1"
+}
+for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do
+    if [ "$m" = climber-per-domain ]; then for k in $(domains "$ds"); do echo "$ds $m $s $k"; done
+    else echo "$ds $m $s -"; fi
+done; done; done |
+    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))}
+        if [ "$3" = - ]; then log=$OUT/$0/log_$1_seed$2.txt; part=""; else log=$OUT/$0/log_$1_seed$2_domain$3.txt; part="--domain $3"; fi
+        compare "$0" "$1" $ONLY $part >> "$log" 2>&1 || { echo "FAILED: $0 $1 seed $2 $part, see $log" >&2; exit 1; }'
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables
     compare "$ds" "${MODELS[@]}" | grep -v '^\[compare\]'

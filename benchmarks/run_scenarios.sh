@@ -25,12 +25,13 @@
 # per row picked by mean validation AUC over the seeds. Budgets (in run_compare.sh's table):
 #
 #   data set               batch  epoch cap   notes
-#   beauty+grocery+lastfm   1024     20       ~270k training requests (Table 2's three, summed)
+#   beauty+grocery+lastfm   2048     20       ~270k training requests (Table 2's three, summed): 133 steps
+#                                             an epoch, as Table 2's sets have 99-151
 #   synthetic-recency3       512     20       USERS=2000 x EVENTS=150 median events, 3 eval requests
 #                                             per user (sized for a few minutes per run on an H100)
 #
 # The training is benchmarks/run_compare.sh's: (model, data set, seed) jobs JOBS at a time,
-# climber-per-domain one job that trains its scenarios' models one after another; every call skips
+# climber-per-domain one job per scenario (`climber compare --domain K`); every call skips
 # finished runs and resumes interrupted ones, so a time-limited machine can run it in several
 # calls. Environment: run_compare.sh's (JOBS, GPUS, SEEDS, PATIENCE, PYTHON, EXTRA; the grid LRS,
 # EMB_MULTS, NEGS defaults here to Table 2's one point: lr 3e-3, embedding rate x10, 16 training

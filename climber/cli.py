@@ -212,7 +212,7 @@ def cmd_compare(ns) -> None:
     compare(ns.data, ns.out, ns.models, ns.seeds, ns.preset, budget, grid,
             pick_fields(ns, ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED),
             command=shlex.join(["climber", *sys.argv[1:]]), runtime=Runtime(**pick_fields(ns, Runtime)),
-            train_only=ns.train_only)
+            train_only=ns.train_only, domain=ns.domain)
 
 
 def cmd_run(ns) -> None:
@@ -448,6 +448,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     add_preset_flag(p)
     p.add_argument("--train-only", action="store_true",
                    help="train the runs, then stop: no test, no table (parallel jobs; a last call reports)")
+    p.add_argument("--domain", type=int, metavar="K",
+                   help="climber-per-domain trains only request scenario K's models (implies --train-only): "
+                        "parallel jobs train a row's domains side by side")
     add_dataclass_flags(p.add_argument_group(MODEL_GROUP), ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED,
                         defaults_none=True)
     add_dataclass_flags(p.add_argument_group(TRAIN_GROUP), TrainConfig, skip={"seed", "scenarios", *TUNED})

@@ -76,11 +76,13 @@ def point_tag(point: dict[str, float]) -> str:
 def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequence[int], preset: str = "small",
             train_cfg: TrainConfig | None = None, grid: dict[str, Sequence[float]] | None = None,
             model_overrides: dict | None = None, command: str = "", runtime: Runtime | None = None,
-            train_only: bool = False) -> dict | None:
+            train_only: bool = False, domain: int | None = None) -> dict | None:
     """Train (or skip) every (model, grid point, seed) run, test the picked ones, write and return
     the report. `grid`: values per axis of `TUNED`; an axis left out keeps train_cfg's value.
     `train_only`: train the runs and stop (no test, no report), for jobs that train parts of one
-    comparison in parallel; a last call without it picks, tests and reports."""
+    comparison in parallel; a last call without it picks, tests and reports. `domain` (implies
+    `train_only`): a per-domain row trains only that request scenario's models, so that parallel
+    jobs can train a row's domains side by side."""
     runtime = runtime or Runtime()
     unknown = sorted(set(models) - set(COMPARE_MODELS))
     if unknown or not models or not seeds:
@@ -100,11 +102,15 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
     if any(COMPARE_MODELS[m].get("per_domain") for m in models) and len(domains) < 2:
         raise ValueError(f"climber-per-domain trains one model per request scenario, and {data_dir} has one "
                          f"({domains}); compare it on a multi-scenario data set (e.g. prepare beauty+grocery)")
+    if domain is not None:
+        if domain not in domains:
+            raise ValueError(f"--domain {domain}: {data_dir} has request scenarios {domains}")
+        train_only = True
     rows = []
     for name in sorted(models, key=list(COMPARE_MODELS).index):
         mcfg = model_for(shared, name)
         per_domain = COMPARE_MODELS[name].get("per_domain", False)
-        split = domains if per_domain else None
+        split = ([domain] if domain is not None else domains) if per_domain else None
         runs = {point_tag(p): [_seed_run(data_dir, out_dir / "runs" / name / point_tag(p) / f"seed{s}", mcfg,
                                          replace(train_cfg, **p, seed=s), name, runtime, split) for s in seeds]
                 for p in points}
