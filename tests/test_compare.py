@@ -165,6 +165,25 @@ def test_per_domain_row_trains_one_model_per_scenario_on_its_requests(data_dir, 
     assert again["rows"][0]["auc"] == dom["auc"]
 
 
+def test_domain_jobs_train_one_scenario_each_and_the_last_call_reports(data_dir, tmp_path, monkeypatch):
+    """`domain`: a job trains only that request scenario's model of a per-domain row (no test, no
+    table), so parallel jobs cover the row's domains; the last call trains nothing and reports.
+    A scenario the data does not have is an error before any training."""
+    out = tmp_path / "jobs"
+    trained = []
+    real_train = compare_mod.train
+    monkeypatch.setattr(compare_mod, "train", lambda d, run_dir, *a, **kw: trained.append(Path(run_dir).name)
+                        or real_train(d, run_dir, *a, **kw))
+    with pytest.raises(ValueError, match="request scenarios"):
+        compare_mod.compare(data_dir, out, ["climber-per-domain"], [0], "tiny", TINY, domain=7)
+    for k in (1, 0):
+        assert compare_mod.compare(data_dir, out, ["climber-per-domain"], [0], "tiny", TINY, domain=k) is None
+    assert trained == ["scenario1", "scenario0"] and not (out / "compare.json").exists()
+    monkeypatch.setattr(compare_mod, "train", lambda *a, **kw: pytest.fail("the last call trained a run"))
+    (row,) = compare_mod.compare(data_dir, out, ["climber-per-domain"], [0], "tiny", TINY)["rows"]
+    assert row["domain_models"] == 2 and 0 < row["auc"]["mean"] < 1
+
+
 def test_per_domain_row_needs_several_scenarios(tmp_path):
     import dataclasses
 
