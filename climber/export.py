@@ -46,7 +46,7 @@ FORMATS = ("torch", "onnx", "both")
 
 def cache_tensors(cache: HistoryCache) -> dict[str, torch.Tensor]:
     """A `HistoryCache` as the named tensors of the `score` graph's cache inputs."""
-    return {"keys": torch.stack([k for k, _ in cache.kv]), "values": torch.stack([v for _, v in cache.kv]),
+    return {"keys": cache.kv[:, 0], "values": cache.kv[:, 1],
             "hist_sum": cache.hist_sum, "hist_mask": cache.hist_mask, "hist_time": cache.hist_time,
             "req_scenario": cache.scenario, "user": cache.user}
 
@@ -69,8 +69,7 @@ class Score(nn.Module):
         self.model = model
 
     def forward(self, keys, values, hist_sum, hist_mask, hist_time, req_scenario, user, cand_item, req_time):
-        cache = HistoryCache(list(zip(keys.unbind(0), values.unbind(0))), hist_mask, hist_time, req_scenario, user,
-                             hist_sum)
+        cache = HistoryCache(torch.stack([keys, values], 1), hist_mask, hist_time, req_scenario, user, hist_sum)
         return self.model.score(cache, cand_item, req_time)
 
 

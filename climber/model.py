@@ -149,7 +149,8 @@ class HistoryCache:
     is right-aligned (left-padded), so padding columns can be added or dropped on the left
     without changing any relative position."""
 
-    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, (B, K, H, L, dh) each
+    kv: torch.Tensor  # (N_L, 2, B, K, H, L, dh): every layer's keys and values, one tensor (iterating
+    # it yields each layer's (keys, values) pair, views): a copy, pad or cut of the cache is one op
     hist_mask: torch.Tensor  # (B, K, L)
     hist_time: torch.Tensor  # (B, K, L)
     scenario: torch.Tensor  # (B,) request scenario the cache was computed under
@@ -163,8 +164,7 @@ class HistoryCache:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for kv in self.kv for t in kv] + [self.hist_mask, self.hist_time, self.scenario, self.user,
-                                                       self.hist_sum]
+        tensors = (self.kv, self.hist_mask, self.hist_time, self.scenario, self.user, self.hist_sum)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def pad_left(self, n: int) -> HistoryCache:
@@ -175,8 +175,8 @@ class HistoryCache:
         def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
             return torch.cat([t.new_zeros(*t.shape[:dim], n, *t.shape[dim:][1:]), t], dim=dim)
 
-        return HistoryCache([(pad(k, -2), pad(v, -2)) for k, v in self.kv], pad(self.hist_mask, -1),
-                            pad(self.hist_time, -1), self.scenario, self.user, self.hist_sum)
+        return HistoryCache(pad(self.kv, -2), pad(self.hist_mask, -1), pad(self.hist_time, -1), self.scenario,
+                            self.user, self.hist_sum)
 
     def last(self, n: int) -> HistoryCache:
         """Every block's last `n` columns: leading columns dropped (views; they must be padding, as
@@ -184,8 +184,8 @@ class HistoryCache:
         L = self.hist_mask.shape[-1]
         if n >= L:
             return self.pad_left(n - L)
-        return HistoryCache([(k[..., L - n:, :], v[..., L - n:, :]) for k, v in self.kv], self.hist_mask[..., L - n:],
-                            self.hist_time[..., L - n:], self.scenario, self.user, self.hist_sum)
+        return HistoryCache(self.kv[..., L - n:, :], self.hist_mask[..., L - n:], self.hist_time[..., L - n:],
+                            self.scenario, self.user, self.hist_sum)
 
     @staticmethod
     def stack(caches: list[HistoryCache]) -> HistoryCache:
@@ -194,35 +194,31 @@ class HistoryCache:
             return caches[0]
         L = max(c.hist_mask.shape[-1] for c in caches)
         cs = [c.pad_left(L - c.hist_mask.shape[-1]) for c in caches]
-        kv = [tuple(torch.cat([c.kv[i][j] for c in cs]) for j in range(2)) for i in range(len(cs[0].kv))]
-        return HistoryCache(kv, *(torch.cat([getattr(c, f) for c in cs]) for f in
-                                  ("hist_mask", "hist_time", "scenario", "user", "hist_sum")))
+        return HistoryCache(torch.cat([c.kv for c in cs], dim=2), *(torch.cat([getattr(c, f) for c in cs]) for f in
+                                                                    ("hist_mask", "hist_time", "scenario", "user",
+                                                                     "hist_sum")))
 
     def replace_blocks(self, other: HistoryCache, blocks: torch.Tensor) -> HistoryCache:
         """This cache with the blocks where `blocks` (B, K) is set taken from `other` (same
         requests, e.g. a fresh prefill of those blocks), both padded to the longer history."""
         L = max(self.hist_mask.shape[-1], other.hist_mask.shape[-1])
         a, b = self.pad_left(L - self.hist_mask.shape[-1]), other.pad_left(L - other.hist_mask.shape[-1])
-        m3, m5 = blocks[..., None], blocks[..., None, None, None]
-        kv = [(torch.where(m5, kb, ka), torch.where(m5, vb, va)) for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True)]
-        return HistoryCache(kv, torch.where(m3, b.hist_mask, a.hist_mask), torch.where(m3, b.hist_time, a.hist_time),
+        m3 = blocks[..., None]
+        return HistoryCache(torch.where(blocks[..., None, None, None], b.kv, a.kv),
+                            torch.where(m3, b.hist_mask, a.hist_mask), torch.where(m3, b.hist_time, a.hist_time),
                             a.scenario, a.user, torch.where(m3, b.hist_sum, a.hist_sum))
 
-    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], time: torch.Tensor, x: torch.Tensor,
-               blocks: torch.Tensor) -> HistoryCache:
-        """One new token per request, with per-layer keys and values (B, K, H, 1, dh), time (B,)
+    def append(self, kv: torch.Tensor, time: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor) -> HistoryCache:
+        """One new token per request, with every layer's keys and values (N_L, 2, B, K, H, 1, dh), time (B,)
         and embedding x (B, d), appended to the blocks where `blocks` (B, K) is set: their oldest
         column (padding: `Climber.extend` makes room) leaves. The other blocks are unchanged."""
 
         def shift_in(old: torch.Tensor, new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             return torch.where(m, torch.cat([old[..., 1:], new], dim=-1), old)
 
-        def shift_in_rows(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # (B, K, H, L, dh)
-            return torch.where(blocks[..., None, None, None], torch.cat([old[..., 1:, :], new], dim=-2), old)
-
         m = blocks[..., None]
-        return HistoryCache([(shift_in_rows(kc, k), shift_in_rows(vc, v)) for (kc, vc), (k, v) in
-                             zip(self.kv, kv, strict=True)],
+        return HistoryCache(torch.where(blocks[..., None, None, None], torch.cat([self.kv[..., 1:, :], kv], dim=-2),
+                                        self.kv),
                             shift_in(self.hist_mask, torch.ones_like(self.hist_mask[..., :1]), m),
                             shift_in(self.hist_time, time[:, None, None].expand_as(self.hist_time[..., :1]), m),
                             self.scenario, self.user, self.hist_sum + m * x[:, None].to(self.hist_sum.dtype))
@@ -231,6 +227,11 @@ class HistoryCache:
 def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed (K, B, S, 3, H, dh) -> q, k, v (B, K, H, S, dh), views."""
     return qkv.permute(3, 1, 0, 4, 2, 5).unbind(0)
+
+
+def _stack_kv(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per-layer (keys, values) pairs, (B, K, H, L, dh) each -> one (N_L, 2, B, K, H, L, dh) tensor."""
+    return torch.stack([t for pair in kv for t in pair]).unflatten(0, (len(kv), 2))
 
 
 def _match_features(match: list[torch.Tensor]) -> torch.Tensor | None:
@@ -441,7 +442,7 @@ class Climber(TokenEmbeddings):
         _, kv, _ = self.encode(x, b["hist_mask"], *_buckets(b["hist_time"], L, self.cfg), self._inv_tau(s), L, s,
                                keep_kv=True)
         hist_sum = (e * b["hist_mask"][..., None].to(e.dtype)).sum(2)
-        return HistoryCache(kv, b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"], hist_sum)
+        return HistoryCache(_stack_kv(kv), b["hist_mask"], b["hist_time"], b["req_scenario"], b["user"], hist_sum)
 
     def score(self, cache: HistoryCache, cand_item: torch.Tensor, req_time: torch.Tensor) -> torch.Tensor:
         """Logits (B, M, T) for candidates (B, M) at request times (B,) against a prefilled history."""
@@ -463,7 +464,7 @@ class Climber(TokenEmbeddings):
         x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
         t = event["hist_time"][:, 0, 0]
         _, kv, _ = self._through_cache(x, cache, t)
-        return cache.append(kv, t, x[0, :, 0], blocks)
+        return cache.append(_stack_kv(kv), t, x[0, :, 0], blocks)
 
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:

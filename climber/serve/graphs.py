@@ -64,17 +64,15 @@ def _put(dst: HistoryCache, src: HistoryCache) -> None:
     dst.hist_mask[:b, :, :-L] = False
     dst.hist_mask[:b, :, -L:] = src.hist_mask
     dst.hist_time[:b, :, -L:] = src.hist_time
-    for (dk, dv), (k, v) in zip(dst.kv, src.kv, strict=True):
-        dk[:b, :, :, -L:] = k
-        dv[:b, :, :, -L:] = v
+    dst.kv[:, :, :b, :, :, -L:] = src.kv
     dst.scenario[:b], dst.user[:b], dst.hist_sum[:b] = src.scenario, src.user, src.hist_sum
 
 
 def _cut(c: HistoryCache, L: int) -> HistoryCache:
     """A fresh copy of the last L columns of a graph's output cache (its memory is reused by the next replay)."""
     c = c.last(L)
-    return HistoryCache([(k.clone(), v.clone()) for k, v in c.kv], c.hist_mask.clone(), c.hist_time.clone(),
-                        c.scenario.clone(), c.user.clone(), c.hist_sum.clone())
+    return HistoryCache(c.kv.clone(), c.hist_mask.clone(), c.hist_time.clone(), c.scenario.clone(), c.user.clone(),
+                        c.hist_sum.clone())
 
 
 class Bucketed:
@@ -195,7 +193,7 @@ class Bucketed:
         if kind in ("score", "extend"):
             nl, dh = cfg.n_layers, cfg.d_model // H
             kv = buf("kv", (nl, 2, B, K, H, L, dh), self.dtype, (nl, 2, Bc, K, H, self.max_len, dh))
-            x["cache"] = HistoryCache([(kv[i, 0], kv[i, 1]) for i in range(nl)], per_token("mask", torch.bool),
+            x["cache"] = HistoryCache(kv, per_token("mask", torch.bool),
                                       per_token("time", torch.long), buf("scenario", (B,), torch.long, (Bc,)),
                                       buf("user", (B,), torch.long, (Bc,)),
                                       buf("hist_sum", (B, K, cfg.d_model), self.dtype, (Bc, K, cfg.d_model)))
