@@ -450,7 +450,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    help="train the runs, then stop: no test, no table (parallel jobs; a last call reports)")
     p.add_argument("--domain", type=int, metavar="K",
                    help="climber-per-domain trains only request scenario K's models (implies --train-only): "
-                        "parallel jobs train a row's domains side by side")
+                        "parallel jobs train a row's domains side by side (default: every scenario's)")
     add_dataclass_flags(p.add_argument_group(MODEL_GROUP), ModelConfig, skip=VOCAB_FIELDS | COMPARE_FIXED,
                         defaults_none=True)
     add_dataclass_flags(p.add_argument_group(TRAIN_GROUP), TrainConfig, skip={"seed", "scenarios", *TUNED})
