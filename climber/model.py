@@ -194,9 +194,9 @@ class HistoryCache:
             return caches[0]
         L = max(c.hist_mask.shape[-1] for c in caches)
         cs = [c.pad_left(L - c.hist_mask.shape[-1]) for c in caches]
-        return HistoryCache(torch.cat([c.kv for c in cs], dim=2), *(torch.cat([getattr(c, f) for c in cs]) for f in
-                                                                    ("hist_mask", "hist_time", "scenario", "user",
-                                                                     "hist_sum")))
+        rest = [torch.cat([getattr(c, f) for c in cs]) for f in ("hist_mask", "hist_time", "scenario", "user",
+                                                                  "hist_sum")]
+        return HistoryCache(torch.cat([c.kv for c in cs], dim=2), *rest)
 
     def replace_blocks(self, other: HistoryCache, blocks: torch.Tensor) -> HistoryCache:
         """This cache with the blocks where `blocks` (B, K) is set taken from `other` (same
