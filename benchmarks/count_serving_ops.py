@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.bench_serving import random_history
 from benchmarks.common import RESULTS, environment, table, write_results
 from climber import ops
 from climber.config import ModelConfig
 from climber.model import Climber
-from climber.serve.engine import Engine, History, SQLiteStore
+from climber.serve.engine import Engine, SQLiteStore
 
 # operations that make a view (no kernel); everything else launches at least one kernel on a GPU
 VIEWS = {"view", "_unsafe_view", "slice", "select", "expand", "permute", "unsqueeze", "squeeze", "as_strided", "t",
@@ -77,13 +78,6 @@ def engine(layers: int, L: int, M: int) -> Engine:
     return e
 
 
-def history(n: int, cfg: ModelConfig) -> History:
-    g = np.random.default_rng(0)
-    return History(g.integers(2, cfg.n_items, n), 1_700_000_000 + np.cumsum(g.integers(1, 3600, n)),
-                   g.integers(0, cfg.n_actions, n), g.integers(0, cfg.n_scenarios, n),
-                   g.integers(0, 2, (n, len(cfg.tasks))))
-
-
 def count(e: Engine, fn) -> dict:
     mode = Counting()
     for name in MODEL_CALLS:  # the model's calls, as the graphs' captured functions reach them
@@ -112,7 +106,7 @@ def main() -> None:
     ap.add_argument("--name", default="serving_ops")
     args = ap.parse_args()
     e = engine(args.layers, args.seq_len, args.candidates)
-    L, h = args.seq_len, history(args.seq_len + 1, e.cfg)
+    L, h = args.seq_len, random_history(args.seq_len + 1, e.cfg)
     cand = torch.randint(2, e.cfg.n_items, (1, args.candidates))
     t = torch.tensor([int(h.time[-1]) + 60])
     for warm in (h[:L], h[:L - 1]):  # the first call of a bucket allocates its buffers: not counted
