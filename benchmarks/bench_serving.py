@@ -8,12 +8,13 @@ Three ways to score a request, on the same random model and history:
       the candidate pass, M candidates against the cached keys/values.
 Each is timed end to end, probabilities on the host. Sweeps vary one of candidates (M),
 history length (L) and layers around a base point. Per (L, layers) it also times a prefill and
-one new event folded into a cached history (`Engine.extend`), twice (`history_costs`): into L - 1
-events, where 'recent' and 'pos:like' have room and take it without recomputing anything (a full
-capped block such as 'recent@16' is recomputed: a prefill of its 16 tokens), and into L events,
-where the 'recent' window is full, so by construction that block is recomputed: a prefill of the
-overflowing blocks at full length. `--cuda-graphs` runs the engine's model calls as the server
-does on a GPU (`Engine.use_cuda_graphs`).
+one new event folded into a cached history alone (`Engine.extend`), twice (`history_costs`): into
+L - 1 events, where 'recent' and 'pos:like' have room and take it without recomputing anything (a
+full short window such as 'recent@16' is rebuilt in the same fold, from its 16 tokens), and into
+L events, where the 'recent' window is full, so by construction that block is rebuilt: a prefill
+of it at full length; and the first event folded into a candidate pass, as the server folds new
+events (`event_in_pass_ms`: what the event adds to that pass). `--cuda-graphs` runs the engine's
+model calls as the server does on a GPU (`Engine.use_cuda_graphs`).
 
     python -m benchmarks.bench_serving --device cpu --quick
     python -m benchmarks.bench_serving --device cuda            # bf16, d=256, 4 heads, base L=800, 12 layers
@@ -129,14 +130,17 @@ def run_point(args: argparse.Namespace, engine: Engine, h: History, M: int) -> d
     return row
 
 
-def history_costs(args: argparse.Namespace, engine: Engine) -> dict:
+def history_costs(args: argparse.Namespace, engine: Engine, M: int = 1000) -> dict:
     """A prefill of L = seq_len events, and one new event folded into a cached history of L - 1
-    events ('room': 'recent' and 'pos:like' take it, a full capped block is recomputed) and of L
-    events ('full': the 'recent' window overflows and is recomputed at full length), as the
-    server does it (`Engine.extend`); `*_vs_prefill` are p50 ratios."""
+    events ('room': 'recent' and 'pos:like' take it, a full short window such as 'recent@16' is
+    rebuilt in the same fold) and of L events ('full': the 'recent' window overflows and is
+    rebuilt by a prefill at full length), alone (`Engine.extend`), as `*_p50_ms`; and the 'room'
+    event folded into a candidate pass of M candidates as the server does it
+    (`Engine.score_requests`), against that pass on the same cache without it: `event_in_pass_ms`
+    is the difference of their p50s. `*_vs_prefill` are ratios to the prefill's p50."""
     L = engine.cfg.seq_len
     h = random_history(L + 1, engine.cfg)
-    out: dict = {"L": L, "layers": engine.cfg.n_layers}
+    out: dict = {"L": L, "layers": engine.cfg.n_layers, "M": M}
     p = percentiles(timed(lambda: engine.prefill(h[:L], 1, 3).kv[-1][1].cpu(), args))
     out.update(prefill_p50_ms=p["p50_ms"], prefill_p99_ms=p["p99_ms"])
     for case, n in (("room", L - 1), ("full", L)):
@@ -146,6 +150,16 @@ def history_costs(args: argparse.Namespace, engine: Engine) -> dict:
         out.update({f"event_{case}_p50_ms": p["p50_ms"], f"event_{case}_p99_ms": p["p99_ms"],
                     f"event_{case}_blocks_recomputed": redone,
                     f"event_{case}_vs_prefill": p["p50_ms"] / out["prefill_p50_ms"]})
+    cache, hist = engine.prefill(h[:L - 1], 1, 3), h[:L]
+    pending, fold, _ = engine.catch_up(cache, hist, 1)
+    cand = torch.randint(2, engine.cfg.n_items, (1, M), generator=torch.Generator().manual_seed(2)).to(engine.device)
+    t = torch.tensor([int(hist.time[-1]) + 60], device=engine.device)
+    with torch.inference_mode():
+        plain = percentiles(timed(lambda: engine.calls.score(cache, cand, t).cpu(), args))
+        folded = percentiles(timed(lambda: engine.calls.fold(pending, fold.new, fold.reset, cand, t)[0].cpu(), args))
+    out.update(score_p50_ms=plain["p50_ms"], score_with_event_p50_ms=folded["p50_ms"],
+               score_with_event_p99_ms=folded["p99_ms"], event_in_pass_ms=folded["p50_ms"] - plain["p50_ms"],
+               event_in_pass_vs_prefill=(folded["p50_ms"] - plain["p50_ms"]) / out["prefill_p50_ms"])
     return out
 
 
@@ -215,7 +229,7 @@ def main() -> None:
             engine = engines[(L, layers)]
             measured[(L, layers, M)] = run_point(args, engine, random_history(L, engine.cfg), M)
             if (L, layers) not in costs:
-                costs[(L, layers)] = history_costs(args, engine)
+                costs[(L, layers)] = history_costs(args, engine, M0)
         rows.append({"sweep": sweep, **measured[(L, layers, M)]})
         print(f"  {sweep}: L={L} layers={layers} M={M}: cached p50 {rows[-1]['cached_p50_ms']:.2f} ms", flush=True)
 
@@ -231,8 +245,10 @@ def main() -> None:
         ("prefill_p99_ms", "prefill p99", ".2f"), ("event_room_p50_ms", "+1 room p50", ".2f"),
         ("event_room_p99_ms", "+1 room p99", ".2f"), ("event_room_blocks_recomputed", "redone", "d"),
         ("event_full_p50_ms", "+1 full p50", ".2f"), ("event_full_p99_ms", "+1 full p99", ".2f"),
-        ("event_full_blocks_recomputed", "redone", "d")]))
-    print("+1 room: one event into L - 1 cached events; +1 full: into L, the 'recent' window full (recomputed)")
+        ("event_full_blocks_recomputed", "redone", "d"), ("score_p50_ms", "pass p50", ".2f"),
+        ("score_with_event_p50_ms", "pass+1 p50", ".2f"), ("event_in_pass_vs_prefill", "+1 in pass / prefill", ".3f")]))
+    print("+1 room: one event into L - 1 cached events, alone; +1 full: into L, the 'recent' window full (rebuilt); "
+          "pass+1: the room event folded into a candidate pass of M")
     model_cfg = {"d_model": args.d_model, "heads": args.heads, "strategies": args.strategies,
                  "attention": args.attention, "dtype": args.dtype, "tasks": len(TASKS), "compile": args.compile,
                  "cuda_graphs": args.cuda_graphs}

@@ -5,8 +5,9 @@ On a GPU a serving call at batch 1 is bound by kernel launches, not arithmetic
 own calls replay as one graph each, and what the engine does around them (copying a cache into a
 graph's static buffers and out again, padding, merging recomputed blocks, moving the request's
 numbers to the device) still launches one kernel per operation. This script counts both, as aten
-operations that are not views, for a prefill, a cache hit (`score`) and one new event folded
-into a cache (`Engine.extend`, where `recent` has room and where it is full), on the padded
+operations that are not views, for a prefill, a cache hit (`score`), one new event folded into
+a cache alone (`Engine.extend`, where `recent` has room and where it is full) and one folded
+into a candidate pass (as `Engine.score_requests` does it), on the padded
 eager path that the graphs capture (the same operations). The counts do not depend on the
 device, on L or on d, only on the layer count and the call's structure, so they are a
 device-free measure of the launch overhead a change removes.
@@ -35,7 +36,7 @@ from climber.serve.engine import Engine, SQLiteStore
 VIEWS = {"view", "_unsafe_view", "slice", "select", "expand", "permute", "unsqueeze", "squeeze", "as_strided", "t",
          "transpose", "alias", "detach", "unflatten", "reshape", "unbind", "split", "narrow", "lift_fresh",
          "resolve_conj", "resolve_neg"}
-MODEL_CALLS = ("prefill", "score", "extend")
+MODEL_CALLS = ("prefill", "score", "fold")
 
 
 class Counting(TorchDispatchMode):
@@ -109,16 +110,25 @@ def main() -> None:
     L, h = args.seq_len, random_history(args.seq_len + 1, e.cfg)
     cand = torch.randint(2, e.cfg.n_items, (1, args.candidates))
     t = torch.tensor([int(h.time[-1]) + 60])
+    room = e.prefill(h[:L - 1], 1, 3)
+    pending, fold, _ = e.catch_up(room, h[:L], 1)
+
+    def in_pass():  # the engine's request path with one new event: catch up, then the fold in the pass
+        c, f, _ = e.catch_up(room, h[:L], 1)
+        return e.calls.fold(c, f.new, f.reset, cand, t)
+
     for warm in (h[:L], h[:L - 1]):  # the first call of a bucket allocates its buffers: not counted
         c = e.prefill(warm, 1, 3)
         e.extend(c, h[:len(warm) + 1], 1)
         e.score(c, cand, t)
+    in_pass()
     cache = e.prefill(h[:L], 1, 3)
     rows = [{"call": "prefill", **count(e, lambda: e.prefill(h[:L], 1, 3))},
             {"call": "score (cache hit)", **count(e, lambda: e.score(cache, cand, t))}]
     for case, n in (("room", L - 1), ("full", L)):
         c = e.prefill(h[:n], 1, 3)
-        rows.append({"call": f"extend, one event ({case})", **count(e, lambda c=c, n=n: e.extend(c, h[:n + 1], 1))})
+        rows.append({"call": f"one event alone ({case})", **count(e, lambda c=c, n=n: e.extend(c, h[:n + 1], 1))})
+    rows.append({"call": "score with one event (room)", **count(e, in_pass)})
     print(table(rows, [("call", "call", "s"), ("eager_ops", "eager ops", "d"), ("graph_replays", "replays", "d"),
                        ("ops_in_graphs", "ops in graphs", "d")]))
     path = write_results(args.name, "benchmarks.count_serving_ops",

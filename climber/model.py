@@ -32,12 +32,14 @@ history tokens never see candidates, and a candidate sees the history and itself
 (training and evaluation) runs that joint [history; candidates] sequence, one attention call per
 layer. Serving splits it (section 3.2): `prefill` encodes the history once into a
 `HistoryCache` (every layer's keys and values), `score` runs any number of candidates against
-it, and `extend` folds a new history event into it without recomputing the old ones.
+it, and `fold` adds new history events to it without recomputing the old ones, in the
+same pass as a candidate pass or alone.
 `forward(b) == score(prefill(b))` up to rounding (tests/test_model.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,7 +50,7 @@ from torch import nn
 from climber import ops
 from climber.config import ModelConfig
 from climber.embeddings import Table, TokenEmbeddings
-from climber.ops.reference import bias, match_readout, position_buckets, time_buckets
+from climber.ops.reference import bias, match_readout, position_buckets, softmax_attention, time_buckets
 
 
 class BlockLinear(nn.Module):
@@ -145,7 +147,7 @@ class BitwiseGatingFusion(nn.Module):
 
 @dataclass
 class HistoryCache:
-    """The KV cache: what `prefill` returns and `score` and `extend` take. Each block's history
+    """The KV cache: what `prefill` returns and `score` and `fold` take. Each block's history
     is right-aligned (left-padded), so padding columns can be added or dropped on the left
     without changing any relative position."""
 
@@ -208,20 +210,11 @@ class HistoryCache:
                             torch.where(m3, b.hist_mask, a.hist_mask), torch.where(m3, b.hist_time, a.hist_time),
                             a.scenario, a.user, torch.where(m3, b.hist_sum, a.hist_sum))
 
-    def append(self, kv: torch.Tensor, time: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor) -> HistoryCache:
-        """One new token per request, with every layer's keys and values (N_L, 2, B, K, H, 1, dh), time (B,)
-        and embedding x (B, d), appended to the blocks where `blocks` (B, K) is set: their oldest
-        column (padding: `Climber.extend` makes room) leaves. The other blocks are unchanged."""
-
-        def shift_in(old: torch.Tensor, new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            return torch.where(m, torch.cat([old[..., 1:], new], dim=-1), old)
-
-        m = blocks[..., None]
-        return HistoryCache(torch.where(blocks[..., None, None, None], torch.cat([self.kv[..., 1:, :], kv], dim=-2),
-                                        self.kv),
-                            shift_in(self.hist_mask, torch.ones_like(self.hist_mask[..., :1]), m),
-                            shift_in(self.hist_time, time[:, None, None].expand_as(self.hist_time[..., :1]), m),
-                            self.scenario, self.user, self.hist_sum + m * x[:, None].to(self.hist_sum.dtype))
+    def row(self, i: int) -> HistoryCache:
+        """Request i's cache alone, a copy (a view would keep the whole batch's tensors alive)."""
+        return HistoryCache(self.kv[:, :, i:i + 1].clone(), *(getattr(self, f)[i:i + 1].clone() for f in
+                                                              ("hist_mask", "hist_time", "scenario", "user",
+                                                               "hist_sum")))
 
 
 def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -354,31 +347,72 @@ class Climber(TokenEmbeddings):
             h, n = layer(h, y)
         return h.view(K, B, S - n_hist, d), kv, _match_features(match)
 
-    def _through_cache(self, x: torch.Tensor, cache: HistoryCache, t: torch.Tensor):
-        """New tokens x (K, B, M, d), each at the position after the cache's newest and at time
-        t (B,), through every layer against the cache: each sees the valid cached tokens and
-        itself -> (final states (K, B, M, d), each layer's keys and values (B, K, H, M, dh), the
-        match readout's features (B, M, N_L * K * H * 2) or None)."""
-        K, B, M, d = x.shape
-        H, L = self.cfg.n_heads, cache.hist_mask.shape[-1]
+    def _through_cache(self, cache: HistoryCache, x: torch.Tensor | None, t: torch.Tensor | None,
+                       new: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+        """Tokens through every layer against the cache, in one pass.
+
+        x (K, B, M, d) or None: candidates at request time t (B,), each at the position after the
+        newest history token, seeing the valid history and itself. new = (states (K, B, n, d),
+        validity (B, K, n), times (B, K, n)) or None: new history tokens, right-aligned per block
+        (padding rows first), each at the position after the one before it, seeing the valid
+        cached tokens, the valid new tokens up to itself, and itself; the candidates see them too.
+        The new tokens' attention is the plain-PyTorch one (`softmax_attention`: n is a few
+        rows), the candidates' the backend's `attend_cached` over the cache and the new keys.
+        -> (the candidates' final states (K, B, M, d) or None, the new tokens' keys and values per
+        layer [(B, K, H, n, dh)], the match readout's features (B, M, N_L * K * H * 2) or None,
+        and the keys' validity and times (B, K, L + n) after the new tokens)."""
+        B, K, L = cache.hist_mask.shape
+        H, dh, dev = self.cfg.n_heads, self.cfg.d_head, cache.hist_mask.device
+        P, T = self.cfg.pos_buckets, self.cfg.time_buckets
         pos, tim = self._tables(cache.scenario)
-        rel = L - torch.arange(L, device=x.device)
-        hist_bias = bias(pos, tim, position_buckets(rel, self.cfg.pos_buckets)[None],
-                         time_buckets(t[:, None, None, None] - cache.hist_time[:, :, None], self.cfg.time_buckets))
-        zero = torch.zeros(1, 1, dtype=torch.long, device=x.device)
-        self_bias = bias(pos, tim, zero, zero.expand(B, K, 1, 1))  # (B, K, H, 1, 1)
-        h = x.reshape(K, B * M, d)
-        n = rms_norm(h)
-        kv, match = [], []
-        for layer, inv, (k_hist, v_hist) in zip(self.layers, self._inv_tau(cache.scenario), cache.kv, strict=True):
-            q, k, v = _heads(layer.qkv(n).view(K, B, M, 3, H, d // H))
-            y, m = self.attention.attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, hist_bias, self_bias,
-                                                cache.hist_mask, self.cfg.match_readout)
-            kv.append((k, v))
-            if m is not None:
-                match.append(m)
-            h, n = layer(h, y)
-        return h.view(K, B, M, d), kv, _match_features(match)
+        valid, times, n = cache.hist_mask, cache.hist_time, 0
+        cand_pos = torch.full((1,), L, device=dev)  # the candidates' position, keys' positions 0 .. L - 1
+        key_pos = torch.arange(L, device=dev)
+        states = [] if x is None else [x]
+        if new is not None:
+            xn, new_valid, new_time = new
+            n = xn.shape[2]
+            valid, times = torch.cat([valid, new_valid], -1), torch.cat([times, new_time], -1)
+            row = torch.arange(n, device=dev)
+            new_pos = L + row - (n - new_valid.sum(-1, keepdim=True))  # (B, K, n): padding rows before
+            key_pos = torch.cat([key_pos.expand(B, K, L), new_pos], -1)  # (B, K, L + n)
+            cand_pos = new_pos[..., -1:] + 1
+            new_bias = bias(pos, tim, position_buckets(new_pos[..., :, None] - key_pos[..., None, :], P),
+                            time_buckets(new_time[..., :, None] - times[..., None, :], T))  # (B, K, H, n, L + n)
+            key = torch.arange(L + n, device=dev)
+            seen = key <= L + row[:, None]  # (n, L + n): the cache and the new tokens up to each
+            new_allowed = (valid[:, :, None] & seen) | (key == L + row[:, None])  # (B, K, n, L + n)
+            states = [xn, *states]
+        M = 0 if x is None else x.shape[2]
+        if M:
+            cand_bias = bias(pos, tim, position_buckets(cand_pos[..., None] - key_pos[..., None, :], P),
+                             time_buckets(t[:, None, None, None] - times[:, :, None], T))  # (B, K, H, 1, L + n)
+            zero = torch.zeros(1, 1, dtype=torch.long, device=dev)
+            self_bias = bias(pos, tim, zero, zero.expand(B, K, 1, 1))  # (B, K, H, 1, 1)
+        S = n + M
+        h = (states[0] if len(states) == 1 else torch.cat(states, 2)).reshape(K, B * S, -1)
+        norm = rms_norm(h)
+        new_kv, match = [], []
+        for i, (layer, inv, (k_hist, v_hist)) in enumerate(zip(self.layers, self._inv_tau(cache.scenario), cache.kv,
+                                                               strict=True)):
+            q, k, v = _heads(layer.qkv(norm).view(K, B, S, 3, H, dh))
+            it = inv[..., None, None]
+            ys = []
+            if n:
+                new_kv.append((k[..., :n, :], v[..., :n, :]))
+                k_hist, v_hist = torch.cat([k_hist, k[..., :n, :]], -2), torch.cat([v_hist, v[..., :n, :]], -2)
+                if not M and i == len(self.layers) - 1:
+                    break  # only the new tokens' keys and values are wanted
+                ys.append(softmax_attention(q[..., :n, :], k_hist, v_hist, it, new_bias, new_allowed[:, :, None]))
+            if M:
+                y, m = self.attention.attend_cached(q[..., n:, :], k[..., n:, :], v[..., n:, :], it, k_hist, v_hist,
+                                                    cand_bias, self_bias, valid, self.cfg.match_readout)
+                ys.append(y)
+                if m is not None:
+                    match.append(m)
+            h, norm = layer(h, ys[0] if len(ys) == 1 else torch.cat(ys, -2))
+        out = h.view(K, B, S, -1)[:, :, n:] if M else None
+        return out, new_kv, _match_features(match), valid, times
 
     # ---- 4-6. block readout, fusion and head ---------------------------------------------------
     def readout(self, h: torch.Tensor, c: torch.Tensor, scenario: torch.Tensor, user: torch.Tensor,
@@ -432,7 +466,7 @@ class Climber(TokenEmbeddings):
         h, _, match = self.encode(*inputs, L, b["req_scenario"])
         return self.readout(h, c0, b["req_scenario"], b["user"], match, pooled)
 
-    # ---- SUMI serving: prefill the history once, score candidates, extend with new events ------
+    # ---- SUMI serving: prefill the history once, score candidates, fold new events in ---------
     def prefill(self, b: dict) -> HistoryCache:
         """Encode the history (hist_* (B, K, L), req_scenario, user) through every layer of every
         block; keep each layer's keys and values."""
@@ -448,23 +482,41 @@ class Climber(TokenEmbeddings):
         """Logits (B, M, T) for candidates (B, M) at request times (B,) against a prefilled history."""
         K = self.cfg.n_blocks
         c0 = self.embed_candidates(cand_item, cache.scenario)  # (B, M, d)
-        h, _, match = self._through_cache(c0[None].expand(K, -1, -1, -1), cache, req_time)
+        h, _, match, _, _ = self._through_cache(cache, c0[None].expand(K, -1, -1, -1), req_time)
         return self.readout(h, c0, cache.scenario, cache.user, match, cache.pooled)
 
-    def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
-        """Fold one new history event per request into the cache, in the blocks where `blocks` (B,
-        K) is set (those whose extraction strategy selects it): the event runs through every
-        layer against the cached tokens and itself, exactly its row in a prefill from scratch
-        (history attention is causal and positions enter only relative to the query), and its
-        keys and values are appended. `event`: hist_* of shape (B, K, 1), the same event in every
-        block. The returned cache is one column wider (every block gets a padding column first, so
-        a full block loses nothing): no shape or branch depends on the data, so a CUDA graph can
-        capture it, and the caller drops the columns no block needs (`HistoryCache.last`)."""
-        cache = cache.pad_left(1)
-        x = self.embed_history(event).transpose(0, 1)  # (K, B, 1, d)
-        t = event["hist_time"][:, 0, 0]
-        _, kv, _ = self._through_cache(x, cache, t)
-        return cache.append(_stack_kv(kv), t, x[0, :, 0], blocks)
+    def fold(self, cache: HistoryCache, new: dict, reset: torch.Tensor, cand_item: torch.Tensor | None = None,
+             req_time: torch.Tensor | None = None) -> tuple[torch.Tensor | None, HistoryCache]:
+        """Fold new history events into the cache, and score candidates against the result in the
+        same pass (`cand_item` (B, M) at `req_time` (B,)), or not (None).
+
+        `new`: hist_* of shape (B, K, n), each block's new events last (right-aligned, padding
+        rows first, `hist_mask` marking the events); `reset` (B, K): blocks whose cached tokens are
+        dropped first (a window that overflowed: `new` then holds the block's whole window). Each
+        new token runs through every layer against the cached tokens, the new ones before it and
+        itself: exactly its row in a prefill from scratch, since history attention is causal and
+        positions enter only relative to the query. -> (logits (B, M, T) or None, the cache with n
+        more columns, each block right-aligned again; the caller drops the columns no block
+        needs, `HistoryCache.last`). No shape or branch depends on the data, so a CUDA graph can
+        capture it. `fold(cache, new, reset, c, t)[0] == score(fold(cache, new, reset)[1], c, t)`."""
+        cache = dataclasses.replace(cache, hist_mask=cache.hist_mask & ~reset[..., None])
+        e = self.embed_history(new)  # (B, K, n, d)
+        c0 = x = None
+        if cand_item is not None:
+            c0 = self.embed_candidates(cand_item, cache.scenario)
+            x = c0[None].expand(self.cfg.n_blocks, -1, -1, -1)
+        h, new_kv, match, valid, times = self._through_cache(cache, x, req_time,
+                                                             (e.transpose(0, 1), new["hist_mask"], new["hist_time"]))
+        added = (e * new["hist_mask"][..., None].to(e.dtype)).sum(2).to(cache.hist_sum.dtype)
+        hist_sum = torch.where(reset[..., None], added, cache.hist_sum + added)
+        kv = torch.cat([cache.kv, _stack_kv(new_kv)], -2)
+        order = torch.argsort(valid.to(torch.int32), dim=-1, stable=True)  # padding first, tokens in order
+        kv = kv.gather(-2, order[None, None, :, :, None, :, None].expand_as(kv))
+        folded = HistoryCache(kv, valid.gather(-1, order), times.gather(-1, order), cache.scenario, cache.user,
+                              hist_sum)
+        if h is None:
+            return None, folded
+        return self.readout(h, c0, cache.scenario, cache.user, match, folded.pooled), folded
 
     # ---- the model reports itself --------------------------------------------------------------
     def flops(self, L: int, M: int) -> dict[str, float]:

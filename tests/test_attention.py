@@ -431,27 +431,31 @@ def test_triton_cached_large_logits_do_not_overflow_in_interpreter():
 
 @interpreted
 def test_triton_serving_equals_reference_in_interpreter():
-    """`Climber.score` and `Climber.extend` (one attend_cached per layer, match readout on) give
-    the same logits and new keys and values with either backend, against one prefilled cache."""
+    """`Climber.score` and `Climber.fold` (one attend_cached per layer for the candidates, match
+    readout on) give the same logits and new keys and values with either backend, against one
+    prefilled cache."""
     torch.manual_seed(0)
     model = Climber(tiny_config(d_model=32, seq_len=20, match_readout=True)).eval()  # head dim 16
     perturb(model)
     b = random_batch(model.cfg, B=3, L=20, M=6, seed=2)
     B, K, _ = b["hist_mask"].shape
-    event = {n: b[n][:, :1, -1:].expand(B, K, 1, *b[n].shape[3:]) for n in b if n.startswith("hist_")}
-    event["hist_time"] = b["req_time"][:, None, None].expand(B, K, 1)
-    blocks = torch.rand(B, K, generator=torch.Generator().manual_seed(0)) < 0.6
+    new = {n: b[n][:, :1, -2:].expand(B, K, 2, *b[n].shape[3:]) for n in b if n.startswith("hist_")}
+    new["hist_time"] = b["req_time"][:, None, None].expand(B, K, 2)
+    new["hist_mask"] = torch.rand(B, K, 2, generator=torch.Generator().manual_seed(0)) < 0.6
+    new["hist_mask"][..., 1] |= new["hist_mask"][..., 0]  # right-aligned
+    reset = torch.zeros(B, K, dtype=torch.bool)
+    reset[0, 1] = True
     with torch.inference_mode():
         cache = model.prefill(b)
         out = {}
         for name in ("reference", "triton"):
             model.attention = ops.backend(name, "cpu")
-            out[name] = model.score(cache, b["cand_item"], b["req_time"]), model.extend(cache, event, blocks)
-    (logits, ext), (logits_ref, ext_ref) = out["triton"], out["reference"]
+            out[name] = (model.score(cache, b["cand_item"], b["req_time"]),
+                         *model.fold(cache, new, reset, b["cand_item"], b["req_time"]))
+    (logits, folded_logits, folded), (logits_ref, folded_logits_ref, folded_ref) = out["triton"], out["reference"]
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
-    for (k, v), (k_ref, v_ref) in zip(ext.kv, ext_ref.kv, strict=True):
-        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded_logits, folded_logits_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded.kv, folded_ref.kv, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

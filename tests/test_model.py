@@ -87,32 +87,76 @@ def test_forward_equals_score_of_prefill_outputs_and_grads(readout):
             torch.testing.assert_close(ps.grad, pr.grad, atol=1e-5 * max(scale, 1.0), rtol=1e-4, msg=name)
 
 
+HIST = ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_labels", "hist_mask")
+
+
+def split_history(b: dict, new: torch.Tensor, reset: torch.Tensor, seed: int) -> tuple[dict, dict]:
+    """A batch's histories (B, K, L) cut per block into what a cache already holds and the last
+    `new` (B, K) events, each part right-aligned; where `reset` (B, K), the new part is the whole
+    window and the old part other random events (a window that overflowed)."""
+    B, K, L = b["hist_mask"].shape
+    other = random_batch_like(b, seed)
+    old, chunk = {k: torch.zeros_like(b[k]) for k in HIST}, {}
+    n = max(int(torch.where(reset, b["hist_mask"].sum(-1), new).max()), 1)
+    for k in HIST:
+        chunk[k] = torch.zeros_like(b[k][:, :, :n])
+    for i in range(B):
+        for j in range(K):
+            count = int(b["hist_mask"][i, j].sum())
+            m = count if reset[i, j] else int(new[i, j])
+            for k in HIST:
+                row = b[k][i, j, L - count:]
+                if m:
+                    chunk[k][i, j, n - m:] = row[count - m:]
+                if reset[i, j]:
+                    old[k][i, j] = other[k][i, j]
+                elif count - m:
+                    old[k][i, j, L - (count - m):] = row[:count - m]
+    old.update(req_scenario=b["req_scenario"], user=b["user"])
+    return old, chunk
+
+
+def random_batch_like(b: dict, seed: int) -> dict:
+    """Other random histories of the same shapes, earlier in time than b's."""
+    B, K, L = b["hist_mask"].shape
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, K, L, generator=g) < 0.7
+    out = {k: torch.where(mask.view(*mask.shape, *[1] * (b[k].dim() - 3)), b[k].roll(1, 0), 0) for k in HIST[:-1]}
+    out["hist_time"] = torch.where(mask, b["hist_time"].min() - 100, 0)
+    out["hist_mask"] = mask
+    return out
+
+
 @pytest.mark.parametrize("readout", READOUTS)
-def test_extend_equals_prefill_of_the_longer_history(readout):
-    """`extend` folds one event into the chosen blocks; scores equal a prefill from scratch of
-    the history with that event appended to those blocks (including a block with no padding
-    left, which gets a column first)."""
+def test_fold_equals_prefill_of_the_longer_history(readout):
+    """`fold` adds each block's new events (0 to 3 here, a different count per block) and
+    rebuilds reset blocks from their whole window; its cache and the candidates it scores in the
+    same pass equal a prefill from scratch of the longer history, and folding alone then scoring
+    equals folding while scoring."""
     model = make(**READOUTS[readout])
-    b = random_batch(model.cfg, B=2, L=6, M=3, seed=4)
-    b["hist_mask"][0, 0] = True  # block 0 of request 0 is full
-    blocks = torch.tensor([[True, False, True], [False, True, True]])
-    t_new = b["hist_time"].amax((1, 2)) + 5
-    event = {"hist_item": torch.tensor([7, 9]), "hist_time": t_new, "hist_action": torch.tensor([1, 2]),
-             "hist_scenario": torch.tensor([0, 1]), "hist_labels": torch.tensor([[1, 0], [0, 1]])}
-    ev = {k: v.view(2, 1, 1, *v.shape[1:]).expand(2, 3, 1, *v.shape[1:]) for k, v in event.items()}
-    extended = model.extend(model.prefill(b), ev, blocks)
-    longer = {}  # the history with the event appended where `blocks` says, one column longer
-    for k in ("hist_item", "hist_time", "hist_action", "hist_scenario", "hist_labels", "hist_mask"):
-        old = b[k]
-        new = ev[k] if k != "hist_mask" else torch.ones(2, 3, 1, dtype=torch.bool)
-        shifted = torch.cat([old, new], dim=2)
-        kept = torch.cat([torch.zeros_like(old[:, :, :1]), old], dim=2)
-        m = blocks.view(2, 3, *([1] * (old.dim() - 2)))
-        longer[k] = torch.where(m, shifted, kept)
-    longer.update(req_scenario=b["req_scenario"], user=b["user"])
-    want = model.score(model.prefill(longer), b["cand_item"], b["req_time"] + 10)
-    got = model.score(extended, b["cand_item"], b["req_time"] + 10)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    b = random_batch(model.cfg, B=3, L=7, M=4, seed=4)
+    b["hist_mask"][0, 0] = True  # a full window
+    b["hist_time"] = b["hist_time"] * b["hist_mask"]
+    g = torch.Generator().manual_seed(5)
+    counts = b["hist_mask"].sum(-1)
+    new = torch.minimum(torch.randint(0, 4, counts.shape, generator=g), counts)
+    reset = torch.zeros_like(counts, dtype=torch.bool)
+    reset[1, 2] = reset[2, 0] = True
+    old, chunk = split_history(b, new, reset, seed=6)
+    t = b["req_time"] + 10
+    logits, folded = model.fold(model.prefill(old), chunk, reset, b["cand_item"], t)
+    full = model.prefill({**{k: b[k] for k in HIST}, "req_scenario": b["req_scenario"], "user": b["user"]})
+    want = model.score(full, b["cand_item"], t)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    L = full.hist_mask.shape[-1]
+    cut = folded.last(L)
+    assert torch.equal(cut.hist_mask, full.hist_mask)
+    assert torch.equal(cut.hist_time[cut.hist_mask], full.hist_time[full.hist_mask])
+    m = full.hist_mask[None, None, :, :, None, :, None].expand_as(full.kv)
+    torch.testing.assert_close(cut.kv[m], full.kv[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cut.pooled, full.pooled, atol=1e-5, rtol=1e-5)
+    _, alone = model.fold(model.prefill(old), chunk, reset)
+    torch.testing.assert_close(model.score(alone, b["cand_item"], t), logits, atol=1e-5, rtol=1e-5)
 
 
 def test_stacked_caches_score_as_each_alone():
@@ -221,7 +265,7 @@ def test_match_readout_is_the_mean_attention_logit():
     assert not b["hist_mask"].all(-1).all()  # some padding, whose keys must be ignored
     torch.testing.assert_close(match.view(3, M, N_L, K, H, 2), want, atol=1e-5, rtol=1e-5)
     c0 = model.embed_candidates(b["cand_item"], b["req_scenario"])[None].expand(K, -1, -1, -1)
-    cached = model._through_cache(c0, model.prefill(b), b["req_time"])[2]
+    cached = model._through_cache(model.prefill(b), c0, b["req_time"])[2]
     torch.testing.assert_close(cached, match, atol=1e-5, rtol=1e-5)
 
 

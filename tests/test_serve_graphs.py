@@ -13,7 +13,7 @@ import torch
 from climber import ops
 from climber.model import Climber, HistoryCache
 from climber.serve.engine import Engine, History, ScoreRequest, SQLiteStore
-from climber.serve.graphs import FLOOR, Bucketed, bucket, buckets
+from climber.serve.graphs import FLOOR, FOLD, Bucketed, bucket, buckets
 from tests.helpers import perturb, random_batch, tiny_config
 
 SEQ_LEN, MAX_BATCH, MAX_CAND = 40, 6, 40  # length buckets 16, 32, 40; batch 1, 2, 4, 6; candidates 16, 32, 40
@@ -34,17 +34,23 @@ def to(b: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def one_event(cfg, seed: int, device: str) -> tuple[dict, torch.Tensor]:
-    """A random event for request 0, in the shape `Climber.extend` takes, and random blocks taking it."""
+def new_events(cfg, B: int, seed: int, device: str) -> tuple[dict, torch.Tensor]:
+    """Random new events in the shape `Climber.fold` takes: up to FOLD rows per block, a random
+    count per block right-aligned (some none), later than `random_batch`'s; and random blocks
+    rebuilt from them."""
     g = torch.Generator().manual_seed(seed)
-    K, T = cfg.n_blocks, len(cfg.tasks)
-    ev = {"hist_item": torch.randint(2, cfg.n_items, (1, 1, 1), generator=g),
-          "hist_time": torch.full((1, 1, 1), 2_000_000),
-          "hist_action": torch.randint(0, cfg.n_actions, (1, 1, 1), generator=g),
-          "hist_scenario": torch.randint(0, cfg.n_scenarios, (1, 1, 1), generator=g),
-          "hist_labels": torch.randint(0, 2, (1, 1, 1, T), generator=g)}
-    blocks = torch.rand(1, K, generator=g) < 0.6
-    return {k: v.expand(1, K, *v.shape[2:]).to(device) for k, v in ev.items()}, blocks.to(device)
+    K, T, n = cfg.n_blocks, len(cfg.tasks), int(torch.randint(1, FOLD + 1, (1,), generator=g))
+    count = torch.randint(0, n + 1, (B, K), generator=g)
+    mask = torch.arange(n) >= (n - count)[..., None]
+    new = {"hist_item": torch.randint(2, cfg.n_items, (B, K, n), generator=g),
+           "hist_time": 2_000_000 + torch.arange(n).expand(B, K, n),
+           "hist_action": torch.randint(0, cfg.n_actions, (B, K, n), generator=g),
+           "hist_scenario": torch.randint(0, cfg.n_scenarios, (B, K, n), generator=g),
+           "hist_labels": torch.randint(0, 2, (B, K, n, T), generator=g)}
+    new = {k: v * (mask if v.dim() == 3 else mask[..., None]) for k, v in new.items()}
+    new["hist_mask"] = mask
+    reset = torch.rand(B, K, generator=g) < 0.3
+    return to(new, device), reset.to(device)
 
 
 def assert_caches_match(got: HistoryCache, want: HistoryCache, atol: float) -> None:
@@ -59,7 +65,8 @@ def assert_caches_match(got: HistoryCache, want: HistoryCache, atol: float) -> N
 
 @torch.inference_mode()
 def assert_calls_match(model: Climber, padded: Bucketed, B: int, L: int, M: int, seed: int, atol: float) -> None:
-    """score, prefill and extend through `padded` equal the model's own on a random batch."""
+    """score, prefill and fold (with candidates and alone) through `padded` equal the model's own on
+    a random batch."""
     dev = next(model.parameters()).device.type
     b = to(random_batch(model.cfg, B=B, L=L, M=M, seed=seed), dev)
     cache = model.prefill(b)
@@ -68,9 +75,13 @@ def assert_calls_match(model: Climber, padded: Bucketed, B: int, L: int, M: int,
     torch.testing.assert_close(got, want, atol=atol, rtol=RTOL)
     one = {k: v[:1] for k, v in b.items()}
     assert_caches_match(padded.prefill(one), model.prefill(one), atol)
-    ev, blocks = one_event(model.cfg, seed, dev)
-    assert_caches_match(padded.extend(model.prefill(one), ev, blocks), model.extend(model.prefill(one), ev, blocks),
-                        atol)
+    new, reset = new_events(model.cfg, B, seed, dev)
+    got, folded = padded.fold(cache, new, reset, b["cand_item"], b["req_time"])
+    want, want_cache = model.fold(cache, new, reset, b["cand_item"], b["req_time"])
+    scale = max(1.0, want.abs().max().item() / 25)  # the new tokens push some logits to ~100
+    torch.testing.assert_close(got, want, atol=atol * scale, rtol=RTOL)
+    assert_caches_match(folded, want_cache, atol)
+    assert_caches_match(padded.fold(cache, new, reset)[1], want_cache, atol)
 
 
 def random_shapes(n: int, seed: int = 0) -> list[tuple[int, int, int]]:

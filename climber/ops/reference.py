@@ -57,12 +57,16 @@ def time_buckets(dt: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def bias(pos: torch.Tensor, tim: torch.Tensor, pb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-    """f_b: per-sample tables pos (..., H, P) and tim (..., H, T), position buckets pb (Sq, Sk)
-    and time buckets tb (..., Sq, Sk) -> (..., H, Sq, Sk)."""
-    H = pos.shape[-2]
-    Sq, Sk = pb.shape
-    idx = tb.flatten(-2).unsqueeze(-2).expand(*tb.shape[:-2], H, Sq * Sk).long()
-    return pos[..., pb.long()] + tim.gather(-1, idx).unflatten(-1, (Sq, Sk))
+    """f_b: per-sample tables pos (..., H, P) and tim (..., H, T), position buckets pb (Sq, Sk),
+    or per sample (..., Sq, Sk), and time buckets tb (..., Sq, Sk) -> (..., H, Sq, Sk)."""
+    return (pos[..., pb.long()] if pb.dim() == 2 else _lookup(pos, pb)) + _lookup(tim, tb)
+
+
+def _lookup(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-sample tables (..., H, N) at bucket ids (..., Sq, Sk) -> (..., H, Sq, Sk)."""
+    H, (Sq, Sk) = table.shape[-2], idx.shape[-2:]
+    flat = idx.flatten(-2).unsqueeze(-2).expand(*idx.shape[:-2], H, Sq * Sk).long()
+    return table.gather(-1, flat).unflatten(-1, (Sq, Sk))
 
 
 def sumi_mask(valid: torch.Tensor, n_hist: int) -> torch.Tensor:

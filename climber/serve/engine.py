@@ -16,22 +16,25 @@ A request is one user, one scenario and up to M candidates. The engine
 
 Incremental extension. History attention is causal and a token's keys/values do not depend
 on its absolute position (positions enter only through the relative bias, computed at
-attention time). So when events arrive, only the new tokens are computed: each runs through
-every layer attending to the cached keys/values and to itself (`Climber.extend`), and its
-keys/values are appended to the blocks whose strategy selects it ('recent' takes every event,
-'pos:like' only liked ones). Blocks stay right-aligned, so the relative distance between two
-real tokens, and from each token to the candidate slot, equals that of a prefill from scratch.
+attention time). So when events arrive, only the new tokens are computed: they run through
+every layer attending to the cached keys/values, to the new tokens before them and to
+themselves (`Climber.fold`), and their keys/values are appended to the blocks whose strategy
+selects them ('recent' takes every event, 'pos:like' only liked ones). Blocks stay
+right-aligned, so the relative distance between two real tokens, and from each token to the
+candidate slot, equals that of a prefill from scratch. Events are not folded when posted: the
+user's next request folds them in its candidate pass (one pass, new tokens and candidates
+together; the candidates see the new tokens), so an event costs a few more rows in a pass that
+runs anyway, not a pass of its own (docs/serving.md).
 
 Exact extension is impossible once a block's window is full: the oldest event must leave,
 and every later token's state depended on it. Blocks never interact before fusion, so only
-the overflowing blocks are recomputed from scratch (one prefill in which the other blocks are
-empty, at the length of the longest overflowing window), the others are extended; a request
-that needed it counts as `recompute`. A short capped block ('recent@16', full for any user with
-16 events) is a prefill of 16 tokens, but a full 'recent' block (a user with seq_len events or
-more) costs a prefill at full length for every new event, and, because all K blocks run
-batched, K blocks of that length. On a GPU these calls are launch-bound (a prefill of 16 tokens
-launches as many kernels as one of 800), so `use_cuda_graphs` replays all three model calls
-from CUDA graphs (`climber/serve/graphs.py`).
+the overflowing blocks are rebuilt, the others extended; a request that needed it counts as
+`recompute`. A short window ('recent@16', full for any user with 16 events) is rebuilt by the
+same fold, its whole window as the new tokens; a longer one (a full 'recent' block, a user with
+seq_len events or more) by a prefill of the overflowing blocks alone, at full length for every
+new event. On a GPU these calls are launch-bound (a prefill of 16 tokens launches as many
+kernels as one of 800), so `use_cuda_graphs` replays the model calls from CUDA graphs
+(`climber/serve/graphs.py`).
 
 Users are keyed by raw id (users unknown to the training data get a history too); items are
 mapped raw -> dense with the prepared data's `item_vocab` (dense = position + 2), unknown
@@ -60,7 +63,7 @@ from climber.checkpoint import check_vocabulary, load_model
 from climber.config import parse_strategy
 from climber.data.sumi import FIRST_ITEM, PAD_ITEM, UNKNOWN_ITEM, SumiData, strategy_selects
 from climber.model import Climber, HistoryCache
-from climber.serve.graphs import Bucketed
+from climber.serve.graphs import FOLD, Bucketed
 from climber.serve.store import EventStore, History, SQLiteStore
 
 
@@ -152,6 +155,34 @@ class ScoreResult:
     history_length: int  # events in the history used
 
 
+@dataclass(frozen=True)
+class Fold:
+    """New history events to fold into a batch's caches (`Climber.fold`): hist_* (B, K, n),
+    right-aligned per block; the blocks rebuilt from their whole window (B, K); and the columns
+    the result needs (one user's; `HistoryCache.last`)."""
+
+    new: dict[str, torch.Tensor]
+    reset: torch.Tensor
+    width: int
+
+    @staticmethod
+    def stack(folds: list[Fold | None], K: int, device: torch.device) -> Fold:
+        """One batch's fold: each request's, left-padded to the widest; None: nothing to fold."""
+        real = [f for f in folds if f is not None]
+        n = max(f.new["hist_mask"].shape[-1] for f in real)
+        new = {}
+        for k, v in real[0].new.items():
+            rows = []
+            for f in folds:
+                x = f.new[k] if f is not None else torch.zeros_like(v[:, :, :1]).expand(1, K, 1, *v.shape[3:])
+                pad = n - x.shape[2]
+                rows.append(torch.cat([x.new_zeros(1, K, pad, *x.shape[3:]), x], 2) if pad else x)
+            new[k] = torch.cat(rows)
+        reset = torch.cat([f.reset if f is not None else torch.zeros(1, K, dtype=torch.bool, device=device)
+                           for f in folds])
+        return Fold(new, reset, max(f.width for f in real))
+
+
 class Engine:
     """Model + histories (prepared data, then an event store) + LRU of prefilled histories. Not
     thread-safe: one worker calls `score_requests`; `append_events` may be called from any thread."""
@@ -159,7 +190,7 @@ class Engine:
     def __init__(self, model: Climber, store: EventStore, item_vocab: np.ndarray, user_vocab: np.ndarray,
                  cache_bytes: int = 1 << 30, data: SumiData | None = None):
         self.model = model.eval()
-        self.calls: Climber | Bucketed = self.model  # prefill, score and extend go through this
+        self.calls: Climber | Bucketed = self.model  # prefill, score and fold go through this
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.store, self.base = store, DataHistories(len(self.cfg.tasks), data)
@@ -212,14 +243,23 @@ class Engine:
         return np.stack([strategy_selects(s, self.cfg.tasks, h.labels, h.scenario, h.action)
                          for s in self.cfg.strategies], axis=1)
 
-    def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        """hist_* model inputs (1, K, L): per block the last `caps[k]` selected events,
-        left-padded to L = the longest block (at least one column), as `SumiData.batch` builds.
-        With `blocks` (K,) bool, the other blocks are left empty."""
+    def windows(self, h: History) -> list[np.ndarray]:
+        """Per block, the positions in `h` of the events its window holds: the last `caps[k]` its
+        extraction strategy selects."""
         sel = self._selects(h)
+        return [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
+
+    def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """hist_* model inputs (1, K, L): per block its window of `h`, left-padded to L = the
+        longest block (at least one column), as `SumiData.batch` builds. With `blocks` (K,) bool,
+        the other blocks are left empty."""
+        windows = self.windows(h)
         if blocks is not None:
-            sel &= blocks
-        windows = [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
+            windows = [w if take else w[:0] for w, take in zip(windows, blocks, strict=True)]
+        return self._inputs(h, windows)
+
+    def _inputs(self, h: History, windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        """hist_* (1, K, L) of the events of `h` at each block's positions, right-aligned."""
         L = max(1, *(len(w) for w in windows))
         idx = np.zeros((len(windows), L), np.int64)
         valid = np.zeros((len(windows), L), bool)
@@ -251,41 +291,43 @@ class Engine:
 
     @torch.inference_mode()
     def extend(self, cache: HistoryCache, history: History, n_new: int) -> tuple[HistoryCache, int]:
-        """`cache` (one user), which encodes history[:-n_new], brought up to all of `history`.
+        """`cache` (one user), which encodes history[:-n_new], brought up to all of `history` on
+        its own (the server folds new events into the next candidate pass instead,
+        `score_requests`). Returns (the cache, how many blocks were recomputed)."""
+        cache, fold, redone = self.catch_up(cache, history, n_new)
+        if fold is not None:
+            _, cache = self.calls.fold(cache, fold.new, fold.reset)
+            cache = cache.last(fold.width)
+        return cache, redone
 
-        Blocks whose window has room for their new events get them appended one by one, running
-        only the new tokens; blocks whose window overflows are recomputed from scratch. Returns
-        (the cache, how many blocks were recomputed)."""
+    def catch_up(self, cache: HistoryCache, history: History, n_new: int) -> tuple[HistoryCache, Fold | None, int]:
+        """What brings `cache` (one user), which encodes history[:-n_new], up to all of `history`.
+
+        A block's new events are folded in (`Climber.fold`, a pass over the new tokens only) when
+        its window has room for them; a block whose window overflows must be rebuilt (exactness
+        needs every later token's state without the events that leave), by the same fold when
+        the window is at most `FOLD` events ('recent@16'), else by a prefill of those blocks
+        alone, done here, as is a block given more than `FOLD` new events at once. Returns (the
+        cache after those prefills, the fold left to run or None, how many blocks overflowed)."""
         new = history[len(history) - n_new:]
-        sel = self._selects(new)  # (n, K)
+        added = self._selects(new).sum(0)  # (K,) new events per block
         counts = cache.hist_mask[0].sum(-1).cpu().numpy()  # (K,) events per block
-        overflow = counts + sel.sum(0) > self.caps  # (K,)
-        room = sel & ~overflow
-        for i in np.flatnonzero(room.any(1)):
-            cache = self._append(cache, new[i:i + 1], torch.from_numpy(room[i]).to(self.device))
-            counts += room[i]
-            cache = cache.last(max(1, int(counts.max())))  # `Climber.extend` added a column
-        if overflow.any():
-            cache = self._recompute_blocks(cache, history, overflow)
-        return cache, int(overflow.sum())
-
-    def _recompute_blocks(self, cache: HistoryCache, history: History, blocks: np.ndarray) -> HistoryCache:
-        """`cache` with `blocks` (K,) bool replaced by a prefill of their windows of `history`."""
-        b = self.history_inputs(history, blocks)
-        b["req_scenario"], b["user"] = cache.scenario, cache.user
-        fresh = self.calls.prefill(b)  # the other blocks are empty, their rows padding
-        return cache.replace_blocks(fresh, torch.from_numpy(blocks).to(self.device)[None])
-
-    def _append(self, cache: HistoryCache, ev: History, blocks: torch.Tensor) -> HistoryCache:
-        """Fold one event into the cache of `blocks` (K,) bool (`Climber.extend`)."""
-        K = self.cfg.n_blocks
-
-        def per_block(col: np.ndarray) -> torch.Tensor:  # (1, ...) -> (1, K, 1, ...)
-            t = torch.from_numpy(np.asarray(col, np.int64)).to(self.device)
-            return t.view(1, 1, 1, *t.shape[1:]).expand(1, K, 1, *t.shape[1:])
-
-        event = {f"hist_{f}": per_block(getattr(ev, f)) for f in ("item", "time", "action", "scenario", "labels")}
-        return self.calls.extend(cache, event, blocks[None])
+        overflow = counts + added > self.caps
+        reset = overflow & (self.caps <= FOLD)
+        prefill = (overflow & ~reset) | (~overflow & (added > FOLD))
+        if prefill.any():
+            b = self.history_inputs(history, prefill)
+            b["req_scenario"], b["user"] = cache.scenario, cache.user
+            fresh = self.calls.prefill(b)  # the other blocks are empty, their rows padding
+            cache = cache.replace_blocks(fresh, torch.from_numpy(prefill).to(self.device)[None])
+        windows = self.windows(history)
+        rows = [w if r else w[len(w) - a:] if not p else w[:0]
+                for w, a, r, p in zip(windows, added, reset, prefill, strict=True)]
+        if not any(len(w) for w in rows):
+            return cache, None, int(overflow.sum())
+        fold = Fold(self._inputs(history, rows), torch.from_numpy(reset).to(self.device)[None],
+                    max(1, *(len(w) for w in windows)))  # then each block holds its window of `history`
+        return cache, fold, int(overflow.sum())
 
     # ---- histories --------------------------------------------------------------------------
     def in_windows(self, h: History) -> np.ndarray:
@@ -330,14 +372,16 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int]:
-        """The request's prefilled history: from the LRU (hit), brought up to date with the
-        user's new events (extend, or recompute when a block window overflowed) or built (miss)."""
+    def _user_cache(self, r: ScoreRequest) -> tuple[HistoryCache, str, int, tuple | None]:
+        """The request's prefilled history: from the LRU (hit), built (miss), or to be brought up
+        to date with the user's new events (extend, or recompute when a block window overflowed):
+        then the returned cache is the cached one and the fold that updates it, with the key and
+        event count to store the result under, runs with the candidate pass."""
         user = self.user_id(r.user)
         if r.history is not None or r.user is None:  # explicit or anonymous history: not cached
             h = r.history if r.history is not None else History.empty(len(self.cfg.tasks))
             self.stats["bypass"] += 1
-            return self.prefill(h, r.scenario, user), "bypass", len(h)
+            return self.prefill(h, r.scenario, user), "bypass", len(h), None
         # a prefill depends on the request scenario only through the ATL's per-scenario temperature
         # and bias; a model without them (climber-shared-tau, the MSE-only ablation) keeps one cache
         # per user, which the request's scenario is then set on (its candidates' embedding)
@@ -349,17 +393,25 @@ class Engine:
                 entry.cache, scenario=torch.full_like(entry.cache.scenario, r.scenario)))
         if entry is not None and self.count(r.user) == entry.n_events:
             self.stats["hit"] += 1
-            return entry.cache, "hit", entry.n_events
+            return entry.cache, "hit", entry.n_events, None
         h, seq, n = self.history(r.user)
+        pending = None
         if entry is None:
             status, cache = "miss", self.prefill(h, r.scenario, user)
         else:
-            cache, redone = self.extend(entry.cache, h, int((seq >= entry.n_events).sum()))
+            cache, fold, redone = self.catch_up(entry.cache, h, int((seq >= entry.n_events).sum()))
             status = "recompute" if redone else "extend"
             self.stats["recompute_blocks"] += redone
+            if fold is not None:
+                pending = (fold, key, n)
         self.stats[status] += 1
+        if pending is None:
+            self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
+        return cache, status, n, pending
+
+    def _store(self, cache: HistoryCache, fold: Fold, key: tuple, n: int) -> None:
+        cache = cache.last(fold.width)
         self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
-        return cache, status, n
 
     @torch.inference_mode()
     def score_requests(self, requests: list[ScoreRequest]) -> list[ScoreResult]:
@@ -370,7 +422,15 @@ class Engine:
         for i, r in enumerate(requests):
             cand[i, :len(r.candidates)] = r.candidates
         req_time = torch.tensor([r.req_time for r in requests], device=self.device)
-        probs = self.score(HistoryCache.stack([c for c, _, _ in got]), torch.from_numpy(cand).to(self.device), req_time)
-        probs = probs.cpu().numpy()
+        cache, cand_t = HistoryCache.stack([c for c, _, _, _ in got]), torch.from_numpy(cand).to(self.device)
+        pending = [(i, p) for i, (_, _, _, p) in enumerate(got) if p is not None]
+        if not pending:
+            logits = self.calls.score(cache, cand_t, req_time)
+        else:  # new events folded into the candidate pass: one pass, and the caches brought up to date
+            fold = Fold.stack([p[0] if p is not None else None for _, _, _, p in got], self.cfg.n_blocks, self.device)
+            logits, folded = self.calls.fold(cache, fold.new, fold.reset, cand_t, req_time)
+            for i, (f, key, n) in pending:
+                self._store(folded if len(got) == 1 else folded.row(i), f, key, n)
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
         return [ScoreResult(probs[i, :len(r.candidates)], status, n)
-                for i, (r, (_, status, n)) in enumerate(zip(requests, got, strict=True))]
+                for i, (r, (_, status, n, _)) in enumerate(zip(requests, got, strict=True))]

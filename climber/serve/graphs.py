@@ -11,7 +11,9 @@ static buffers, replays the bucket's graph and slices the output back:
 * `score`: batch B, candidates M and cached history length L, each to the next power of two
   (at least `FLOOR` for M and L), capped at the server's max batch, its max candidates and the
   model's longest block window (seq_len; no cache is wider);
-* `prefill` and `extend` (one user, as the engine calls them): history length L.
+* `fold` (new history events, `FOLD` rows per block, with a candidate pass or alone): as `score`,
+  with no candidates for a fold alone;
+* `prefill` (one user, as the engine calls it): history length L.
 
 Padding changes no score. Histories are left-padded and attention sees only relative positions,
 time gaps and the mask, so masked columns before a history change nothing (`HistoryCache.stack`
@@ -22,7 +24,8 @@ and the match and pooled readouts define an empty history as 0).
 
 The same padded calls run without graphs (`cuda_graphs=False`), which is how the CPU tests check
 the padding. Graphs are captured on first use of a bucket; `warm` captures the common ones (every
-batch and length bucket at the largest candidate bucket, every prefill and extend bucket) before
+batch and length bucket at the largest candidate bucket, every prefill bucket, and one user's
+fold at every length bucket, with the largest candidate bucket and alone) before
 the server opens its port, so only unusual shapes pay a capture (a few eager calls) when they
 first come. The buckets of one call share their input buffers (views of one buffer sized for the
 largest), and all graphs share one memory pool; that is safe because calls run one at a time on
@@ -43,6 +46,7 @@ from climber.model import Climber, HistoryCache
 log = logging.getLogger("climber.serve")
 
 FLOOR = 16  # smallest candidate and history bucket: below it padding costs a GPU nothing
+FOLD = 16  # new history tokens per block one fold carries (more, or a longer window to rebuild: a prefill)
 WARMUP = 2  # eager calls on a side stream before a capture (lazy initialisation, Triton's compiles)
 
 
@@ -68,17 +72,18 @@ def _put(dst: HistoryCache, src: HistoryCache) -> None:
     dst.scenario[:b], dst.user[:b], dst.hist_sum[:b] = src.scenario, src.user, src.hist_sum
 
 
-def _cut(c: HistoryCache, L: int) -> HistoryCache:
-    """A fresh copy of the last L columns of a graph's output cache (its memory is reused by the next replay)."""
+def _cut(c: HistoryCache, L: int, B: int = 1) -> HistoryCache:
+    """A fresh copy of the first B rows and last L columns of a graph's output cache (its memory is
+    reused by the next replay)."""
     c = c.last(L)
-    return HistoryCache(c.kv.clone(), c.hist_mask.clone(), c.hist_time.clone(), c.scenario.clone(), c.user.clone(),
-                        c.hist_sum.clone())
+    return HistoryCache(c.kv[:, :, :B].clone(), c.hist_mask[:B].clone(), c.hist_time[:B].clone(),
+                        c.scenario[:B].clone(), c.user[:B].clone(), c.hist_sum[:B].clone())
 
 
 class Bucketed:
-    """`Climber.prefill`, `score` and `extend` with the same arguments and results (fresh tensors),
+    """`Climber.prefill`, `score` and `fold` with the same arguments and results (fresh tensors),
     run padded to shape buckets: replayed from CUDA graphs with `cuda_graphs`, else eagerly. Calls
-    beyond the caps (or of several users, for prefill and extend) run unpadded on the model."""
+    beyond the caps (or of several users, for prefill) run unpadded on the model."""
 
     def __init__(self, model: Climber, max_batch: int, max_candidates: int, cuda_graphs: bool):
         p = next(model.parameters())
@@ -119,16 +124,27 @@ class Bucketed:
         return _cut(run(), L)
 
     @torch.inference_mode()
-    def extend(self, cache: HistoryCache, event: dict, blocks: torch.Tensor) -> HistoryCache:
+    def fold(self, cache: HistoryCache, new: dict, reset: torch.Tensor, cand_item: torch.Tensor | None = None,
+             req_time: torch.Tensor | None = None) -> tuple[torch.Tensor | None, HistoryCache]:
         B, _, L = cache.hist_mask.shape
-        if B > 1 or L > self.max_len:
-            return self.model.extend(cache, event, blocks)
-        x, run = self._call("extend", 1, 1, bucket(L, self.max_len, FLOOR))
+        n = new["hist_mask"].shape[-1]
+        M = 0 if cand_item is None else cand_item.shape[1]
+        if B > self.max_batch or M > self.max_candidates or L > self.max_len or n > FOLD:
+            return self.model.fold(cache, new, reset, cand_item, req_time)
+        Bb = bucket(B, self.max_batch)
+        x, run = self._call("fold", Bb, bucket(M, self.max_candidates, FLOOR) if M else 0,
+                            bucket(L, self.max_len, FLOOR))
         _put(x["cache"], cache)
-        for k, v in event.items():
-            x[k][:] = v
-        x["blocks"][:] = blocks
-        return _cut(run(), L + 1)  # `Climber.extend` adds a column
+        x["hist_mask"][:B, :, :-n] = False  # the new tokens right-aligned in FOLD rows
+        for k, v in new.items():
+            x[k][:B, :, -n:] = v
+        x["reset"][:B] = reset
+        x["reset"][B:] = False
+        if M:
+            x["cand_item"][:B, :M] = cand_item
+            x["req_time"][:B] = req_time
+        logits, folded = run()
+        return None if not M else logits[:B, :M].clone(), _cut(folded, L + n, B)
 
     # ---- buckets ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -140,7 +156,8 @@ class Bucketed:
             for B in buckets(self.max_batch):
                 self._call("score", B, M, L)
             self._call("prefill", 1, 1, L)
-            self._call("extend", 1, 1, L)
+            self._call("fold", 1, 0, L)  # new events alone
+            self._call("fold", 1, M, L)  # new events in a candidate pass, one user's
         log.info("%d CUDA graphs captured in %.1f s", len(self._calls), time.perf_counter() - t0)
         return len(self._calls)
 
@@ -152,8 +169,8 @@ class Bucketed:
             m = self.model
             fn = {"score": lambda: m.score(x["cache"], x["cand_item"], x["req_time"]),
                   "prefill": lambda: m.prefill(x),
-                  "extend": lambda: m.extend(x["cache"], {k: v for k, v in x.items() if k.startswith("hist_")},
-                                             x["blocks"])}[kind]
+                  "fold": lambda: m.fold(x["cache"], {k: v for k, v in x.items() if k.startswith("hist_")},
+                                         x["reset"], x.get("cand_item"), x.get("req_time"))}[kind]
             self._calls[key] = x, self._capture(fn) if self.cuda_graphs else fn
         return self._calls[key]
 
@@ -178,10 +195,10 @@ class Bucketed:
         """Static inputs of one bucket: views of buffers sized for the kind's largest bucket."""
         cfg, dev = self.model.cfg, self.device
         K, H, T = cfg.n_blocks, cfg.n_heads, len(cfg.tasks)
-        Bc, Mc = (self.max_batch, self.max_candidates) if kind == "score" else (1, 1)
+        Bc, Mc = (self.max_batch, self.max_candidates) if kind in ("score", "fold") else (1, 1)
 
         def buf(name: str, shape: tuple[int, ...], dtype: torch.dtype, cap: tuple[int, ...]) -> torch.Tensor:
-            name = f"{kind}.{name}"
+            name = f"{'cache' if kind in ('score', 'fold') else kind}.{name}"  # score and fold share inputs
             if name not in self._buffers:  # zeros: padding never reads uninitialised memory
                 self._buffers[name] = torch.zeros(math.prod(cap), dtype=dtype, device=dev)
             return self._buffers[name][:math.prod(shape)].view(shape)
@@ -190,23 +207,24 @@ class Bucketed:
             return buf(name, (B, K, L, *tail), dtype, (Bc, K, self.max_len, *tail))
 
         x: dict = {}
-        if kind in ("score", "extend"):
+        if kind in ("score", "fold"):
             nl, dh = cfg.n_layers, cfg.d_model // H
             kv = buf("kv", (nl, 2, B, K, H, L, dh), self.dtype, (nl, 2, Bc, K, H, self.max_len, dh))
             x["cache"] = HistoryCache(kv, per_token("mask", torch.bool),
                                       per_token("time", torch.long), buf("scenario", (B,), torch.long, (Bc,)),
                                       buf("user", (B,), torch.long, (Bc,)),
                                       buf("hist_sum", (B, K, cfg.d_model), self.dtype, (Bc, K, cfg.d_model)))
-        if kind == "score":
+        if kind == "score" or kind == "fold" and M:
             x["cand_item"] = buf("cand", (B, M), torch.long, (Bc, Mc))
             x["req_time"] = buf("req_time", (B,), torch.long, (Bc,))
         if kind == "prefill":
             x.update({f"hist_{f}": per_token(f, torch.long) for f in ("item", "time", "action", "scenario")})
             x.update(hist_labels=per_token("labels", torch.long, T), hist_mask=per_token("mask", torch.bool),
                      req_scenario=buf("req_scenario", (1,), torch.long, (1,)), user=buf("user", (1,), torch.long, (1,)))
-        if kind == "extend":  # one event, the same in every block, and the blocks that take it
-            x.update({f"hist_{f}": buf(f"event_{f}", (1, K, 1), torch.long, (1, K, 1))
+        if kind == "fold":  # FOLD rows of new events per block, and the blocks rebuilt from them
+            x.update({f"hist_{f}": buf(f"new_{f}", (B, K, FOLD), torch.long, (Bc, K, FOLD))
                       for f in ("item", "time", "action", "scenario")})
-            x["hist_labels"] = buf("event_labels", (1, K, 1, T), torch.long, (1, K, 1, T))
-            x["blocks"] = buf("blocks", (1, K), torch.bool, (1, K))
+            x["hist_labels"] = buf("new_labels", (B, K, FOLD, T), torch.long, (Bc, K, FOLD, T))
+            x["hist_mask"] = buf("new_mask", (B, K, FOLD), torch.bool, (Bc, K, FOLD))
+            x["reset"] = buf("reset", (B, K), torch.bool, (Bc, K))
         return x
