@@ -159,6 +159,21 @@ def test_fold_equals_prefill_of_the_longer_history(readout):
     torch.testing.assert_close(model.score(alone, b["cand_item"], t), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_in_bf16_matches_a_bf16_prefill():
+    """The serving dtype: in bf16 the fold keeps the query, keys and mask in one dtype (the fused
+    attention of the new tokens needs that) and scores as a bf16 prefill of the longer history does,
+    to bf16 rounding."""
+    model = make(match_readout=True, pooled_readout=True).to(torch.bfloat16)
+    b = random_batch(model.cfg, B=2, L=6, M=3, seed=7)
+    new = torch.minimum(torch.full(b["hist_mask"].shape[:2], 2), b["hist_mask"].sum(-1))
+    old, chunk = split_history(b, new, torch.zeros_like(new, dtype=torch.bool), seed=8)
+    t = b["req_time"] + 10
+    logits, _ = model.fold(model.prefill(old), chunk, torch.zeros_like(new, dtype=torch.bool), b["cand_item"], t)
+    full = model.prefill({**{k: b[k] for k in HIST}, "req_scenario": b["req_scenario"], "user": b["user"]})
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), model.score(full, b["cand_item"], t).float(), atol=0.1, rtol=0.05)
+
+
 def test_stacked_caches_score_as_each_alone():
     """Caches of different lengths, left-padded and stacked, score as they do alone (the match
     readout's mean keys and the pooled readout's means must ignore the padding)."""

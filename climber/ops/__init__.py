@@ -11,7 +11,7 @@ A backend is three functions with the meaning fixed by `climber/ops/reference.py
 for CUDA GPUs (or Triton's CPU interpreter in tests). Neither module imports the other. The
 model holds a backend as a plain attribute, not a parameter, so a checkpoint moves freely
 between them (`climber/runtime.py` picks one). `attend_cached` serves new tokens against a
-history cache (the candidates in `Climber.score`, new events in `Climber.extend`), an (M, L + 1)
+history cache (the candidates in `Climber.score` and `Climber.fold`), an (M, L + 1)
 problem, and with `match` also returns the match readout's features from the same logits; the
 Triton version is forward only (serving), one kernel that reads the cached keys and values once.
 """
