@@ -50,7 +50,7 @@ from torch import nn
 from climber import ops
 from climber.config import ModelConfig
 from climber.embeddings import Table, TokenEmbeddings
-from climber.ops.reference import bias, match_readout, position_buckets, time_buckets
+from climber.ops.reference import bias, match_readout, position_buckets, softmax_attention, time_buckets
 
 
 class BlockLinear(nn.Module):
@@ -356,10 +356,8 @@ class Climber(TokenEmbeddings):
         validity (B, K, n), times (B, K, n)) or None: new history tokens, right-aligned per block
         (padding rows first), each at the position after the one before it, seeing the valid
         cached tokens, the valid new tokens up to itself, and itself; the candidates see them too.
-        The new tokens' attention is PyTorch's fused `scaled_dot_product_attention` (n is a few
-        rows; f_b and the mask are one additive mask, made once for all layers, and 1/tau is
-        folded into the query and that mask, which is `softmax_attention`'s arithmetic in fewer
-        kernels), the candidates' the backend's `attend_cached` over the cache and the new keys.
+        The new tokens' attention is the plain-PyTorch one (`softmax_attention`: n is a few
+        rows), the candidates' the backend's `attend_cached` over the cache and the new keys.
         -> (the candidates' final states (K, B, M, d) or None, the new tokens' keys and values per
         layer [(B, K, H, n, dh)], the match readout's features (B, M, N_L * K * H * 2) or None,
         and the keys' validity and times (B, K, L + n) after the new tokens)."""
@@ -384,7 +382,6 @@ class Climber(TokenEmbeddings):
             key = torch.arange(L + n, device=dev)
             seen = key <= L + row[:, None]  # (n, L + n): the cache and the new tokens up to each
             new_allowed = (valid[:, :, None] & seen) | (key == L + row[:, None])  # (B, K, n, L + n)
-            new_mask = new_bias.masked_fill(~new_allowed[:, :, None], float("-inf")).to(cache.kv.dtype)
             states = [xn, *states]
         M = 0 if x is None else x.shape[2]
         if M:
@@ -406,9 +403,7 @@ class Climber(TokenEmbeddings):
                 k_hist, v_hist = torch.cat([k_hist, k[..., :n, :]], -2), torch.cat([v_hist, v[..., :n, :]], -2)
                 if not M and i == len(self.layers) - 1:
                     break  # only the new tokens' keys and values are wanted
-                iq = it.to(q.dtype)  # a bf16 query and mask stay bf16
-                ys.append(F.scaled_dot_product_attention(q[..., :n, :] * iq, k_hist, v_hist,
-                                                         attn_mask=new_mask * iq, scale=1.0))
+                ys.append(softmax_attention(q[..., :n, :], k_hist, v_hist, it, new_bias, new_allowed[:, :, None]))
             if M:
                 y, m = self.attention.attend_cached(q[..., n:, :], k[..., n:, :], v[..., n:, :], it, k_hist, v_hist,
                                                     cand_bias, self_bias, valid, self.cfg.match_readout)
