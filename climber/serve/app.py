@@ -85,6 +85,22 @@ class EventsIn(BaseModel):
     events: list[EventIn] = Field(min_length=1)  # at most max_history
 
 
+# ---- response bodies (documentation: the OpenAPI schema; `score` returns a plain dict) -----------
+class Prediction(BaseModel):
+    item: int  # the raw item id, as requested
+    probs: dict[str, float]  # task -> probability
+
+
+class ScoreOut(BaseModel):
+    user: int | None
+    scenario: int
+    tasks: list[str]
+    predictions: list[Prediction]  # in the order of the request's candidates
+    unknown_items: list[int]  # requested or history items the model does not know (scored as unknown)
+    cache: str  # how the history was encoded: hit | miss | extend | recompute | bypass
+    history_length: int
+
+
 class ErrorOut(BaseModel):
     error: str
     detail: list | None = None
@@ -438,8 +454,10 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
 
     common = (400, 408, 413, 415, 422) + ((401,) if token else ())
 
-    @app.post("/score", responses=_errors(*common, 429, 503))
+    @app.post("/score", responses={200: {"model": ScoreOut}, **_errors(*common, 429, 503)})
     async def score(body: ScoreIn, request: Request) -> dict:
+        # returned as a dict, which FastAPI serialises in pydantic's core; validating it through
+        # ScoreOut (response_model) would build 1,000 models a request: ScoreOut only documents it
         engine: Engine = state["engine"]
         if not 1 <= len(body.candidates) <= settings.max_candidates:
             raise HTTPException(422, f"need 1 to {settings.max_candidates} candidates, got {len(body.candidates)}")
