@@ -26,7 +26,10 @@
 #
 #   data set               batch  epoch cap   notes
 #   beauty+grocery+lastfm   2048     20       ~270k training requests (Table 2's three, summed): 133 steps
-#                                             an epoch, as Table 2's sets have 99-151
+#                                             an epoch, as Table 2's sets have 99-151. JOBS=16 ran out of
+#                                             an H200's 140 GB (one run held 49 GB) and reached step 134-201
+#                                             of ~500 in 8 minutes: run it with JOBS=6 and plan about 25
+#                                             minutes of GPU time for the 21 jobs
 #   synthetic-recency3       512     20       USERS=2000 x EVENTS=150 median events, 3 eval requests
 #                                             per user (sized for a few minutes per run on an H100)
 #
