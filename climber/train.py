@@ -201,10 +201,16 @@ def train(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     runtime = runtime or Runtime()
     run = setup(data_dir, out_dir, model_cfg, cfg, runtime)
     loop(run, progress)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return _summary(run.out_dir, run.state)
+    if not dist.is_initialized():
+        return _summary(run.out_dir, run.state)
+    dist.barrier()  # rank 0's last files are written before any rank reads them
+    summary = _summary(run.out_dir, run.state)
+    # the model goes first, while the group lives: DDP's reducer holds the group, and a group
+    # destroyed from the reducer's destructor joins gloo's worker thread with the GIL held while
+    # that thread may need it to free its last work (a hang seen once at exit, test_distributed)
+    del run
+    dist.destroy_process_group()
+    return summary
 
 
 def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfig, runtime: Runtime) -> Run:
