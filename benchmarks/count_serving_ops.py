@@ -111,7 +111,6 @@ def main() -> None:
     cand = torch.randint(2, e.cfg.n_items, (1, args.candidates))
     t = torch.tensor([int(h.time[-1]) + 60])
     room = e.prefill(h[:L - 1], 1, 3)
-    pending, fold, _ = e.catch_up(room, h[:L], 1)
 
     def in_pass():  # the engine's request path with one new event: catch up, then the fold in the pass
         c, f, _ = e.catch_up(room, h[:L], 1)

@@ -249,14 +249,10 @@ class Engine:
         sel = self._selects(h)
         return [np.flatnonzero(sel[:, k])[-cap:] for k, cap in enumerate(self.caps)]
 
-    def history_inputs(self, h: History, blocks: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    def history_inputs(self, h: History) -> dict[str, torch.Tensor]:
         """hist_* model inputs (1, K, L): per block its window of `h`, left-padded to L = the
-        longest block (at least one column), as `SumiData.batch` builds. With `blocks` (K,) bool,
-        the other blocks are left empty."""
-        windows = self.windows(h)
-        if blocks is not None:
-            windows = [w if take else w[:0] for w, take in zip(windows, blocks, strict=True)]
-        return self._inputs(h, windows)
+        longest block (at least one column), as `SumiData.batch` builds."""
+        return self._inputs(h, self.windows(h))
 
     def _inputs(self, h: History, windows: list[np.ndarray]) -> dict[str, torch.Tensor]:
         """hist_* (1, K, L) of the events of `h` at each block's positions, right-aligned."""
@@ -315,13 +311,15 @@ class Engine:
         overflow = counts + added > self.caps
         reset = overflow & (self.caps <= FOLD)
         prefill = (overflow & ~reset) | (~overflow & (added > FOLD))
+        windows = self.windows(history)
         if prefill.any():
-            b = self.history_inputs(history, prefill)
+            b = self._inputs(history, [w if p else w[:0] for w, p in zip(windows, prefill, strict=True)])
             b["req_scenario"], b["user"] = cache.scenario, cache.user
             fresh = self.calls.prefill(b)  # the other blocks are empty, their rows padding
             cache = cache.replace_blocks(fresh, torch.from_numpy(prefill).to(self.device)[None])
-        windows = self.windows(history)
-        rows = [w if r else w[len(w) - a:] if not p else w[:0]
+        # what the fold carries per block: nothing for a block just prefilled, the whole window of
+        # a block rebuilt, the new events of a block with room
+        rows = [w[:0] if p else w if r else w[len(w) - a:]
                 for w, a, r, p in zip(windows, added, reset, prefill, strict=True)]
         if not any(len(w) for w in rows):
             return cache, None, int(overflow.sum())
@@ -406,11 +404,10 @@ class Engine:
                 pending = (fold, key, n)
         self.stats[status] += 1
         if pending is None:
-            self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
+            self._store(key, cache, n)
         return cache, status, n, pending
 
-    def _store(self, cache: HistoryCache, fold: Fold, key: tuple, n: int) -> None:
-        cache = cache.last(fold.width)
+    def _store(self, key: tuple, cache: HistoryCache, n: int) -> None:
         self.stats["evict"] += self.cache.put(key, CacheEntry(cache, n, cache.nbytes))
 
     @torch.inference_mode()
@@ -429,8 +426,9 @@ class Engine:
         else:  # new events folded into the candidate pass: one pass, and the caches brought up to date
             fold = Fold.stack([p[0] if p is not None else None for _, _, _, p in got], self.cfg.n_blocks, self.device)
             logits, folded = self.calls.fold(cache, fold.new, fold.reset, cand_t, req_time)
-            for i, (f, key, n) in pending:
-                self._store(folded if len(got) == 1 else folded.row(i), f, key, n)
+            for i, (f, key, n) in pending:  # a row is copied out: the entry holds only its own columns
+                c = folded.last(f.width)
+                self._store(key, c if len(got) == 1 else c.row(i), n)
         probs = torch.sigmoid(logits.float()).cpu().numpy()
         return [ScoreResult(probs[i, :len(r.candidates)], status, n)
                 for i, (r, (_, status, n, _)) in enumerate(zip(requests, got, strict=True))]

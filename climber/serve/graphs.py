@@ -214,7 +214,7 @@ class Bucketed:
                                       per_token("time", torch.long), buf("scenario", (B,), torch.long, (Bc,)),
                                       buf("user", (B,), torch.long, (Bc,)),
                                       buf("hist_sum", (B, K, cfg.d_model), self.dtype, (Bc, K, cfg.d_model)))
-        if kind == "score" or kind == "fold" and M:
+        if kind == "score" or (kind == "fold" and M):  # a fold alone has no candidates
             x["cand_item"] = buf("cand", (B, M), torch.long, (Bc, Mc))
             x["req_time"] = buf("req_time", (B,), torch.long, (Bc,))
         if kind == "prefill":
