@@ -161,6 +161,9 @@ class TrainConfig:
     train_negatives: int = 16
     warmup_steps: int = 100  # steps of linear learning-rate warm-up
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
+    # decay of an exponential moving average of the weights (0: off): validation, best/ and so
+    # every test and served model use the average; training steps on the live weights
+    ema: float = 0.0
     seed: int = 0  # initialisation, batch order and training negatives
     eval_every: int = 0  # steps between validations; 0 = twice per epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at each validation
@@ -187,6 +190,8 @@ class TrainConfig:
             raise ValueError("train_negatives must be at least 1 and embedding_weight_decay >= 0")
         if self.bucket_window < 0:
             raise ValueError("bucket_window must be >= 0")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema is a decay in [0, 1), not {self.ema}")
         if self.patience < 1 or self.keep_checkpoints < 1:
             raise ValueError("patience and keep_checkpoints must be at least 1")
         if self.checkpoint_minutes < 0 or self.log_every < 1:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from climber import checkpoint, distributed, embeddings
@@ -239,6 +240,8 @@ def setup(data_dir: Path, out_dir: Path, model_cfg: ModelConfig, cfg: TrainConfi
     step_fn = distributed.parallelize(model, runtime.parallel, world)
     groups = param_groups(model, cfg.weight_decay, cfg.embedding_lr_mult, cfg.embedding_weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    if cfg.ema:
+        opt.register_step_post_hook(_average_step(cfg.ema))
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_auc": -1.0, "best_score": -math.inf, "bad_evals": 0,
              "best_step": -1}
     last, skipped = checkpoint.latest_intact(out_dir / "checkpoints")
@@ -402,7 +405,8 @@ def loop(run: Run, progress: bool = True) -> None:
                         "or --grad-clip, or check the data")
                 save = save or late
             if validate:
-                _validate(run, epoch)
+                with averaged_weights(run):
+                    _validate(run, epoch)
             if save or state.get("stopped"):
                 save_checkpoint(run)
                 last_save = time.time()
@@ -413,6 +417,49 @@ def loop(run: Run, progress: bool = True) -> None:
         run.tensorboard.close()
     if run.main:
         plot_curves(run.out_dir)
+
+
+def _average_step(decay: float):
+    """An optimizer step hook keeping an exponential moving average of every parameter in its
+    optimizer state, as `"ema"` (the sum of (1 - decay) decay^(t-i) w_i over the steps i so far,
+    from zeros): checkpoints, DCP's shards and a resume carry it as they carry AdamW's moments."""
+
+    def update(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        averages = [opt.state[p].setdefault("ema", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    for p in params]
+        with torch.no_grad():
+            torch._foreach_lerp_(_local(averages), _local(params), 1 - decay)
+
+    return update
+
+
+@contextlib.contextmanager
+def averaged_weights(run: Run):
+    """With `TrainConfig.ema`, the model holds the average of its weights inside the block (scaled
+    by 1 / (1 - decay^steps), so no weight of the zero start remains) and its live weights again
+    after it; without, a no-op."""
+    if not run.cfg.ema or run.state["step"] == 0:
+        yield
+        return
+    params = [p for g in run.opt.param_groups for p in g["params"]]
+    averages = _local([run.opt.state[p]["ema"] for p in params])
+    with torch.no_grad():
+        params = _local(params)
+        live = [p.clone() for p in params]
+        torch._foreach_copy_(params, averages)
+        torch._foreach_div_(params, 1 - run.cfg.ema ** run.state["step"])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, live)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local part (its shard, for an FSDP2 DTensor; itself otherwise), detached: the
+    foreach ops above have no DTensor sharding rules, and each rank averages its own shard."""
+    return [t.to_local().detach() if isinstance(t, DTensor) else t.detach() for t in tensors]
 
 
 def _agree(device: torch.device, *flags) -> list[bool]:

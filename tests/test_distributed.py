@@ -57,14 +57,14 @@ def data_dir(tmp_path_factory) -> Path:
     return d
 
 
-def one_process(data_dir: Path, out: Path, parallel: str = "fsdp") -> dict:
+def one_process(data_dir: Path, out: Path, parallel: str = "fsdp", **train_kw) -> dict:
     mcfg = model_config("tiny", SumiData(data_dir).vocab, STRATEGIES, dropout=0.0, n_layers=2)
-    return train(data_dir, out, mcfg, TrainConfig(batch_size=16, **TRAIN), Runtime(device="cpu", parallel=parallel),
-                 progress=False)
+    return train(data_dir, out, mcfg, TrainConfig(batch_size=16, **TRAIN, **train_kw),
+                 Runtime(device="cpu", parallel=parallel), progress=False)
 
 
-def two_ranks(data_dir: Path, out: Path, parallel: str, port: int) -> dict:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TRAIN.items()]
+def two_ranks(data_dir: Path, out: Path, parallel: str, port: int, **train_kw) -> dict:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**TRAIN, **train_kw}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            "-m", "climber", "train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--dropout", "0",
            "--n-layers", "2", "--batch-size", "8", "--device", "cpu", "--parallel", parallel, *flags]
@@ -205,6 +205,31 @@ def test_whole_checkpoint_resumes_sharded(data_dir, tmp_path):
     two_ranks(data_dir, run, "fsdp", 29535)
     assert checkpoint.is_sharded(run / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}")
     assert_same_training(run, ddp_ref)
+
+
+def test_weight_average_is_sharded_with_the_weights_and_resumes(data_dir, tmp_path):
+    """`ema` under FSDP2 on 2 ranks: each rank keeps the average of its own shards (written by DCP
+    beside AdamW's moments), best/ equals one process's, and a resume from the sharded checkpoint
+    ends with the uninterrupted run's average."""
+    ref, sharded = tmp_path / "one", tmp_path / "two"
+    one_process(data_dir, ref, ema=0.9)
+    two_ranks(data_dir, sharded, "fsdp", 29536, ema=0.9)
+    step = sharded / "checkpoints" / f"{checkpoint.STEP_PREFIX}{STEPS:08d}"
+    meta = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    rows = SumiData(data_dir).vocab["n_items"]
+    assert sorted(c.offsets[0] for c in meta["optimizer.state.item_emb.weight.ema"].chunks) == [0, -(-rows // 2)]
+    assert_same_training(sharded, ref)
+    best = checkpoint.load_model(ref / "best")[0].state_dict()
+    for k, v in checkpoint.load_model(sharded / "best")[0].state_dict().items():
+        torch.testing.assert_close(v, best[k], rtol=1e-4, atol=1e-4, msg=k)
+    resumed = tmp_path / "resumed"
+    cut_after(resumed, ref, SAVE)
+    shutil.rmtree(resumed / "best")
+    one_process(data_dir, resumed, ema=0.9)
+    again = checkpoint.load_model(resumed / "best")[0].state_dict()
+    assert checkpoint.load_train_state(resumed / "checkpoints" / step.name)["loop"]["best_step"] > SAVE
+    for k, v in again.items():
+        assert torch.equal(v, best[k]), k
 
 
 # --- validation on every rank, and the tables' shards, in 2 spawned gloo processes ---

@@ -74,7 +74,7 @@ def test_same_seed_same_weights_and_different_seed_differs(data_dir, tmp_path):
 def _cli_train(data_dir: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "climber", "train", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
             "--epochs", "3", "--batch-size", "8", "--checkpoint-every", "5", "--eval-every", "1000", "--patience",
-            "5", "--log-every", "1"]
+            "5", "--log-every", "1", "--ema", "0.9"]
 
 
 def _final_weights(run: Path) -> dict:
@@ -97,11 +97,40 @@ def test_resume_after_kill_gives_same_final_weights(data_dir, tmp_path):
     resumed = subprocess.run(_cli_train(data_dir, killed), check=True, env=env, capture_output=True, text=True)
     assert "resuming from" in resumed.stdout
 
-    a, b = _final_weights(tmp_path / "whole"), _final_weights(killed)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for load in (_final_weights, lambda run: load_file(run / "best" / "model.safetensors")):  # best/: the average
+        a, b = load(tmp_path / "whole"), load(killed)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
     assert losses(tmp_path / "whole") == losses(killed)
+
+
+def test_weight_average_is_what_validation_scores_and_best_keeps(data_dir, tmp_path):
+    """With `ema`, training is unchanged (the same losses, the same live weights), and best/ is
+    the bias-corrected exponential average of the live weights of every step so far, as computed
+    here from a checkpoint per step."""
+    decay, steps = 0.8, 12
+    kw = {"epochs": 1, "max_steps": steps, "checkpoint_every": 1, "keep_checkpoints": steps, "eval_every": 1,
+          "patience": 100}
+    plain, averaged = tmp_path / "plain", tmp_path / "ema"
+    tiny_run(data_dir, plain, **kw)
+    summary = tiny_run(data_dir, averaged, ema=decay, **kw)
+    assert losses(plain) == losses(averaged)
+    assert _final_weights(plain).keys() == _final_weights(averaged).keys()
+    for k, v in _final_weights(plain).items():
+        assert torch.equal(v, _final_weights(averaged)[k]), k
+    best = summary["best_step"]
+    assert 1 <= best <= steps
+    live = [load_file(averaged / "checkpoints" / f"{checkpoint.STEP_PREFIX}{i:08d}" / "model.safetensors")
+            for i in range(1, best + 1)]
+    saved = load_file(averaged / "best" / "model.safetensors")
+    trained = [k for k in saved if not torch.equal(live[0][k], live[-1][k])]
+    assert trained  # the check below compares weights that moved
+    for k in trained:
+        want = sum((1 - decay) * decay ** (best - i) * w[k].double() for i, w in enumerate(live, 1))
+        torch.testing.assert_close(saved[k].double(), want / (1 - decay**best), rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="ema is a decay"):
+        TrainConfig(ema=1.0)
 
 
 def test_changed_config_refuses_to_resume_and_names_the_fields(data_dir, tmp_path):
