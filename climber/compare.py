@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from climber import checkpoint
-from climber.config import COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
+from climber.config import ADDED_FIELDS, COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
 from climber.data.sumi import SumiData
 from climber.evaluate import by_scenario, popularity_scores
 from climber.metrics import evaluate_predictions
@@ -165,7 +165,8 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     config = json.loads(json.dumps({"model": asdict(mcfg), "train": asdict(tcfg)}))  # tuples -> lists, as saved
     if done.exists():
         saved = json.loads(done.read_text())
-        if saved["config"] != config:
+        was = {**saved["config"], "train": {**ADDED_FIELDS["TrainConfig"], **saved["config"]["train"]}}
+        if was != config:
             raise ValueError(f"{run_dir} holds a run with a different config; use another --out or delete it")
         print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: finished earlier, skipped")
         return {**saved, "run_dir": str(run_dir)}  # where it is now: runs trained elsewhere can be copied in

@@ -47,7 +47,7 @@ STEPS, SAVE = 20, 10
 # one process with batch 16 sees, step by step, the requests that 2 ranks with batch 8 see;
 # dropout off, as each rank would draw its own masks
 TRAIN = {"epochs": 2, "max_steps": STEPS, "lr": 3e-3, "warmup_steps": 5, "log_every": 1, "checkpoint_every": SAVE,
-         "eval_every": SAVE, "keep_checkpoints": 10, "patience": 100}
+         "eval_every": SAVE, "keep_checkpoints": 10, "patience": 100, "ema": 0.0}  # best/: a step's weights
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 def one_process(data_dir: Path, out: Path, parallel: str = "fsdp", **train_kw) -> dict:
     mcfg = model_config("tiny", SumiData(data_dir).vocab, STRATEGIES, dropout=0.0, n_layers=2)
-    return train(data_dir, out, mcfg, TrainConfig(batch_size=16, **TRAIN, **train_kw),
+    return train(data_dir, out, mcfg, TrainConfig(batch_size=16, **{**TRAIN, **train_kw}),
                  Runtime(device="cpu", parallel=parallel), progress=False)
 
 
