@@ -99,7 +99,7 @@ def known_items(engine: Engine, n: int) -> list[int]:
 
 
 def probs(body: dict) -> np.ndarray:
-    return np.array([[p["probs"][t] for t in body["tasks"]] for p in body["predictions"]])
+    return np.array([body["probs"][t] for t in body["tasks"]]).T
 
 
 def test_score_roundtrip_is_cached_and_equals_the_engine(client, reference):
@@ -111,7 +111,7 @@ def test_score_roundtrip_is_cached_and_equals_the_engine(client, reference):
     assert first.status_code == 200, first.text
     a, b = first.json(), second.json()
     assert (a["cache"], b["cache"]) == ("miss", "hit") and a["history_length"] == 12
-    assert a["tasks"] == ["click", "like"] and [p["item"] for p in a["predictions"]] == items
+    assert a["tasks"] == ["click", "like"] and a["items"] == items and set(a["probs"]) == {"click", "like"}
     assert a["unknown_items"] == []
     dense, _ = reference.item_ids(np.array(items))
     want = reference.score_requests([ScoreRequest(dense, 1, 1_010_000, user=104)])[0].probs
@@ -200,7 +200,7 @@ def test_bad_input_gets_a_json_4xx_and_the_server_keeps_serving(client, case, st
     assert r.status_code == status, r.text
     assert isinstance(r.json()["error"], str) and r.json()["error"]
     good = client.post("/score", json=ok)
-    assert good.status_code == 200 and len(good.json()["predictions"]) == 2
+    assert good.status_code == 200 and [len(p) for p in good.json()["probs"].values()] == [2, 2]
 
 
 def test_concurrent_users_are_micro_batched_with_unchanged_scores(ckpt, reference):
