@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import socket
@@ -222,6 +223,8 @@ def main() -> None:
         started_s = time.perf_counter() - t0
         try:
             prime(url, args, items, users)
+            gc.collect()  # the generator's own full collections would stall its clients (as the server's did)
+            gc.freeze()
             rows = []
             for rate in args.event_rate:
                 for conc in args.concurrency:

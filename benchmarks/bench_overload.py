@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import sys
@@ -226,6 +227,8 @@ def main() -> None:
             return {"client": (c1[1] - c0[1]) / (c1[0] - c0[0]), "server": (c1[2] - c0[2]) / (c1[0] - c0[0])}
 
         try:
+            gc.collect()  # the generator's own full collections would stall its clients (as the server's did)
+            gc.freeze()
             asyncio.run(closed_loop(port, args.clients, 3.0, warm))  # warm-up
             unloaded, _ = asyncio.run(closed_loop(port, 1, 5.0, payloads))
             c0 = cpu_now()
