@@ -63,6 +63,9 @@ EXTRA=${EXTRA:-}
 read -r -a MODELS <<< "${MODELS:-climber-large climber climber-nobgf climber-mse hstu transformer din twin dlrm}"  # slowest first
 read -r -a DATASETS <<< "${DATASETS:-beauty grocery lastfm kuairand ml-100k}"  # largest first
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+# 15 jobs on one H100 ran out of GPU memory (single jobs' cached blocks reached 17-25 GB); with
+# expandable segments 14-15 jobs a call ran without it
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 budget() {  # data set -> its flags
     case $1 in
