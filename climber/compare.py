@@ -278,6 +278,12 @@ def _pm(s: dict[str, float]) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
+def _averaged(t: dict) -> str:
+    """How validated weights are formed, from a saved train config (older ones lack `ema`: none)."""
+    ema = t.get("ema", 0.0)
+    return f" on an exponential moving average of the weights (decay {ema:g})" if ema else ""
+
+
 def to_markdown(r: dict) -> str:
     t = r["train"]
     overrides = f" with {r['model_overrides']}" if r["model_overrides"] else ""
@@ -325,8 +331,8 @@ def to_markdown(r: dict) -> str:
         f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
         f"{r['strategies']} (single-sequence baselines read block 0, `recent`), at most {t['epochs']} epoch(s), "
         f"batch {t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay over the epoch cap, "
-        f"validation {every}, early stopping after {t['patience']} validations without gain, max_steps "
-        f"{t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
+        f"validation {every}{_averaged(t)}, early stopping after {t['patience']} validations without gain, "
+        f"max_steps {t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
         + ("Training negatives (a grid axis, per positive) drawn afresh every epoch (validation and test keep the "
            "prepared ones)." if r.get("implicit") else ""),
         f"Tuning: {r['tuning']}",

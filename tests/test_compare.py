@@ -48,6 +48,7 @@ def test_cli_two_models_two_seeds_then_resume_skips_everything(data_dir, tmp_pat
         assert r["trained_on"] == ["cpu"]  # where each run trained, for tables assembled from several machines
         assert f"| {r['model']} | {r['auc']['mean']:.4f} ± {r['auc']['std']:.4f} |" in md
     assert rows["dlrm"]["auc_impr_vs_dlrm"] == 0
+    assert "on an exponential moving average of the weights (decay 0.99)" in md  # the default, stated
     assert "Trained on: cpu (dlrm, climber)." in md
     assert rows["climber"]["auc_impr_vs_dlrm"] == pytest.approx(rows["climber"]["auc"]["mean"] /
                                                                 rows["dlrm"]["auc"]["mean"] - 1)

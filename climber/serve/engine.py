@@ -84,15 +84,24 @@ class DataHistories:
         self.n_tasks, self.data = n_tasks, data
 
     def __call__(self, user: int) -> History:
-        if self.data is None:
+        lo, hi = self._span(user)
+        if lo == hi:
             return History.empty(self.n_tasks)
+        return History(*(np.asarray(self.data.a[k][lo:hi], np.int64)
+                         for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
+
+    def count(self, user: int) -> int:
+        """len(self(user)), without reading the events: every cache hit asks it."""
+        lo, hi = self._span(user)
+        return int(hi - lo)
+
+    def _span(self, user: int) -> tuple[int, int]:
+        """The user's rows in the prepared event arrays (empty for an unknown user or no data)."""
+        if self.data is None:
+            return 0, 0
         a = self.data.a
         dense = int(dense_ids(np.asarray(a["user_vocab"]), np.array([user]), first=1)[0][0])
-        if dense == 0:
-            return History.empty(self.n_tasks)
-        lo, hi = a["user_offsets"][dense], a["user_offsets"][dense + 1]
-        return History(*(np.asarray(a[k][lo:hi], np.int64)
-                         for k in ("ev_item", "ev_time", "ev_action", "ev_scenario", "ev_labels")))
+        return (0, 0) if dense == 0 else (int(a["user_offsets"][dense]), int(a["user_offsets"][dense + 1]))
 
 
 @dataclass(frozen=True)
@@ -347,7 +356,7 @@ class Engine:
 
     def count(self, user: int) -> int:
         """How many events the user has had (prepared data and posted)."""
-        return len(self.base(user)) + self.store.count(user)
+        return self.base.count(user) + self.store.count(user)
 
     def append_events(self, user: int, events: History) -> int:
         """Append time-ordered events (raw item ids), none older than the user's last, and forget
