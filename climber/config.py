@@ -163,7 +163,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0: off)
     # decay of an exponential moving average of the weights (0: off): validation, best/ and so
     # every test and served model use the average; training steps on the live weights. 0.99 raised
-    # every model's validation AUC (benchmarks/results/table2/weight-average)
+    # Climber's validation AUC on all five Table 2 sets (benchmarks/results/table2/weight-average)
     ema: float = 0.99
     seed: int = 0  # initialisation, batch order and training negatives
     eval_every: int = 0  # steps between validations; 0 = twice per epoch

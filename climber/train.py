@@ -2,7 +2,8 @@
 
 `train(data_dir, out_dir, model_cfg, train_cfg, runtime)` runs seeded training on SUMI samples with
 AdamW, linear warm-up then cosine decay, per-task BCE over the valid candidates, periodic
-validation (AUC/GAUC/LogLoss), early stopping on mean validation AUC, and atomic, checksummed
+validation (AUC/GAUC/LogLoss) of an exponential moving average of the weights (`ema`; best/
+holds the average), early stopping on mean validation AUC, and atomic, checksummed
 checkpoints (`checkpoint.py`) every `checkpoint_every` steps and every `checkpoint_minutes`.
 Run it again on the same `out_dir` and it resumes from the newest intact checkpoint: batches
 are a pure function of (seed, epoch, step) and the RNG state is saved, so a killed and resumed
