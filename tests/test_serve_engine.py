@@ -224,6 +224,9 @@ def test_ids_and_history_order(ckpt):
     dense, unknown = engine.item_ids(np.array([vocab[0], vocab[0] + 1, vocab[-1], 5]))
     assert dense.tolist() == [2, 1, len(vocab) + 1, 1] and unknown.tolist() == [False, True, False, True]
     assert engine.user_id(101) == 1 and engine.user_id(7) == 0 and engine.user_id(None) == 0
+    counts = {u: engine.base.count(u) for u in (*USERS, 7)}  # without reading the events, as many as are read
+    assert counts == {u: len(engine.base(u)) for u in (*USERS, 7)} and counts[7] == 0
+    assert sum(counts.values()) > 0
     events = random_events(3, engine, seed=0)
     engine.append_events(101, events)
     with pytest.raises(ValueError, match="before"):
