@@ -38,6 +38,9 @@
 # same runs one after another). Rerunning this script skips finished runs and resumes
 # interrupted ones.
 #
+# A job that fails (say, out of GPU memory beside the others) is retried once after the rest,
+# RETRY_JOBS (default 2) at a time, from its last checkpoint; one that fails twice stops the script.
+#
 # Environment: JOBS (default 8); GPUS (default 1): jobs are spread over that many GPUs by their
 # xargs slot (slot mod GPUS), unless DEVICE names one device for all (e.g. cpu); SEEDS (default
 # "0 1 2"); LRS, EMB_MULTS, EMB_WDS, NEGS (the grid); PATIENCE; DATASETS (default all five);
@@ -107,13 +110,25 @@ export ONLY
 domains() {  # data set -> its request scenarios
     $PY -c "import numpy as np, sys; print(*np.unique(np.load(sys.argv[1] + '/req_scenario.npy')))" "$ROOT/$1"
 }
+# a failed job (e.g. out of GPU memory beside the others) is listed in $FAILED and retried once
+# after the rest, RETRY_JOBS at a time (default 2), resuming from its last checkpoint
+FAILED=$(mktemp)
+export FAILED
+job='RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))}
+    if [ "$3" = - ]; then log=$OUT/$0/log_$1_seed$2.txt; part=""; else log=$OUT/$0/log_$1_seed$2_domain$3.txt; part="--domain $3"; fi
+    compare "$0" "$1" $ONLY $part >> "$log" 2>&1 || { echo "failed: $0 $1 seed $2 $part, see $log" >&2; echo "$0 $1 $2 $3" >> "$FAILED"; }'
 for m in "${MODELS[@]}"; do for ds in "${DATASETS[@]}"; do for s in $SEEDS; do
     if [ "$m" = climber-per-domain ]; then for k in $(domains "$ds"); do echo "$ds $m $s $k"; done
     else echo "$ds $m $s -"; fi
-done; done; done |
-    xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c 'RUN_SEEDS=$2 DEVICE=${DEVICE:-cuda:$((SLOT % GPUS))}
-        if [ "$3" = - ]; then log=$OUT/$0/log_$1_seed$2.txt; part=""; else log=$OUT/$0/log_$1_seed$2_domain$3.txt; part="--domain $3"; fi
-        compare "$0" "$1" $ONLY $part >> "$log" 2>&1 || { echo "FAILED: $0 $1 seed $2 $part, see $log" >&2; exit 1; }'
+done; done; done | xargs -P "$JOBS" -L 1 --process-slot-var=SLOT bash -c "$job"
+if [ -s "$FAILED" ]; then
+    echo "retrying $(wc -l < "$FAILED") failed job(s), ${RETRY_JOBS:-2} at a time" >&2
+    mv "$FAILED" "$FAILED.first"
+    xargs -P "${RETRY_JOBS:-2}" -L 1 --process-slot-var=SLOT bash -c "$job" < "$FAILED.first"
+    rm -f "$FAILED.first"
+    [ -s "$FAILED" ] && { echo "FAILED twice:" >&2; cat "$FAILED" >&2; rm -f "$FAILED"; exit 1; }
+fi
+rm -f "$FAILED"
 echo "all runs finished in $(( $(date +%s) - t0 )) s"
 for ds in "${DATASETS[@]}"; do  # every run is done: these calls only write the tables
     compare "$ds" "${MODELS[@]}" | grep -v '^\[compare\]'
