@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import socket
@@ -41,7 +40,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.bench_serving import history_costs
-from benchmarks.common import RESULTS, environment, percentiles, table, write_results
+from benchmarks.common import RESULTS, environment, freeze_heap, percentiles, table, write_results
 from climber import checkpoint
 from climber.config import ModelConfig
 from climber.data.events import EventLog
@@ -223,8 +222,7 @@ def main() -> None:
         started_s = time.perf_counter() - t0
         try:
             prime(url, args, items, users)
-            gc.collect()  # the generator's own full collections would stall its clients (as the server's did)
-            gc.freeze()
+            freeze_heap()
             rows = []
             for rate in args.event_rate:
                 for conc in args.concurrency:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_http import start_server, synthetic_checkpoint
-from benchmarks.common import environment, percentiles, table
+from benchmarks.common import environment, freeze_heap, percentiles, table
 from climber import checkpoint
 from climber.data.sumi import SumiData
 
@@ -227,8 +226,7 @@ def main() -> None:
             return {"client": (c1[1] - c0[1]) / (c1[0] - c0[0]), "server": (c1[2] - c0[2]) / (c1[0] - c0[0])}
 
         try:
-            gc.collect()  # the generator's own full collections would stall its clients (as the server's did)
-            gc.freeze()
+            freeze_heap()
             asyncio.run(closed_loop(port, args.clients, 3.0, warm))  # warm-up
             unloaded, _ = asyncio.run(closed_loop(port, 1, 5.0, payloads))
             c0 = cpu_now()

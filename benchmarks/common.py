@@ -3,6 +3,7 @@ results file that README numbers are quoted from."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -14,6 +15,13 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def freeze_heap() -> None:
+    """A load generator's own full garbage collections would stall its clients (as the server's
+    did): what is alive once it is set up goes out of the collector's sight."""
+    gc.collect()
+    gc.freeze()
 
 
 def percentiles(ms: list[float]) -> dict[str, float]:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from climber import checkpoint
-from climber.config import ADDED_FIELDS, COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config
+from climber.config import COMPARE_MODELS, TUNED, ModelConfig, TrainConfig, model_config, with_added_fields
 from climber.data.sumi import SumiData
 from climber.evaluate import by_scenario, popularity_scores
 from climber.metrics import evaluate_predictions
@@ -165,7 +165,7 @@ def _run(data_dir: Path, run_dir: Path, mcfg: ModelConfig, tcfg: TrainConfig, na
     config = json.loads(json.dumps({"model": asdict(mcfg), "train": asdict(tcfg)}))  # tuples -> lists, as saved
     if done.exists():
         saved = json.loads(done.read_text())
-        was = {**saved["config"], "train": {**ADDED_FIELDS["TrainConfig"], **saved["config"]["train"]}}
+        was = {**saved["config"], "train": with_added_fields(TrainConfig, saved["config"]["train"])}
         if was != config:
             raise ValueError(f"{run_dir} holds a run with a different config; use another --out or delete it")
         print(f"[compare] {name} lr={tcfg.lr:g} seed={tcfg.seed}: finished earlier, skipped")
@@ -278,14 +278,9 @@ def _pm(s: dict[str, float]) -> str:
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
-def _averaged(t: dict) -> str:
-    """How validated weights are formed, from a saved train config (older ones lack `ema`: none)."""
-    ema = t.get("ema", 0.0)
-    return f" on an exponential moving average of the weights (decay {ema:g})" if ema else ""
-
-
 def to_markdown(r: dict) -> str:
     t = r["train"]
+    averaged = f" on an exponential moving average of the weights (decay {t['ema']:g})" if t["ema"] else ""
     overrides = f" with {r['model_overrides']}" if r["model_overrides"] else ""
     every = f"every {t['eval_every']} steps" if t["eval_every"] else "twice per epoch"
     lines = [
@@ -331,7 +326,7 @@ def to_markdown(r: dict) -> str:
         f"Budget, identical for every model: preset `{r['preset']}`{overrides}, extraction strategies "
         f"{r['strategies']} (single-sequence baselines read block 0, `recent`), at most {t['epochs']} epoch(s), "
         f"batch {t['batch_size']}, warm-up {t['warmup_steps']} steps then cosine decay over the epoch cap, "
-        f"validation {every}{_averaged(t)}, early stopping after {t['patience']} validations without gain, "
+        f"validation {every}{averaged}, early stopping after {t['patience']} validations without gain, "
         f"max_steps {t['max_steps'] or 'none'}; every run is tested at its best validation checkpoint. "
         + ("Training negatives (a grid axis, per positive) drawn afresh every epoch (validation and test keep the "
            "prepared ones)." if r.get("implicit") else ""),

@@ -388,12 +388,17 @@ RETIRED_FIELDS = {"attention", "device", "compile"}  # runtime settings older ru
 ADDED_FIELDS = {"TrainConfig": {"ema": 0.0}}
 
 
+def with_added_fields(cls, d: dict) -> dict:
+    """A saved `cls` config dict with the fields added since (`ADDED_FIELDS`) at the value such a
+    run had, not today's default."""
+    return {**ADDED_FIELDS.get(cls.__name__, {}), **d}
+
+
 def from_dict(cls, d: dict):
     """Build a config dataclass from a dict, turning JSON lists back into tuples; runtime
-    settings saved by older versions are dropped, and fields added since (`ADDED_FIELDS`) take
-    the value such a run had, not today's default."""
+    settings saved by older versions are dropped, and added fields filled (`with_added_fields`)."""
     names = {f.name: f for f in dataclasses.fields(cls)}
-    d = {**ADDED_FIELDS.get(cls.__name__, {}), **{k: v for k, v in d.items() if k not in RETIRED_FIELDS}}
+    d = with_added_fields(cls, {k: v for k, v in d.items() if k not in RETIRED_FIELDS})
     unknown = set(d) - set(names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")

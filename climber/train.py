@@ -427,8 +427,10 @@ def _average_step(decay: float):
 
     def update(opt: torch.optim.Optimizer, args, kwargs) -> None:
         params = [p for g in opt.param_groups for p in g["params"]]
-        averages = [opt.state[p].setdefault("ema", torch.zeros_like(p, memory_format=torch.preserve_format))
-                    for p in params]
+        for p in params:  # the first step's (zeros made only then, not a dead allocation every step)
+            if "ema" not in opt.state[p]:
+                opt.state[p]["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        averages = [opt.state[p]["ema"] for p in params]
         with torch.no_grad():
             torch._foreach_lerp_(_local(averages), _local(params), 1 - decay)
 
