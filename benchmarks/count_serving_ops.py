@@ -10,9 +10,13 @@ a cache alone (`Engine.extend`, where `recent` has room and where it is full) an
 into a candidate pass (as `Engine.score_requests` does it), on the padded
 eager path that the graphs capture (the same operations). The counts do not depend on the
 device, on L or on d, only on the layer count and the call's structure, so they are a
-device-free measure of the launch overhead a change removes.
+device-free measure of the launch overhead a change removes. The attention backend is the
+reference (plain PyTorch) unless `--backend triton`: then each Triton kernel is one operation
+(its `climber::` operator), the launches a GPU makes; without a GPU that needs Triton's CPU
+interpreter (TRITON_INTERPRET=1, set before Python starts; slow, a minute or two).
 
     python -m benchmarks.count_serving_ops            # writes benchmarks/results/serving/serving_ops.json
+    TRITON_INTERPRET=1 python -m benchmarks.count_serving_ops --backend triton --name serving_ops_triton
 """
 
 from __future__ import annotations
@@ -66,13 +70,13 @@ class Counting(TorchDispatchMode):
             self.depth -= 1
 
 
-def engine(layers: int, L: int, M: int) -> Engine:
+def engine(layers: int, L: int, M: int, backend: str) -> Engine:
     torch.manual_seed(0)
     cfg = ModelConfig(n_items=1000, n_users=10, tasks=("click", "like"), n_actions=2, n_scenarios=2,
                       strategies=("recent", "pos:like", "recent@16"), seq_len=L, d_model=32, n_heads=2,
                       n_layers=layers, dropout=0.0)
     model = Climber(cfg).eval()
-    model.attention = ops.REFERENCE
+    model.attention = ops.backend(backend, "cpu")
     empty = np.zeros(0, np.int64)
     e = Engine(model, SQLiteStore(":memory:", cfg.tasks), empty, empty)
     e.use_cuda_graphs(1, M, cuda_graphs=False)  # the padded calls the graphs capture, run eagerly
@@ -104,9 +108,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--seq-len", type=int, default=64, help="L (the counts do not depend on it)")
     ap.add_argument("--candidates", type=int, default=32)
+    ap.add_argument("--backend", choices=("reference", "triton"), default="reference")
     ap.add_argument("--name", default="serving_ops")
     args = ap.parse_args()
-    e = engine(args.layers, args.seq_len, args.candidates)
+    e = engine(args.layers, args.seq_len, args.candidates, args.backend)
     L, h = args.seq_len, random_history(args.seq_len + 1, e.cfg)
     cand = torch.randint(2, e.cfg.n_items, (1, args.candidates))
     t = torch.tensor([int(h.time[-1]) + 60])
@@ -130,9 +135,9 @@ def main() -> None:
     rows.append({"call": "score with one event (room)", **count(e, in_pass)})
     print(table(rows, [("call", "call", "s"), ("eager_ops", "eager ops", "d"), ("graph_replays", "replays", "d"),
                        ("ops_in_graphs", "ops in graphs", "d")]))
-    path = write_results(args.name, "benchmarks.count_serving_ops",
-                         {"benchmark": "serving_ops", "env": environment("cpu"), "layers": args.layers,
-                          "strategies": list(e.cfg.strategies), "rows": rows}, RESULTS / "serving")
+    payload = {"benchmark": "serving_ops", "env": environment("cpu"), "backend": args.backend, "layers": args.layers,
+               "strategies": list(e.cfg.strategies), "rows": rows}
+    path = write_results(args.name, "benchmarks.count_serving_ops", payload, RESULTS / "serving")
     print(f"wrote {path}")
 
 

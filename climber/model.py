@@ -50,7 +50,7 @@ from torch import nn
 from climber import ops
 from climber.config import ModelConfig
 from climber.embeddings import Table, TokenEmbeddings
-from climber.ops.reference import bias, match_readout, position_buckets, softmax_attention, time_buckets
+from climber.ops.reference import bias, match_readout, position_buckets, time_buckets
 
 
 class BlockLinear(nn.Module):
@@ -356,8 +356,8 @@ class Climber(TokenEmbeddings):
         validity (B, K, n), times (B, K, n)) or None: new history tokens, right-aligned per block
         (padding rows first), each at the position after the one before it, seeing the valid
         cached tokens, the valid new tokens up to itself, and itself; the candidates see them too.
-        The new tokens' attention is the plain-PyTorch one (`softmax_attention`: n is a few
-        rows), the candidates' the backend's `attend_cached` over the cache and the new keys.
+        Both kinds attend in one backend call per layer, `attend_cached`, the new tokens' keys and
+        values beside the cache's, not concatenated to them.
         -> (the candidates' final states (K, B, M, d) or None, the new tokens' keys and values per
         layer [(B, K, H, n, dh)], the match readout's features (B, M, N_L * K * H * 2) or None,
         and the keys' validity and times (B, K, L + n) after the new tokens)."""
@@ -369,6 +369,7 @@ class Climber(TokenEmbeddings):
         cand_pos = torch.full((1,), L, device=dev)  # the candidates' position, keys' positions 0 .. L - 1
         key_pos = torch.arange(L, device=dev)
         states = [] if x is None else [x]
+        new_bias = cand_bias = self_bias = None  # f_b of the new tokens' rows, the candidates' row, their own key
         if new is not None:
             xn, new_valid, new_time = new
             n = xn.shape[2]
@@ -379,9 +380,6 @@ class Climber(TokenEmbeddings):
             cand_pos = new_pos[..., -1:] + 1
             new_bias = bias(pos, tim, position_buckets(new_pos[..., :, None] - key_pos[..., None, :], P),
                             time_buckets(new_time[..., :, None] - times[..., None, :], T))  # (B, K, H, n, L + n)
-            key = torch.arange(L + n, device=dev)
-            seen = key <= L + row[:, None]  # (n, L + n): the cache and the new tokens up to each
-            new_allowed = (valid[:, :, None] & seen) | (key == L + row[:, None])  # (B, K, n, L + n)
             states = [xn, *states]
         M = 0 if x is None else x.shape[2]
         if M:
@@ -396,21 +394,15 @@ class Climber(TokenEmbeddings):
         for i, (layer, inv, (k_hist, v_hist)) in enumerate(zip(self.layers, self._inv_tau(cache.scenario), cache.kv,
                                                                strict=True)):
             q, k, v = _heads(layer.qkv(norm).view(K, B, S, 3, H, dh))
-            it = inv[..., None, None]
-            ys = []
             if n:
                 new_kv.append((k[..., :n, :], v[..., :n, :]))
-                k_hist, v_hist = torch.cat([k_hist, k[..., :n, :]], -2), torch.cat([v_hist, v[..., :n, :]], -2)
                 if not M and i == len(self.layers) - 1:
                     break  # only the new tokens' keys and values are wanted
-                ys.append(softmax_attention(q[..., :n, :], k_hist, v_hist, it, new_bias, new_allowed[:, :, None]))
-            if M:
-                y, m = self.attention.attend_cached(q[..., n:, :], k[..., n:, :], v[..., n:, :], it, k_hist, v_hist,
-                                                    cand_bias, self_bias, valid, self.cfg.match_readout)
-                ys.append(y)
-                if m is not None:
-                    match.append(m)
-            h, norm = layer(h, ys[0] if len(ys) == 1 else torch.cat(ys, -2))
+            y, m = self.attention.attend_cached(q, k, v, inv[..., None, None], k_hist, v_hist, cand_bias, self_bias,
+                                                valid, self.cfg.match_readout and M > 0, new_bias)
+            if m is not None:
+                match.append(m)
+            h, norm = layer(h, y)
         out = h.view(K, B, S, -1)[:, :, n:] if M else None
         return out, new_kv, _match_features(match), valid, times
 

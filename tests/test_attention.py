@@ -8,8 +8,9 @@ outputs and all gradients in fp32, and in bf16 against the reference's own bf16 
 kernels' `climber::` operators are checked by `torch.library.opcheck`, by one full-graph
 compile of `prepare` and two layers' `attend` (equal to eager) and by `torch.export`.
 `attend_cached` (serving, forward only) is checked against the reference, output and match
-readout, on shapes off the tiles, empty and one-key histories, M = 1 and large logits, and
-through a model's `score` and `extend`; on the GPU also in bf16 and replayed from a CUDA graph.
+readout, on shapes off the tiles, empty and one-key histories, M = 1, new history tokens folded
+in beside the candidates (n = 1 and 3, padding rows) and large logits, and through a model's
+`score` and `fold`; on the GPU also in bf16 and replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -265,10 +266,12 @@ def op_cases(device: str) -> list[tuple[str, tuple]]:
     out, lse, _ = torch.ops.climber.attention(*(a.detach() if torch.is_tensor(a) else a for a in fwd))
     bwd = (rand(*out.shape, grad=False), qkv.detach(), inv.detach(), bias.detach(), *fwd[4:6], out, lse,
            rand(BK, H, S, S, grad=False).tril(), 12)
-    # attend_cached (forward only, inputs without gradients): M = 5 new tokens against the S keys
-    new, cache = (rand(K, B, n, 3, H, dh, grad=False).permute(3, 1, 0, 4, 2, 5).unbind(0) for n in (5, S))
-    cached = (*new, inv.detach().flatten(), *cache[1:], rand(BK * H, S, grad=False), rand(BK * H, grad=False),
-              *fwd[4:6], True)
+    # attend_cached (forward only, inputs without gradients): 3 new history tokens and M = 5
+    # candidates against the S cached keys
+    new, cache = (rand(K, B, n, 3, H, dh, grad=False).permute(3, 1, 0, 4, 2, 5).unbind(0) for n in (8, S))
+    valid8 = torch.cat([fwd[4], torch.tensor([[0, 1, 1]] * BK, dtype=torch.int8, device=device)], -1)
+    cached = (*new, inv.detach().view(B, K, H), *cache[1:], rand(BK * H, S + 3, grad=False), rand(BK * H, grad=False),
+              rand(BK * H, 3, S + 3, grad=False), valid8, True)
     return [("dense_bias", (rand(BK, H, P), rand(BK, H, T), pb, tb, torch.float32)),
             ("dense_bias_backward", (rand(BK, H, S, S, grad=False).tril(), pb, tb, P, T)),
             ("attention", fwd), ("attention_backward", bwd), ("attend_cached", cached)]
@@ -373,37 +376,47 @@ def test_prepare_and_attend_export():
 CACHED_SHAPES = [(2, 3, 2, 37, 70, 16), (1, 3, 1, 1, 130, 32), (2, 2, 2, 70, 20, 64), (1, 3, 1, 5, 9, 128)]
 
 
-def cached_inputs(B, K, H, M, L, dh, seed=0, scale=1.0, dtype=torch.float32, device="cpu") -> dict:
-    """`attend_cached`'s inputs in the model's layouts: the new tokens' q, k, v views of one
-    packed projection (K, B, M, 3, H, dh), the cached keys and values views of another (as
-    prefill leaves them), 1 / tau expanded over blocks. Left-padded histories of random length
-    with some holes; the first three (sample, block) rows have no valid key, one, and L less holes.
-    `scale` multiplies q and the cached keys (large logits)."""
+def cached_inputs(B, K, H, M, L, dh, seed=0, scale=1.0, dtype=torch.float32, device="cpu", n=0) -> dict:
+    """`attend_cached`'s inputs in the model's layouts: n new history tokens then M candidates,
+    their q, k, v views of one packed projection (K, B, n + M, 3, H, dh), the cached keys and
+    values views of another (as prefill leaves them), 1 / tau expanded over blocks. Left-padded
+    histories of random length with some holes; the first three (sample, block) rows have no
+    valid key, one, and L less holes. The new tokens are right-aligned, a random number of them
+    valid, none in the first row (so it has no valid key at all), all of them in the fourth
+    (whose cache is empty). `scale` multiplies q and the cached keys (large logits)."""
     g = torch.Generator().manual_seed(seed)
 
-    def heads(n, scaled):  # (K, B, n, 3, H, dh), part `scaled` times `scale` -> q, k, v (B, K, H, n, dh), views
-        packed = torch.randn(K, B, n, 3, H, dh, generator=g)
+    def heads(rows, scaled):  # (K, B, rows, 3, H, dh), part `scaled` times `scale` -> q, k, v (B, K, H, rows, dh)
+        packed = torch.randn(K, B, rows, 3, H, dh, generator=g)
         packed[..., scaled, :, :] *= scale
         return packed.to(device, dtype).permute(3, 1, 0, 4, 2, 5).unbind(0)
 
-    q, k, v = heads(M, 0)
+    q, k, v = heads(n + M, 0)
     _, k_hist, v_hist = heads(L, 1)
     lengths = torch.randint(0, L + 1, (B, K), generator=g)
-    lengths.view(-1)[:3] = torch.tensor([0, 1, L])[:B * K]
+    lengths.view(-1)[:4] = torch.tensor([0, 1, L, 0])[:B * K]
     valid = (torch.arange(L) >= L - lengths[..., None]) & ((torch.rand(B, K, L, generator=g) > 0.2)
                                                            | (lengths <= 1)[..., None])
     inv_tau = (torch.rand(B, 1, H, generator=g) * 2 + 0.5).expand(B, K, H)[..., None, None]
-    hist_bias, self_bias = torch.randn(B, K, H, 1, L, generator=g) * 2, torch.randn(B, K, H, 1, 1, generator=g)
+    hist_bias, self_bias = torch.randn(B, K, H, 1, L + n, generator=g) * 2, torch.randn(B, K, H, 1, 1, generator=g)
+    new = {}
+    if n:
+        added = torch.randint(0, n + 1, (B, K), generator=g)
+        added.view(-1)[:4] = torch.tensor([0, n, n, n])[:B * K]
+        valid = torch.cat([valid, torch.arange(n) >= n - added[..., None]], -1)
+        new["new_bias"] = (torch.randn(B, K, H, n, L + n, generator=g) * 2).to(device, dtype)
     return dict(q=q, k=k, v=v, inv_tau=inv_tau.to(device, dtype), k_hist=k_hist, v_hist=v_hist,
                 hist_bias=hist_bias.to(device, dtype), self_bias=self_bias.to(device, dtype),
-                hist_valid=valid.to(device))
+                hist_valid=valid.to(device), **new)
 
 
 def assert_cached_match_reference(x: dict, rtol: float, atol: float) -> None:
-    """The kernel's output and both match features equal the reference's; without `match` the
-    kernel gives the same output and no features."""
+    """The kernel's output (new tokens' rows and candidates') and both match features (the
+    candidates') equal the reference's; without `match` the kernel gives the same output and no
+    features."""
     (y, m), (y_ref, m_ref) = (impl.attend_cached(**x, match=True) for impl in (ops.TRITON, ops.REFERENCE))
-    assert y.dtype == x["q"].dtype and m.dtype == torch.float32 and m.shape == (*x["q"].shape[:-1], 2)
+    M = x["q"].shape[-2] - (x["hist_valid"].shape[-1] - x["k_hist"].shape[-2])  # less the new tokens
+    assert y.dtype == x["q"].dtype and m.dtype == torch.float32 and m.shape == (*x["q"].shape[:-2], M, 2)
     torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(m[..., 0], m_ref[..., 0], rtol=rtol, atol=atol, msg="mean logit")
     torch.testing.assert_close(m[..., 1], m_ref[..., 1], rtol=rtol, atol=atol, msg="log-mean-exp")
@@ -419,6 +432,27 @@ def test_triton_cached_matches_reference_in_interpreter(shape):
     assert_cached_match_reference(cached_inputs(*shape), rtol=1e-5, atol=1e-5)
 
 
+# (B, K, H, M, L, dh, n): new history tokens folded in with the candidates: n = 1 and 3 (some
+# padding rows), candidates over two tiles (not a multiple of 64), the cache over three key tiles
+# with leading padding tiles, and within one
+FOLD_SHAPES = [(2, 3, 2, 70, 130, 16, 1), (2, 3, 2, 70, 130, 16, 3), (1, 4, 2, 65, 20, 32, 3)]
+
+
+@interpreted
+@pytest.mark.parametrize("shape", FOLD_SHAPES)
+def test_triton_cached_with_new_tokens_matches_reference_in_interpreter(shape):
+    """New history tokens and candidates in one kernel: every row of the output (the new tokens'
+    first) and the candidates' match readout, over the cached and the new keys."""
+    *shape, n = shape
+    x = cached_inputs(*shape, n=n)
+    assert x["hist_valid"][..., -n:].any() and not x["hist_valid"][..., -n:].all()  # some padding rows
+    assert_cached_match_reference(x, rtol=1e-5, atol=1e-5)
+    y, _ = ops.TRITON.attend_cached(**x, match=True)
+    assert y.shape[-2] == n + shape[3]
+    y_ref, _ = ops.REFERENCE.attend_cached(**x, match=True)
+    assert relative_error(y[..., :n, :], y_ref[..., :n, :]) < 1e-4  # the new tokens' rows on their own
+
+
 @interpreted
 def test_triton_cached_large_logits_do_not_overflow_in_interpreter():
     """Logits q.k / tau up to some 4e4 (exp overflows fp32 beyond 88): both online log-sum-exps
@@ -431,9 +465,9 @@ def test_triton_cached_large_logits_do_not_overflow_in_interpreter():
 
 @interpreted
 def test_triton_serving_equals_reference_in_interpreter():
-    """`Climber.score` and `Climber.fold` (one attend_cached per layer for the candidates, match
-    readout on) give the same logits and new keys and values with either backend, against one
-    prefilled cache."""
+    """`Climber.score` and `Climber.fold` (one attend_cached per layer for the new tokens and the
+    candidates, match readout on) give the same logits and new keys and values with either
+    backend, against one prefilled cache; so does a fold with no candidates."""
     torch.manual_seed(0)
     model = Climber(tiny_config(d_model=32, seq_len=20, match_readout=True)).eval()  # head dim 16
     perturb(model)
@@ -451,23 +485,37 @@ def test_triton_serving_equals_reference_in_interpreter():
         for name in ("reference", "triton"):
             model.attention = ops.backend(name, "cpu")
             out[name] = (model.score(cache, b["cand_item"], b["req_time"]),
-                         *model.fold(cache, new, reset, b["cand_item"], b["req_time"]))
-    (logits, folded_logits, folded), (logits_ref, folded_logits_ref, folded_ref) = out["triton"], out["reference"]
+                         *model.fold(cache, new, reset, b["cand_item"], b["req_time"]),
+                         model.fold(cache, new, reset)[1])
+    (logits_ref, folded_logits_ref, folded_ref, _), (logits, folded_logits, folded, alone) = out.values()
     torch.testing.assert_close(logits, logits_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded_logits, folded_logits_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(folded.kv, folded_ref.kv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone.kv, folded_ref.kv, rtol=1e-5, atol=1e-5)  # the new tokens alone (no candidates)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("shape", [*CACHED_SHAPES, (1, 3, 4, 1000, 800, 64)])  # the last: the serving benchmark's
 def test_triton_cached_matches_reference_on_gpu(shape):
+    assert_cached_match_reference_on_gpu(shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [*FOLD_SHAPES, (1, 3, 4, 1000, 800, 64, 16)])  # the last: a serving fold's
+def test_triton_cached_with_new_tokens_matches_reference_on_gpu(shape):
+    *shape, n = shape
+    assert_cached_match_reference_on_gpu(shape, n)
+
+
+def assert_cached_match_reference_on_gpu(shape, n=0):
     """fp32 to round-off; bf16 inputs about as far from the fp32 reference (on the same rounded
     inputs) as the reference's own bf16 run (torch's default: no tf32 in the fp32 reference's matmuls)."""
-    x = cached_inputs(*shape, device="cuda")
+    x = cached_inputs(*shape, device="cuda", n=n)
     assert_cached_match_reference(x, rtol=1e-5, atol=1e-5)
-    x = cached_inputs(*shape, dtype=torch.bfloat16, device="cuda")
-    exact = ops.REFERENCE.attend_cached(**{n: t.float() if t.is_floating_point() else t for n, t in x.items()},
+    x = cached_inputs(*shape, dtype=torch.bfloat16, device="cuda", n=n)
+    exact = ops.REFERENCE.attend_cached(**{k: t.float() if t.is_floating_point() else t for k, t in x.items()},
                                         match=True)
     fast, ref = ops.TRITON.attend_cached(**x, match=True), ops.REFERENCE.attend_cached(**x, match=True)
     for name, i in (("output", 0), ("match", 1)):
@@ -478,15 +526,16 @@ def test_triton_cached_matches_reference_on_gpu(shape):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_cached_is_captured_by_a_cuda_graph():
-    """attend_cached captured in a CUDA graph (no host synchronisation, no data-dependent shape)
-    and replayed on new inputs copied into the captured ones equals an eager call on those."""
+    """attend_cached (3 new tokens and the candidates) captured in a CUDA graph (no host
+    synchronisation, no data-dependent shape) and replayed on new inputs copied into the
+    captured ones equals an eager call on those."""
     shape = (2, 3, 4, 100, 300, 64)
-    static = {n: t.clone() for n, t in cached_inputs(*shape, dtype=torch.bfloat16, device="cuda").items()}
+    static = {n: t.clone() for n, t in cached_inputs(*shape, dtype=torch.bfloat16, device="cuda", n=3).items()}
     ops.TRITON.attend_cached(**static, match=True)  # compiles the kernel outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y, m = ops.TRITON.attend_cached(**static, match=True)
-    new = cached_inputs(*shape, seed=1, dtype=torch.bfloat16, device="cuda")
+    new = cached_inputs(*shape, seed=1, dtype=torch.bfloat16, device="cuda", n=3)
     for n, t in static.items():
         t.copy_(new[n])
     graph.replay()

@@ -4,16 +4,18 @@ A backend is three functions with the meaning fixed by `climber/ops/reference.py
 
     seq = prepare(pos, tim, pb, tb, valid, n_hist, dtype)   # f_b and the mask, once per forward
     out, seq = attend(qkv, inv_tau, seq)                    # one layer's SUMI attention
-    # new tokens against a history cache, and the match readout's features (or None)
-    out, feats = attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid, match)
+    # new history tokens and candidates against a history cache, the match readout's features (or None)
+    out, feats = attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid, match, new_bias)
 
 "reference" is plain PyTorch and runs anywhere; "triton" is `climber/ops/triton_attention.py`,
 for CUDA GPUs (or Triton's CPU interpreter in tests). Neither module imports the other. The
 model holds a backend as a plain attribute, not a parameter, so a checkpoint moves freely
-between them (`climber/runtime.py` picks one). `attend_cached` serves new tokens against a
-history cache (the candidates in `Climber.score` and `Climber.fold`), an (M, L + 1)
-problem, and with `match` also returns the match readout's features from the same logits; the
-Triton version is forward only (serving), one kernel that reads the cached keys and values once.
+between them (`climber/runtime.py` picks one). `attend_cached` serves tokens against a history
+cache: the candidates of `Climber.score`, an (M, L + 1) problem, and in `Climber.fold` also the
+new history events (n rows, causal among themselves), their keys a second segment beside the
+cache's; with `match` it also returns the candidates' match readout features from the same
+logits. The Triton version is forward only (serving), one kernel per layer for both kinds of
+token that reads the cached keys and values once per tile of tokens.
 """
 
 from __future__ import annotations

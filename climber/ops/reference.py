@@ -18,8 +18,9 @@ Every row keeps its diagonal, so no row is empty (padding rows see themselves). 
 computes the history rows as an (L, L) problem and the candidate rows as (M, L + 1): one
 history row shared by every candidate plus the candidate's own key (`softmax_attention`'s
 `self_kv`), which is the masked (L + M)^2 formulation with its zeros left out. `attend_cached`
-is the same candidate computation against cached history keys and values (scoring, and new
-history events folded into a cache); it also returns the match readout's features
+is the same computation against cached history keys and values, for candidates (scoring) and
+for new history events folded into a cache with them (their keys a second segment beside the
+cache's; the new rows causal among themselves); it also returns the match readout's features
 (`match_readout`), so that a kernel can make both from one read of the cached keys. Shapes: B
 requests, K blocks, H heads, L history tokens, M candidates, dh head width.
 """
@@ -160,13 +161,29 @@ def match_readout(q, k_hist, hist_valid, inv_tau) -> torch.Tensor:
     return torch.stack([mean, torch.where(valid.any(-1), lme, 0.0)], -1)
 
 
-def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid,
-                  match: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """New tokens against a history cache: each sees the valid cached keys and itself.
+def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid, match: bool,
+                  new_bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens against a history cache: n new history tokens, then M candidates.
 
-    q, k, v (B, K, H, M, dh) of the new tokens; inv_tau (B, K, H, 1, 1); k_hist, v_hist
-    (B, K, H, L, dh); hist_bias (B, K, H, 1, L), the same for every new token (same position and
-    time); self_bias (B, K, H, 1, 1); hist_valid (B, K, L) -> (output (B, K, H, M, dh), and with
-    `match` the queries' `match_readout` against the cached keys (B, K, H, M, 2) fp32, else None)."""
-    y = softmax_attention(q, k_hist, v_hist, inv_tau, hist_bias, hist_valid[:, :, None, None, :], (k, v), self_bias)
-    return y, match_readout(q, k_hist, hist_valid, inv_tau) if match else None
+    q, k, v (B, K, H, n + M, dh); inv_tau (B, K, H, 1, 1); the cached k_hist, v_hist (B, K, H,
+    L, dh); hist_valid (B, K, L + n), the validity of the cached keys, then of the new tokens
+    (right-aligned: padding rows first), so n = hist_valid's length - L. A new token i sees the
+    valid cached keys, the valid new tokens up to itself and itself, with f_b a row each,
+    new_bias (B, K, H, n, L + n) (None if n = 0). A candidate sees the valid cached and new keys
+    and itself, with one f_b row hist_bias (B, K, H, 1, L + n) and self_bias (B, K, H, 1, 1)
+    (both None if M = 0). -> (output (B, K, H, n + M, dh), and with `match` the candidates'
+    `match_readout` against the valid cached and new keys (B, K, H, M, 2) fp32, else None)."""
+    L, n = k_hist.shape[-2], hist_valid.shape[-1] - k_hist.shape[-2]
+    if n:  # the new tokens' keys join the cache's
+        k_hist, v_hist = torch.cat([k_hist, k[..., :n, :]], -2), torch.cat([v_hist, v[..., :n, :]], -2)
+    valid = hist_valid[:, :, None, None, :]  # (B, K, 1, 1, L + n)
+    ys = []
+    if n:  # new token i: the valid keys up to key L + i, and key L + i itself
+        allowed = valid.expand(*valid.shape[:3], n, L + n).tril(L)
+        allowed[..., L:] |= torch.eye(n, dtype=torch.bool, device=q.device)
+        ys.append(softmax_attention(q[..., :n, :], k_hist, v_hist, inv_tau, new_bias, allowed))
+    if q.shape[-2] > n:
+        ys.append(softmax_attention(q[..., n:, :], k_hist, v_hist, inv_tau, hist_bias, valid,
+                                    (k[..., n:, :], v[..., n:, :]), self_bias))
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, -2)
+    return y, match_readout(q[..., n:, :], k_hist, hist_valid, inv_tau) if match else None

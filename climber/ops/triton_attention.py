@@ -2,8 +2,8 @@
 with the meaning of `climber/ops/reference.py`, FlashAttention-style (tiles in SRAM, online
 softmax, no (S, S) probability matrix in memory), with the SUMI mask, the temperature and f_b.
 Four kernels: f_b built densely, attention forward, attention backward (one pass), and f_b's
-gradient reduced to the tables. A fifth, forward only, serves `attend_cached` (new tokens
-against a history cache, below).
+gradient reduced to the tables. A fifth, forward only, serves `attend_cached` (new history
+tokens and candidates against a history cache, below).
 
 f_b(block, scenario) is shared by every layer of a block, so `prepare` builds it densely once
 per forward, (B*K, H, S, S) in the compute dtype, from the small tables, the position buckets
@@ -41,14 +41,20 @@ H, dh), which the output projection reads as is. No layout copies in or out, for
 backward. Leading key tiles that are all padding (histories are left-padded) are skipped per
 sample, and so are the query tiles of key tiles only their own rows see.
 
-`attend_cached` (serving: candidates, or new history events, against every layer's cached keys
-and values) is one forward-only kernel per layer: each program takes BM new tokens of one
-(sample, block, head), starts the online softmax with each token's score to its own key, and
-streams the cached key and value tiles once, from the first tile holding a valid key; f_b is
-one row (BN values a tile) shared by all the tokens, and no (M, L) score matrix is stored. With
-`match` the same tiles of q.k / tau give the match readout (mean and log-mean-exp over the
-valid keys, without f_b; a second online max, so a large f_b cannot overflow it). No host
-synchronisation and no data-dependent shape, so a CUDA graph can capture it.
+`attend_cached` (serving: new history events and candidates against every layer's cached keys
+and values) is one forward-only kernel per layer. Its programs take, per (sample, block,
+head), BNEW new tokens (the first tiles, few: a fold carries a handful of rows) or BM
+candidates each; each starts the online softmax with its tokens' scores to their own keys,
+streams the cached key and value tiles once, from the first tile holding a valid key (found by
+a scan of the validity bytes, so no per-layer torch op computes it), then the new tokens' keys
+and values as a second segment read from the layer's own q, k, v (not concatenated to the
+cache): a new token sees the valid ones before it, a candidate all valid ones. f_b is a dense
+row per new token and one row shared by all the candidates, and no score matrix is stored.
+New tokens and candidates write their rows of one output, (K, B, n + M, H, dh) in memory, which
+the output projection reads as is. With `match` the candidates' tiles of q.k / tau give the
+match readout (mean and log-mean-exp over the valid cached and new keys, without f_b; a second
+online max, so a large f_b cannot overflow it). No host synchronisation and no data-dependent
+shape, so a CUDA graph can capture it.
 
 Correctness: `tests/test_attention.py` checks outputs and the gradients of q, k, v, tau and
 both tables against the reference, on the GPU and, through Triton's interpreter
@@ -117,24 +123,29 @@ def attend(qkv: torch.Tensor, inv_tau: torch.Tensor, seq: Sequence) -> tuple[tor
     return out, dataclasses.replace(seq, link=link)
 
 
-def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid,
-                  match: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """New tokens against a history cache, forward only: `reference.attend_cached` in one kernel.
+def attend_cached(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, hist_valid, match: bool,
+                  new_bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens against a history cache, forward only: `reference.attend_cached` in one kernel.
 
-    q, k, v (B, K, H, M, dh) of the new tokens; inv_tau (B, K, H, 1, 1); k_hist, v_hist
-    (B, K, H, L, dh) (any strides, dh contiguous); hist_bias (B, K, H, 1, L); self_bias
-    (B, K, H, 1, 1); hist_valid (B, K, L) -> (output (B, K, H, M, dh) in q's dtype, stored
-    (K, B, M, H, dh) as the output projection reads it; with `match` the match readout
-    (B, K, H, M, 2) fp32, else None)."""
+    q, k, v (B, K, H, n + M, dh), n new history tokens, then M candidates; inv_tau (B, K, H, 1,
+    1); the cached k_hist, v_hist (B, K, H, L, dh) (any strides, dh contiguous); hist_valid (B,
+    K, L + n), the cached keys' validity, then the new tokens'; new_bias (B, K, H, n, L + n) or
+    None (n = 0); hist_bias (B, K, H, 1, L + n) and self_bias (B, K, H, 1, 1), or None (M = 0)
+    -> (output (B, K, H, n + M, dh) in q's dtype, stored (K, B, n + M, H, dh) as the output
+    projection reads it; with `match` the candidates' match readout (B, K, H, M, 2) fp32, else
+    None). The new tokens' keys and values are read from k, v: not concatenated to the cache."""
     if not available(q.device):
         raise RuntimeError("the Triton attention kernels need a CUDA GPU and Triton")
-    B, K, H, M, _ = q.shape
-    L = k_hist.shape[-2]
-    valid = hist_valid.reshape(B * K, L)
-    first = (valid.cumsum(-1) == 0).sum(-1).to(torch.int32)  # leading padding: those key tiles are skipped
-    out, feats = torch.ops.climber.attend_cached(q, k, v, inv_tau.reshape(B * K * H).float(), k_hist, v_hist,
-                                                 hist_bias.reshape(B * K * H, L), self_bias.reshape(B * K * H),
-                                                 valid.to(torch.int8), first, match)
+    B, K, H = q.shape[:3]
+    LN = hist_valid.shape[-1]
+
+    def rows(x: torch.Tensor | None, *shape: int) -> torch.Tensor | None:
+        return None if x is None else x.reshape(B * K * H, *shape)  # views of the model's f_b
+
+    n = LN - k_hist.shape[-2]
+    out, feats = torch.ops.climber.attend_cached(q, k, v, inv_tau[..., 0, 0], k_hist, v_hist, rows(hist_bias, LN),
+                                                 rows(self_bias), rows(new_bias, n, LN),
+                                                 hist_valid.reshape(B * K, LN).view(torch.int8), match)
     return out, feats if match else None
 
 
@@ -311,56 +322,113 @@ if triton is not None:
         tl.store(LSE + bh * L + rows, m + tl.log(s_sum), mask=row_ok)
 
     @triton.jit
-    def _cached_kernel(Q, K, V, KH, VH, HBIAS, SBIAS, INV, VALID, FIRST, OUT, MATCH, sqb, sqk, sqh, sql, skb, skk,
+    def _cached_kernel(Q, K, V, KH, VH, HBIAS, NBIAS, SBIAS, INV, VALID, OUT, MATCH, sqb, sqk, sqh, sql, skb, skk,
                        skh, skl, svb, svk, svh, svl, skhb, skhk, skhh, skhl, svhb, svhk, svhh, svhl, sob, sok, soh,
-                       sol, NK, H, M, L, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                       WITH_MATCH: tl.constexpr):
-        """One program per (BM new tokens, sample-block b, head h): the online softmax starts
-        from each token's own key (so its running max is finite from the start) and takes the
-        cached key tiles once each, from the first tile holding a valid key. With WITH_MATCH the
-        same q.k / tau, without f_b, also feed the match readout: their sum over the valid keys
-        and a second online log-sum-exp."""
-        bh, b, h, _, rows = _program(H, BM)
+                       sol, sib, sik, sih, NK, H, N, M, L, DH: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BNEW: tl.constexpr, PREC: tl.constexpr, WITH_MATCH: tl.constexpr):
+        """One program per (sample-block b, head h) and tile of tokens: the first cdiv(N, BNEW)
+        tiles take BNEW new history tokens each, the rest BM candidates each (`_cached_rows`)."""
+        bh = tl.program_id(0).to(tl.int64)
+        b, h = bh // H, bh % H
+        tile = tl.program_id(1)
+        new_tiles = tl.cdiv(N, BNEW)
+        q, k, v = Q + _offset(b, h, NK, sqb, sqk, sqh), K + _offset(b, h, NK, skb, skk, skh), V + _offset(
+            b, h, NK, svb, svk, svh)
+        kh, vh = KH + _offset(b, h, NK, skhb, skhk, skhh), VH + _offset(b, h, NK, svhb, svhk, svhh)
+        out, valid = OUT + _offset(b, h, NK, sob, sok, soh), VALID + b * (L + N)
+        inv = tl.load(INV + _offset(b, h, NK, sib, sik, sih)).to(tl.float32)
+        if tile < new_tiles:
+            _cached_rows(q, k, v, kh, vh, NBIAS + bh * N * (L + N), SBIAS, valid, out, MATCH, sql, skl, svl, skhl, svhl,
+                         sol, inv, tile * BNEW + tl.arange(0, BNEW), N, N, L, DH, BN, BNEW, PREC, True, False)
+        else:
+            _cached_rows(q, k, v, kh, vh, HBIAS + bh * (L + N), SBIAS + bh, valid, out, MATCH + bh * M * 2, sql, skl,
+                         svl, skhl, svhl, sol, inv, N + (tile - new_tiles) * BM + tl.arange(0, BM), N, N + M, L, DH,
+                         BN, BNEW, PREC, False, WITH_MATCH)
+
+    @triton.jit
+    def _cached_rows(Q, K, V, KH, VH, BIAS, SBIAS, VALID, OUT, MATCH, sql, skl, svl, skhl, svhl, sol, inv, rows, N,
+                     END, L, DH: tl.constexpr, BN: tl.constexpr, BNEW: tl.constexpr, PREC: tl.constexpr,
+                     NEW: tl.constexpr, WITH_MATCH: tl.constexpr):
+        """Rows `rows` (< END) of q, k, v and the output, pointers at this (sample-block, head):
+        new history tokens (NEW: rows < N, f_b a row each, BIAS (N, L + N)) or candidates (rows N
+        .. N + M - 1, f_b one row BIAS (L + N,) and SBIAS to the own key). The online softmax
+        starts from each token's score to its own key (so its running max is finite from the
+        start), then takes the cached key tiles once each, from the first tile holding a valid
+        key, then the new tokens' keys (k, v rows 0 .. N - 1) as a second segment: a candidate
+        sees the valid ones, new token i the valid ones before it. With WITH_MATCH the same
+        q.k / tau of both segments, without f_b, also feed the match readout: their sum over the
+        valid keys and a second online log-sum-exp."""
         dims = tl.arange(0, DH)
-        row_ok = rows < M
-        q = _load_rows(Q, _offset(b, h, NK, sqb, sqk, sqh), rows, sql, dims, row_ok)
-        k = _load_rows(K, _offset(b, h, NK, skb, skk, skh), rows, skl, dims, row_ok)
-        inv = tl.load(INV + bh)
-        m = (tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) + tl.load(SBIAS + bh).to(tl.float32)) * inv
-        s_sum = tl.full([BM], 1.0, tl.float32)
-        acc = _load_rows(V, _offset(b, h, NK, svb, svk, svh), rows, svl, dims, row_ok).to(tl.float32)
-        n = tl.zeros([BM], tl.float32)  # match: the number of valid keys (the same in every row),
-        total = tl.zeros([BM], tl.float32)  # the sum of their q.k / tau,
-        m2 = tl.full([BM], float("-inf"), tl.float32)  # and the running max and sum of exp of those
-        s2 = tl.zeros([BM], tl.float32)
-        kh_off, vh_off = _offset(b, h, NK, skhb, skhk, skhh), _offset(b, h, NK, svhb, svhk, svhh)
-        for start in range(tl.load(FIRST + b) // BN * BN, L, BN):
+        row_ok = rows < END
+        q = _load_rows(Q, 0, rows, sql, dims, row_ok)
+        k = _load_rows(K, 0, rows, skl, dims, row_ok)
+        if NEW:
+            own = tl.load(BIAS + rows * (L + N) + L + rows, mask=row_ok, other=0.0)
+        else:
+            own = tl.load(SBIAS)
+        m = (tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) + own.to(tl.float32)) * inv
+        s_sum = tl.zeros_like(m) + 1.0
+        acc = _load_rows(V, 0, rows, svl, dims, row_ok).to(tl.float32)
+        n = tl.zeros_like(m)  # match: the number of valid keys (the same in every row),
+        total = tl.zeros_like(m)  # the sum of their q.k / tau,
+        m2 = tl.zeros_like(m) - float("inf")  # and the running max and sum of exp of those
+        s2 = tl.zeros_like(m)
+        first = L + tl.zeros([BN], tl.int32)  # the first valid cached key: leading padding tiles are skipped
+        for start in range(0, L, BN):
             cols = start + tl.arange(0, BN)
-            key_ok = tl.load(VALID + b * L + cols, mask=cols < L, other=0) != 0
-            kh = _load_rows(KH, kh_off, cols, skhl, dims, key_ok)  # padding keys are not read
-            qk = tl.dot(q, tl.trans(kh), input_precision=PREC) * inv  # (BM, BN) q.k / tau
-            hb = tl.load(HBIAS + bh * L + cols, mask=key_ok, other=0.0).to(tl.float32) * inv  # f_b / tau, one row
-            s = tl.where(key_ok[None, :], qk + hb[None, :], float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            s_sum = s_sum * alpha + tl.sum(p, axis=1)
-            vh = _load_rows(VH, vh_off, cols, svhl, dims, key_ok)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vh.dtype), vh, input_precision=PREC)
-            m = m_new
-            if WITH_MATCH:
-                n += tl.sum(key_ok.to(tl.float32), axis=0)
-                total += tl.sum(tl.where(key_ok[None, :], qk, 0.0), axis=1)
-                x = tl.where(key_ok[None, :], qk, float("-inf"))
-                m2_new = tl.maximum(m2, tl.max(x, axis=1))
-                m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)  # no valid key yet
-                s2 = s2 * tl.exp(m2 - m2_safe) + tl.sum(tl.exp(x - m2_safe[:, None]), axis=1)
-                m2 = m2_new
-        _store_rows(OUT, acc / s_sum[:, None], _offset(b, h, NK, sob, sok, soh), rows, sol, dims, row_ok)
+            first = tl.minimum(first, tl.where(tl.load(VALID + cols, mask=cols < L, other=0) != 0, cols, L))
+        for start in range(tl.min(first, axis=0) // BN * BN, L, BN):  # the cached keys
+            cols = start + tl.arange(0, BN)
+            key_ok = tl.load(VALID + cols, mask=cols < L, other=0) != 0
+            if NEW:
+                fb = tl.load(BIAS + rows[:, None] * (L + N) + cols[None, :], mask=row_ok[:, None] & key_ok[None, :],
+                             other=0.0)
+            else:
+                fb = tl.load(BIAS + cols, mask=key_ok, other=0.0)[None, :]
+            m, s_sum, acc, n, total, m2, s2 = _cached_tile(
+                q, _load_rows(KH, 0, cols, skhl, dims, key_ok), _load_rows(VH, 0, cols, svhl, dims, key_ok), fb,
+                key_ok[None, :], key_ok, inv, m, s_sum, acc, n, total, m2, s2, PREC, WITH_MATCH)
+        for start in range(0, N, BNEW):  # the new tokens' keys
+            j = start + tl.arange(0, BNEW)
+            key_ok = tl.load(VALID + L + j, mask=j < N, other=0) != 0
+            if NEW:  # token i sees new key j < i (itself: the start)
+                ok = key_ok[None, :] & (j[None, :] < rows[:, None])
+                fb = tl.load(BIAS + rows[:, None] * (L + N) + L + j[None, :], mask=row_ok[:, None] & ok, other=0.0)
+            else:
+                ok = key_ok[None, :]
+                fb = tl.load(BIAS + L + j, mask=key_ok, other=0.0)[None, :]
+            m, s_sum, acc, n, total, m2, s2 = _cached_tile(
+                q, _load_rows(K, 0, j, skl, dims, key_ok), _load_rows(V, 0, j, svl, dims, key_ok), fb, ok, key_ok,
+                inv, m, s_sum, acc, n, total, m2, s2, PREC, WITH_MATCH)
+        _store_rows(OUT, acc / s_sum[:, None], 0, rows, sol, dims, row_ok)
         if WITH_MATCH:  # (mean, log-mean-exp), both 0 with no valid key
             lme = tl.where(n > 0, m2 + tl.log(s2) - tl.log(tl.maximum(n, 1.0)), 0.0)
-            tl.store(MATCH + (bh * M + rows) * 2, total / tl.maximum(n, 1.0), mask=row_ok)
-            tl.store(MATCH + (bh * M + rows) * 2 + 1, lme, mask=row_ok)
+            tl.store(MATCH + (rows - N) * 2, total / tl.maximum(n, 1.0), mask=row_ok)
+            tl.store(MATCH + (rows - N) * 2 + 1, lme, mask=row_ok)
+
+    @triton.jit
+    def _cached_tile(q, kx, vx, fb, ok, key_ok, inv, m, s_sum, acc, n, total, m2, s2, PREC: tl.constexpr,
+                     WITH_MATCH: tl.constexpr):
+        """One key tile kx, vx (C, DH) of `_cached_rows`: f_b fb (rows or 1, C), allowed ok (rows
+        or 1, C), valid keys key_ok (C,) -> the online softmax's running max m, sum s_sum and
+        output acc, and the match readout's key count n, logit sum total, max m2 and sum s2,
+        updated."""
+        qk = tl.dot(q, tl.trans(kx), input_precision=PREC) * inv  # (rows, C) q.k / tau
+        s = tl.where(ok, qk + fb.to(tl.float32) * inv, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        s_sum = s_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vx.dtype), vx, input_precision=PREC)
+        if WITH_MATCH:
+            n += tl.sum(key_ok.to(tl.float32), axis=0)
+            total += tl.sum(tl.where(key_ok[None, :], qk, 0.0), axis=1)
+            x = tl.where(key_ok[None, :], qk, float("-inf"))
+            m2_new = tl.maximum(m2, tl.max(x, axis=1))
+            m2_safe = tl.where(m2_new == float("-inf"), 0.0, m2_new)  # no valid key yet
+            s2 = s2 * tl.exp(m2 - m2_safe) + tl.sum(tl.exp(x - m2_safe[:, None]), axis=1)
+            m2 = m2_new
+        return m_new, s_sum, acc, n, total, m2, s2
 
     @triton.jit
     def _bwd_delta_kernel(DO, OUT, DELTA, DG, sdb, sdk, sdh, sdl, sob, sok, soh, sol, sgb, sgk, sgh, sgl, NK, H, L,
@@ -607,28 +675,42 @@ if triton is not None:
 
     @_op("climber::attend_cached")
     def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_tau: torch.Tensor,
-                       k_hist: torch.Tensor, v_hist: torch.Tensor, hist_bias: torch.Tensor, self_bias: torch.Tensor,
-                       valid8: torch.Tensor, first: torch.Tensor, match: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """New tokens q, k, v (B, K, H, M, dh) against the cached k_hist, v_hist (B, K, H, L, dh)
-        (any strides, dh contiguous); inv_tau (B*K*H,) fp32; f_b's row hist_bias (B*K*H, L) and
-        the own key's self_bias (B*K*H,); key validity valid8 (B*K, L) int8 and each row's first
-        valid key (B*K,) int32 (L if none) -> output (B, K, H, M, dh) in q's dtype, stored (K, B,
-        M, H, dh); the match readout (B, K, H, M, 2) fp32, or (B, K, H, M, 0) without `match`.
-        Forward only (no autograd registered)."""
+                       k_hist: torch.Tensor, v_hist: torch.Tensor, hist_bias: torch.Tensor | None,
+                       self_bias: torch.Tensor | None, new_bias: torch.Tensor | None, valid8: torch.Tensor,
+                       match: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """n new history tokens then M candidates, q, k, v (B, K, H, n + M, dh), against the
+        cached k_hist, v_hist (B, K, H, L, dh) (any strides, dh contiguous) and the new tokens'
+        keys; inv_tau (B, K, H) (any strides); key validity valid8 (B*K, L + n) int8, the cached
+        keys then the new ones; f_b: the new tokens' rows new_bias (B*K*H, n, L + n), the
+        candidates' shared row hist_bias (B*K*H, L + n) and own key's self_bias (B*K*H,), None
+        where there are no such tokens -> output (B, K, H, n + M, dh) in q's dtype, stored (K, B,
+        n + M, H, dh); the candidates' match readout (B, K, H, M, 2) fp32, or (B, K, H, M, 0)
+        without `match`. Forward only (no autograd registered)."""
         q, k, v, k_hist, v_hist = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, k_hist, v_hist))
-        _, K, H, M, _ = q.shape
-        out, feats = _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, valid8, first, match)
-        wrap_triton(_cached_kernel)[_grid(q, "cached")](
-            Q=q, K=k, V=v, KH=k_hist, VH=v_hist, HBIAS=hist_bias.contiguous(), SBIAS=self_bias.contiguous(),
-            INV=inv_tau.contiguous(), VALID=valid8.contiguous(), FIRST=first, OUT=out, MATCH=feats if match else out,
-            **_strides("q", q), **_strides("k", k), **_strides("v", v), **_strides("kh", k_hist),
-            **_strides("vh", v_hist), **_strides("o", out), NK=K, H=H, M=M, L=k_hist.shape[-2], WITH_MATCH=match,
-            **_meta(q, "cached"))
+        _, K, H, S, _ = q.shape
+        L = k_hist.shape[-2]
+        n = valid8.shape[-1] - L
+        out, feats = _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, new_bias, valid8,
+                                         match)
+        BM, BN, warps, stages = TILES["cached"]
+        BNEW = min(BM, _dot_width(n))  # a tile of new tokens (rows), and of their keys
+        # a kind of token that is not there (n or M = 0) has no program: any pointer will do
+        some = hist_bias if hist_bias is not None else new_bias
+        wrap_triton(_cached_kernel)[(q.shape[0] * K * H, triton.cdiv(n, BNEW) + triton.cdiv(S - n, BM))](
+            Q=q, K=k, V=v, KH=k_hist, VH=v_hist, HBIAS=some.contiguous(), NBIAS=(
+                new_bias if new_bias is not None else some).contiguous(),
+            SBIAS=(self_bias if self_bias is not None else some).contiguous(), INV=inv_tau, VALID=valid8.contiguous(),
+            OUT=out, MATCH=feats if match else out, **_strides("q", q), **_strides("k", k), **_strides("v", v),
+            **_strides("kh", k_hist), **_strides("vh", v_hist), **_strides("o", out),
+            **{f"si{axis}": st for axis, st in zip("bkh", inv_tau.stride())}, NK=K, H=H, N=n, M=S - n, L=L,
+            DH=q.shape[-1], BM=BM, BN=BN, BNEW=BNEW, PREC=_precision(q.dtype), WITH_MATCH=match, num_warps=warps,
+            num_stages=stages)
         return out, feats
 
     @_attend_cached.register_fake
-    def _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, valid8, first, match):
-        B, K, H, M, dh = q.shape
+    def _attend_cached_fake(q, k, v, inv_tau, k_hist, v_hist, hist_bias, self_bias, new_bias, valid8, match):
+        B, K, H, S, dh = q.shape
         _check_head_dim(dh)
-        out = torch.empty(K, B, M, H, dh, dtype=q.dtype, device=q.device).permute(1, 0, 3, 2, 4)
+        M = S - (valid8.shape[-1] - k_hist.shape[-2])
+        out = torch.empty(K, B, S, H, dh, dtype=q.dtype, device=q.device).permute(1, 0, 3, 2, 4)
         return out, torch.empty(B, K, H, M, 2 if match else 0, dtype=torch.float32, device=q.device)
