@@ -241,8 +241,8 @@ def main() -> None:
                                  "mean_batch": delta["climber_batch_requests_sum"] / calls,
                                  "model_call_mean_ms": delta["climber_model_call_seconds_sum"] / calls * 1e3,
                                  # the server's own work beside the model: what batching cannot share
-                                 "server_mean_ms": float(np.mean(server_lat)),
-                                 "host_mean_ms": float(np.mean(server_lat)) - delta["climber_model_call_seconds_sum"]
+                                 "server_mean_ms": (server_mean := float(np.mean(server_lat))),
+                                 "host_mean_ms": server_mean - delta["climber_model_call_seconds_sum"]
                                  / max(len(server_lat), 1) * 1e3,
                                  "cache": {k: delta.get(k, 0.0) for k in ("hit", "miss", "extend", "recompute")}})
                     print(f"  events {rate:.0%}, concurrency {conc}: {rows[-1]['req_per_s']:.0f} req/s, p99 "

@@ -374,8 +374,7 @@ class Climber(TokenEmbeddings):
             xn, new_valid, new_time = new
             n = xn.shape[2]
             valid, times = torch.cat([valid, new_valid], -1), torch.cat([times, new_time], -1)
-            row = torch.arange(n, device=dev)
-            new_pos = L + row - (n - new_valid.sum(-1, keepdim=True))  # (B, K, n): padding rows before
+            new_pos = L + torch.arange(n, device=dev) - (n - new_valid.sum(-1, keepdim=True))  # (B, K, n)
             key_pos = torch.cat([key_pos.expand(B, K, L), new_pos], -1)  # (B, K, L + n)
             cand_pos = new_pos[..., -1:] + 1
             new_bias = bias(pos, tim, position_buckets(new_pos[..., :, None] - key_pos[..., None, :], P),

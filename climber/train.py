@@ -427,10 +427,11 @@ def _average_step(decay: float):
 
     def update(opt: torch.optim.Optimizer, args, kwargs) -> None:
         params = [p for g in opt.param_groups for p in g["params"]]
-        for p in params:  # the first step's (zeros made only then, not a dead allocation every step)
-            if "ema" not in opt.state[p]:
-                opt.state[p]["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        averages = [opt.state[p]["ema"] for p in params]
+        states = [opt.state[p] for p in params]
+        if "ema" not in states[0]:  # the first step (every parameter's, or a resumed run's, is there after)
+            for s, p in zip(states, params, strict=True):
+                s["ema"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        averages = [s["ema"] for s in states]
         with torch.no_grad():
             torch._foreach_lerp_(_local(averages), _local(params), 1 - decay)
 
