@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,7 @@ from climber.data.events import DataError
 from climber.data.synthetic import SyntheticConfig
 from climber.extras import MissingDependency
 
+STREAM_CHUNK_USERS = 10_000  # `prepare synthetic --stream`: users per chunk unless --chunk-users is given
 COMPARE_FIXED = {"strategies", "arch", "adaptive", "bgf"}  # set per model by `climber compare`
 # --help's sections: one per config dataclass (climber/config.py)
 MODEL_GROUP = "model (ModelConfig; a config file's `model` section)"
@@ -52,7 +54,7 @@ RUNTIME_GROUP = "runtime: where and how fast, not part of a checkpoint (Runtime;
 
 def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[str, ...] | None,
                     mapping: dict | None = None, synthetic: SyntheticConfig | None = None,
-                    fmt: str | None = None, shards: int = 1) -> dict:
+                    fmt: str | None = None, shards: int = 1, workers: int = 1) -> dict:
     combined = [] if fmt or synthetic or "+" not in source else source.split("+")
     if combined:  # several built-in data sets as one, each source a scenario (climber/data/domains.py)
         unknown = [n for n in combined if n not in DATASETS]
@@ -76,8 +78,10 @@ def _prepare_source(source: str, out: Path, overrides: dict, strategies: tuple[s
         from climber.data.domains import combine
 
         log = combine([readers.read_source(n) for n in combined], combined)
+    elif synthetic:
+        log = synthetic_data.generate(synthetic, workers)
     else:
-        log = synthetic_data.generate(synthetic) if synthetic else readers.read_source(source, fmt, **(mapping or {}))
+        log = readers.read_source(source, fmt, **(mapping or {}))
     meta = prepare(log, out, cfg, tuple(strategies), shards)
     c = meta["counts"]
     print(f"prepared {meta['name']} -> {out} in {time.time() - t0:.1f}s: {c['events']} events, {c['users']} users, "
@@ -96,7 +100,7 @@ def _prepare_stream(ns) -> None:
     from climber.data.readers import ColumnMapping
     from climber.data.stream import prepare_stream
 
-    if ns.source in DATASETS or ns.source == "synthetic" or ns.format not in (None, "csv", "parquet") \
+    if ns.source in DATASETS or ns.format not in (None, "csv", "parquet") \
             or Path(ns.source).suffix == ".inter":
         raise DataError(f"{ns.source}: --stream reads CSV/TSV/Parquet tables (a file or a directory) by the column "
                         "flags; the built-in data sets and the s3rec, recbole and kuairand formats fit in memory")
@@ -116,14 +120,45 @@ def _prepare_stream(ns) -> None:
           f"fingerprint {meta['fingerprint']}")
 
 
+def _prepare_synthetic_stream(ns, synthetic: SyntheticConfig) -> None:
+    """`climber prepare synthetic --stream`: the log made in chunks of users by parallel processes,
+    written as Parquet beside the output, then prepared out of core; memory is set by a chunk and
+    a partition, not the log."""
+    from climber.data.readers import ColumnMapping
+    from climber.data.stream import prepare_stream
+
+    if not synthetic.chunk_users:
+        synthetic = dataclasses.replace(synthetic, chunk_users=STREAM_CHUNK_USERS)
+    parts = ns.out.with_name(ns.out.name + ".parquet.tmp")
+    shutil.rmtree(parts, ignore_errors=True)
+    t0 = time.time()
+    try:
+        events = synthetic_data.write_parquet(synthetic, parts, ns.workers or os.cpu_count() or 1)
+        t1 = time.time()
+        cfg = dataclasses.replace(synthetic_data.PREPARE, **pick_fields(ns, PrepareConfig))
+        meta = prepare_stream(parts, ColumnMapping(**synthetic_data.PARQUET_COLUMNS), ns.out, cfg,
+                              tuple(ns.strategies or synthetic_data.STRATEGIES), memory_limit=ns.memory_limit * 2**30,
+                              shards=ns.shards, name="synthetic", notes=synthetic_data.notes(synthetic))
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    c = meta["counts"]
+    print(f"prepared synthetic -> {ns.out} streaming: {events} events made in {t1 - t0:.1f}s "
+          f"(chunks of {synthetic.chunk_users} users), prepared in {time.time() - t1:.1f}s: {c['users']} users, "
+          f"{c['items']} items; requests train/valid/test {c['requests_train']}/{c['requests_valid']}/"
+          f"{c['requests_test']}; fingerprint {meta['fingerprint']}")
+
+
 def cmd_prepare(ns) -> None:
-    if ns.stream:
-        _prepare_stream(ns)
-        return
     if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
         synthetic = SyntheticConfig(**{**pick_fields(ns, SyntheticConfig), "seed": ns.seed or 0})
+        if ns.stream:
+            _prepare_synthetic_stream(ns, synthetic)
+            return
         _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()),
-                        synthetic=synthetic, shards=ns.shards)
+                        synthetic=synthetic, shards=ns.shards, workers=ns.workers or os.cpu_count() or 1)
+        return
+    if ns.stream:
+        _prepare_stream(ns)
         return
     mapping = None
     if ns.source not in DATASETS or ns.format:
@@ -360,7 +395,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                         "kuairand (an official log_standard_*.csv)")
     p.add_argument("--strategies", nargs="*", help="default extraction strategies stored with the data")
     p.add_argument("--stream", action="store_true",
-                   help="prepare a CSV/TSV/Parquet file or directory out of core, in bounded memory (the same files)")
+                   help="prepare a CSV/TSV/Parquet file or directory out of core, in bounded memory (the same files); "
+                        "'synthetic': made in chunks of users and prepared out of core")
     p.add_argument("--memory-limit", type=float, default=2.0,
                    help="--stream: GiB to aim for; half goes to one partition of users (~400 bytes an event)")
     p.add_argument("--shards", type=int, default=1, metavar="N",
@@ -377,6 +413,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
         g.add_argument(f"--{k}", nargs="*", default=[])
     g = p.add_argument_group("source 'synthetic': a generated log (climber/data/synthetic.py); --seed seeds it")
     add_dataclass_flags(g, SyntheticConfig, skip={"seed"}, defaults_none=True)
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="processes making the log's chunks (--chunk-users; default: every CPU); with --stream, "
+                        f"chunks of {STREAM_CHUNK_USERS} users unless --chunk-users says otherwise")
     p.set_defaults(fn=cmd_prepare)
 
     for name, fn, hlp in (("train", cmd_train, "train (or resume) a Climber model"),

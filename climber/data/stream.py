@@ -262,10 +262,12 @@ def partition_bounds(user_counts: np.ndarray, target: int) -> np.ndarray:
 
 def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Path, cfg: PrepareConfig,
                    strategies: tuple[str, ...], memory_limit: float = 2 * 2**30, partitions: int | None = None,
-                   batch_rows: int = BATCH_ROWS, shards: int = 1) -> dict:
+                   batch_rows: int = BATCH_ROWS, shards: int = 1, name: str | None = None,
+                   notes: dict | None = None) -> dict:
     """`sumi.prepare(readers.read_table(path, mapping), out_dir, cfg, strategies, shards)`, out of core
     (see the module docstring). Partitions hold about memory_limit / 2 / BYTES_PER_EVENT events,
-    or `partitions` (at least, as whole user blocks allow) splits them evenly. Returns meta."""
+    or `partitions` (at least, as whole user blocks allow) splits them evenly. `name` and `notes`
+    (default: the file's name; the source and mapping) go to meta.json. Returns meta."""
     path, out_dir, m = Path(path), Path(out_dir), mapping
     files, fmt = input_files(path)
     tasks = m.labels or ("interact",)
@@ -290,7 +292,7 @@ def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Pa
         raise DataError(f"{path}: no rows")
     for v in values.values():
         v.finish(path)
-    name = path.parent.name if readers.glob.has_magic(str(path)) else path.stem
+    name = name or (path.parent.name if readers.glob.has_magic(str(path)) else path.stem)
     top = {k: (int(values[k].values[-1].as_py()) if values[k].small_codes() else len(values[k].values) - 1)
            if k in values else 0 for k in ("action", "scenario")}
     check_strategies(strategies, name, tasks, top["scenario"] + 1, top["action"] + 1)
@@ -326,7 +328,8 @@ def prepare_stream(path: Path | str, mapping: readers.ColumnMapping, out_dir: Pa
             np.save(tmp / f"{k}.npy", a)
             arrays[k] = np.load(tmp / f"{k}.npy", mmap_mode="r")
         log = SimpleNamespace(name=name, tasks=tasks, implicit=implicit, item_features=side["item"],
-                              user_features=side["user"], notes={"source": str(path), "mapping": asdict(m)})
+                              user_features=side["user"],
+                              notes=notes or {"source": str(path), "mapping": asdict(m)})
         meta = build_meta(log, cfg, strategies, arrays, stats, duplicates, top["action"] + 1, top["scenario"] + 1,
                           fingerprint_files(tmp, list(arrays)), shards)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

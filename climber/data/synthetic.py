@@ -34,11 +34,20 @@ The process, per user, one impression at a time (all users advance together, vec
   propensity.
 
 Every parameter, and these constants, are recorded in `EventLog.notes`; one seed fixes the log.
+
+At scale (`chunk_users` > 0) users come in chunks, each from its own seeded stream with the
+items and cohort centres shared, so chunks are made by parallel processes and written as Parquet
+files as they are made (`write_parquet`), which `climber prepare synthetic --stream` prepares out
+of core: a log of 1e8 events in the memory of one chunk and one partition. `chunk_users` 0 (the
+default) keeps the one-stream log every committed synthetic result was made from.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -77,6 +86,11 @@ class SyntheticConfig:
     memory_half_life: float = 300.0  # in events
     scenario_recency: float = 0.0  # scale of RECENT[s] * log1p(short memory) in the like logit; 0: off
     short_half_life: float = 5.0  # in events
+    # 0: every user from one random stream (the log held in memory). N: users in chunks of N, each
+    # from its own stream, seeded by (seed, chunk); a chunk depends on nothing but its index, so
+    # chunks are made in parallel and written as made (`write_parquet`), and a larger `users` keeps
+    # the earlier users' events. A different log from 0's for the same seed.
+    chunk_users: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,6 +98,8 @@ class SyntheticConfig:
             raise ValueError(f"users, events_per_user, items, topics and cohorts must be positive: {self}")
         if self.session_events < 1 or min(self.memory_half_life, self.short_half_life, self.zipf) <= 0:
             raise ValueError("session_events >= 1, memory_half_life > 0, short_half_life > 0 and zipf > 0 are required")
+        if self.chunk_users < 0:
+            raise ValueError("chunk_users must be >= 0 (0: one stream)")
         if self.scenario_recency < 0:
             raise ValueError("scenario_recency must be >= 0")
         if min(self.length_sigma, self.drift) < 0:
@@ -94,19 +110,41 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def generate(cfg: SyntheticConfig) -> EventLog:
-    """A seeded synthetic `EventLog` (see the module docstring for the process)."""
-    rng = np.random.default_rng(cfg.seed)
-    U, n_items, K = cfg.users, cfg.items, cfg.topics
+@dataclass(frozen=True)
+class _Items:
+    """What every user shares: items' topics, Zipf weights, quality and virality, the cohort
+    centres (None: drawn later from the one stream, see `_simulate`), and the samplers built
+    from them."""
+
+    topic: np.ndarray
+    weight: np.ndarray
+    quality: np.ndarray
+    virality: np.ndarray
+    centres: np.ndarray | None
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cfg: SyntheticConfig, centres: bool) -> _Items:
+        topic = rng.integers(0, cfg.topics, cfg.items)
+        weight = (rng.permutation(cfg.items) + 1.0) ** -cfg.zipf
+        quality, virality = 0.5 * rng.standard_normal(cfg.items), rng.standard_normal(cfg.items)
+        return cls(topic, weight, quality, virality,
+                   rng.standard_normal((cfg.cohorts, cfg.topics)) if centres else None)
+
+
+def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _Items | None) -> dict[str, np.ndarray]:
+    """U users' events, one impression at a time (the module docstring's process), as columns with
+    users 0..U-1, plus `lengths` and `cohort` per user and the `items` used. items None: one stream
+    draws everything, in the order the generator has always used, so a seed's log stays the same."""
+    n_items, K = cfg.items, cfg.topics
     med = cfg.events_per_user
     lengths = np.clip(np.rint(med * np.exp(cfg.length_sigma * rng.standard_normal(U))),
                       max(1, med // 5), med * 5).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
 
     # items: a topic each, Zipf weight by a random popularity rank, quality and virality
-    item_topic = rng.integers(0, K, n_items)
-    weight = (rng.permutation(n_items) + 1.0) ** -cfg.zipf
-    quality, virality = 0.5 * rng.standard_normal(n_items), rng.standard_normal(n_items)
+    if items is None:
+        items = _Items.draw(rng, cfg, centres=False)
+    item_topic, weight, quality, virality = items.topic, items.weight, items.quality, items.virality
     glob_cdf = np.cumsum(weight) / weight.sum()
     # within-topic sampling with one searchsorted: items sorted by topic, each topic's
     # normalised CDF shifted by its topic index, so key k + u (u in [0, 1)) lands in topic k
@@ -120,7 +158,7 @@ def generate(cfg: SyntheticConfig) -> EventLog:
 
     # users: cohort prior, interests, scenario mix, start time
     cohort = rng.integers(0, cfg.cohorts, U)
-    centres = rng.standard_normal((cfg.cohorts, K))
+    centres = items.centres if items.centres is not None else rng.standard_normal((cfg.cohorts, K))
     theta = centres[cohort] + 0.5 * rng.standard_normal((U, K))
     scen_mix = rng.dirichlet(np.ones(len(SCENARIOS)), U)
     clock = rng.integers(0, 90 * DAY, U).astype(np.int64) + 1_600_000_000
@@ -180,7 +218,13 @@ def generate(cfg: SyntheticConfig) -> EventLog:
         out_labels[pos] = np.stack([click, like, share], 1)
         out_action[pos] = np.where(click, 1 + (dwell > 1 / 3) + (dwell > 2 / 3), 0)
 
-    notes = {
+    return {"user": np.repeat(np.arange(U), lengths), "item": out_item, "time": out_time, "labels": out_labels,
+            "action": out_action, "scenario": out_scen, "lengths": lengths, "cohort": cohort, "items": items}
+
+
+def notes(cfg: SyntheticConfig) -> dict:
+    """What a prepared synthetic data set records about its making (meta.json's `notes`)."""
+    return {
         "synthetic": True,
         "generator": "climber.data.synthetic.generate",
         "config": asdict(cfg),
@@ -194,9 +238,85 @@ def generate(cfg: SyntheticConfig) -> EventLog:
                          "share | like": "-1.5 + v + share[s]"},
         "action": "0 = no click, 1..3 = dwell bucket",
     }
-    users = np.arange(U)
+
+
+def _chunk(cfg: SyntheticConfig, c: int) -> dict[str, np.ndarray]:
+    """Chunk c of a chunked log: users c*chunk_users.. from a stream seeded by (seed, 1, c), items
+    and cohort centres from one seeded by (seed, 0), so a chunk depends on nothing but its index."""
+    first = c * cfg.chunk_users
+    items = _Items.draw(np.random.default_rng([cfg.seed, 0]), cfg, centres=True)
+    ev = _simulate(cfg, np.random.default_rng([cfg.seed, 1, c]), min(cfg.chunk_users, cfg.users - first), items)
+    ev["user"] += first
+    return ev
+
+
+def _n_chunks(cfg: SyntheticConfig) -> int:
+    return -(-cfg.users // cfg.chunk_users)
+
+
+def _pool(workers: int, n: int):
+    """A process pool for n chunks (None: run them here); spawned, so no parent state is copied."""
+    workers = min(workers, n)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+
+
+def generate(cfg: SyntheticConfig, workers: int = 1) -> EventLog:
+    """A seeded synthetic `EventLog` (see the module docstring for the process); with
+    `cfg.chunk_users`, its chunks made by up to `workers` processes (the same log for any number)."""
+    if cfg.chunk_users:
+        pool = _pool(workers, _n_chunks(cfg))
+        parts = list(pool.map(_chunk, [cfg] * _n_chunks(cfg), range(_n_chunks(cfg))) if pool else
+                     (_chunk(cfg, c) for c in range(_n_chunks(cfg))))
+        if pool:
+            pool.shutdown()
+        ev = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "item", "time", "labels", "action",
+                                                                  "scenario", "cohort")}
+        topic = parts[0]["items"].topic
+    else:
+        ev = _simulate(cfg, np.random.default_rng(cfg.seed), cfg.users, None)
+        topic = ev["items"].topic
     return EventLog(
-        "synthetic", user=np.repeat(users, lengths), item=out_item, time=out_time, labels=out_labels, tasks=TASKS,
-        action=out_action, scenario=out_scen,
-        item_features=SideFeatures(np.arange(n_items), item_topic[:, None] + 1, ("topic",)),
-        user_features=SideFeatures(users, cohort[:, None] + 1, ("cohort",)), notes=notes)
+        "synthetic", user=ev["user"], item=ev["item"], time=ev["time"], labels=ev["labels"], tasks=TASKS,
+        action=ev["action"], scenario=ev["scenario"],
+        item_features=SideFeatures(np.arange(cfg.items), topic[:, None] + 1, ("topic",)),
+        user_features=SideFeatures(np.arange(cfg.users), ev["cohort"][:, None] + 1, ("cohort",)), notes=notes(cfg))
+
+
+# How a chunk file's columns read (`readers.ColumnMapping`'s fields), for `prepare_stream`
+PARQUET_COLUMNS = {"user": "user", "item": "item", "time": "time", "labels": TASKS, "action": "action",
+                   "scenario": "scenario", "item_features": ("topic",), "user_features": ("cohort",)}
+
+
+def _write_chunk(cfg: SyntheticConfig, c: int, path: Path) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ev = _chunk(cfg, c)
+    cols = {"user": ev["user"], "item": ev["item"], "time": ev["time"],
+            **{t: ev["labels"][:, i] for i, t in enumerate(TASKS)}, "action": ev["action"],
+            "scenario": ev["scenario"], "topic": ev["items"].topic[ev["item"]] + 1,
+            "cohort": ev["cohort"][ev["user"] - c * cfg.chunk_users] + 1}
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(pa.table(cols), tmp)
+    tmp.rename(path)
+    return len(ev["user"])
+
+
+def write_parquet(cfg: SyntheticConfig, out_dir: Path | str, workers: int = 1) -> int:
+    """The chunked log (cfg.chunk_users > 0) as one Parquet file per chunk in out_dir, made by up to
+    `workers` processes, each holding one chunk at a time: memory set by the chunk, not the log.
+    Columns: `PARQUET_COLUMNS`, side features on every row. Returns the number of events."""
+    if not cfg.chunk_users:
+        raise ValueError("write_parquet needs chunk_users > 0: a log in one stream is made in memory (generate)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = _n_chunks(cfg)
+    paths = [out_dir / f"part-{c:05d}.parquet" for c in range(n)]
+    pool = _pool(workers, n)
+    try:
+        counts = list(pool.map(_write_chunk, [cfg] * n, range(n), paths) if pool else map(_write_chunk, [cfg] * n,
+                                                                                             range(n), paths))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return sum(counts)
