@@ -27,13 +27,14 @@ OUT=${1:-benchmarks/results/scaling/synthetic-gpu}
 WORK=${WORK:-/tmp/scaling_synthetic_gpu}
 PYTHON=${PYTHON:-python3}
 export USERS=${USERS:-200} EVENTS=${EVENTS:-1000} ITEMS=${ITEMS:-20000} TOPICS=${TOPICS:-50} SEED=${SEED:-0}
+export CHUNK_USERS=${CHUNK_USERS:-0}  # > 0: the log in chunks of users, made on every CPU and prepared out of core
 export LENGTHS=${LENGTHS:-"50 100 200 400"} LAYERS=${LAYERS:-"1 2 4 8"} MODELS=${MODELS:-"climber transformer hstu dlrm"}
 export DEVICE=${DEVICE:-cuda} WORKERS=${WORKERS:-1} BATCH=${BATCH:-256} EPOCHS=${EPOCHS:-10} PATIENCE=${PATIENCE:-3}
 export JOBS=${JOBS:-8} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export OUT WORK PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 { echo "bash benchmarks/run_scaling_gpu.sh $*"; echo "started $(date -u +%FT%TZ)"; nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true
-  env | grep -E '^(USERS|EVENTS|ITEMS|TOPICS|SEED|LENGTHS|LAYERS|MODELS|DEVICE|WORKERS|BATCH|EPOCHS|PATIENCE|JOBS)=' | sort
+  env | grep -E '^(USERS|EVENTS|ITEMS|TOPICS|CHUNK_USERS|SEED|LENGTHS|LAYERS|MODELS|DEVICE|WORKERS|BATCH|EPOCHS|PATIENCE|JOBS)=' | sort
   git rev-parse HEAD 2>/dev/null || echo "commit: unknown (no .git)"; } > "$OUT/environment.txt"
 
 [ -n "${SEED_RESULTS:-}" ] && [ ! -s "$WORK/results.jsonl" ] && cp "$SEED_RESULTS" "$WORK/results.jsonl"
@@ -46,8 +47,10 @@ from pathlib import Path
 import torch
 
 from climber.config import Runtime, TrainConfig
+from climber.data.readers import ColumnMapping
+from climber.data.stream import prepare_stream
 from climber.data.sumi import prepare
-from climber.data.synthetic import PREPARE, STRATEGIES, SyntheticConfig, generate
+from climber.data.synthetic import PARQUET_COLUMNS, PREPARE, STRATEGIES, SyntheticConfig, generate, notes, write_parquet
 from climber.scaling.fit import crossover_text, fit_report
 from climber.scaling.planner import plan, plan_text
 from climber.scaling.sweep import Grid, read_rows, sweep
@@ -60,9 +63,17 @@ if env["STAGE"] == "data":
     print(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}", flush=True)
     if not (data / "meta.json").exists():  # `climber prepare synthetic --eval-requests 3 ...`
         cfg = SyntheticConfig(users=int(env["USERS"]), events_per_user=int(env["EVENTS"]), items=int(env["ITEMS"]),
-                              topics=int(env["TOPICS"]), seed=int(env["SEED"]))
+                              topics=int(env["TOPICS"]), chunk_users=int(env["CHUNK_USERS"]), seed=int(env["SEED"]))
         # three requests per user for validation and three for test: steadier AUCs
-        meta = prepare(generate(cfg), data, dataclasses.replace(PREPARE, eval_requests=3), STRATEGIES)
+        pcfg = dataclasses.replace(PREPARE, eval_requests=3)
+        if cfg.chunk_users:  # `climber prepare synthetic --stream`: chunks made in parallel, prepared out of core
+            parts = work / "parquet"
+            write_parquet(cfg, parts, os.cpu_count() or 1)
+            meta = prepare_stream(parts, ColumnMapping(**PARQUET_COLUMNS), data, pcfg, STRATEGIES, name="synthetic",
+                                  notes=notes(cfg))
+            shutil.rmtree(parts)
+        else:
+            meta = prepare(generate(cfg), data, pcfg, STRATEGIES)
         print(f"synthetic data in {time.time() - t0:.0f}s: {json.dumps(meta['counts'])}, positive rates "
               f"{json.dumps(meta['positive_rate'])}", flush=True)
 elif env["STAGE"] == "sweep":

@@ -255,9 +255,14 @@ def _n_chunks(cfg: SyntheticConfig) -> int:
 
 
 def _pool(workers: int, n: int):
-    """A process pool for n chunks (None: run them here); spawned, so no parent state is copied."""
+    """A process pool for n chunks (None: run them here). Forked where the platform can: a spawned
+    worker re-runs the caller's main script, which breaks scripts without a main guard and code
+    read from stdin; the workers run numpy alone, so the parent's threads do not matter."""
     workers = min(workers, n)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    if workers <= 1:
+        return None
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
 
 
 def generate(cfg: SyntheticConfig, workers: int = 1) -> EventLog:
