@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from climber.data.events import DataError, EventLog
-from climber.data.sumi import TEST, TRAIN, VALID, PrepareConfig, SumiData, prepare
+from climber.data.sumi import TEST, TRAIN, VALID, PrepareConfig, SumiData, first_rows, prepare
 
 
 def hand_log() -> EventLog:
@@ -165,6 +165,22 @@ def test_exact_duplicate_rows_are_dropped_by_default_and_counted(tmp_path):
     kept = prepare(twice, tmp_path / "k", PrepareConfig(request_gap=10, drop_duplicates=False), ("recent",))
     assert kept["counts"]["duplicates_dropped"] == 0 and kept["counts"]["events"] == len(log) + 3
     assert prepare(near, tmp_path / "n", PrepareConfig(), ("recent",))["counts"]["duplicates_dropped"] == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_rows_equals_the_whole_row_unique(seed):
+    """The packed-key sort keeps exactly the rows `np.unique(axis=0)` keeps, first of each: few
+    distinct values (many duplicates, interleaved), 2-D label columns, and int64 extremes that
+    cannot be packed."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    wide = rng.choice(np.array([np.iinfo(np.int64).min, -1, 0, np.iinfo(np.int64).max]), n) if seed == 3 \
+        else rng.integers(0, 3, n) * 10**11
+    cols = (rng.integers(0, 5, n), rng.integers(0, 7, n), wide, rng.integers(0, 2, (n, 3)).astype(np.int8),
+            rng.integers(-2, 2, n).astype(np.int16))
+    expect = np.sort(np.unique(np.column_stack(cols), axis=0, return_index=True)[1])
+    np.testing.assert_array_equal(first_rows(*cols), expect)
+    assert len(first_rows(np.zeros(0, np.int64), np.zeros((0, 2), np.int8))) == 0
 
 
 def test_a_task_with_one_class_is_rejected_at_prepare(tmp_path):
