@@ -68,6 +68,7 @@ if env["STAGE"] == "data":
         pcfg = dataclasses.replace(PREPARE, eval_requests=3)
         if cfg.chunk_users:  # `climber prepare synthetic --stream`: chunks made in parallel, prepared out of core
             parts = work / "parquet"
+            shutil.rmtree(parts, ignore_errors=True)  # a killed call's chunks
             write_parquet(cfg, parts, os.cpu_count() or 1)
             meta = prepare_stream(parts, ColumnMapping(**PARQUET_COLUMNS), data, pcfg, STRATEGIES, name="synthetic",
                                   notes=notes(cfg))

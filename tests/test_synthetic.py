@@ -161,3 +161,6 @@ def test_chunked_config_is_checked(tmp_path):
         SyntheticConfig(chunk_users=-1)
     with pytest.raises(ValueError, match="chunk_users > 0"):
         write_parquet(SyntheticConfig(users=5), tmp_path)
+    (tmp_path / "part-00007.parquet").write_bytes(b"stale")
+    with pytest.raises(ValueError, match="not empty"):
+        write_parquet(CHUNKED, tmp_path)

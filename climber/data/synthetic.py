@@ -314,6 +314,8 @@ def write_parquet(cfg: SyntheticConfig, out_dir: Path | str, workers: int = 1) -
     if not cfg.chunk_users:
         raise ValueError("write_parquet needs chunk_users > 0: a log in one stream is made in memory (generate)")
     out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):  # stale chunks would be read as this log's
+        raise ValueError(f"{out_dir}: not empty; write_parquet writes a log's chunks into a new or empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     n = _n_chunks(cfg)
     paths = [out_dir / f"part-{c:05d}.parquet" for c in range(n)]
