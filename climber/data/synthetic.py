@@ -250,30 +250,25 @@ def _chunk(cfg: SyntheticConfig, c: int) -> dict[str, np.ndarray]:
     return ev
 
 
-def _n_chunks(cfg: SyntheticConfig) -> int:
-    return -(-cfg.users // cfg.chunk_users)
-
-
-def _pool(workers: int, n: int):
-    """A process pool for n chunks (None: run them here). Forked where the platform can: a spawned
-    worker re-runs the caller's main script, which breaks scripts without a main guard and code
-    read from stdin; the workers run numpy alone, so the parent's threads do not matter."""
+def _per_chunk(fn, cfg: SyntheticConfig, workers: int, *args: list) -> list:
+    """[fn(cfg, c, *args[c]) for every chunk c], by up to `workers` processes. Forked where the
+    platform can: a spawned worker re-runs the caller's main script, which breaks scripts without
+    a main guard and code read from stdin; the workers run numpy alone, so the parent's threads
+    do not matter."""
+    n = -(-cfg.users // cfg.chunk_users)
     workers = min(workers, n)
     if workers <= 1:
-        return None
+        return [fn(cfg, c, *(a[c] for a in args)) for c in range(n)]
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+        return list(pool.map(fn, [cfg] * n, range(n), *args))
 
 
 def generate(cfg: SyntheticConfig, workers: int = 1) -> EventLog:
     """A seeded synthetic `EventLog` (see the module docstring for the process); with
     `cfg.chunk_users`, its chunks made by up to `workers` processes (the same log for any number)."""
     if cfg.chunk_users:
-        pool = _pool(workers, _n_chunks(cfg))
-        parts = list(pool.map(_chunk, [cfg] * _n_chunks(cfg), range(_n_chunks(cfg))) if pool else
-                     (_chunk(cfg, c) for c in range(_n_chunks(cfg))))
-        if pool:
-            pool.shutdown()
+        parts = _per_chunk(_chunk, cfg, workers)
         ev = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "item", "time", "labels", "action",
                                                                   "scenario", "cohort")}
         topic = parts[0]["items"].topic
@@ -317,13 +312,6 @@ def write_parquet(cfg: SyntheticConfig, out_dir: Path | str, workers: int = 1) -
     if out_dir.exists() and any(out_dir.iterdir()):  # stale chunks would be read as this log's
         raise ValueError(f"{out_dir}: not empty; write_parquet writes a log's chunks into a new or empty directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = _n_chunks(cfg)
-    paths = [out_dir / f"part-{c:05d}.parquet" for c in range(n)]
-    pool = _pool(workers, n)
-    try:
-        counts = list(pool.map(_write_chunk, [cfg] * n, range(n), paths) if pool else map(_write_chunk, [cfg] * n,
-                                                                                             range(n), paths))
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+    paths = [out_dir / f"part-{c:05d}.parquet" for c in range(-(-cfg.users // cfg.chunk_users))]
+    counts = _per_chunk(_write_chunk, cfg, workers, paths)
     return sum(counts)
