@@ -120,7 +120,7 @@ def _prepare_stream(ns) -> None:
           f"fingerprint {meta['fingerprint']}")
 
 
-def _prepare_synthetic_stream(ns, synthetic: SyntheticConfig) -> None:
+def _prepare_synthetic_stream(ns, synthetic: SyntheticConfig, workers: int) -> None:
     """`climber prepare synthetic --stream`: the log made in chunks of users by parallel processes,
     written as Parquet beside the output, then prepared out of core; memory is set by a chunk and
     a partition, not the log."""
@@ -133,7 +133,7 @@ def _prepare_synthetic_stream(ns, synthetic: SyntheticConfig) -> None:
     shutil.rmtree(parts, ignore_errors=True)
     t0 = time.time()
     try:
-        events = synthetic_data.write_parquet(synthetic, parts, ns.workers or os.cpu_count() or 1)
+        events = synthetic_data.write_parquet(synthetic, parts, workers)
         t1 = time.time()
         cfg = dataclasses.replace(synthetic_data.PREPARE, **pick_fields(ns, PrepareConfig))
         meta = prepare_stream(parts, ColumnMapping(**synthetic_data.PARQUET_COLUMNS), ns.out, cfg,
@@ -151,11 +151,12 @@ def _prepare_synthetic_stream(ns, synthetic: SyntheticConfig) -> None:
 def cmd_prepare(ns) -> None:
     if ns.source == "synthetic":  # generated, not read: its sizes come from the SyntheticConfig flags
         synthetic = SyntheticConfig(**{**pick_fields(ns, SyntheticConfig), "seed": ns.seed or 0})
+        workers = ns.workers or os.cpu_count() or 1
         if ns.stream:
-            _prepare_synthetic_stream(ns, synthetic)
+            _prepare_synthetic_stream(ns, synthetic, workers)
             return
         _prepare_source("synthetic", ns.out, pick_fields(ns, PrepareConfig), tuple(ns.strategies or ()),
-                        synthetic=synthetic, shards=ns.shards, workers=ns.workers or os.cpu_count() or 1)
+                        synthetic=synthetic, shards=ns.shards, workers=workers)
         return
     if ns.stream:
         _prepare_stream(ns)

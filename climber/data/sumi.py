@@ -133,7 +133,7 @@ def first_rows(*cols: np.ndarray) -> np.ndarray:
     n = len(cols[0])
     if n == 0:
         return np.zeros(0, np.int64)
-    keys = [c.reshape(n, -1)[:, j] for c in cols for j in range(c.reshape(n, -1).shape[1])]
+    keys = [k for c in cols for k in c.reshape(n, -1).T]
     packed, cur, span = [], None, 1
     for r, k in sorted(((int(k.max()) - int(k.min()) + 1, k) for k in keys), key=lambda x: x[0]):
         if r >= 2**63:  # too wide to shift into int64: a key of its own
