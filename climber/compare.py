@@ -235,6 +235,44 @@ def _test(data: SumiData, run: dict, runtime: Runtime, batch_size: int) -> tuple
     return json.loads(path.read_text()), json.loads(scen_path.read_text()) if multi else None
 
 
+# what makes two reports one comparison: same data split, budget, grid, seeds and FLOPs point
+PROTOCOL = ("dataset", "tasks", "implicit", "test_candidates", "strategies", "preset", "model_overrides", "train",
+            "grid", "seeds", "flops_at", "tuning", "popularity")
+
+
+def merge(reports: Sequence[dict]) -> dict:
+    """Several `compare` reports of one protocol (`PROTOCOL`: the same data split, budget, grid and
+    seeds), each with other models (e.g. rows trained in different calls or on different
+    machines), as one report: rows in `COMPARE_MODELS` order, AUC vs DLRM recomputed, and each
+    source's command and versions kept under `sources`. Reports that differ in the protocol or
+    share a model are refused, naming what differs."""
+    if len(reports) < 2:
+        raise ValueError("merge needs two or more reports")
+    first = reports[0]
+    for r in reports[1:]:
+        differ = [k for k in PROTOCOL if _canonical(r.get(k)) != _canonical(first.get(k))]
+        if differ:
+            raise ValueError(f"reports of different protocols cannot be merged: {differ} differ")
+    models = [row["model"] for r in reports for row in r["rows"]]
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise ValueError(f"models in more than one report: {twice}")
+    order = list(COMPARE_MODELS)
+    rows = sorted((dict(row) for r in reports for row in r["rows"]), key=lambda row: order.index(row["model"]))
+    base = next((row["auc"]["mean"] for row in rows if row["model"] == "dlrm"), None)
+    for row in rows:
+        row["auc_impr_vs_dlrm"] = row["auc"]["mean"] / base - 1 if base else None
+    sources = [s for r in reports for s in r.get("sources") or [{"models": [row["model"] for row in r["rows"]],
+                                                                  "command": r["command"], "versions": r["versions"]}]]
+    return {**{k: first[k] for k in first if k not in ("rows", "command", "versions", "sources")},
+            "rows": rows, "sources": sources}
+
+
+def _canonical(value) -> str:
+    """JSON text with sorted keys: equal for equal values, a NaN metric (one class only) included."""
+    return json.dumps(value, sort_keys=True)
+
+
 def _mean_std(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
@@ -317,7 +355,6 @@ def to_markdown(r: dict) -> str:
                   "mean validation AUC; params are the sum over the domain models (each holds whole embedding "
                   "tables); FLOPs/request are one domain model's, since a request is scored by its scenario's model "
                   "only; best step / steps and train s are summed over the domain models."]
-    v = r["versions"]
     where = {}
     for row in r["rows"]:
         where.setdefault(", ".join(row.get("trained_on", ["unrecorded"])), []).append(row["model"])
@@ -337,8 +374,16 @@ def to_markdown(r: dict) -> str:
         f"M={r['flops_at']['M']} candidates (the mean per request). best step / steps and train s: per run, mean "
         "over seeds.",
         "Trained on: " + "; ".join(f"{d} ({', '.join(m)})" for d, m in where.items()) + ". "
-        f"Command (the last call, which picks, tests and writes this table): `{r['command']}`",
-        f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
-        f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, device {v.get('gpu', v['device'])}.",
+        + (f"Merged from {len(r['sources'])} comparisons of this protocol (`climber.compare.merge`):"
+           if r.get("sources") else _source_text(r)),
     ]
+    lines += [f"- {', '.join(src['models'])}: {_source_text(src)}" for src in r.get("sources") or []]
     return "\n".join(lines)
+
+
+def _source_text(r: dict) -> str:
+    v = r["versions"]
+    return (f"Command (the last call, which picks, tests and writes this table): `{r['command']}`\n"
+            f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
+            f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, "
+            f"device {v.get('gpu', v['device'])}.")

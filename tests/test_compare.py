@@ -194,3 +194,28 @@ def test_per_domain_row_needs_several_scenarios(tmp_path):
             max_candidates=4), ("recent", "pos:like"))
     with pytest.raises(ValueError, match="one model per request scenario"):
         compare_mod.compare(d, tmp_path / "c", ["climber-per-domain"], [0], "tiny", TINY)
+
+
+def test_merged_reports_equal_one_comparison_of_all_their_models(data_dir, tmp_path):
+    """Rows trained in separate calls (say, one on a GPU and one on a CPU) merge into the table one
+    call of all the models writes; reports of another protocol, or with a model twice, are refused."""
+    kw = dict(seeds=[0], preset="tiny", train_cfg=TINY, runtime=Runtime(device="cpu"))
+    both = compare_mod.compare(data_dir, tmp_path / "both", ["climber", "dlrm"], **kw)
+    for name in ("climber", "dlrm"):  # the same runs, reported per model
+        shutil.copytree(tmp_path / "both" / "runs" / name, tmp_path / name / "runs" / name)
+    parts = [compare_mod.compare(data_dir, tmp_path / m, [m], **kw) for m in ("climber", "dlrm")]
+    merged = compare_mod.merge(parts)
+    assert [r["model"] for r in merged["rows"]] == ["dlrm", "climber"]
+    for r, r_both in zip(merged["rows"], both["rows"]):
+        assert r["test_per_seed"] == r_both["test_per_seed"]
+        assert r["auc_impr_vs_dlrm"] == pytest.approx(r_both["auc_impr_vs_dlrm"])
+    assert parts[0]["rows"][0]["auc_impr_vs_dlrm"] is None  # no DLRM in climber's own report
+    md = compare_mod.to_markdown(merged)
+    assert "Merged from 2 comparisons" in md and md.count("Command (the last call") == 2
+    assert compare_mod.merge([merged, compare_mod.compare(data_dir, tmp_path / "both", ["climber"], **kw)
+                              | {"rows": []}])["sources"][:2] == merged["sources"]
+    with pytest.raises(ValueError, match="models in more than one report"):
+        compare_mod.merge([both, parts[1]])
+    other = compare_mod.compare(data_dir, tmp_path / "other", ["dlrm"], **{**kw, "seeds": [1]})
+    with pytest.raises(ValueError, match=r"\['seeds'\] differ"):
+        compare_mod.merge([parts[0], other])
