@@ -377,13 +377,14 @@ def to_markdown(r: dict) -> str:
         + (f"Merged from {len(r['sources'])} comparisons of this protocol (`climber.compare.merge`):"
            if r.get("sources") else _source_text(r)),
     ]
-    lines += [f"- {', '.join(src['models'])}: {_source_text(src)}" for src in r.get("sources") or []]
+    lines += [f"- {', '.join(src['models'])}: {_source_text(src, 'the call that picked and tested these rows')}"
+              for src in r.get("sources") or []]
     return "\n".join(lines)
 
 
-def _source_text(r: dict) -> str:
+def _source_text(r: dict, what: str = "the last call, which picks, tests and writes this table") -> str:
     v = r["versions"]
-    return (f"Command (the last call, which picks, tests and writes this table): `{r['command']}`\n"
+    return (f"Command ({what}): `{r['command']}`\n"
             f"Versions: python {v['python']}, torch {v['torch']}, numpy {v['numpy']}, climber commit "
             f"{v['git_commit']}{' (uncommitted changes)' if v['git_dirty'] else ''}, "
             f"device {v.get('gpu', v['device'])}.")

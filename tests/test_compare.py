@@ -211,9 +211,9 @@ def test_merged_reports_equal_one_comparison_of_all_their_models(data_dir, tmp_p
         assert r["auc_impr_vs_dlrm"] == pytest.approx(r_both["auc_impr_vs_dlrm"])
     assert parts[0]["rows"][0]["auc_impr_vs_dlrm"] is None  # no DLRM in climber's own report
     md = compare_mod.to_markdown(merged)
-    assert "Merged from 2 comparisons" in md and md.count("Command (the last call") == 2
-    assert compare_mod.merge([merged, compare_mod.compare(data_dir, tmp_path / "both", ["climber"], **kw)
-                              | {"rows": []}])["sources"][:2] == merged["sources"]
+    assert "Merged from 2 comparisons" in md and md.count("Command (the call that picked") == 2
+    empty = {**parts[0], "rows": []}  # a merged report merges again, its sources kept
+    assert compare_mod.merge([merged, empty])["sources"][:2] == merged["sources"]
     with pytest.raises(ValueError, match="models in more than one report"):
         compare_mod.merge([both, parts[1]])
     other = compare_mod.compare(data_dir, tmp_path / "other", ["dlrm"], **{**kw, "seeds": [1]})
