@@ -138,9 +138,7 @@ def compare(data_dir: Path, out_dir: Path, models: Sequence[str], seeds: Sequenc
         })
     if train_only:
         return None
-    base = next((r["auc"]["mean"] for r in rows if r["model"] == "dlrm"), None)
-    for r in rows:  # relative AUC improvement over DLRM: AUC / AUC_DLRM - 1
-        r["auc_impr_vs_dlrm"] = r["auc"]["mean"] / base - 1 if base else None
+    _set_vs_dlrm(rows)
     report = {
         "dataset": data.meta["name"], "data": str(data_dir.resolve()), "tasks": list(data.tasks),
         "implicit": data.implicit,
@@ -259,13 +257,18 @@ def merge(reports: Sequence[dict]) -> dict:
         raise ValueError(f"models in more than one report: {twice}")
     order = list(COMPARE_MODELS)
     rows = sorted((dict(row) for r in reports for row in r["rows"]), key=lambda row: order.index(row["model"]))
-    base = next((row["auc"]["mean"] for row in rows if row["model"] == "dlrm"), None)
-    for row in rows:
-        row["auc_impr_vs_dlrm"] = row["auc"]["mean"] / base - 1 if base else None
+    _set_vs_dlrm(rows)
     sources = [s for r in reports for s in r.get("sources") or [{"models": [row["model"] for row in r["rows"]],
                                                                   "command": r["command"], "versions": r["versions"]}]]
     return {**{k: first[k] for k in first if k not in ("rows", "command", "versions", "sources")},
             "rows": rows, "sources": sources}
+
+
+def _set_vs_dlrm(rows: list[dict]) -> None:
+    """Each row's relative AUC improvement over DLRM's row, AUC / AUC_DLRM - 1 (None without one)."""
+    base = next((r["auc"]["mean"] for r in rows if r["model"] == "dlrm"), None)
+    for r in rows:
+        r["auc_impr_vs_dlrm"] = r["auc"]["mean"] / base - 1 if base else None
 
 
 def _canonical(value) -> str:
