@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Scenario adaptation, measured (docs/scenarios.md), on one GPU: on a
-# multi-domain set (Beauty + Grocery + LastFM, each source a request scenario) and on a SYNTHETIC
-# set whose scenarios read the history differently (`--scenario-recency 3`: search depends on the
-# last few events, the daily mix on long-term taste), `climber compare` with the rows
+# multi-domain set (Beauty + Grocery + LastFM, each source a request scenario) and on two SYNTHETIC
+# sets whose scenarios read the history differently (`--scenario-recency 3`: search's likes depend
+# on the last few events, the daily mix's on long-term taste; `synthetic-contrast3` adds
+# `--scenario-contrast 3`: search clicks again on the topics just liked, the daily mix avoids them,
+# which bounds what adaptation can gain at 0.012 AUC instead of 0.001, benchmarks/scenario_truth.py),
+# `climber compare` with the rows
 #   climber             one model, per-scenario temperature and bias (the ATL's scenario axis)
 #   climber-shared-tau  the same with that axis collapsed (one temperature and bias for all)
 #   climber-per-domain  one Climber per scenario, each trained on its scenario's requests
@@ -12,7 +15,7 @@
 #
 #   benchmarks/run_scenarios.sh DATA_ROOT [OUT]     (default OUT: benchmarks/results/scenarios)
 #
-# DATA_ROOT/beauty+grocery+lastfm and DATA_ROOT/synthetic-recency3 are prepared here unless they
+# DATA_ROOT/beauty+grocery+lastfm and DATA_ROOT/synthetic-{recency3,contrast3} are prepared here unless they
 # hold a meta.json (`climber prepare beauty+grocery+lastfm` reads the shared data folder:
 # CLIMBER_SHARED_DATA, default ../shared/data). Results: OUT/<data set>/compare.{md,json}, the
 # logs OUT/<data set>/log_<model>_seed<seed>.txt, the temperatures
@@ -31,6 +34,7 @@
 #                                             of ~500 in 8 minutes: run it with JOBS=6 and plan about 25
 #                                             minutes of GPU time for the 21 jobs
 #   synthetic-recency3       512     20       USERS=2000 x EVENTS=150 median events, 3 eval requests
+#   synthetic-contrast3      512     20       the same sizes
 #                                             per user (sized for a few minutes per run on an H100)
 #
 # The training is benchmarks/run_compare.sh's: (model, data set, seed) jobs JOBS at a time,
@@ -53,7 +57,8 @@ export LRS=${LRS:-"3e-3"} EMB_MULTS=${EMB_MULTS:-"10"} NEGS=${NEGS:-"16"}
 export MODELS=${MODELS:-"climber-per-domain climber climber-shared-tau hstu dlrm"}  # slowest first
 MULTI=beauty+grocery+lastfm
 SYNTH=synthetic-recency3
-export DATASETS=${DATASETS:-"$MULTI $SYNTH"}
+CONTRAST=synthetic-contrast3
+export DATASETS=${DATASETS:-"$MULTI $SYNTH $CONTRAST"}
 PY=${PYTHON:-python3}
 
 for ds in $DATASETS; do  # prepare what is missing
@@ -62,6 +67,9 @@ for ds in $DATASETS; do  # prepare what is missing
         "$MULTI") $PY -m climber prepare "$MULTI" --out "$ROOT/$MULTI" ;;
         "$SYNTH") $PY -m climber prepare synthetic --out "$ROOT/$SYNTH" --users "${USERS:-2000}" \
                       --events-per-user "${EVENTS:-150}" --scenario-recency 3 --eval-requests 3 --seed 0 ;;
+        "$CONTRAST") $PY -m climber prepare synthetic --out "$ROOT/$CONTRAST" --users "${USERS:-2000}" \
+                      --events-per-user "${EVENTS:-150}" --scenario-recency 3 --scenario-contrast 3 \
+                      --eval-requests 3 --seed 0 ;;
         *) echo "unknown data set $ds" >&2; exit 2 ;;
     esac
 done

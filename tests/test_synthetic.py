@@ -11,7 +11,7 @@ import pytest
 
 from climber.cli import main
 from climber.data.sumi import SumiData
-from climber.data.synthetic import SCENARIOS, TASKS, SyntheticConfig, generate, write_parquet
+from climber.data.synthetic import SCENARIOS, TASKS, SyntheticConfig, generate, label_truth, true_logits, write_parquet
 
 CFG = SyntheticConfig(users=120, events_per_user=600, items=3000, topics=20, seed=3)
 
@@ -107,6 +107,49 @@ def test_scenario_recency_makes_search_read_the_last_events():
     assert _recent_like_lift(on, search) > _recent_like_lift(off, search) + 0.3
     assert abs(_recent_like_lift(on, daily) - _recent_like_lift(off, daily)) < 0.2
     assert on.notes["config"]["scenario_recency"] == 3.0 and on.notes["constants"]["recent"] == [0.5, 1.5, 0.0]
+
+
+def _recent_click_lift(log, scenario: int) -> float:
+    """Click rate of impressions in `scenario` whose topic was liked among the user's last 3
+    events, over the rate of those whose topic was not."""
+    topic = log.item_features.codes[log.item, 0] - 1
+    hit, miss = [], []
+    for u in np.unique(log.user):
+        idx = np.flatnonzero(log.user == u)
+        k, click, like, sc = topic[idx], log.labels[idx, 0], log.labels[idx, 1], log.scenario[idx]
+        for t in np.flatnonzero((sc == scenario) & (np.arange(len(idx)) >= 3)):
+            (hit if (like[t - 3:t] & (k[t - 3:t] == k[t])).any() else miss).append(click[t])
+    return float(np.mean(hit) / np.mean(miss))
+
+
+def test_scenario_contrast_gives_search_and_daily_mix_opposite_recency():
+    """With scenario_contrast a topic just liked raises the click rate in search (CONTRAST +1) and
+    lowers it in the daily mix (-1), against the same log without it."""
+    base = dict(users=300, events_per_user=300, items=3000, topics=20, seed=1, scenario_recency=3.0)
+    off, on = generate(SyntheticConfig(**base)), generate(SyntheticConfig(**base, scenario_contrast=3.0))
+    search, daily = SCENARIOS.index("search"), SCENARIOS.index("daily_mix")
+    assert _recent_click_lift(on, search) > _recent_click_lift(off, search) + 0.15  # measured 2.00 -> 2.24
+    assert _recent_click_lift(on, daily) < 1.0 < _recent_click_lift(off, daily)  # 1.97 -> 0.66
+    assert on.notes["constants"]["contrast"] == [0.0, 1.0, -1.0]
+
+
+@pytest.mark.parametrize("contrast", [0.0, 3.0])
+def test_label_truth_is_the_log_and_its_logits_are_calibrated(contrast):
+    """label_truth records the same log as generate (it draws nothing more), and the true logits
+    predict its labels: per task and scenario the mean probability matches the label rate."""
+    cfg = SyntheticConfig(users=200, events_per_user=200, items=2000, topics=10, seed=4, scenario_recency=3.0,
+                          scenario_contrast=contrast)
+    log, t = generate(cfg), label_truth(cfg)
+    assert np.array_equal(t["labels"], log.labels) and np.array_equal(t["scenario"], log.scenario)
+    p = 1.0 / (1.0 + np.exp(-true_logits(cfg, t)))
+    given = [np.ones(len(p), bool), log.labels[:, 0] == 1, log.labels[:, 1] == 1]  # like | click, share | like
+    for task in range(3):
+        for s in range(len(SCENARIOS)):
+            rows = given[task] & (log.scenario == s)
+            rate, pred = log.labels[rows, task].mean(), p[rows, task].mean()
+            assert abs(rate - pred) < 4 * np.sqrt(pred * (1 - pred) / rows.sum()) + 1e-3, (task, s, rate, pred)
+    with pytest.raises(ValueError, match="one-stream"):
+        label_truth(dataclasses.replace(cfg, chunk_users=50))
 
 
 def _digest(log) -> str:

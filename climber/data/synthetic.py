@@ -30,6 +30,12 @@ The process, per user, one impression at a time (all users advance together, vec
   scenario_recency * RECENT[s] * log1p(r[k]) to the like logit. Search then depends on the
   last few events, the daily mix not at all (it follows the long memory): a known truth for
   measuring whether per-scenario attention temperature and bias (the ATL) earn their keep.
+- Scenarios that read the history in opposite ways (`scenario_contrast` > 0, default 0: off):
+  the same short memory adds scenario_contrast * CONTRAST[s] * log1p(r[k]) to the click logit:
+  search clicks again on the topics just liked, the daily mix avoids them (it offers something
+  else), the feed does not care. A reader of the history with one set of weights for every
+  scenario cannot fit both signs, so per-scenario adaptation has more to gain here than with
+  `scenario_recency`, whose gain is bounded below seed noise (benchmarks/scenario_truth.py).
 - Action (a history feature): 0 = no click, else a dwell bucket 1..3 that rises with the like
   propensity.
 
@@ -62,7 +68,10 @@ LIKE = np.array([0.0, -0.3, 0.3])  # ... of the like logit
 MEMORY = np.array([0.5, 0.25, 1.0])  # weight of the long-term memory in the like logit
 SHARE = np.array([0.3, -1.0, 0.0])  # ... of the share logit
 RECENT = np.array([0.5, 1.5, 0.0])  # weight of the short (recent) memory in the like logit, x scenario_recency
+CONTRAST = np.array([0.0, 1.0, -1.0])  # ... in the click logit, x scenario_contrast
 TASKS = ("click", "like", "share")
+# what `label_truth` records per event: current interest z, log1p long memory, log1p short memory, quality, virality
+TRUTH = ("z", "memory", "recent", "quality", "virality")
 DAY = 86_400
 # How `climber prepare synthetic` groups it: a session's events are seconds apart, sessions hours
 PREPARE = PrepareConfig(request_gap=60, max_candidates=20)
@@ -85,6 +94,7 @@ class SyntheticConfig:
     drift: float = 0.15
     memory_half_life: float = 300.0  # in events
     scenario_recency: float = 0.0  # scale of RECENT[s] * log1p(short memory) in the like logit; 0: off
+    scenario_contrast: float = 0.0  # scale of CONTRAST[s] * log1p(short memory) in the click logit; 0: off
     short_half_life: float = 5.0  # in events
     # 0: every user from one random stream (the log held in memory). N: users in chunks of N, each
     # from its own stream, seeded by (seed, chunk); a chunk depends on nothing but its index, so
@@ -100,8 +110,8 @@ class SyntheticConfig:
             raise ValueError("session_events >= 1, memory_half_life > 0, short_half_life > 0 and zipf > 0 are required")
         if self.chunk_users < 0:
             raise ValueError("chunk_users must be >= 0 (0: one stream)")
-        if self.scenario_recency < 0:
-            raise ValueError("scenario_recency must be >= 0")
+        if min(self.scenario_recency, self.scenario_contrast) < 0:
+            raise ValueError("scenario_recency and scenario_contrast must be >= 0")
         if min(self.length_sigma, self.drift) < 0:
             raise ValueError("length_sigma and drift must be non-negative")
 
@@ -131,10 +141,12 @@ class _Items:
                    rng.standard_normal((cfg.cohorts, cfg.topics)) if centres else None)
 
 
-def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _Items | None) -> dict[str, np.ndarray]:
+def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _Items | None,
+              truth: bool = False) -> dict[str, np.ndarray]:
     """U users' events, one impression at a time (the module docstring's process), as columns with
     users 0..U-1, plus `lengths` and `cohort` per user and the `items` used. items None: one stream
-    draws everything, in the order the generator has always used, so a seed's log stays the same."""
+    draws everything, in the order the generator has always used, so a seed's log stays the same.
+    truth: also each event's label model (`TRUTH` columns), drawing nothing more."""
     n_items, K = cfg.items, cfg.topics
     med = cfg.events_per_user
     lengths = np.clip(np.rint(med * np.exp(cfg.length_sigma * rng.standard_normal(U))),
@@ -165,7 +177,7 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
     # memory stored scaled by 2^(t / half-life) at the time of the like, so its decayed value at
     # step t is m_scaled * 2^(-t / half-life): O(1) per like, no decay pass over all topics
     m_scaled = np.zeros((U, K))
-    short = np.zeros((U, K))  # the short memory, decayed in place every event (scenario_recency > 0)
+    short = np.zeros((U, K))  # the short memory, decayed in place every event (scenario_recency or _contrast > 0)
     short_decay = 2.0 ** (-1.0 / cfg.short_half_life)
     scen = np.zeros(U, np.int64)
 
@@ -175,6 +187,7 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
     out_scen = np.empty(N, np.int64)
     out_labels = np.empty((N, len(TASKS)), np.int8)
     out_action = np.empty(N, np.int64)
+    out_truth = {name: np.empty(N) for name in TRUTH} if truth else None
     for t in range(int(lengths.max())):
         u = np.flatnonzero(lengths > t)
         n = len(u)
@@ -203,10 +216,13 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
         rows = np.arange(n)
         z = theta[u, k] - theta[u].mean(1)
         like_logit = -2.3 + 0.6 * z + MEMORY[s] * mem[rows, k] + quality[item] + LIKE[s]
-        if cfg.scenario_recency:
+        recent = np.zeros(n)
+        if cfg.scenario_recency or cfg.scenario_contrast:
             short[u] *= short_decay
-            like_logit += cfg.scenario_recency * RECENT[s] * np.log1p(short[u, k])
-        click = rng.random(n) < _sigmoid(-2.4 + 1.2 * z + 0.5 * quality[item] + CLICK[s])
+            recent = np.log1p(short[u, k])
+            like_logit += cfg.scenario_recency * RECENT[s] * recent
+        click_logit = -2.4 + 1.2 * z + 0.5 * quality[item] + CLICK[s] + cfg.scenario_contrast * CONTRAST[s] * recent
+        click = rng.random(n) < _sigmoid(click_logit)
         like = click & (rng.random(n) < _sigmoid(like_logit))
         share = like & (rng.random(n) < _sigmoid(-1.5 + virality[item] + SHARE[s]))
         dwell = _sigmoid(like_logit + rng.standard_normal(n))
@@ -214,12 +230,36 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
         short[u[like], k[like]] += 1.0
 
         pos = offsets[u] + t
+        if out_truth is not None:
+            for name, col in zip(TRUTH, (z, mem[rows, k], recent, quality[item], virality[item])):
+                out_truth[name][pos] = col
         out_item[pos], out_time[pos], out_scen[pos] = item, clock[u], s
         out_labels[pos] = np.stack([click, like, share], 1)
         out_action[pos] = np.where(click, 1 + (dwell > 1 / 3) + (dwell > 2 / 3), 0)
 
     return {"user": np.repeat(np.arange(U), lengths), "item": out_item, "time": out_time, "labels": out_labels,
-            "action": out_action, "scenario": out_scen, "lengths": lengths, "cohort": cohort, "items": items}
+            "action": out_action, "scenario": out_scen, "lengths": lengths, "cohort": cohort, "items": items,
+            **({"truth": out_truth} if truth else {})}
+
+
+def label_truth(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
+    """The one-stream log of `cfg` (chunk_users 0) with what its labels were drawn from: per event
+    `user`, `scenario`, `labels` and the `TRUTH` columns (the like logit's inputs at the event's
+    time, the short memory as log1p), so an analysis can score events by their true probabilities
+    (`true_logits`) or by a label model with fewer degrees of freedom."""
+    if cfg.chunk_users:
+        raise ValueError("label_truth reads the one-stream log (chunk_users 0)")
+    ev = _simulate(cfg, np.random.default_rng(cfg.seed), cfg.users, None, truth=True)
+    return {"user": ev["user"], "scenario": ev["scenario"], "labels": ev["labels"], **ev["truth"]}
+
+
+def true_logits(cfg: SyntheticConfig, t: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, 3) logits of click, like given click and share given like: the generator's label model."""
+    s = t["scenario"]
+    like = (-2.3 + 0.6 * t["z"] + MEMORY[s] * t["memory"] + t["quality"] + LIKE[s]
+            + cfg.scenario_recency * RECENT[s] * t["recent"])
+    click = -2.4 + 1.2 * t["z"] + 0.5 * t["quality"] + CLICK[s] + cfg.scenario_contrast * CONTRAST[s] * t["recent"]
+    return np.stack([click, like, -1.5 + t["virality"] + SHARE[s]], 1)
 
 
 def notes(cfg: SyntheticConfig) -> dict:
@@ -231,8 +271,8 @@ def notes(cfg: SyntheticConfig) -> dict:
         "scenarios": list(SCENARIOS),
         "constants": {name: arr.tolist() for name, arr in
                       (("popular", POPULAR), ("recall", RECALL), ("click", CLICK), ("like", LIKE),
-                       ("memory", MEMORY), ("share", SHARE), ("recent", RECENT))},
-        "label_logits": {"click": "-2.4 + 1.2 z + 0.5 q + click[s]",
+                       ("memory", MEMORY), ("share", SHARE), ("recent", RECENT), ("contrast", CONTRAST))},
+        "label_logits": {"click": "-2.4 + 1.2 z + 0.5 q + click[s] + scenario_contrast contrast[s] log1p(r_topic)",
                          "like | click": "-2.3 + 0.6 z + memory[s] log1p(m_topic) + q + like[s]"
                                          " + scenario_recency recent[s] log1p(r_topic)",
                          "share | like": "-1.5 + v + share[s]"},
