@@ -4,7 +4,7 @@
 # sets whose scenarios read the history differently (`--scenario-recency 3`: search's likes depend
 # on the last few events, the daily mix's on long-term taste; `synthetic-contrast3` adds
 # `--scenario-contrast 3`: search clicks again on the topics just liked, the daily mix avoids them,
-# which bounds what adaptation can gain at 0.012 AUC instead of 0.001, benchmarks/scenario_truth.py),
+# which bounds what adaptation can gain at 0.008 AUC instead of 0.0006, benchmarks/scenario_truth.py),
 # `climber compare` with the rows
 #   climber             one model, per-scenario temperature and bias (the ATL's scenario axis)
 #   climber-shared-tau  the same with that axis collapsed (one temperature and bias for all)

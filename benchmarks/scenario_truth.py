@@ -1,24 +1,33 @@
-"""How much can per-scenario adaptation gain on the synthetic scenario set? A bound from the truth.
+"""How much can per-scenario adaptation gain on the synthetic scenario sets? A bound from the truth.
 
 SYNTHETIC DATA (climber/data/synthetic.py). The generator knows each event's label model, so
-instead of training networks this scores the evaluation events with label models that differ
-only in how they may depend on the scenario, each fitted by logistic regression on the earlier
-events of the same log:
+instead of training networks this scores the test requests with label models that differ only
+in how they may depend on the scenario, each fitted by logistic regression on the earlier
+requests of the same log. Requests are grouped as `climber prepare synthetic` groups them (a
+user's events in one scenario at most 60 s apart, at most 20 a request); the test requests are
+each user's last `--eval-requests`, as in the prepared data.
 
-- `truth`: the generator's own logits (the ceiling of any model).
-- `per-scenario`: click and like | click refitted with their own weights per scenario on
-  (current interest, log1p long memory, log1p short memory, quality) plus a scenario offset:
-  what a model with a scenario axis can express (a check: it should sit on the truth).
+A ranking model scores a request's candidates together, from the history before the request
+(SUMI): likes among the request's own earlier candidates are not known to it. So the features
+come in two versions: as the label model read them (`truth`), and as known when the request is
+scored (`at request time`: the long and short topic memories from the events before the
+request, decayed to the candidate's position, so the likes inside the request are missing).
+The current interest z, which a model must infer from the history, is given to every label
+model: the bound isolates how the history is read, not how hard z is to learn.
+
+- `truth`: the generator's own logits (the ceiling of any model, with information no ranking
+  model has).
+- `per-scenario`: click and like | click refitted at request time with their own weights per
+  scenario on (z, log1p long memory, log1p short memory, quality) plus a scenario offset: what
+  a model with a scenario axis can express.
 - `shared`: the same features with ONE set of weights for all scenarios, scenario offsets kept:
   the `climber-shared-tau` analogue, where the history is read the same way in every scenario.
 - `no-short-memory`: shared weights without the short memory: blind to recency altogether.
 
-Share keeps its true logit in every model (it does not read the history), and the task scores
-are marginal probabilities (click; click * like; click * like * share), ranked by AUC per task
-over each user's last `--eval-events` events,
-the mean over tasks as `climber compare` reports it. The gap truth - shared bounds what the
-scenario axis can add when the history's summary is known exactly; a trained network must also
-learn that summary, so its gap can only be smaller or lost in seed noise.
+Share keeps its true logit in every model (it does not read the history). Task scores are
+marginal probabilities (click; click * like; click * like * share), ranked by AUC per task, the
+mean over tasks as `climber compare` reports it. per-scenario - shared bounds what the scenario
+axis can add to a model that reads the history at request time perfectly.
 
     python -m benchmarks.scenario_truth --out benchmarks/results/scenarios/synthetic-recency3/truth.json
 """
@@ -34,29 +43,54 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from climber.data.synthetic import SCENARIOS, TASKS, SyntheticConfig, label_truth, true_logits
+from climber.data.sumi import _group_requests
+from climber.data.synthetic import PREPARE, SCENARIOS, TASKS, SyntheticConfig, label_truth, true_logits
 from climber.metrics import auc
 
 FEATURES = ("z", "memory", "recent", "quality")
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Weights w (with the last column of x the bias's ones) minimising the mean log loss."""
+    """Weights w minimising the mean log loss of sigmoid(x @ w) (x holds its own bias columns)."""
 
     def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
         z = x @ w
         p = 1.0 / (1.0 + np.exp(-z))
-        nll = np.mean(np.logaddexp(0.0, z) - y * z)
-        return nll, x.T @ (p - y) / len(y)
+        return float(np.mean(np.logaddexp(0.0, z) - y * z)), x.T @ (p - y) / len(y)
 
     return minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
 
 
-def design(t: dict, rows: np.ndarray, features: tuple[str, ...], per_scenario: bool) -> np.ndarray:
+def memory_at_request(t: dict, start: np.ndarray, half_life: float, decay_first: bool) -> np.ndarray:
+    """log1p of each event's same-topic memory of likes as known when its request is scored: the
+    generator's recursion (decay by 2^(-1/half_life) an event, +1 a like) over the events before
+    the request, decayed on to the event's position in it. decay_first: the memory decays at an
+    event before it is read (the short memory); else it is read, then decays (the long one)."""
+    user, topic, like = t["user"], t["topic"], t["labels"][:, 1].astype(bool)
+    d = 2.0 ** (-1.0 / half_life)
+    out = np.empty(len(user))
+    K = int(topic.max()) + 1
+    for first, last in zip(*_user_bounds(user)):
+        mem, snap, offset = np.zeros(K), None, 0
+        for i in range(first, last):
+            if start[i]:
+                snap, offset = mem.copy(), 0
+            out[i] = snap[topic[i]] * d ** (offset + decay_first)
+            mem *= d
+            mem[topic[i]] += like[i]
+            offset += 1
+    return np.log1p(out)
+
+
+def _user_bounds(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    edges = np.flatnonzero(np.diff(user)) + 1
+    return np.r_[0, edges], np.r_[edges, len(user)]
+
+
+def design(t: dict, features: tuple[str, ...], per_scenario: bool) -> np.ndarray:
     """Columns: the features (times one-hot scenario where per_scenario), then one-hot scenario."""
-    s = t["scenario"][rows]
-    onehot = np.eye(len(SCENARIOS))[s]
-    cols = [t[f][rows] for f in features]
+    onehot = np.eye(len(SCENARIOS))[t["scenario"]]
+    cols = [t[f] for f in features]
     if per_scenario:
         cols = [c * onehot[:, j] for c in cols for j in range(len(SCENARIOS))]
     return np.column_stack(cols + [onehot])
@@ -69,57 +103,60 @@ def main() -> None:
     ap.add_argument("--scenario-recency", type=float, default=3.0)
     ap.add_argument("--scenario-contrast", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-events", type=int, default=21, help="each user's last events scored (3 requests of ~7)")
+    ap.add_argument("--eval-requests", type=int, default=3, help="each user's last requests are the test requests")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     cfg = SyntheticConfig(users=a.users, events_per_user=a.events_per_user, scenario_recency=a.scenario_recency,
                           scenario_contrast=a.scenario_contrast, seed=a.seed)
     t = label_truth(cfg)
     user, labels, scen = t["user"], t["labels"].astype(np.float64), t["scenario"]
-    n = len(user)
-    last = np.r_[np.flatnonzero(np.diff(user)), n - 1]  # each user's last event
-    rank_from_end = np.repeat(last, np.bincount(user)) - np.arange(n)
-    ev = rank_from_end < a.eval_events
-    fits = (~ev, ~ev & (labels[:, 0] == 1))  # click on the earlier events, like | click on their clicks
+    start = _group_requests(user, t["time"], scen, PREPARE)
+    req = np.cumsum(start) - 1
+    last_req = np.maximum.reduceat(req, _user_bounds(user)[0])  # each user's last request
+    ev = req > np.repeat(last_req, np.bincount(user)) - a.eval_requests
     logits = true_logits(cfg, t)
+    known = {**t, "recent": memory_at_request(t, start, cfg.short_half_life, True),
+             "memory": memory_at_request(t, start, cfg.memory_half_life, False)}
+    fits = (~ev, ~ev & (labels[:, 0] == 1))  # click on the earlier requests, like | click on their clicks
 
     models = {"truth": logits}
     for name, feats, per in (("per-scenario", FEATURES, True), ("shared", FEATURES, False),
                              ("no-short-memory", ("z", "memory", "quality"), False)):
-        x = design(t, np.arange(n), feats, per)
+        x = design(known, feats, per)
         models[name] = logits.copy()
         for task, rows in enumerate(fits):
             models[name][:, task] = x @ fit_logistic(x[rows], labels[rows, task])
 
-    def sig(x):
-        return 1.0 / (1.0 + np.exp(-x))
-
-    report = {"dataset": "synthetic (climber.data.synthetic)", "config": asdict(cfg), "eval_events": int(ev.sum()),
-              "fit_events": {"click": int(fits[0].sum()), "like": int(fits[1].sum())}, "models": {}}
+    report = {"dataset": "synthetic (climber.data.synthetic)", "config": asdict(cfg),
+              "eval": {"requests_per_user": a.eval_requests, "events": int(ev.sum())},
+              "fit_events": {"click": int(fits[0].sum()), "like": int(fits[1].sum())},
+              "short_memory_known_at_request_time": float(np.mean(np.expm1(known["recent"][ev]))
+                                                          / max(np.mean(np.expm1(t["recent"][ev])), 1e-12)),
+              "models": {}}
     for name, lg in models.items():
-        probs = np.cumprod(sig(lg), axis=1)  # click, click * like, click * like * share
-
+        probs = np.cumprod(1.0 / (1.0 + np.exp(-lg)), axis=1)  # click, click * like, click * like * share
         per_task = {task: auc(labels[ev, i], probs[ev, i]) for i, task in enumerate(TASKS)}
         per_scen = {SCENARIOS[j]: float(np.mean([auc(labels[ev & (scen == j), i], probs[ev & (scen == j), i])
                                                  for i in range(len(TASKS))])) for j in range(len(SCENARIOS))}
         report["models"][name] = {"auc": float(np.mean(list(per_task.values()))), "auc_per_task": per_task,
                                   "auc_per_scenario": per_scen}
     m = report["models"]
-    report["gap_truth_minus_shared"] = m["truth"]["auc"] - m["shared"]["auc"]
     report["gap_per_scenario_minus_shared"] = m["per-scenario"]["auc"] - m["shared"]["auc"]
     report["gap_shared_minus_no_short_memory"] = m["shared"]["auc"] - m["no-short-memory"]["auc"]
+    report["gap_truth_minus_per_scenario"] = m["truth"]["auc"] - m["per-scenario"]["auc"]
     report["versions"] = {"python": platform.python_version(), "numpy": np.__version__}
     report["command"] = (f"python -m benchmarks.scenario_truth --users {a.users} --events-per-user {a.events_per_user}"
                          f" --scenario-recency {a.scenario_recency:g} --scenario-contrast {a.scenario_contrast:g}"
-                         f" --seed {a.seed} --eval-events {a.eval_events}")
+                         f" --seed {a.seed} --eval-requests {a.eval_requests}")
     print(f"{'model':<16} {'AUC':>7}  " + "  ".join(f"{s:>9}" for s in SCENARIOS) + "  " +
           "  ".join(f"{x:>7}" for x in TASKS))
     for name, r in m.items():
         print(f"{name:<16} {r['auc']:.4f}  " + "  ".join(f"{r['auc_per_scenario'][s]:9.4f}" for s in SCENARIOS)
               + "  " + "  ".join(f"{r['auc_per_task'][x]:.4f}" for x in TASKS))
-    print(f"truth - shared {report['gap_truth_minus_shared']:+.4f}; per-scenario - shared "
-          f"{report['gap_per_scenario_minus_shared']:+.4f}; shared - no short memory "
-          f"{report['gap_shared_minus_no_short_memory']:+.4f}")
+    print(f"per-scenario - shared {report['gap_per_scenario_minus_shared']:+.4f}; shared - no short memory "
+          f"{report['gap_shared_minus_no_short_memory']:+.4f}; truth - per-scenario "
+          f"{report['gap_truth_minus_per_scenario']:+.4f} (the request's own likes); short memory known at "
+          f"request time: {report['short_memory_known_at_request_time']:.0%}")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(report, indent=1) + "\n")

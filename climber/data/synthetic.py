@@ -244,13 +244,14 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
 
 def label_truth(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
     """The one-stream log of `cfg` (chunk_users 0) with what its labels were drawn from: per event
-    `user`, `scenario`, `labels` and the `TRUTH` columns (the like logit's inputs at the event's
-    time, the short memory as log1p), so an analysis can score events by their true probabilities
-    (`true_logits`) or by a label model with fewer degrees of freedom."""
+    `user`, `time`, the item's `topic`, `scenario`, `labels` and the `TRUTH` columns (the label
+    logits' inputs at the event, the memories as log1p), so an analysis can score events by their
+    true probabilities (`true_logits`) or by a label model with fewer degrees of freedom."""
     if cfg.chunk_users:
         raise ValueError("label_truth reads the one-stream log (chunk_users 0)")
     ev = _simulate(cfg, np.random.default_rng(cfg.seed), cfg.users, None, truth=True)
-    return {"user": ev["user"], "scenario": ev["scenario"], "labels": ev["labels"], **ev["truth"]}
+    return {"user": ev["user"], "time": ev["time"], "topic": ev["items"].topic[ev["item"]], "scenario": ev["scenario"],
+            "labels": ev["labels"], **ev["truth"]}
 
 
 def true_logits(cfg: SyntheticConfig, t: dict[str, np.ndarray]) -> np.ndarray:
