@@ -232,25 +232,6 @@ def test_concurrent_users_are_micro_batched_with_unchanged_scores(ckpt, referenc
         assert name in metrics, name
 
 
-def test_full_queue_runs_its_batch_without_waiting_for_company(ckpt):
-    """The batcher waits `max_wait_ms` for more requests only while more can come: with the
-    queue full of requests it already holds, it runs at once. Here one request fills a queue of
-    one, so a 20 s wait would only idle the model (it did, before: the overload benchmark's
-    goodput lost about 2 ms of every model call to it). With room in the queue the wait stays,
-    which the micro-batching test above needs to batch its six users."""
-    engine = Engine.from_checkpoint(ckpt)
-    settings = ServeSettings(queue_size=1, max_batch=8, max_wait_ms=20_000.0)
-    with serving(engine, settings) as url:
-        for bad in ({"user": 101, "candidates": []}, {"user": 101}):  # admitted, then refused: no longer arriving
-            assert httpx.post(f"{url}/score", json=bad, timeout=60).status_code == 422
-        for _ in range(3):
-            t0 = time.monotonic()
-            r = httpx.post(f"{url}/score", json={"user": 101, "candidates": [1000]}, timeout=60)
-            assert r.status_code == 200 and time.monotonic() - t0 < 10
-        depth = httpx.get(f"{url}/metrics").text.split("\nclimber_queue_depth ")[1].split()[0]
-    assert float(depth) == 0.0
-
-
 def slow(engine: Engine, seconds: float) -> Engine:
     """The engine, with every model call taking `seconds` longer."""
     run = engine.score_requests

@@ -15,10 +15,8 @@ Endpoints (JSON in and out; every error body is {"error": message[, "detail": [.
 Responses from the app carry `Server-Timing: app;dur=<ms>`, their time in the server since arrival.
 
 Micro-batching: admitted /score requests wait in an asyncio queue; one worker takes up to
-`max_batch` of them, waiting at most `max_wait_ms` for more after the first while more can come
-(one is admitted and on its way, or the queue has room; a full queue whose requests are all
-batched or being answered runs at once), and runs one batched model call in a dedicated thread
-(the event loop keeps accepting requests).
+`max_batch` of them, waiting at most `max_wait_ms` for more after the first, and runs one
+batched model call in a dedicated thread (the event loop keeps accepting requests).
 Admission comes before any work (`Gate`): a Host header outside `allowed_hosts` gets 400, a
 wrong token 401 and, once `queue_size` requests are admitted, /score gets 429 before its body
 is read or parsed; bodies over `max_body_kb` get 413, bodies not received within
@@ -180,35 +178,21 @@ class EngineCollector(Collector):
 
 # ---- micro-batching ---------------------------------------------------------------------------
 class Admission:
-    """How many /score requests are admitted (from the Gate's admission until their answer is
-    sent), against `capacity`, and how many of them are `arriving`: admitted, but not yet handed
-    to the batcher (their body is being read or validated)."""
+    """How many /score requests are admitted (queued or being scored), against `capacity`."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.admitted, self.arriving = capacity, 0, 0
+        self.capacity, self.admitted = capacity, 0
 
     def full(self) -> bool:
         return self.admitted >= self.capacity
-
-    def more_may_come(self) -> bool:
-        """Whether another request can still join the batch being collected: one is arriving, or
-        there is room to admit a new one. False while the queue is full of requests already
-        batched or being answered: waiting would leave the model idle for nothing."""
-        return self.arriving > 0 or not self.full()
-
-    def arrived(self, state: dict) -> None:
-        """The request whose scope state is `state` reached the batcher (once; a no-op after)."""
-        if state.pop("arriving", False):
-            self.arriving -= 1
 
 
 class MicroBatcher:
     """A queue of score requests (bounded by admission), drained by one worker into batched model calls."""
 
     def __init__(self, run: Callable[[list[ScoreRequest]], list[ScoreResult]], executor: ThreadPoolExecutor,
-                 settings: ServeSettings, metrics: Metrics, admission: Admission):
+                 settings: ServeSettings, metrics: Metrics):
         self.run, self.executor, self.settings, self.metrics = run, executor, settings, metrics
-        self.admission = admission
         self.queue: asyncio.Queue[tuple[ScoreRequest, asyncio.Future]] = asyncio.Queue()
         self.worked = False  # a model call ran since memory was last released
 
@@ -234,7 +218,7 @@ class MicroBatcher:
                 batch.append(self.queue.get_nowait())
                 continue
             left = deadline - loop.time()
-            if left <= 0 or not self.admission.more_may_come():
+            if left <= 0:
                 break
             try:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
@@ -357,9 +341,7 @@ class Gate:
                 if self.admission.full():
                     return await reply(self.overloaded())
                 self.admission.admitted += 1
-                self.admission.arriving += 1
                 admitted = True
-                scope.setdefault("state", {})["arriving"] = True
             scope.setdefault("state", {})["deadline"] = arrival + self.settings.timeout_s
             replayed = False
 
@@ -372,8 +354,6 @@ class Gate:
 
             await self.app(scope, replay, send_status)
         finally:
-            if admitted:
-                self.admission.arrived(scope["state"])  # a request answered before the batcher saw it
             self.admission.admitted -= admitted
             self.metrics.latency.labels(path if path in self.PATHS else "other", str(status)).observe(
                 time.perf_counter() - t0)
@@ -442,7 +422,7 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = await asyncio.get_running_loop().run_in_executor(executor, load_engine)
         registry.register(EngineCollector(engine))
-        batcher = MicroBatcher(engine.score_requests, executor, settings, metrics, admission)
+        batcher = MicroBatcher(engine.score_requests, executor, settings, metrics)
         state.update(engine=engine, batcher=batcher, worker=asyncio.create_task(batcher.work()))
         # everything alive now (torch, the web stack, the engine: some 300k objects) lives as long
         # as the server: out of the collector's sight, a full collection walks only what requests
@@ -496,7 +476,6 @@ def build_app(load_engine: Callable[[], Engine], settings: ServeSettings | None 
         raw = np.array(body.candidates, np.int64)
         cand, cand_unknown = engine.item_ids(raw)
         req_time = body.req_time if body.req_time is not None else int(time.time())
-        admission.arrived(request.scope["state"])
         try:
             res = await state["batcher"].submit(ScoreRequest(cand, body.scenario, req_time, body.user, history),
                                                 request.state.deadline)
