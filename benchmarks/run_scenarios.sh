@@ -34,8 +34,8 @@
 #                                             of ~500 in 8 minutes: run it with JOBS=6 and plan about 25
 #                                             minutes of GPU time for the 21 jobs
 #   synthetic-recency3       512     20       USERS=2000 x EVENTS=150 median events, 3 eval requests
-#   synthetic-contrast3      512     20       the same sizes
 #                                             per user (sized for a few minutes per run on an H100)
+#   synthetic-contrast3      512     20       the same sizes
 #
 # The training is benchmarks/run_compare.sh's: (model, data set, seed) jobs JOBS at a time,
 # climber-per-domain one job per scenario (`climber compare --domain K`); every call skips

@@ -61,11 +61,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return minimize(loss, np.zeros(x.shape[1]), jac=True, method="L-BFGS-B").x
 
 
-def memory_at_request(t: dict, start: np.ndarray, half_life: float, decay_first: bool) -> np.ndarray:
+def memory_at_request(t: dict, start: np.ndarray, half_life: float) -> np.ndarray:
     """log1p of each event's same-topic memory of likes as known when its request is scored: the
-    generator's recursion (decay by 2^(-1/half_life) an event, +1 a like) over the events before
-    the request, decayed on to the event's position in it. decay_first: the memory decays at an
-    event before it is read (the short memory); else it is read, then decays (the long one)."""
+    generator's recursion (at each event the memory decays by 2^(-1/half_life) and is read, then a
+    like adds 1) over the events before the request, decayed on to the event's position in it.
+    At a request's first event it is the generator's own value."""
     user, topic, like = t["user"], t["topic"], t["labels"][:, 1].astype(bool)
     d = 2.0 ** (-1.0 / half_life)
     out = np.empty(len(user))
@@ -75,7 +75,7 @@ def memory_at_request(t: dict, start: np.ndarray, half_life: float, decay_first:
         for i in range(first, last):
             if start[i]:
                 snap, offset = mem.copy(), 0
-            out[i] = snap[topic[i]] * d ** (offset + decay_first)
+            out[i] = snap[topic[i]] * d ** (offset + 1)
             mem *= d
             mem[topic[i]] += like[i]
             offset += 1
@@ -115,8 +115,11 @@ def main() -> None:
     last_req = np.maximum.reduceat(req, _user_bounds(user)[0])  # each user's last request
     ev = req > np.repeat(last_req, np.bincount(user)) - a.eval_requests
     logits = true_logits(cfg, t)
-    known = {**t, "recent": memory_at_request(t, start, cfg.short_half_life, True),
-             "memory": memory_at_request(t, start, cfg.memory_half_life, False)}
+    known = {**t, "recent": memory_at_request(t, start, cfg.short_half_life),
+             "memory": memory_at_request(t, start, cfg.memory_half_life)}
+    for name in ("recent", "memory"):  # the recursion is the generator's: equal where nothing is missing yet
+        if not np.allclose(known[name][start], t[name][start], atol=1e-9):
+            raise AssertionError(f"memory_at_request disagrees with the generator's {name} at request starts")
     fits = (~ev, ~ev & (labels[:, 0] == 1))  # click on the earlier requests, like | click on their clicks
 
     models = {"truth": logits}
