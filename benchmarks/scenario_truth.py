@@ -30,6 +30,13 @@ mean over tasks as `climber compare` reports it. per-scenario - shared bounds wh
 axis can add to a model that reads the history at request time perfectly.
 
     python -m benchmarks.scenario_truth --out benchmarks/results/scenarios/synthetic-recency3/truth.json
+
+With `--data` (the prepared set of the same log) and `--checkpoints`, it also asks what trained
+Climbers read: each checkpoint scores the test requests through the serving engine (history: the
+user's events before the request, as in testing), and its click logit is regressed per scenario
+on the label model's inputs at request time (z, long memory, short memory, quality). The short
+memory's coefficient is what the model learned of it: the truth is 0 / +c / -c (feed, search,
+daily mix) times `--scenario-contrast` c, plus the like label's share.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from climber.data.sumi import _group_requests
+from climber.data.sumi import SumiData, _group_requests
 from climber.data.synthetic import PREPARE, SCENARIOS, TASKS, SyntheticConfig, label_truth, true_logits
 from climber.metrics import auc
 
@@ -96,6 +103,37 @@ def design(t: dict, features: tuple[str, ...], per_scenario: bool) -> np.ndarray
     return np.column_stack(cols + [onehot])
 
 
+def read_by_checkpoint(ckpt: Path, data_dir: Path, known: dict, rows: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per scenario, least-squares coefficients of the checkpoint's click logit on the known
+    inputs over the test candidates `rows` (indices into the log, which the prepared data keeps
+    in the same order)."""
+    from climber.data.sumi import SPLITS
+    from climber.serve.engine import Engine, ScoreRequest
+    from climber.serve.store import History
+
+    data, engine = SumiData(data_dir), Engine.from_checkpoint(ckpt, device="cpu")
+    a = data.a
+    test = np.flatnonzero(np.asarray(a["req_split"]) == SPLITS["test"])
+    starts, offsets = np.asarray(a["req_cand_start"]), np.asarray(a["user_offsets"])
+    logit = np.full(len(known["z"]), np.nan)
+    for r in test:
+        u, lo, hi = int(a["req_user"][r]), int(starts[r]), int(starts[r + 1])
+        ev = slice(int(offsets[u]), int(a["req_hist_end"][r]))
+        hist = History(*(np.asarray(a[k][ev], np.int64) for k in ("ev_item", "ev_time", "ev_action",
+                                                                   "ev_scenario", "ev_labels")))
+        res = engine.score_requests([ScoreRequest(np.asarray(a["cand_item"][lo:hi], np.int64),
+                                                  int(a["req_scenario"][r]), int(a["req_time"][r]), None, hist)])
+        p = np.clip(res[0].probs[:, 0], 1e-6, 1 - 1e-6)
+        logit[lo:hi] = np.log(p / (1 - p))
+    out = {}
+    for j, name in enumerate(SCENARIOS):
+        m = rows & (known["scenario"] == j) & np.isfinite(logit)
+        x = np.column_stack([known[f][m] for f in FEATURES] + [np.ones(m.sum())])
+        coef = np.linalg.lstsq(x, logit[m], rcond=None)[0]
+        out[name] = {f: float(c) for f, c in zip(FEATURES, coef)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--users", type=int, default=2000)
@@ -104,6 +142,9 @@ def main() -> None:
     ap.add_argument("--scenario-contrast", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-requests", type=int, default=3, help="each user's last requests are the test requests")
+    ap.add_argument("--data", type=Path, help="the prepared data of this log (for --checkpoints)")
+    ap.add_argument("--checkpoints", type=Path, nargs="*", default=[],
+                    help="Climber checkpoints trained on --data: what their click logit reads")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     cfg = SyntheticConfig(users=a.users, events_per_user=a.events_per_user, scenario_recency=a.scenario_recency,
@@ -147,10 +188,28 @@ def main() -> None:
     report["gap_per_scenario_minus_shared"] = m["per-scenario"]["auc"] - m["shared"]["auc"]
     report["gap_shared_minus_no_short_memory"] = m["shared"]["auc"] - m["no-short-memory"]["auc"]
     report["gap_truth_minus_per_scenario"] = m["truth"]["auc"] - m["per-scenario"]["auc"]
+    # the label model's own click coefficients at request time, per scenario (the same regression)
+    for j, name in enumerate(SCENARIOS):
+        msk = ev & (scen == j)
+        x = np.column_stack([known[f][msk] for f in FEATURES] + [np.ones(msk.sum())])
+        report.setdefault("click_logit_reads", {}).setdefault("truth", {})[name] = dict(zip(
+            FEATURES, map(float, np.linalg.lstsq(x, logits[msk, 0], rcond=None)[0])))
+    if a.checkpoints:
+        if a.data is None:
+            ap.error("--checkpoints needs --data")
+        if not np.array_equal(np.asarray(SumiData(a.data).a["cand_labels"]), t["labels"]):
+            raise SystemExit(f"{a.data}: not the prepared data of this log (its candidates differ)")
+        for ckpt in a.checkpoints:
+            report["click_logit_reads"][str(ckpt)] = read_by_checkpoint(ckpt, a.data, known, ev)
+        for who, per in report["click_logit_reads"].items():
+            print("click logit per unit of log1p short memory (feed / search / daily mix): "
+                  + " / ".join(f"{per[s]['recent']:+.2f}" for s in SCENARIOS) + f"  {who}")
     report["versions"] = {"python": platform.python_version(), "numpy": np.__version__}
     report["command"] = (f"python -m benchmarks.scenario_truth --users {a.users} --events-per-user {a.events_per_user}"
                          f" --scenario-recency {a.scenario_recency:g} --scenario-contrast {a.scenario_contrast:g}"
-                         f" --seed {a.seed} --eval-requests {a.eval_requests}")
+                         f" --seed {a.seed} --eval-requests {a.eval_requests}"
+                         + (f" --data {a.data} --checkpoints {' '.join(map(str, a.checkpoints))}"
+                            if a.checkpoints else ""))
     print(f"{'model':<16} {'AUC':>7}  " + "  ".join(f"{s:>9}" for s in SCENARIOS) + "  " +
           "  ".join(f"{x:>7}" for x in TASKS))
     for name, r in m.items():
