@@ -6,10 +6,11 @@ import json
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
-from benchmarks import plot_temperatures
+from benchmarks import plot_temperatures, scenario_truth
 from climber import checkpoint
 from climber.model import make_model
 from tests.helpers import tiny_config
@@ -38,3 +39,20 @@ def test_temperatures_json_is_exp_of_the_checkpoints_log_tau(tmp_path, scenario_
                 n += H
     assert [v for row in t["bgf"] for v in row] == pytest.approx([math.exp(-m / 10) for m in range(S * H)])
     assert (tmp_path / "out" / "temperatures.png").stat().st_size > 0
+
+
+def test_memory_known_at_request_time_misses_only_the_requests_own_likes():
+    """scenario_truth's memories as a ranker knows them: the generator's own value at a request's
+    first event, never more than it later in the request (only the request's own likes are
+    missing, and they only add), and less somewhere (requests hold likes)."""
+    from climber.data.sumi import _group_requests
+    from climber.data.synthetic import PREPARE, SyntheticConfig, label_truth
+
+    cfg = SyntheticConfig(users=40, events_per_user=80, items=400, topics=6, seed=2, scenario_recency=3.0,
+                          scenario_contrast=3.0)
+    t = label_truth(cfg)
+    start = _group_requests(t["user"], t["time"], t["scenario"], PREPARE)
+    for name, half_life in (("recent", cfg.short_half_life), ("memory", cfg.memory_half_life)):
+        known = scenario_truth.memory_at_request(t, start, half_life)
+        np.testing.assert_allclose(known[start], t[name][start], atol=1e-9)
+        assert (known <= t[name] + 1e-9).all() and (known < t[name] - 1e-6).any()
