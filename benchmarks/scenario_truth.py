@@ -125,12 +125,17 @@ def read_by_checkpoint(ckpt: Path, data_dir: Path, known: dict, rows: np.ndarray
                                                   int(a["req_scenario"][r]), int(a["req_time"][r]), None, hist)])
         p = np.clip(res[0].probs[:, 0], 1e-6, 1 - 1e-6)
         logit[lo:hi] = np.log(p / (1 - p))
+    return reads(logit, known, rows & np.isfinite(logit))
+
+
+def reads(logit: np.ndarray, known: dict, rows: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per scenario, the least-squares coefficients of `logit` on the known inputs (`FEATURES` and
+    a constant) over `rows`: what a click logit reads of each input."""
     out = {}
     for j, name in enumerate(SCENARIOS):
-        m = rows & (known["scenario"] == j) & np.isfinite(logit)
+        m = rows & (known["scenario"] == j)
         x = np.column_stack([known[f][m] for f in FEATURES] + [np.ones(m.sum())])
-        coef = np.linalg.lstsq(x, logit[m], rcond=None)[0]
-        out[name] = {f: float(c) for f, c in zip(FEATURES, coef)}
+        out[name] = dict(zip(FEATURES, map(float, np.linalg.lstsq(x, logit[m], rcond=None)[0])))
     return out
 
 
@@ -188,12 +193,7 @@ def main() -> None:
     report["gap_per_scenario_minus_shared"] = m["per-scenario"]["auc"] - m["shared"]["auc"]
     report["gap_shared_minus_no_short_memory"] = m["shared"]["auc"] - m["no-short-memory"]["auc"]
     report["gap_truth_minus_per_scenario"] = m["truth"]["auc"] - m["per-scenario"]["auc"]
-    # the label model's own click coefficients at request time, per scenario (the same regression)
-    for j, name in enumerate(SCENARIOS):
-        msk = ev & (scen == j)
-        x = np.column_stack([known[f][msk] for f in FEATURES] + [np.ones(msk.sum())])
-        report.setdefault("click_logit_reads", {}).setdefault("truth", {})[name] = dict(zip(
-            FEATURES, map(float, np.linalg.lstsq(x, logits[msk, 0], rcond=None)[0])))
+    report["click_logit_reads"] = {"truth": reads(logits[:, 0], known, ev)}  # the label model's own, at request time
     if a.checkpoints:
         if a.data is None:
             ap.error("--checkpoints needs --data")

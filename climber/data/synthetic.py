@@ -215,23 +215,22 @@ def _simulate(cfg: SyntheticConfig, rng: np.random.Generator, U: int, items: _It
 
         rows = np.arange(n)
         z = theta[u, k] - theta[u].mean(1)
-        like_logit = -2.3 + 0.6 * z + MEMORY[s] * mem[rows, k] + quality[item] + LIKE[s]
         recent = np.zeros(n)
         if cfg.scenario_recency or cfg.scenario_contrast:
             short[u] *= short_decay
             recent = np.log1p(short[u, k])
-            like_logit += cfg.scenario_recency * RECENT[s] * recent
-        click_logit = -2.4 + 1.2 * z + 0.5 * quality[item] + CLICK[s] + cfg.scenario_contrast * CONTRAST[s] * recent
+        inputs = (z, mem[rows, k], recent, quality[item], virality[item])  # the TRUTH columns
+        click_logit, like_logit, share_logit = _label_logits(cfg, s, *inputs)
         click = rng.random(n) < _sigmoid(click_logit)
         like = click & (rng.random(n) < _sigmoid(like_logit))
-        share = like & (rng.random(n) < _sigmoid(-1.5 + virality[item] + SHARE[s]))
+        share = like & (rng.random(n) < _sigmoid(share_logit))
         dwell = _sigmoid(like_logit + rng.standard_normal(n))
         m_scaled[u[like], k[like]] += 2.0 ** (t / cfg.memory_half_life)
         short[u[like], k[like]] += 1.0
 
         pos = offsets[u] + t
         if out_truth is not None:
-            for name, col in zip(TRUTH, (z, mem[rows, k], recent, quality[item], virality[item])):
+            for name, col in zip(TRUTH, inputs):
                 out_truth[name][pos] = col
         out_item[pos], out_time[pos], out_scen[pos] = item, clock[u], s
         out_labels[pos] = np.stack([click, like, share], 1)
@@ -256,11 +255,16 @@ def label_truth(cfg: SyntheticConfig) -> dict[str, np.ndarray]:
 
 def true_logits(cfg: SyntheticConfig, t: dict[str, np.ndarray]) -> np.ndarray:
     """(N, 3) logits of click, like given click and share given like: the generator's label model."""
-    s = t["scenario"]
-    like = (-2.3 + 0.6 * t["z"] + MEMORY[s] * t["memory"] + t["quality"] + LIKE[s]
-            + cfg.scenario_recency * RECENT[s] * t["recent"])
-    click = -2.4 + 1.2 * t["z"] + 0.5 * t["quality"] + CLICK[s] + cfg.scenario_contrast * CONTRAST[s] * t["recent"]
-    return np.stack([click, like, -1.5 + t["virality"] + SHARE[s]], 1)
+    return np.stack(_label_logits(cfg, t["scenario"], *(t[name] for name in TRUTH)), 1)
+
+
+def _label_logits(cfg: SyntheticConfig, s: np.ndarray, z: np.ndarray, memory: np.ndarray, recent: np.ndarray,
+                  quality: np.ndarray, virality: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The label model (the module docstring's logits): click, like | click and share | like logits
+    of events in scenarios s from the `TRUTH` inputs (memories as log1p)."""
+    click = -2.4 + 1.2 * z + 0.5 * quality + CLICK[s] + cfg.scenario_contrast * CONTRAST[s] * recent
+    like = -2.3 + 0.6 * z + MEMORY[s] * memory + quality + LIKE[s] + cfg.scenario_recency * RECENT[s] * recent
+    return click, like, -1.5 + virality + SHARE[s]
 
 
 def notes(cfg: SyntheticConfig) -> dict:
